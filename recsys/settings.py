@@ -1,0 +1,43 @@
+"""Typed settings, read once at the edge (CLI flags and RECSYS_* variables), frozen, passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ARTIFACTS = Path("artifacts")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    out: Path = DEFAULT_ARTIFACTS
+    skus: int = 100_000
+    users: int = 10_000
+    seed: int = 7
+    dim: int = 32
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    artifacts: Path = DEFAULT_ARTIFACTS
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9100
+    control: str = ""
+    """Control-plane URL: empty for the file backend in the artifact root, or redis://HOST:PORT/DB."""
+    workers: int = 1
+    batch_max_size: int = 32
+    batch_max_delay_ms: float = 2.0
+    executor_threads: int = 2
+    exposure_queue_size: int = 10_000
+    drain_seconds: float = 10.0
+    control_poll_seconds: float = 1.0
+
+
+def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """``RECSYS_<NAME>`` from the environment, else ``default`` (used for CLI flag defaults)."""
+    env = os.environ if environ is None else environ
+    return env.get(f"RECSYS_{name.upper()}", default)

@@ -1,0 +1,118 @@
+"""Request-scoped types every stage speaks: assign -> retrieve -> rank -> arrange -> respond.
+
+Stages are plain functions over these values plus an immutable snapshot of the state they read.
+Nothing here knows about gRPC or Prometheus; the server adapts to and from these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Float32Array = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
+Int64Array = npt.NDArray[np.int64]
+Int32Array = npt.NDArray[np.int32]
+BoolArray = npt.NDArray[np.bool_]
+
+DEFAULT_NUM_RESULTS = 20
+MAX_NUM_RESULTS = 200
+MAX_USER_ID_BYTES = 128
+DEFAULT_SURFACE = "home"
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated Recommend request (see serving/validation.py for the checks)."""
+
+    request_id: str
+    user_id: str
+    num_results: int
+    location: Location | None = None
+    surface: str = DEFAULT_SURFACE
+    platform: str = ""
+    exclude_sku_ids: tuple[int, ...] = ()
+    hour: int = 12
+    """Local hour of day (0-23) the feed is shown at; a ranking feature."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """The user's experiment and arm in one layer (only layers with a running experiment)."""
+
+    layer: str
+    experiment: str
+    arm: str
+    bucket: int
+    forced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineParams:
+    """The knobs experiment arms may turn; defaults come from the experiment config.
+
+    ``model_version`` empty means "whatever the routing table says for this user".
+    """
+
+    retrieval_k: int = 200
+    nprobe: int = 16
+    model_name: str = "ranker"
+    model_version: str = ""
+    max_per_restaurant: int = 2
+    radius_km: float = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    exposures: tuple[Exposure, ...]
+    params: PipelineParams
+    config_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Retrieval output for one request: item rows and their retrieval scores, best first."""
+
+    sku_ids: Int64Array
+    retrieval_scores: Float32Array
+    fallback: bool = False
+    """True when the user was unknown and candidates are popular items near the location."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItems:
+    sku_ids: Int64Array
+    restaurant_ids: Int64Array
+    scores: Float32Array
+
+    def __len__(self) -> int:
+        return int(self.sku_ids.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """What Recommend answers, before it is turned into a protobuf response."""
+
+    request_id: str
+    items: ScoredItems
+    model_version: str
+    index_version: str
+    config_version: str
+    exposures: tuple[Exposure, ...] = ()
+    degraded_reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
+
+    @property
+    def degraded_reason(self) -> str:
+        return "; ".join(self.degraded_reasons)

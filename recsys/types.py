@@ -108,6 +108,8 @@ class Recommendation:
     config_version: str
     exposures: tuple[Exposure, ...] = ()
     degraded_reasons: tuple[str, ...] = field(default=())
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+    """Wall time of each stage this request went through (a batched stage counts its batch)."""
 
     @property
     def degraded(self) -> bool:

@@ -1,0 +1,34 @@
+"""The request pipeline: assign -> retrieve -> rank -> arrange, built in one place.
+
+The server (serving/server.py) only knows the :class:`RecommendPipeline` protocol: it opens the
+pipeline at start-up, calls ``recommend`` per request and closes it on shutdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from recsys.types import Request, Recommendation
+
+
+@dataclass(frozen=True)
+class ServingVersions:
+    """What is serving right now, for info metrics and logs."""
+
+    index_version: str
+    config_version: str
+    model_versions: dict[str, str] = field(default_factory=dict)
+    """model name -> production version."""
+
+
+class RecommendPipeline(Protocol):
+    async def recommend(self, request: Request) -> Recommendation:
+        """Answer one validated request. Never blocks the event loop."""
+        ...
+
+    def versions(self) -> ServingVersions: ...
+
+    async def close(self) -> None:
+        """Finish in-flight work and release resources."""
+        ...

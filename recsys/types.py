@@ -118,3 +118,13 @@ class Recommendation:
     @property
     def degraded_reason(self) -> str:
         return "; ".join(self.degraded_reasons)
+
+
+@dataclass(frozen=True)
+class ServingVersions:
+    """What is serving right now, for info metrics and logs."""
+
+    index_version: str
+    config_version: str
+    model_versions: dict[str, str] = field(default_factory=dict)
+    """model name -> production version."""

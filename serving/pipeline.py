@@ -6,20 +6,11 @@ pipeline at start-up, calls ``recommend`` per request and closes it on shutdown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from recsys.types import Request, Recommendation
+from recsys.types import Recommendation, Request, ServingVersions
 
-
-@dataclass(frozen=True)
-class ServingVersions:
-    """What is serving right now, for info metrics and logs."""
-
-    index_version: str
-    config_version: str
-    model_versions: dict[str, str] = field(default_factory=dict)
-    """model name -> production version."""
+__all__ = ["RecommendPipeline", "ServingVersions"]
 
 
 class RecommendPipeline(Protocol):

@@ -1,0 +1,52 @@
+# The verbs people type. `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+ARTIFACTS ?= artifacts
+BIN := $(VENV)/bin
+PROTO_OUT := recsys/v1
+
+.PHONY: run build serve test lint proto bench loadtest clean install install-dev
+
+run: build serve ## build the demo world if absent, then serve gRPC on 127.0.0.1:50051
+
+build: $(BIN)/.runtime
+	$(BIN)/recsys build --out $(ARTIFACTS) --if-missing
+
+serve: $(BIN)/.runtime
+	$(BIN)/recsys serve --artifacts $(ARTIFACTS)
+
+test: $(BIN)/.dev ## install what the tests need and run them
+	$(BIN)/pytest
+
+lint: $(BIN)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+proto: $(BIN)/.dev ## regenerate the Python code from protos/
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+	  protos/recsys/v1/recommender.proto
+
+bench: $(BIN)/.dev build
+	$(BIN)/python -m benchmarks.bench_latency --artifacts $(ARTIFACTS)
+
+loadtest: $(BIN)/.dev
+	$(BIN)/locust -f loadtest/locustfile.py --headless --host 127.0.0.1:50051 -u 50 -r 50 -t 30s
+
+install: $(BIN)/.runtime
+install-dev: $(BIN)/.dev
+
+$(BIN)/.runtime: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.dev: pyproject.toml $(BIN)/.runtime
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,46 @@
+"""Arrange: business rules over scored candidates, then top-N. Vectorised, no per-item loop."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recsys.types import Float32Array, Int64Array, ScoredItems
+
+
+def rank_within_group(groups: Int64Array) -> Int64Array:
+    """For items already in display order, each item's 0-based position within its group."""
+    n = groups.shape[0]
+    by_group = np.argsort(groups, kind="stable")
+    sorted_groups = groups[by_group]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    run_lengths = np.diff(np.r_[starts, n])
+    within = np.arange(n) - np.repeat(starts, run_lengths)
+    out = np.empty(n, dtype=np.int64)
+    out[by_group] = within
+    return out
+
+
+def arrange(
+    sku_ids: Int64Array,
+    restaurant_ids: Int64Array,
+    scores: Float32Array,
+    *,
+    num_results: int,
+    max_per_restaurant: int,
+    exclude: Int64Array | None = None,
+) -> ScoredItems:
+    """Best-first top-``num_results``: no duplicate SKU, no excluded SKU, at most
+    ``max_per_restaurant`` items per restaurant. Ties break on the lower SKU id."""
+    order = np.lexsort((sku_ids, -scores.astype(np.float64)))
+    sku, rest, score = sku_ids[order], restaurant_ids[order], scores[order]
+    keep = np.ones(sku.shape[0], dtype=np.bool_)
+    if exclude is not None and exclude.size:
+        keep &= ~np.isin(sku, exclude)
+    _, first = np.unique(sku, return_index=True)
+    unique = np.zeros_like(keep)
+    unique[first] = True  # np.unique keeps the first occurrence, i.e. the best-scored copy
+    keep &= unique
+    sku, rest, score = sku[keep], rest[keep], score[keep]
+    keep = rank_within_group(rest) < max_per_restaurant
+    sku, rest, score = sku[keep][:num_results], rest[keep][:num_results], score[keep][:num_results]
+    return ScoredItems(sku_ids=sku, restaurant_ids=rest, scores=score.astype(np.float32))

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.arrange import arrange, rank_within_group
+
+
+def test_rank_within_group_counts_in_display_order() -> None:
+    groups = np.array([5, 3, 5, 5, 3, 9], dtype=np.int64)
+    assert rank_within_group(groups).tolist() == [0, 0, 1, 2, 1, 0]
+
+
+def test_arrange_applies_cap_exclusions_duplicates_and_order() -> None:
+    sku = np.array([10, 11, 12, 13, 14, 11, 15], dtype=np.int64)
+    rest = np.array([1, 1, 1, 2, 2, 1, 3], dtype=np.int64)
+    score = np.array([0.9, 0.8, 0.7, 0.95, 0.1, 0.85, 0.5], dtype=np.float32)
+    out = arrange(
+        sku, rest, score, num_results=4, max_per_restaurant=2, exclude=np.array([13], np.int64)
+    )
+    # 13 excluded; 11 kept once with its best score; restaurant 1 capped at two (10, 11).
+    assert out.sku_ids.tolist() == [10, 11, 15, 14]
+    assert out.scores.tolist() == sorted(out.scores.tolist(), reverse=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.floats(-5, 5, width=32)), max_size=80),
+    st.integers(1, 30),
+    st.integers(1, 4),
+    st.sets(st.integers(0, 40), max_size=5),
+)
+def test_arrange_rules_hold_for_any_input(
+    rows: list[tuple[int, float]], n: int, cap: int, exclude: set[int]
+) -> None:
+    sku = np.array([r[0] for r in rows], dtype=np.int64)
+    rest = sku % 7  # every SKU belongs to one restaurant, as in the catalogue
+    score = np.array([r[1] for r in rows], dtype=np.float32)
+    out = arrange(
+        sku,
+        rest,
+        score,
+        num_results=n,
+        max_per_restaurant=cap,
+        exclude=np.array(sorted(exclude), dtype=np.int64),
+    )
+    got = out.sku_ids.tolist()
+    assert len(set(got)) == len(got)
+    assert not set(got) & exclude
+    assert np.all(np.diff(out.scores) <= 0)
+    assert np.array_equal(out.restaurant_ids, out.sku_ids % 7)
+    _, counts = np.unique(out.restaurant_ids, return_counts=True)
+    assert np.all(counts <= cap)
+    eligible = {s for s, _ in rows} - exclude
+    best = {s: max(v for t, v in rows if t == s) for s in eligible}
+    assert all(out.scores[i] == np.float32(best[s]) for i, s in enumerate(got))
+    fill = sum(min(cap, len({s for s in eligible if s % 7 == r})) for r in range(7))
+    assert len(got) == min(n, fill)

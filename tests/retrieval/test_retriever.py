@@ -1,0 +1,386 @@
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recsys.artifacts import ArtifactRoot
+from recsys.geo import haversine_km
+from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
+from recsys.world import Catalogue
+from retrieval.availability import Availability, AvailabilitySelector
+from retrieval.index import ItemIndex, build_index, save_index_version
+from retrieval.retriever import RetrievalQuery, Retriever
+
+N_RESTAURANTS = 200
+PER_RESTAURANT = 20
+N_ITEMS = N_RESTAURANTS * PER_RESTAURANT
+N_USERS = 300
+DIM = 16
+NO_VECTOR_USER = N_USERS - 1
+CENTRE = Location(52.5, 13.4)
+
+
+@dataclass(frozen=True)
+class World:
+    catalogue: Catalogue
+    items: Float32Array
+    users: Float32Array
+    popularity: Float32Array
+
+
+def clustered(rng: np.random.Generator, n: int, clusters: int) -> Float32Array:
+    centres = rng.normal(size=(clusters, DIM))
+    return (centres[rng.integers(0, clusters, n)] + 0.4 * rng.normal(size=(n, DIM))).astype(
+        np.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    rng = np.random.default_rng(21)
+    r, n = N_RESTAURANTS, N_ITEMS
+    catalogue = Catalogue(
+        restaurant_lat=rng.uniform(52.35, 52.65, r),  # ~33 km x 40 km around CENTRE
+        restaurant_lon=rng.uniform(13.1, 13.7, r),
+        restaurant_cuisine=rng.integers(0, 16, r).astype(np.int16),
+        restaurant_price_level=rng.integers(1, 5, r).astype(np.int8),
+        restaurant_rating=rng.uniform(1, 5, r).astype(np.float32),
+        restaurant_is_open=rng.random(r) < 0.95,
+        restaurant_district=rng.integers(0, 8, r).astype(np.int16),
+        item_restaurant=(np.arange(n) // PER_RESTAURANT).astype(np.int32),
+        item_category=rng.integers(0, 5, n).astype(np.int8),
+        item_price=rng.uniform(2, 30, n).astype(np.float32),
+        item_available=rng.random(n) < 0.95,
+    )
+    users = clustered(rng, N_USERS, 30)
+    users[NO_VECTOR_USER] = 0.0  # a user with a row but no history
+    return World(
+        catalogue=catalogue,
+        items=clustered(rng, n, 30),
+        users=users,
+        popularity=rng.gamma(1.0, 10.0, n).astype(np.float32),
+    )
+
+
+@pytest.fixture(scope="module", params=["flat", "ivf"])
+def index(request: pytest.FixtureRequest, world: World, tmp_path_factory: Any) -> ItemIndex:
+    nlist = None if request.param == "flat" else 32
+    faiss_index = build_index(world.items, seed=3, nlist=nlist)
+    root = ArtifactRoot(tmp_path_factory.mktemp(f"index-{request.param}"))
+    version = save_index_version(
+        root, faiss_index, world.items, world.users[:50], features_version="f", k=100
+    )
+    return ItemIndex.load(root.indexes / version, expected_dimension=DIM, expected_count=N_ITEMS)
+
+
+@pytest.fixture(scope="module")
+def flat_index(world: World, tmp_path_factory: Any) -> ItemIndex:
+    root = ArtifactRoot(tmp_path_factory.mktemp("index-flat"))
+    version = save_index_version(
+        root, build_index(world.items), world.items, world.users[:50], features_version="f"
+    )
+    return ItemIndex.load(root.indexes / version, expected_dimension=DIM, expected_count=N_ITEMS)
+
+
+def make_retriever(world: World, index: ItemIndex, doc: dict[str, Any] | None = None) -> Retriever:
+    availability = Availability.from_document(world.catalogue, doc)
+    return Retriever(index, world.users, world.catalogue, world.popularity, availability)
+
+
+def eligible(
+    world: World,
+    availability: Availability,
+    location: Location | None,
+    radius_km: float,
+    exclude: tuple[int, ...] = (),
+) -> BoolArray:
+    """The eligibility rule computed over the whole catalogue, as a reference."""
+    mask = availability.item_mask.copy()
+    c = world.catalogue
+    if location is not None:
+        r = c.item_restaurant
+        km = haversine_km(location.lat, location.lon, c.restaurant_lat[r], c.restaurant_lon[r])
+        mask &= km <= radius_km
+    mask[list(exclude)] = False
+    return mask
+
+
+def exact_top(world: World, user_row: int, mask: BoolArray, k: int) -> Int64Array:
+    scores = world.items.astype(np.float64) @ world.users[user_row].astype(np.float64)
+    scores[~mask] = -np.inf
+    order = np.argsort(-scores, kind="stable")
+    return order[: min(k, int(mask.sum()))]
+
+
+def popular_top(world: World, mask: BoolArray, k: int) -> Int64Array:
+    order = np.argsort(-world.popularity, kind="stable")
+    return order[mask[order]][:k]
+
+
+def query(user_row: int, k: int = 20, **kw: Any) -> RetrievalQuery:
+    return RetrievalQuery(
+        user_row=user_row,
+        location=kw.get("location"),
+        k=k,
+        nprobe=kw.get("nprobe", 16),
+        radius_km=kw.get("radius_km", 8.0),
+        exclude=kw.get("exclude", ()),
+    )
+
+
+def assert_well_formed(c: Candidates) -> None:
+    assert c.sku_ids.dtype == np.int64
+    assert c.retrieval_scores.dtype == np.float32
+    assert np.unique(c.sku_ids).size == c.sku_ids.size
+    assert (np.diff(c.retrieval_scores) <= 0).all()
+
+
+def test_known_user_without_filters_gets_the_exact_top_k(
+    world: World, flat_index: ItemIndex
+) -> None:
+    retriever = make_retriever(world, flat_index)
+    (c,) = retriever.retrieve_batch([query(5, k=30)])
+    expected = exact_top(world, 5, retriever.availability.item_mask, 30)
+    assert c.sku_ids.tolist() == expected.tolist()
+    assert not c.fallback
+    assert np.allclose(c.retrieval_scores, world.items[expected] @ world.users[5], atol=1e-4)
+
+
+def test_radius_and_exclusions_match_a_brute_force_reference(
+    world: World, flat_index: ItemIndex
+) -> None:
+    retriever = make_retriever(world, flat_index)
+    near = eligible(world, retriever.availability, CENTRE, 15.0)
+    exclude = tuple(int(i) for i in exact_top(world, 7, near, 3))
+    (c,) = retriever.retrieve_batch(
+        [query(7, k=20, location=CENTRE, radius_km=15.0, exclude=exclude)]
+    )
+    expected = exact_top(
+        world, 7, eligible(world, retriever.availability, CENTRE, 15.0, exclude), 20
+    )
+    assert c.sku_ids.tolist() == expected.tolist()
+    assert not set(exclude) & set(c.sku_ids.tolist())
+
+
+def test_a_tiny_radius_does_not_starve_the_ranker(world: World, index: ItemIndex) -> None:
+    retriever = make_retriever(world, index)
+    c = world.catalogue
+    restaurant = int(np.flatnonzero(c.restaurant_is_open)[0])
+    here = Location(float(c.restaurant_lat[restaurant]), float(c.restaurant_lon[restaurant]))
+    mask = eligible(world, retriever.availability, here, 0.4)
+    assert 0 < mask.sum() < 60
+    k = 15
+    # The premise: filtering the over-fetched search results alone leaves too few.
+    _, ids = index.search(world.users[[9]], 4 * k, allowed=retriever.availability.selector)
+    assert mask[ids[0][ids[0] >= 0]].sum() < k
+
+    for wanted in (k, 200):
+        (got,) = retriever.retrieve_batch([query(9, k=wanted, location=here, radius_km=0.4)])
+        assert got.sku_ids.size == min(wanted, int(mask.sum()))
+        assert mask[got.sku_ids].all()
+        assert_well_formed(got)
+        # every candidate, searched or topped up, carries the user's inner product
+        exact = world.items[got.sku_ids] @ world.users[9]
+        assert np.allclose(got.retrieval_scores, exact, atol=1e-4)
+        assert not got.fallback
+
+
+def test_a_heavy_availability_filter_does_not_starve_the_ranker(
+    world: World, index: ItemIndex
+) -> None:
+    doc = {"restaurants_off": list(range(0, N_RESTAURANTS - 12))}
+    retriever = make_retriever(world, index, doc)
+    mask = retriever.availability.item_mask
+    k = 100
+    assert mask.sum() > k
+    (got,) = retriever.retrieve_batch([query(11, k=k, nprobe=1)])
+    assert got.sku_ids.size == k
+    assert mask[got.sku_ids].all()
+    assert_well_formed(got)
+    if index.nlist:
+        # IVF with one probed list sees only a few allowed items: the top-up did the rest.
+        _, ids = index.search(
+            world.users[[11]], k, nprobe=1, allowed=retriever.availability.selector
+        )
+        assert (ids[0] >= 0).sum() < k
+
+
+def test_unknown_user_gets_popular_items_near_the_location(world: World, index: ItemIndex) -> None:
+    retriever = make_retriever(world, index, {"skus_off": [0, 1, 2]})
+    exclude = tuple(int(i) for i in popular_top(world, retriever.availability.item_mask, 2))
+    (c,) = retriever.retrieve_batch(
+        [query(-1, k=25, location=CENTRE, radius_km=6.0, exclude=exclude)]
+    )
+    mask = eligible(world, retriever.availability, CENTRE, 6.0, exclude)
+    assert c.fallback
+    assert c.sku_ids.tolist() == popular_top(world, mask, 25).tolist()
+    assert np.array_equal(c.retrieval_scores, world.popularity[c.sku_ids])
+
+
+def test_unknown_user_without_location_gets_globally_popular_items(
+    world: World, index: ItemIndex
+) -> None:
+    retriever = make_retriever(world, index)
+    (c,) = retriever.retrieve_batch([query(-1, k=40)])
+    assert c.fallback
+    assert c.sku_ids.tolist() == popular_top(world, retriever.availability.item_mask, 40).tolist()
+
+
+def test_a_user_without_a_vector_is_served_like_an_unknown_user(
+    world: World, index: ItemIndex
+) -> None:
+    retriever = make_retriever(world, index)
+    unknown, no_vector = retriever.retrieve_batch(
+        [query(-1, location=CENTRE), query(NO_VECTOR_USER, location=CENTRE)]
+    )
+    assert no_vector.fallback
+    assert np.array_equal(no_vector.sku_ids, unknown.sku_ids)
+
+
+def mixed_queries() -> list[RetrievalQuery]:
+    west = Location(52.45, 13.2)
+    return [
+        query(3, k=20),
+        query(-1, k=10, location=west),
+        query(4, k=50, location=CENTRE, radius_km=5.0),
+        query(5, k=5, exclude=(1, 2, 3)),
+        query(6, k=30, nprobe=4, location=west, radius_km=3.0),
+        query(NO_VECTOR_USER, k=12),
+        query(7, k=200, nprobe=4),
+        query(-1, k=7),
+        query(8, k=1, location=CENTRE, radius_km=0.5),
+        query(3, k=20, location=west),
+    ]
+
+
+def test_a_mixed_batch_answers_exactly_like_one_query_at_a_time(
+    world: World, index: ItemIndex
+) -> None:
+    retriever = make_retriever(world, index, {"restaurants_off": [1, 2, 3]})
+    queries = mixed_queries()
+    batched = retriever.retrieve_batch(queries)
+    assert len(batched) == len(queries)
+    for q, b in zip(queries, batched, strict=True):
+        (alone,) = retriever.retrieve_batch([q])
+        assert b.sku_ids.tolist() == alone.sku_ids.tolist(), q
+        assert np.allclose(b.retrieval_scores, alone.retrieval_scores, atol=1e-5)
+        assert b.fallback == alone.fallback
+
+
+@dataclasses.dataclass
+class CountingIndex(ItemIndex):
+    """The real index, recording each search call's batch size, k and nprobe."""
+
+    calls: list[tuple[int, int, int | None]] = dataclasses.field(default_factory=list)
+
+    def search(
+        self,
+        queries: Float32Array,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        allowed: AvailabilitySelector | None = None,
+    ) -> tuple[Float32Array, Int64Array]:
+        self.calls.append((int(queries.shape[0]), k, nprobe))
+        return super().search(queries, k, nprobe=nprobe, allowed=allowed)
+
+
+def test_one_search_per_batch_and_nprobe(world: World, index: ItemIndex) -> None:
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    counting = CountingIndex(**fields)
+    retriever = make_retriever(world, counting)
+    retriever.retrieve_batch(mixed_queries())
+    # 7 known users with vectors: 5 at nprobe 16 (largest fetch 50 * 4), 2 at nprobe 4
+    assert sorted(counting.calls) == [(2, 200, 4), (5, 200, 16)]
+
+
+def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
+    world: World, index: ItemIndex
+) -> None:
+    before = make_retriever(world, index)
+    (c,) = before.retrieve_batch([query(12, k=10)])
+    top = int(c.sku_ids[0])
+    after = before.with_availability(
+        Availability.from_document(world.catalogue, {"skus_off": [top]})
+    )
+    (c_after,) = after.retrieve_batch([query(12, k=10)])
+    assert top not in c_after.sku_ids.tolist()
+    (c_before,) = before.retrieve_batch([query(12, k=10)])
+    assert int(c_before.sku_ids[0]) == top
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (query(N_USERS), r"user_row: expected -1 \(unknown\) or 0\.\.299, got 300"),
+        (query(-2), "user_row"),
+        (query(1, k=0), "k: expected >= 1 candidates, got 0"),
+        (query(1, nprobe=0), "nprobe: expected >= 1, got 0"),
+        (query(1, location=CENTRE, radius_km=0.0), "radius_km: expected a positive distance"),
+        (query(1, location=CENTRE, radius_km=float("nan")), "radius_km"),
+    ],
+)
+def test_invalid_queries_are_rejected(
+    world: World, flat_index: ItemIndex, bad: RetrievalQuery, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_retriever(world, flat_index).retrieve_batch([bad])
+
+
+def test_mismatched_inputs_are_rejected(world: World, flat_index: ItemIndex) -> None:
+    availability = Availability.from_document(world.catalogue, None)
+    with pytest.raises(ValueError, match=r"user_vectors: expected shape \[users, 16\]"):
+        Retriever(flat_index, world.users[:, :8], world.catalogue, world.popularity, availability)
+    with pytest.raises(ValueError, match="item_popularity: expected 4000 items"):
+        Retriever(flat_index, world.users, world.catalogue, world.popularity[:10], availability)
+
+
+locations = st.one_of(
+    st.none(),
+    st.builds(Location, st.floats(52.35, 52.65), st.floats(13.1, 13.7)),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    user_row=st.integers(-1, N_USERS - 1),
+    location=locations,
+    radius_km=st.floats(0.2, 25.0),
+    k=st.integers(1, 120),
+    nprobe=st.sampled_from([1, 4, 16]),
+    exclude=st.lists(st.integers(0, N_ITEMS - 1), max_size=30),
+    restaurants_off=st.lists(st.integers(0, N_RESTAURANTS - 1), max_size=150),
+)
+def test_no_returned_item_is_ever_ineligible(
+    world: World,
+    index: ItemIndex,
+    user_row: int,
+    location: Location | None,
+    radius_km: float,
+    k: int,
+    nprobe: int,
+    exclude: list[int],
+    restaurants_off: list[int],
+) -> None:
+    retriever = make_retriever(world, index, {"restaurants_off": restaurants_off})
+    q = RetrievalQuery(user_row, location, k, nprobe, radius_km, tuple(exclude))
+    (c,) = retriever.retrieve_batch([q])
+    mask = eligible(world, retriever.availability, location, radius_km, tuple(exclude))
+    assert mask[c.sku_ids].all()
+    assert c.sku_ids.size == min(k, int(mask.sum()))
+    assert_well_formed(c)
+    personal = user_row >= 0 and user_row != NO_VECTOR_USER
+    assert c.fallback == (not personal)
+    if personal:
+        exact = world.items[c.sku_ids] @ world.users[user_row]
+        assert np.allclose(c.retrieval_scores, exact, atol=1e-4)
+    else:
+        assert np.array_equal(c.retrieval_scores, world.popularity[c.sku_ids])

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from recsys.types import Exposure, Recommendation, ScoredItems, ServingVersions
+from serving.batching import BatchStats
+from serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
+
+
+def recommendation(
+    scores: list[float],
+    *,
+    exposures: tuple[Exposure, ...] = (),
+    degraded: tuple[str, ...] = (),
+    model_version: str = "m1",
+) -> Recommendation:
+    n = len(scores)
+    return Recommendation(
+        request_id="r",
+        items=ScoredItems(
+            sku_ids=np.arange(n, dtype=np.int64),
+            restaurant_ids=np.arange(n, dtype=np.int64),
+            scores=np.asarray(scores, dtype=np.float32),
+        ),
+        model_version=model_version,
+        index_version="i1",
+        config_version="c1",
+        exposures=exposures,
+        degraded_reasons=degraded,
+        stage_seconds=(("retrieve", 0.004), ("rank", 0.003)),
+    )
+
+
+def test_capped_labels_admit_up_to_the_cap_then_other() -> None:
+    labels = CappedLabels(cap=2, width=3)
+    assert labels.admit(("a", "b", "c")) == ("a", "b", "c")
+    assert labels.admit(("d", "e", "f")) == ("d", "e", "f")
+    assert labels.admit(("g", "h", "i")) == ("other", "other", "other")
+    assert labels.admit(("a", "b", "c")) == ("a", "b", "c")
+
+
+def test_experiment_exposure_label_sets_are_capped() -> None:
+    metrics = ServingMetrics(max_exposure_label_sets=3)
+    for n in range(5):
+        exposure = Exposure("layer", f"exp{n}", "arm", bucket=n)
+        metrics.observe_recommendation(recommendation([0.5], exposures=(exposure,)))
+    value = metrics.registry.get_sample_value
+    labels = {"layer": "layer", "arm": "arm"}
+    assert value("recsys_experiment_exposures_total", {**labels, "experiment": "exp2"}) == 1
+    assert value("recsys_experiment_exposures_total", {**labels, "experiment": "exp3"}) is None
+    other = {"layer": "other", "experiment": "other", "arm": "other"}
+    assert value("recsys_experiment_exposures_total", other) == 2
+
+
+def test_a_recommendation_updates_stages_degraded_and_scores() -> None:
+    metrics = ServingMetrics()
+    metrics.observe_recommendation(recommendation([0.9, 0.2], degraded=("slow features",)))
+    value = metrics.registry.get_sample_value
+    assert value("recsys_stage_duration_seconds_count", {"stage": "rank"}) == 1
+    assert value("recsys_stage_duration_seconds_sum", {"stage": "retrieve"}) == pytest.approx(0.004)
+    assert value("recsys_degraded_responses_total", {"reason": "slow features"}) == 1
+    assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "0.5"}) == 1
+    assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "+Inf"}) == 2
+
+
+def score_samples(metrics: ServingMetrics, version: str) -> dict[str, float]:
+    """The live score histogram of one model version: sample suffix (and le) -> value."""
+    found: dict[str, float] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if (
+                sample.name.startswith("recsys_live_score")
+                and sample.labels.get("model_version") == version
+            ):
+                suffix = sample.name.removeprefix("recsys_live_score_")
+                le = sample.labels.get("le")
+                found[f"{suffix}:{le}" if le else suffix] = sample.value
+    return found
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    scores=hnp.arrays(
+        np.float32,
+        st.integers(0, 200),
+        elements=st.floats(-8, 8, width=32, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_live_score_buckets_count_scores_at_or_below_each_edge(scores: np.ndarray) -> None:
+    metrics = ServingMetrics()
+    half = scores.size // 2
+    metrics.observe_scores("m", scores[:half])  # two calls accumulate
+    metrics.observe_scores("m", scores[half:])
+    histogram = score_samples(metrics, "m")
+    wide = scores.astype(np.float64)
+    expected = {f"bucket:{edge!r}": float((wide <= edge).sum()) for edge in DEFAULT_SCORE_BUCKETS}
+    expected["bucket:+Inf"] = float(scores.size)
+    # prometheus_client leaves out _sum and _count when an edge is negative (+Inf is the count).
+    assert histogram == expected
+
+
+def test_scores_with_non_negative_edges_also_expose_sum_and_count() -> None:
+    metrics = ServingMetrics(score_buckets=[0.25, 0.5, 1.0])
+    metrics.observe_scores("m", np.array([0.1, 0.3, 0.3, 0.9, 2.0], dtype=np.float32))
+    assert score_samples(metrics, "m") == {
+        "bucket:0.25": 1.0,
+        "bucket:0.5": 3.0,
+        "bucket:1.0": 4.0,
+        "bucket:+Inf": 5.0,
+        "count": 5.0,
+        "sum": pytest.approx(3.6),
+    }
+
+
+def test_a_model_version_can_use_its_training_baseline_edges() -> None:
+    metrics = ServingMetrics()
+    metrics.set_score_buckets("m2", [0.0, 1.0])
+    metrics.observe_scores("m2", np.array([-1.0, 0.5, 3.0], dtype=np.float32))
+    value = metrics.registry.get_sample_value
+    assert value("recsys_live_score_bucket", {"model_version": "m2", "le": "0.0"}) == 1
+    assert value("recsys_live_score_bucket", {"model_version": "m2", "le": "1.0"}) == 2
+    assert value("recsys_live_score_bucket", {"model_version": "m2", "le": "+Inf"}) == 3
+    with pytest.raises(ValueError, match="strictly increasing"):
+        metrics.set_score_buckets("m3", [1.0, 0.0])
+
+
+def test_version_info_follows_the_pipeline() -> None:
+    metrics = ServingMetrics()
+    value = metrics.registry.get_sample_value
+    metrics.observe_versions(ServingVersions("i1", "c1", {"ranker": "v1", "ranker_b": "v7"}))
+    assert value("recsys_model_info", {"name": "ranker", "version": "v1"}) == 1
+    assert value("recsys_index_info", {"version": "i1"}) == 1
+    metrics.observe_versions(ServingVersions("i2", "c2", {"ranker": "v2"}))
+    assert value("recsys_model_info", {"name": "ranker", "version": "v1"}) is None
+    assert value("recsys_model_info", {"name": "ranker", "version": "v2"}) == 1
+    assert value("recsys_model_info", {"name": "ranker_b", "version": "v7"}) is None
+    assert value("recsys_index_info", {"version": "i2"}) == 1
+    assert value("recsys_config_info", {"version": "c2"}) == 1
+
+
+def test_batches_exposure_sink_and_control_plane() -> None:
+    metrics = ServingMetrics()
+    metrics.observe_batch(BatchStats("rank", 3, (0.001, 0.002, 0.0005), 0.01))
+    metrics.exposures_written(5)
+    metrics.exposures_dropped(2)
+    metrics.set_control_connected(True)
+    metrics.control_document_rejected("routing")
+    value = metrics.registry.get_sample_value
+    assert value("recsys_batch_size_sum", {"batcher": "rank"}) == 3
+    assert value("recsys_batch_queue_delay_seconds_count", {"batcher": "rank"}) == 3
+    assert value("recsys_batch_run_seconds_count", {"batcher": "rank"}) == 1
+    assert value("recsys_exposure_records_written_total") == 5
+    assert value("recsys_exposure_records_dropped_total") == 2
+    assert value("recsys_control_plane_connected") == 1
+    assert value("recsys_control_rejected_documents_total", {"document": "routing"}) == 1
+
+
+def test_two_servers_in_one_process_do_not_share_series() -> None:
+    first, second = ServingMetrics(), ServingMetrics()
+    first.request_started()
+    first.request_finished("OK", 0.01)
+    assert first.registry.get_sample_value("recsys_requests_total", {"code": "OK"}) == 1
+    assert second.registry.get_sample_value("recsys_requests_total", {"code": "OK"}) is None
+
+
+def test_the_http_endpoint_serves_the_registry_on_a_free_port() -> None:
+    metrics = ServingMetrics()
+    port = metrics.start_http("127.0.0.1", 0)
+    try:
+        assert port > 0
+        metrics.request_started()
+        metrics.request_finished("INVALID_ARGUMENT", 0.002)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        metrics.stop_http()
+    assert 'recsys_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
+    assert "recsys_requests_in_flight 0.0" in text
+    assert "# TYPE recsys_live_score histogram" in text
+    assert "python_gc" not in text  # not the global registry

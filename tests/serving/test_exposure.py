@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
+from serving.exposure import ExposureSink, JsonlFileWriter, exposure_log_path
+
+LINE_KEYS = {
+    "ts", "request_id", "user_id", "surface", "platform", "has_location", "model_version",
+    "index_version", "config_version", "exposures", "degraded", "degraded_reason", "sku_ids",
+    "scores",
+}  # fmt: skip
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.written = 0
+        self.dropped = 0
+
+    def exposures_written(self, count: int) -> None:
+        self.written += count
+
+    def exposures_dropped(self, count: int) -> None:
+        self.dropped += count
+
+
+class GatedWriter:
+    """A slow sink: writes only once the test opens the gate."""
+
+    def __init__(self, inner: JsonlFileWriter) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def write_lines(self, lines: list[str]) -> None:
+        self.entered.set()
+        self.gate.wait()
+        self.inner.write_lines(lines)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FailingWriter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write_lines(self, lines: list[str]) -> None:
+        self.calls += 1
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        return None
+
+
+def response(n: int) -> tuple[Request, Recommendation]:
+    request = Request(
+        request_id=f"r{n}",
+        user_id=f"u{n}",
+        num_results=3,
+        location=Location(1.0, 2.0) if n % 2 else None,
+        platform="ios",
+    )
+    recommendation = Recommendation(
+        request_id=f"r{n}",
+        items=ScoredItems(
+            sku_ids=np.array([n, n + 1, n + 2], dtype=np.int64),
+            restaurant_ids=np.array([1, 1, 2], dtype=np.int64),
+            scores=np.array([0.9, 0.5, 0.25], dtype=np.float32),
+        ),
+        model_version="m1",
+        index_version="i1",
+        config_version="c1",
+        exposures=(Exposure("feed", "exp", "treatment", bucket=42, forced=True),),
+        degraded_reasons=("a", "b") if n == 0 else (),
+    )
+    return request, recommendation
+
+
+def read_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_log_file_is_named_by_pid_and_start(tmp_path: Path) -> None:
+    path = exposure_log_path(tmp_path, start=1_700_000_000.5)
+    assert path == tmp_path / "exposures" / f"exposures-{os.getpid()}-1700000000500.jsonl"
+
+
+async def test_every_record_is_written_as_one_json_line_and_flushed_on_close(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "exposures" / "x.jsonl"
+    counts = Counts()
+    sink = ExposureSink(JsonlFileWriter(path), queue_size=100, max_batch=7, observer=counts)
+    sink.start()
+    for n in range(25):
+        assert sink.record(*response(n))
+    await sink.close()
+    lines = read_lines(path)
+    assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(25)]
+    assert counts.written == 25
+    assert counts.dropped == 0
+    first, second = lines[0], lines[1]
+    assert set(first) == LINE_KEYS
+    assert first["user_id"] == "u0"
+    assert first["surface"] == "home"
+    assert first["platform"] == "ios"
+    assert first["has_location"] is False
+    assert second["has_location"] is True
+    assert first["model_version"] == "m1"
+    assert first["index_version"] == "i1"
+    assert first["config_version"] == "c1"
+    assert first["exposures"] == [
+        {"layer": "feed", "experiment": "exp", "arm": "treatment", "bucket": 42, "forced": True}
+    ]
+    assert first["degraded"] is True
+    assert first["degraded_reason"] == "a; b"
+    assert second["degraded"] is False
+    assert first["sku_ids"] == [0, 1, 2]
+    assert first["scores"] == [0.9, 0.5, 0.25]
+    assert isinstance(first["ts"], float)
+
+
+async def test_a_slow_sink_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "slow.jsonl"
+    writer = GatedWriter(JsonlFileWriter(path))
+    counts = Counts()
+    sink = ExposureSink(writer, queue_size=3, max_batch=1, observer=counts)
+    sink.start()
+    assert sink.record(*response(0))
+    await asyncio.to_thread(writer.entered.wait)  # record 0 is stuck in the writer thread
+    accepted = [sink.record(*response(n)) for n in range(1, 11)]  # returns at once, never waits
+    assert accepted == [True] * 3 + [False] * 7
+    assert counts.dropped == 7
+    writer.gate.set()
+    await sink.close()
+    assert counts.written == 4
+    assert [line["request_id"] for line in read_lines(path)] == ["r0", "r1", "r2", "r3"]
+
+
+async def test_a_failing_write_is_logged_counted_and_the_sink_keeps_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    counts = Counts()
+    writer = FailingWriter()
+    sink = ExposureSink(writer, queue_size=10, observer=counts)
+    sink.start()
+    sink.record(*response(0))
+    sink.record(*response(1))
+    await sink.close()
+    assert counts.dropped == 2
+    assert counts.written == 0
+    assert writer.calls >= 1
+    assert "exposure log write failed" in caplog.text
+
+
+async def test_records_after_close_are_dropped_and_counted(tmp_path: Path) -> None:
+    counts = Counts()
+    sink = ExposureSink(JsonlFileWriter(tmp_path / "x.jsonl"), observer=counts)
+    sink.start()
+    await sink.close()
+    assert sink.record(*response(0)) is False
+    assert counts.dropped == 1

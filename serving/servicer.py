@@ -1,0 +1,180 @@
+"""The Recommender gRPC service: protobuf <-> recsys.types, status codes, metrics, exposures.
+
+This is the one place where errors become gRPC status codes:
+
+- :class:`~serving.validation.InvalidRequest` -> INVALID_ARGUMENT, naming the field;
+- no pipeline yet (still loading) -> UNAVAILABLE;
+- :class:`~serving.batching.Overloaded` -> RESOURCE_EXHAUSTED;
+- anything else -> INTERNAL with the request id, logged once with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+
+from recsys.types import Recommendation, Request
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from serving.batching import Overloaded
+from serving.exposure import ExposureSink
+from serving.metrics import ServingMetrics
+from serving.validation import InvalidRequest, new_request_id, validate_request
+
+if TYPE_CHECKING:
+    from serving.pipeline import RecommendPipeline
+
+log = logging.getLogger(__name__)
+
+
+def local_hour() -> int:
+    return time.localtime().tm_hour
+
+
+def to_response(recommendation: Recommendation) -> recommender_pb2.RecommendResponse:
+    items = recommendation.items
+    # The contract's repeated message needs one ScoredItem per item (at most 200); the columns
+    # are converted to Python scalars in bulk first.
+    scored = [
+        recommender_pb2.ScoredItem(sku_id=s, restaurant_id=r, score=f)
+        for s, r, f in zip(
+            items.sku_ids.tolist(),
+            items.restaurant_ids.tolist(),
+            items.scores.tolist(),
+            strict=True,
+        )
+    ]
+    return recommender_pb2.RecommendResponse(
+        request_id=recommendation.request_id,
+        items=scored,
+        model_version=recommendation.model_version,
+        index_version=recommendation.index_version,
+        config_version=recommendation.config_version,
+        experiments=[
+            recommender_pb2.Exposure(
+                layer=e.layer, experiment=e.experiment, arm=e.arm, bucket=e.bucket, forced=e.forced
+            )
+            for e in recommendation.exposures
+        ],
+        degraded=recommendation.degraded,
+        degraded_reason=recommendation.degraded_reason,
+    )
+
+
+class _Failure(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+    """Serves Recommend once :meth:`attach` has handed it an open pipeline."""
+
+    def __init__(
+        self,
+        metrics: ServingMetrics,
+        exposures: ExposureSink,
+        *,
+        hour: Callable[[], int] = local_hour,
+        make_request_id: Callable[[], str] = new_request_id,
+    ) -> None:
+        self._metrics = metrics
+        self._exposures = exposures
+        self._hour = hour
+        self._make_request_id = make_request_id
+        self._pipeline: RecommendPipeline | None = None
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, pipeline: RecommendPipeline) -> None:
+        self._pipeline = pipeline
+        self._metrics.observe_versions(pipeline.versions())
+
+    def start_draining(self) -> None:
+        """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
+        self._draining = True
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Return once no Recommend call is in progress."""
+        await self._idle.wait()
+
+    async def Recommend(
+        self,
+        request: recommender_pb2.RecommendRequest,
+        context: grpc.aio.ServicerContext[
+            recommender_pb2.RecommendRequest, recommender_pb2.RecommendResponse
+        ],
+    ) -> recommender_pb2.RecommendResponse:
+        started = time.perf_counter()
+        self._in_flight += 1
+        self._idle.clear()
+        self._metrics.request_started()
+        code = grpc.StatusCode.OK
+        try:
+            try:
+                return await self._recommend(request)
+            except _Failure as failure:
+                code, details = failure.code, failure.details
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:  # a bug outside the pipeline call: still one clean INTERNAL
+                log.exception("Recommend failed, request_id=%s", request.request_id or "(none)")
+                code = grpc.StatusCode.INTERNAL
+                details = f"internal error, request_id={request.request_id or '(none)'}"
+            await context.abort(code, details)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            self._metrics.request_finished(code.name, time.perf_counter() - started)
+
+    async def _recommend(
+        self, message: recommender_pb2.RecommendRequest
+    ) -> recommender_pb2.RecommendResponse:
+        try:
+            request = validate_request(
+                message, hour=self._hour(), make_request_id=self._make_request_id
+            )
+        except InvalidRequest as e:
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        pipeline = self._pipeline
+        if self._draining:
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        if pipeline is None:
+            raise _Failure(
+                grpc.StatusCode.UNAVAILABLE, "the recommender is still loading; retry shortly"
+            )
+        try:
+            recommendation = await pipeline.recommend(request)
+            response = to_response(recommendation)
+            self._record(pipeline, request, recommendation)
+        except Overloaded as e:
+            raise _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded, request_id={request.request_id}: {e}",
+            ) from None
+        except Exception:
+            log.exception("Recommend failed, request_id=%s", request.request_id)
+            raise _Failure(
+                grpc.StatusCode.INTERNAL, f"internal error, request_id={request.request_id}"
+            ) from None
+        return response
+
+    def _record(
+        self, pipeline: RecommendPipeline, request: Request, recommendation: Recommendation
+    ) -> None:
+        self._metrics.observe_versions(pipeline.versions())
+        self._metrics.observe_recommendation(recommendation)
+        self._exposures.record(request, recommendation)

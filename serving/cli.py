@@ -1,0 +1,152 @@
+"""``recsys serve`` (run the gRPC server) and ``recsys recommend`` (call one)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from recsys.cli import CliError
+from recsys.settings import ServeSettings, env_default
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    defaults = ServeSettings()
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve Recommend over gRPC (health, reflection, Prometheus metrics)",
+        description="Serve the recommender. Flags default to RECSYS_<FLAG> variables.",
+    )
+    serve.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path(env_default("artifacts", str(defaults.artifacts))),
+        help="artifact root (RECSYS_ARTIFACTS; default %(default)s)",
+    )
+    serve.add_argument("--host", default=env_default("host", defaults.host))
+    serve.add_argument(
+        "--port", type=int, default=int(env_default("port", str(defaults.port))), help="0: any"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env_default("metrics_port", str(defaults.metrics_port))),
+        help="Prometheus /metrics port (0: any)",
+    )
+    serve.add_argument(
+        "--control",
+        default=env_default("control", defaults.control),
+        help="control plane: empty for files in the artifact root, or redis://HOST:PORT/DB",
+    )
+    serve.add_argument(
+        "--batch-max-size",
+        type=int,
+        default=int(env_default("batch_max_size", str(defaults.batch_max_size))),
+    )
+    serve.add_argument(
+        "--batch-max-delay-ms",
+        type=float,
+        default=float(env_default("batch_max_delay_ms", str(defaults.batch_max_delay_ms))),
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(env_default("workers", str(defaults.workers))),
+        help="server processes (only 1 for now)",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(env_default("drain_seconds", str(defaults.drain_seconds))),
+        help="how long in-flight calls may take to finish after SIGTERM",
+    )
+    serve.set_defaults(func=run_serve)
+
+    recommend = subparsers.add_parser(
+        "recommend", help="call Recommend on a running server and print the response as JSON"
+    )
+    recommend.add_argument("--target", default=env_default("target", "127.0.0.1:50051"))
+    recommend.add_argument("--user-id", required=True)
+    recommend.add_argument("--num-results", type=int, default=0, help="0: the server default")
+    recommend.add_argument("--lat", type=float)
+    recommend.add_argument("--lon", type=float)
+    recommend.add_argument("--surface", default="")
+    recommend.add_argument("--platform", default="")
+    recommend.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    recommend.set_defaults(func=run_recommend)
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """Check the flags and freeze them into settings; bad values raise :class:`CliError`."""
+    if args.workers != 1:
+        raise CliError(f"--workers is {args.workers}; only 1 worker process is supported for now")
+    for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= value <= 65535:
+            raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
+    if args.batch_max_size < 1:
+        raise CliError(f"--batch-max-size is {args.batch_max_size}; expected >= 1")
+    if args.batch_max_delay_ms < 0:
+        raise CliError(f"--batch-max-delay-ms is {args.batch_max_delay_ms}; expected >= 0")
+    if args.drain_seconds < 0:
+        raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
+    if not args.artifacts.is_dir():
+        raise CliError(f"--artifacts {args.artifacts}: no such directory (build one first)")
+    return ServeSettings(
+        artifacts=args.artifacts,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        control=args.control,
+        workers=args.workers,
+        batch_max_size=args.batch_max_size,
+        batch_max_delay_ms=args.batch_max_delay_ms,
+        drain_seconds=args.drain_seconds,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from recsys.artifacts import ArtifactError
+    from serving.server import OpenPipeline, run
+
+    # Imported here, by name: the pipeline module is the lead's and loads heavy libraries.
+    pipeline_module = importlib.import_module("serving.pipeline")
+    open_pipeline: OpenPipeline | None = getattr(pipeline_module, "open_pipeline", None)
+    if open_pipeline is None:
+        raise CliError("serving.pipeline has no open_pipeline(settings, metrics) to serve with")
+    try:
+        run(settings, open_pipeline)
+    except ArtifactError as e:
+        raise CliError(f"cannot serve {settings.artifacts}: {e}") from e
+    return 0
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from serving.client import build_request, recommend, response_to_dict
+
+    try:
+        request = build_request(
+            args.user_id,
+            num_results=args.num_results,
+            lat=args.lat,
+            lon=args.lon,
+            surface=args.surface,
+            platform=args.platform,
+        )
+    except ValueError as e:
+        raise CliError(f"--lat/--lon: {e}") from e
+    try:
+        response = recommend(args.target, request, timeout=args.timeout)
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        name = code.name if code is not None else "ERROR"
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        raise CliError(f"Recommend on {args.target} failed: {name}: {details}") from e
+    print(json.dumps(response_to_dict(response), indent=2))
+    return 0

@@ -1,0 +1,55 @@
+"""A tiny Recommend client, used by ``recsys recommend`` and the README."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+
+
+def build_request(
+    user_id: str,
+    *,
+    num_results: int = 0,
+    lat: float | None = None,
+    lon: float | None = None,
+    surface: str = "",
+    platform: str = "",
+    request_id: str = "",
+    exclude_sku_ids: Sequence[int] = (),
+) -> recommender_pb2.RecommendRequest:
+    if (lat is None) != (lon is None):
+        raise ValueError("lat and lon go together: give both or neither")
+    location = None if lat is None or lon is None else recommender_pb2.Location(lat=lat, lon=lon)
+    return recommender_pb2.RecommendRequest(
+        user_id=user_id,
+        num_results=num_results,
+        location=location,
+        surface=surface,
+        platform=platform,
+        request_id=request_id,
+        exclude_sku_ids=exclude_sku_ids,
+    )
+
+
+def response_to_dict(response: recommender_pb2.RecommendResponse) -> dict[str, Any]:
+    """The response as plain JSON-ready data, proto field names, defaults included."""
+    return MessageToDict(
+        response,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def recommend(
+    target: str, request: recommender_pb2.RecommendRequest, *, timeout: float = 5.0
+) -> recommender_pb2.RecommendResponse:
+    """One Recommend call over a fresh insecure channel to ``target`` ("host:port")."""
+    with grpc.insecure_channel(target) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        return stub.Recommend(request, timeout=timeout)

@@ -1,0 +1,217 @@
+"""Follow a document: yield each new version as it appears, without blocking the event loop.
+
+Redis: subscribe to the document's channel first, then read the version counter; a notification
+(or, as a fallback, ``poll_seconds`` without one) triggers the next read. If Redis goes away the
+watcher reports itself disconnected, keeps the last version it yielded (the caller keeps
+serving it) and reconnects with exponential backoff; after reconnecting it reads the counter, so
+a write made during the outage is not missed.
+
+File: poll the document file's (inode, mtime, size) every ``poll_seconds`` in a thread.
+
+Usage::
+
+    watcher = watch(settings.control, "experiments", artifacts=settings.artifacts,
+                    on_health=metrics.set_control_connected)
+    async for document in watcher:   # the current document first, then each new version
+        ...
+    await watcher.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+from recsys.control.file_store import FileStore
+from recsys.control.redis_store import DocumentKeys, redacted
+from recsys.control.store import Document, StoreError, check_name, open_store
+from recsys.settings import DEFAULT_ARTIFACTS
+
+HealthCallback = Callable[[bool], None]
+INITIAL_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class DocumentWatcher:
+    """An async iterator of new versions of one document; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        artifacts: Path,
+        prefix: str,
+        poll_seconds: float,
+        on_health: HealthCallback | None,
+        after_version: int,
+        max_backoff_seconds: float,
+    ) -> None:
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds: expected > 0, got {poll_seconds}")
+        self.url = url
+        self.name = check_name(name)
+        self.poll_seconds = poll_seconds
+        self.connected = False
+        self.last_error = ""
+        self.outages = 0
+        """How many times the backend went away (a counter for metrics)."""
+        self._on_health = on_health
+        self._last_version = after_version
+        self._max_backoff = max_backoff_seconds
+        self._backoff = INITIAL_BACKOFF_SECONDS
+        self._closed = False
+        self._is_redis = url.startswith(("redis://", "rediss://"))
+        self._keys = DocumentKeys(prefix, name)
+        self._client: aioredis.Redis | None = None
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._file_store: FileStore | None = None
+        self._file_token: tuple[int, int, int] | None = None
+        if not self._is_redis:
+            store = open_store(url, artifacts, prefix=prefix)
+            assert isinstance(store, FileStore)
+            self._file_store = store
+
+    @property
+    def last_version(self) -> int:
+        """The version most recently yielded (or ``after_version``)."""
+        return self._last_version
+
+    def _set_health(self, connected: bool, error: str = "") -> None:
+        if error:
+            self.last_error = error
+        if connected != self.connected:
+            if not connected:
+                self.outages += 1
+            self.connected = connected
+            if self._on_health is not None:
+                self._on_health(connected)
+
+    def __aiter__(self) -> DocumentWatcher:
+        return self
+
+    async def __anext__(self) -> Document:
+        while not self._closed:
+            document = await (self._next_redis() if self._is_redis else self._next_file())
+            if document is not None:
+                self._last_version = document.version
+                return document
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._disconnect()
+
+    # -- file ----------------------------------------------------------------------------------
+
+    async def _next_file(self) -> Document | None:
+        store = self._file_store
+        assert store is not None
+        try:
+            token = await asyncio.to_thread(store.stat_token, self.name)
+            if token != self._file_token:
+                document = await asyncio.to_thread(store.read, self.name)
+                self._file_token = token
+                self._set_health(True)
+                if document is not None and document.version > self._last_version:
+                    return document
+            else:
+                self._set_health(True)
+        except (StoreError, OSError) as e:
+            self._set_health(False, str(e))
+        await asyncio.sleep(self.poll_seconds)
+        return None
+
+    # -- redis ---------------------------------------------------------------------------------
+
+    async def _next_redis(self) -> Document | None:
+        try:
+            if self._client is None:
+                await self._connect()
+            client = self._client
+            assert client is not None
+            raw_version = await client.get(self._keys.version)
+            self._set_health(True)
+            self._backoff = INITIAL_BACKOFF_SECONDS
+            if int(raw_version or 0) > self._last_version:
+                raw = await client.get(self._keys.document)
+                if raw is not None:
+                    document = Document.from_json(
+                        raw, f"{redacted(self.url)} {self._keys.document}"
+                    )
+                    if document.version > self._last_version:
+                        return document
+            await self._wait_for_notification()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            self._set_health(False, f"{redacted(self.url)}: {e}")
+            await self._disconnect()
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, self._max_backoff)
+        except StoreError as e:  # a corrupt document: keep the last good one, look again later
+            self.last_error = str(e)
+            await asyncio.sleep(self.poll_seconds)
+        return None
+
+    async def _connect(self) -> None:
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=2.0,
+            socket_timeout=max(2.0, self.poll_seconds + 1.0),
+        )
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._client, self._pubsub = client, pubsub
+        await pubsub.subscribe(self._keys.channel)  # before reading: no write slips between
+
+    async def _wait_for_notification(self) -> None:
+        """Until a notification arrives or ``poll_seconds`` pass (the polling fallback)."""
+        pubsub = self._pubsub
+        assert pubsub is not None
+        deadline = time.monotonic() + self.poll_seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=remaining)
+            if message is not None and message.get("type") == "message":
+                return
+
+    async def _disconnect(self) -> None:
+        pubsub, client = self._pubsub, self._client
+        self._pubsub = self._client = None
+        if pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await client.aclose()
+
+
+def watch(
+    url: str,
+    name: str,
+    *,
+    artifacts: Path = DEFAULT_ARTIFACTS,
+    prefix: str = "recsys:",
+    poll_seconds: float = 1.0,
+    on_health: HealthCallback | None = None,
+    after_version: int = 0,
+    max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
+) -> DocumentWatcher:
+    """Watch document ``name`` in the store at ``url`` ("" = the file in ``artifacts``).
+
+    The first item is the current document (if its version is above ``after_version``), then
+    each new version. ``on_health(connected)`` is called when the backend goes away or returns.
+    """
+    return DocumentWatcher(
+        url,
+        name,
+        artifacts=artifacts,
+        prefix=prefix,
+        poll_seconds=poll_seconds,
+        on_health=on_health,
+        after_version=after_version,
+        max_backoff_seconds=max_backoff_seconds,
+    )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -411,3 +412,21 @@ def test_serve_runs_on_uvloop_and_exits_0_on_sigterm_after_flushing(tmp_path: Pa
     assert "recsys stopped" in rest
     lines = exposure_lines(tmp_path)
     assert [line["request_id"] for line in lines] == ["from-subprocess-test"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_a_port_in_use_fails_the_start_and_releases_the_metrics_port(
+    server: RunningServer, settings: ServeSettings
+) -> None:
+    metrics_port = free_port()
+    taken = replace(settings, port=server.port, metrics_port=metrics_port)
+    with pytest.raises(RuntimeError, match=str(server.port)):
+        await RunningServer.start(taken, ToyOpener())
+    with socket.socket() as again:  # the failed start closed its metrics endpoint
+        again.bind(("127.0.0.1", metrics_port))

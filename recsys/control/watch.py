@@ -59,6 +59,8 @@ class DocumentWatcher:
         self.name = check_name(name)
         self.poll_seconds = poll_seconds
         self.connected = False
+        """False until the backend first answers, and while it is away."""
+        self._health_known = False
         self.last_error = ""
         self.outages = 0
         """How many times the backend went away (a counter for metrics)."""
@@ -86,7 +88,8 @@ class DocumentWatcher:
     def _set_health(self, connected: bool, error: str = "") -> None:
         if error:
             self.last_error = error
-        if connected != self.connected:
+        if connected != self.connected or not self._health_known:
+            self._health_known = True
             if not connected:
                 self.outages += 1
             self.connected = connected

@@ -53,9 +53,8 @@ SAME_DISTRICT_SHARE = 0.6
 
 _CUISINE = {name: i for i, name in enumerate(CUISINES)}
 _CATEGORY = {name: i for i, name in enumerate(CATEGORIES)}
-CATEGORY_REFERENCE_PRICE = np.array(
-    [11.5, 6.0, 4.0, 3.0, 5.5]
-)  # main, starter, side, drink, dessert
+# Typical price of a main, starter, side, drink and dessert at price level 2.
+CATEGORY_REFERENCE_PRICE = np.array([11.5, 6.0, 4.0, 3.0, 5.5])
 PRICE_LEVEL_FACTOR = np.array([0.75, 1.0, 1.35, 1.85])  # price levels 1..4
 
 # Hour-of-day modes of a user's sessions: breakfast, lunch, dinner, late night (centre, sd).
@@ -96,7 +95,6 @@ class _ItemTruth:
 
 @dataclass(frozen=True)
 class _UserTruth:
-    district: IntArray  # [U]
     taste: npt.NDArray[np.float32]  # [U, L]
     price_sensitivity: FloatArray  # [U]
     sweet_tooth: FloatArray  # [U]
@@ -142,9 +140,8 @@ def generate_world(
     clicked, ordered = _respond(
         rng, sessions, row_session, item, position, catalogue, items, tastes, latents
     )
-    report(
-        f"clicks: {int(clicked.sum()):,} (CTR {clicked.mean():.3f}), orders: {int(ordered.sum()):,}"
-    )
+    ctr = clicked.sum() / max(1, clicked.shape[0])
+    report(f"clicks: {int(clicked.sum()):,} (CTR {ctr:.3f}), orders: {int(ordered.sum()):,}")
 
     log = InteractionLog(
         session=row_session,
@@ -179,11 +176,18 @@ def _offset(
     return new_lat, new_lon
 
 
-def _categorical(rng: np.random.Generator, probs: FloatArray) -> IntArray:
-    """One draw per row of ``probs`` ([rows, K], each row sums to 1)."""
-    cum = np.cumsum(probs, axis=1)
-    below = rng.random((probs.shape[0], 1)) >= cum
-    return np.asarray(np.minimum(below.sum(axis=1), probs.shape[1] - 1), dtype=np.int64)
+def _categorical(rng: np.random.Generator, table: FloatArray, group: IntArray) -> IntArray:
+    """One draw per entry of ``group`` from its row of ``table`` ([G, K], rows sum to 1).
+
+    Counts the cumulative thresholds below a uniform draw, one column at a time, so no
+    [rows, K] temporary is built (rows run to millions of items).
+    """
+    cum = np.cumsum(table, axis=1)
+    u = rng.random(group.shape[0])
+    drawn = np.zeros(group.shape[0], np.int64)
+    for k in range(table.shape[1] - 1):
+        drawn += u >= cum[group, k]
+    return drawn
 
 
 def _categorical_n(rng: np.random.Generator, probs: FloatArray, n: int) -> IntArray:
@@ -247,7 +251,7 @@ def _make_catalogue(
         rng.normal(0.0, 1.0, n_rest),
         rng.normal(0.0, 1.0, n_rest),
     )
-    cuisine = _categorical(rng, districts.cuisine_p[district])
+    cuisine = _categorical(rng, districts.cuisine_p, district)
     price_level = _categorical_n(rng, np.array([0.30, 0.42, 0.20, 0.08]), n_rest) + 1
     quality = rng.normal(0.0, 0.5, n_rest)
     noise = rng.normal(0.0, 0.3, n_rest) - rng.exponential(0.25, n_rest)
@@ -257,7 +261,7 @@ def _make_catalogue(
     # Exactly n_skus items, at least one per restaurant, ~20 each on average.
     spare = rng.multinomial(n_skus - n_rest, _normalised(rng.gamma(3.0, 1.0, n_rest)))
     item_restaurant = np.repeat(np.arange(n_rest, dtype=np.int32), 1 + spare)
-    category = _categorical(rng, _category_probs()[cuisine[item_restaurant]])
+    category = _categorical(rng, _category_probs(), cuisine[item_restaurant])
     price = (
         CATEGORY_REFERENCE_PRICE[category]
         * PRICE_LEVEL_FACTOR[price_level[item_restaurant] - 1]
@@ -333,7 +337,6 @@ def _make_users(
 
     users = Users(user_ids=user_ids, home_lat=home_lat, home_lon=home_lon)
     truth = _UserTruth(
-        district=district,
         taste=taste.astype(np.float32),
         price_sensitivity=0.7 * rng.lognormal(0.0, 0.4, n_users),
         sweet_tooth=rng.lognormal(0.0, 0.5, n_users),
@@ -351,7 +354,7 @@ def _make_sessions(
     n = user.shape[0]
     weekday = np.where(np.arange(n_days) % 7 >= 5, 1.25, 1.0)  # weekends are busier
     day = _categorical_n(rng, weekday, n)
-    mode = _categorical(rng, users.hour_profile[user])
+    mode = _categorical(rng, users.hour_profile, user.astype(np.int64))
     hour = np.round(rng.normal(HOUR_MODES[mode, 0], HOUR_MODES[mode, 1])).astype(np.int64) % 24
 
     # Mostly delivered home; sometimes to work or a friend's, anywhere in the city.
@@ -407,9 +410,8 @@ def _show_feeds(
     anywhere = source == 2
     item[anywhere] = rng.integers(0, n_items, int(anywhere.sum()))
 
-    for _ in range(
-        3
-    ):  # a feed shows an item once; redraw repeats at random (tiny catalogues keep some)
+    # A feed shows an item once: redraw repeats at random (a tiny catalogue may keep a few).
+    for _ in range(3):
         repeated = _repeated_in_session(row_session, item, n_items)
         if not repeated.any():
             break

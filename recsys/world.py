@@ -112,7 +112,7 @@ class World:
 
     def heldout_user_mask(self) -> npt.NDArray[np.bool_]:
         """[U] users kept out of ranker training, for offline evaluation."""
-        return np.arange(self.users.n_users) % HELDOUT_USER_MODULUS == 0
+        return np.asarray(np.arange(self.users.n_users) % HELDOUT_USER_MODULUS == 0)
 
 
 _PARTS: dict[str, type[Catalogue] | type[Users] | type[InteractionLog]] = {

@@ -17,19 +17,35 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from recsys.geo import haversine_km
+from recsys.geo import EARTH_RADIUS_KM, haversine_km
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 from retrieval.availability import Availability
 from retrieval.index import ItemIndex
 
-RADIUS_OVERFETCH = 4
+RADIUS_OVERFETCH = 8
 """With a delivery radius, search this many times the candidates wanted: the radius drops some."""
 TOPUP_FIRST_SCAN = 1024
 TOPUP_SCAN_GROWTH = 4
-"""The popular-item top-up scans a growing prefix of the popularity order until it has enough."""
+TOPUP_SCAN_LIMIT = 16_384
+"""The popular top-up scans a growing prefix of the popularity order; past this many items with
+few eligible ones found, it reads the items of the restaurants near the location instead."""
+
+GRID_ROW_DEG = 0.1
+"""Height of a latitude row of the restaurant grid (~11 km)."""
+MAX_GRID_ROWS = 64
+"""A radius spanning more rows than this measures every restaurant instead."""
 
 _NO_IDS: Int64Array = np.zeros(0, dtype=np.int64)
+Int32Array = npt.NDArray[np.int32]
+
+
+def _isin_sorted(ids: npt.NDArray[np.integer], sorted_ids: Int64Array) -> BoolArray:
+    """``np.isin(ids, sorted_ids)`` for a small sorted set: a binary search, no hashing."""
+    if sorted_ids.size == 0:
+        return np.zeros(ids.shape, dtype=np.bool_)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
+    return np.asarray(sorted_ids[pos] == ids)
 
 
 @dataclass(frozen=True)
@@ -44,31 +60,86 @@ class RetrievalQuery:
     exclude: tuple[int, ...] = ()
 
 
-class _DeliveryRadius:
-    """Which items' restaurants lie within ``radius_km`` of one location.
+class CatalogueGeo:
+    """Where the catalogue's items are: built once per catalogue, shared by every snapshot.
 
-    Small id sets are checked item by item; once a set outnumbers the restaurants, one distance
-    per restaurant is cheaper, so the per-restaurant mask is computed (once) and gathered.
+    Restaurants sit in a grid of latitude rows (:data:`GRID_ROW_DEG` high), sorted by longitude
+    within a row, so "restaurants within r km" measures only those in the bounding box of the
+    circle, not every restaurant in the country. Items are grouped by restaurant, most popular
+    first, to list the items of the restaurants found.
     """
 
-    def __init__(self, catalogue: Catalogue, location: Location, radius_km: float) -> None:
-        self._catalogue = catalogue
-        self._location = location
-        self._radius_km = radius_km
-        self._near_restaurants: BoolArray | None = None
+    def __init__(self, catalogue: Catalogue, popularity_rank: Int32Array) -> None:
+        self.catalogue = catalogue
+        lat = np.asarray(catalogue.restaurant_lat, dtype=np.float64)
+        lon = np.asarray(catalogue.restaurant_lon, dtype=np.float64)
+        row = np.floor(lat / GRID_ROW_DEG).astype(np.int64)
+        self._by_row: Int64Array = np.lexsort((lon, row)).astype(np.int64)
+        self._rows: Int64Array = row[self._by_row]
+        self._lons = lon[self._by_row]
+        restaurant = catalogue.item_restaurant
+        self._items: Int32Array = np.lexsort((popularity_rank, restaurant)).astype(np.int32)
+        counts = np.bincount(restaurant, minlength=catalogue.n_restaurants)
+        self._offsets: Int64Array = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    def within(self, ids: Int64Array) -> BoolArray:
-        c = self._catalogue
+    def within(
+        self,
+        lat: float | npt.NDArray[np.float64],
+        lon: float | npt.NDArray[np.float64],
+        radius_km: float | npt.NDArray[np.float64],
+        ids: npt.NDArray[np.integer],
+    ) -> BoolArray:
+        """Whether each item's restaurant is within ``radius_km`` of (lat, lon); broadcasts,
+        so one call covers a whole batch (one location per row of ``ids``)."""
+        c = self.catalogue
         restaurants = c.item_restaurant[ids]
-        if ids.size > c.n_restaurants:
-            if self._near_restaurants is None:
-                self._near_restaurants = self._near(c.restaurant_lat, c.restaurant_lon)
-            return self._near_restaurants[restaurants]
-        return self._near(c.restaurant_lat[restaurants], c.restaurant_lon[restaurants])
+        km = haversine_km(lat, lon, c.restaurant_lat[restaurants], c.restaurant_lon[restaurants])
+        return np.asarray(km <= radius_km)
 
-    def _near(self, lat: npt.NDArray[np.float64], lon: npt.NDArray[np.float64]) -> BoolArray:
-        loc = self._location
-        return haversine_km(loc.lat, loc.lon, lat, lon) <= self._radius_km
+    def restaurants_near(self, location: Location, radius_km: float) -> Int64Array:
+        """Restaurants within ``radius_km`` of ``location`` (exact: haversine on the box)."""
+        c = self.catalogue
+        angle = radius_km / EARTH_RADIUS_KM  # radians of arc
+        dlat = math.degrees(angle) * (1 + 1e-9) + 1e-9
+        first = math.floor((location.lat - dlat) / GRID_ROW_DEG)
+        last = math.floor((location.lat + dlat) / GRID_ROW_DEG)
+        if last - first >= MAX_GRID_ROWS:
+            candidates = np.arange(c.n_restaurants, dtype=np.int64)
+        else:
+            # Half-width in longitude of a circle of that radius (none near a pole or past the
+            # antimeridian: the whole row is read there).
+            dlon: float | None = None
+            if abs(location.lat) + math.degrees(angle) < 89.0:
+                ratio = math.sin(angle) / math.cos(math.radians(location.lat))
+                dlon = math.degrees(math.asin(min(1.0, ratio))) * (1 + 1e-9) + 1e-9
+                if abs(location.lon) + dlon >= 180.0:
+                    dlon = None
+            spans = []
+            for row in range(first, last + 1):  # a few rows: 2 r / 11 km + 1
+                lo = int(np.searchsorted(self._rows, row, side="left"))
+                hi = int(np.searchsorted(self._rows, row, side="right"))
+                if dlon is not None:
+                    lons = self._lons[lo:hi]
+                    lo, hi = (
+                        lo + int(np.searchsorted(lons, location.lon - dlon, side="left")),
+                        lo + int(np.searchsorted(lons, location.lon + dlon, side="right")),
+                    )
+                spans.append(self._by_row[lo:hi])
+            candidates = np.concatenate(spans)
+        km = haversine_km(
+            location.lat, location.lon, c.restaurant_lat[candidates], c.restaurant_lon[candidates]
+        )
+        return candidates[km <= radius_km]
+
+    def items_near(self, location: Location, radius_km: float) -> Int32Array:
+        """Items of every restaurant within ``radius_km`` of ``location``."""
+        near = self.restaurants_near(location, radius_km)
+        starts = self._offsets[near]
+        lengths = self._offsets[near + 1] - starts
+        total = int(lengths.sum())
+        # Concatenate the item ranges of the near restaurants without a loop over them.
+        positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+        return self._items[positions]
 
 
 class Retriever:
@@ -98,16 +169,19 @@ class Retriever:
         self._index = index
         self._user_vectors = users
         self._has_vector: BoolArray = np.any(users != 0, axis=1)
-        self._catalogue = catalogue
         self._popularity = popularity
-        # The popularity order is computed once; each availability snapshot filters it once.
-        self._popular_order: Int64Array = np.argsort(-popularity, kind="stable").astype(np.int64)
+        # Computed once per catalogue (int32 halves the memory at 4M items); each availability
+        # snapshot then filters the popularity order once.
+        self._popular_order: Int32Array = np.argsort(-popularity, kind="stable").astype(np.int32)
+        self._popularity_rank: Int32Array = np.empty(index.count, dtype=np.int32)
+        self._popularity_rank[self._popular_order] = np.arange(index.count, dtype=np.int32)
+        self._geo = CatalogueGeo(catalogue, self._popularity_rank)
         self._set_availability(availability)
 
     def _set_availability(self, availability: Availability) -> None:
         self.availability = availability
         order = self._popular_order
-        self._popular_available: Int64Array = order[availability.item_mask[order]]
+        self._popular_available: Int32Array = order[availability.item_mask[order]]
 
     def with_availability(self, availability: Availability) -> Retriever:
         """A retriever for a new availability snapshot, sharing everything else."""
@@ -145,8 +219,10 @@ class Retriever:
                 nprobe=nprobe,
                 allowed=self.availability.selector,
             )
+            usable = (ids >= 0) & self._within_rows([queries[i] for i in positions], ids)
             for n, i in enumerate(positions):
-                out[i] = self._personal(queries[i], ids[n, : fetch[n]], scores[n, : fetch[n]])
+                f = fetch[n]
+                out[i] = self._personal(queries[i], ids[n, :f], scores[n, :f], usable[n, :f])
         return [c for c in out if c is not None]
 
     def _check(self, q: RetrievalQuery) -> None:
@@ -172,22 +248,30 @@ class Retriever:
             wanted *= RADIUS_OVERFETCH
         return min(wanted, self._index.count)
 
-    def _radius(self, q: RetrievalQuery) -> _DeliveryRadius | None:
-        if q.location is None:
-            return None
-        return _DeliveryRadius(self._catalogue, q.location, q.radius_km)
+    def _within_rows(self, queries: Sequence[RetrievalQuery], ids: Int64Array) -> BoolArray:
+        """[B, F] whether each search result is within its query's radius (True if no location),
+        in one vectorised call for the whole batch."""
+        located = np.array([q.location is not None for q in queries])
+        if not located.any():
+            return np.ones(ids.shape, dtype=np.bool_)
+        lat = np.array([q.location.lat if q.location else 0.0 for q in queries])[:, None]
+        lon = np.array([q.location.lon if q.location else 0.0 for q in queries])[:, None]
+        radius = np.array([q.radius_km for q in queries])[:, None]
+        near = self._geo.within(lat, lon, radius, np.maximum(ids, 0))
+        return np.asarray(near | ~located[:, None])
 
-    def _personal(self, q: RetrievalQuery, ids: Int64Array, scores: Float32Array) -> Candidates:
-        exclude = np.asarray(q.exclude, dtype=np.int64)
-        radius = self._radius(q)
-        keep = ids >= 0
+    def _personal(
+        self, q: RetrievalQuery, ids: Int64Array, scores: Float32Array, usable: BoolArray
+    ) -> Candidates:
+        """A known user's candidates from their share of the search (``usable``: returned and
+        within the radius), topped up with popular eligible items if too few remain."""
+        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        keep = usable.copy()
         if exclude.size:
-            keep &= ~np.isin(ids, exclude)
-        if radius is not None:
-            keep[keep] = radius.within(ids[keep])
+            keep &= ~_isin_sorted(ids, exclude)
         ids, scores = ids[keep][: q.k], scores[keep][: q.k]
         if ids.size < q.k:
-            extra = self._popular_eligible(q.k - ids.size, radius, exclude, ids)
+            extra = self._popular_eligible(q, q.k - ids.size, exclude, np.sort(ids))
             if extra.size:
                 user = self._user_vectors[q.user_row]
                 ids = np.concatenate([ids, extra])
@@ -197,38 +281,69 @@ class Retriever:
         return Candidates(sku_ids=ids, retrieval_scores=scores.astype(np.float32, copy=False))
 
     def _popular_fallback(self, q: RetrievalQuery) -> Candidates:
-        exclude = np.asarray(q.exclude, dtype=np.int64)
-        ids = self._popular_eligible(q.k, self._radius(q), exclude, _NO_IDS)
+        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        ids = self._popular_eligible(q, q.k, exclude, _NO_IDS)
         return Candidates(sku_ids=ids, retrieval_scores=self._popularity[ids], fallback=True)
 
     def _popular_eligible(
-        self,
-        need: int,
-        radius: _DeliveryRadius | None,
-        exclude: Int64Array,
-        present: Int64Array,
+        self, q: RetrievalQuery, need: int, exclude: Int64Array, present: Int64Array
     ) -> Int64Array:
-        """The ``need`` most popular available items within the radius, not excluded or present.
+        """The ``need`` most popular available items near ``q``, not excluded or ``present``.
 
-        Scans a prefix of the popularity order that grows geometrically, so the usual case reads
-        a few thousand items and the worst case (almost nothing eligible) reads all of them once.
+        ``exclude`` and ``present`` are sorted. The scan reads a geometrically growing prefix of
+        the popularity order: a few thousand items in the usual case. With a location, if the
+        first :data:`TOPUP_SCAN_LIMIT` items hold too few near ones, few items are near at all,
+        so the rest comes from the items of the nearby restaurants (cheap exactly then).
         """
         order = self._popular_available
-        found: list[Int64Array] = []
+        limit = order.size if q.location is None else min(order.size, TOPUP_SCAN_LIMIT)
+        found: list[npt.NDArray[np.integer]] = []
         n_found = 0
         start, size = 0, max(TOPUP_FIRST_SCAN, 4 * need)
-        while n_found < need and start < order.size:
-            ids = order[start : start + size]
+        while n_found < need and start < limit:
+            ids = order[start : min(start + size, limit)]
             keep = np.ones(ids.size, dtype=np.bool_)
             if exclude.size:
-                keep &= ~np.isin(ids, exclude)
+                keep &= ~_isin_sorted(ids, exclude)
             if present.size:
-                keep &= ~np.isin(ids, present)
-            if radius is not None:
-                keep[keep] = radius.within(ids[keep])
+                keep &= ~_isin_sorted(ids, present)
+            if q.location is not None:
+                loc = q.location
+                keep[keep] = self._geo.within(loc.lat, loc.lon, q.radius_km, ids[keep])
             got = ids[keep][: need - n_found]
             found.append(got)
             n_found += got.size
-            start += size
+            start += ids.size
             size *= TOPUP_SCAN_GROWTH
-        return np.concatenate(found) if found else _NO_IDS
+        if n_found < need and q.location is not None and start < order.size:
+            min_rank = int(self._popularity_rank[order[start]])
+            found.append(
+                self._popular_near(
+                    q.location, q.radius_km, need - n_found, exclude, present, min_rank
+                )
+            )
+        return np.concatenate(found).astype(np.int64) if found else _NO_IDS
+
+    def _popular_near(
+        self,
+        location: Location,
+        radius_km: float,
+        need: int,
+        exclude: Int64Array,
+        present: Int64Array,
+        min_rank: int,
+    ) -> Int32Array:
+        """The ``need`` most popular eligible items of the restaurants near ``location`` whose
+        popularity rank is at least ``min_rank`` (the part of the order not yet scanned)."""
+        ids = self._geo.items_near(location, radius_km)
+        rank = self._popularity_rank[ids]
+        keep = self.availability.item_mask[ids] & (rank >= min_rank)
+        if exclude.size:
+            keep &= ~_isin_sorted(ids, exclude)
+        if present.size:
+            keep &= ~_isin_sorted(ids, present)
+        ids, rank = ids[keep], rank[keep]
+        if ids.size > need:
+            best = np.argpartition(rank, need - 1)[:need]
+            ids, rank = ids[best], rank[best]
+        return np.asarray(ids[np.argsort(rank)], dtype=np.int32)

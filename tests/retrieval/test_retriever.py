@@ -5,17 +5,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import retrieval.retriever as retriever_module
 from recsys.artifacts import ArtifactRoot
 from recsys.geo import haversine_km
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 from retrieval.availability import Availability, AvailabilitySelector
 from retrieval.index import ItemIndex, build_index, save_index_version
-from retrieval.retriever import RetrievalQuery, Retriever
+from retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever
 
 N_RESTAURANTS = 200
 PER_RESTAURANT = 20
@@ -296,8 +298,10 @@ def test_one_search_per_batch_and_nprobe(world: World, index: ItemIndex) -> None
     counting = CountingIndex(**fields)
     retriever = make_retriever(world, counting)
     retriever.retrieve_batch(mixed_queries())
-    # 7 known users with vectors: 5 at nprobe 16 (largest fetch 50 * 4), 2 at nprobe 4
-    assert sorted(counting.calls) == [(2, 200, 4), (5, 200, 16)]
+    # 7 known users with vectors: 5 at nprobe 16, 2 at nprobe 4, each search as deep as the
+    # deepest query of its group needs (k 50 with a location; k 30 with a location vs k 200)
+    overfetch = retriever_module.RADIUS_OVERFETCH
+    assert sorted(counting.calls) == [(2, max(30 * overfetch, 200), 4), (5, 50 * overfetch, 16)]
 
 
 def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
@@ -341,15 +345,16 @@ def test_mismatched_inputs_are_rejected(world: World, flat_index: ItemIndex) -> 
         Retriever(flat_index, world.users, world.catalogue, world.popularity[:10], availability)
 
 
+PROPERTY = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 locations = st.one_of(
     st.none(),
     st.builds(Location, st.floats(52.35, 52.65), st.floats(13.1, 13.7)),
 )
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@PROPERTY
 @given(
     user_row=st.integers(-1, N_USERS - 1),
     location=locations,
@@ -384,3 +389,97 @@ def test_no_returned_item_is_ever_ineligible(
         assert np.allclose(c.retrieval_scores, exact, atol=1e-4)
     else:
         assert np.array_equal(c.retrieval_scores, world.popularity[c.sku_ids])
+
+
+@PROPERTY
+@given(
+    user_row=st.sampled_from([-1, 17, 18]),
+    location=st.builds(Location, st.floats(52.35, 52.65), st.floats(13.1, 13.7)),
+    radius_km=st.floats(0.2, 12.0),
+    k=st.integers(1, 120),
+    exclude=st.lists(st.integers(0, N_ITEMS - 1), max_size=30),
+    scan=st.sampled_from([(16, 64), (64, 1024), (256, 256)]),
+)
+def test_the_nearby_restaurant_top_up_agrees_with_the_full_scan(
+    world: World,
+    flat_index: ItemIndex,
+    monkeypatch: pytest.MonkeyPatch,
+    user_row: int,
+    location: Location,
+    radius_km: float,
+    k: int,
+    exclude: list[int],
+    scan: tuple[int, int],
+) -> None:
+    """Cutting the popularity scan short (and reading nearby restaurants' items instead)
+    changes nothing in what is returned: same items, same order."""
+    retriever = make_retriever(world, flat_index, {"restaurants_off": [5, 6, 7]})
+    q = RetrievalQuery(user_row, location, k, 16, radius_km, tuple(exclude))
+    monkeypatch.setattr(retriever_module, "TOPUP_SCAN_LIMIT", N_ITEMS)
+    (full,) = retriever.retrieve_batch([q])
+    monkeypatch.setattr(retriever_module, "TOPUP_FIRST_SCAN", scan[0])
+    monkeypatch.setattr(retriever_module, "TOPUP_SCAN_LIMIT", scan[1])
+    (cut,) = retriever.retrieve_batch([q])
+    assert cut.sku_ids.tolist() == full.sku_ids.tolist()
+    if user_row < 0:
+        mask = eligible(world, retriever.availability, location, radius_km, tuple(exclude))
+        assert full.sku_ids.tolist() == popular_top(world, mask, k).tolist()
+
+
+def catalogue_at(lat: npt.NDArray[np.float64], lon: npt.NDArray[np.float64]) -> Catalogue:
+    """One item per restaurant at the given places; the other columns do not matter here."""
+    r = lat.size
+    return Catalogue(
+        restaurant_lat=lat,
+        restaurant_lon=lon,
+        restaurant_cuisine=np.zeros(r, np.int16),
+        restaurant_price_level=np.ones(r, np.int8),
+        restaurant_rating=np.ones(r, np.float32),
+        restaurant_is_open=np.ones(r, np.bool_),
+        restaurant_district=np.zeros(r, np.int16),
+        item_restaurant=np.arange(r, dtype=np.int32),
+        item_category=np.zeros(r, np.int8),
+        item_price=np.ones(r, np.float32),
+        item_available=np.ones(r, np.bool_),
+    )
+
+
+@pytest.fixture(scope="module")
+def globe() -> CatalogueGeo:
+    """Restaurants all over the sphere, plus crowds at a pole, the antimeridian and a city."""
+    rng = np.random.default_rng(5)
+    lat = np.degrees(np.arcsin(rng.uniform(-1, 1, 3000)))
+    lon = rng.uniform(-180, 180, 3000)
+    lat = np.concatenate(
+        [lat, rng.uniform(88, 90, 300), rng.uniform(-60, 60, 300), 52.5 + rng.normal(0, 0.05, 500)]
+    )
+    lon = np.concatenate(
+        [
+            lon,
+            rng.uniform(-180, 180, 300),
+            rng.choice([-1, 1], 300) * rng.uniform(179.5, 180, 300),
+            13.4 + rng.normal(0, 0.08, 500),
+        ]
+    )
+    return CatalogueGeo(catalogue_at(lat, lon), np.arange(lat.size, dtype=np.int32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lat=st.one_of(st.floats(-90, 90), st.floats(88, 90), st.floats(52.3, 52.7)),
+    lon=st.one_of(
+        st.floats(-180, 180), st.floats(179, 180), st.floats(-180, -179), st.floats(13.2, 13.6)
+    ),
+    radius_km=st.one_of(st.floats(0.05, 30.0), st.floats(30.0, 20_000.0)),
+)
+def test_restaurants_near_finds_exactly_those_within_the_radius(
+    globe: CatalogueGeo, lat: float, lon: float, radius_km: float
+) -> None:
+    c = globe.catalogue
+    found = globe.restaurants_near(Location(lat, lon), radius_km)
+    expected = np.flatnonzero(
+        haversine_km(lat, lon, c.restaurant_lat, c.restaurant_lon) <= radius_km
+    )
+    assert sorted(found.tolist()) == expected.tolist()
+    items = globe.items_near(Location(lat, lon), radius_km)
+    assert sorted(items.tolist()) == expected.tolist()  # one item per restaurant here

@@ -81,7 +81,9 @@ def parse_routing(
         if spec.get("canary") is not None:
             c = spec["canary"]
             if not isinstance(c, Mapping) or not isinstance(c.get("version"), str):
-                raise RoutingError(f"{where}.canary: expected {{'version': str, 'percent': number}}")
+                raise RoutingError(
+                    f"{where}.canary: expected {{'version': str, 'percent': number}}"
+                )
             canary = c["version"]
             p = c.get("percent")
             if not isinstance(p, int | float) or isinstance(p, bool) or not 0 < p <= 100:

@@ -35,6 +35,8 @@ class ServeSettings:
     exposure_queue_size: int = 10_000
     drain_seconds: float = 10.0
     control_poll_seconds: float = 1.0
+    control_prefix: str = "recsys:"
+    """Key prefix in Redis, so several deployments (or tests) can share one server."""
 
 
 def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:

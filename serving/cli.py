@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -42,6 +41,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--control",
         default=env_default("control", defaults.control),
         help="control plane: empty for files in the artifact root, or redis://HOST:PORT/DB",
+    )
+    serve.add_argument(
+        "--control-prefix",
+        default=env_default("control_prefix", defaults.control_prefix),
+        help="key prefix in Redis (default %(default)s)",
     )
     serve.add_argument(
         "--batch-max-size",
@@ -102,6 +106,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         port=args.port,
         metrics_port=args.metrics_port,
         control=args.control,
+        control_prefix=args.control_prefix,
         workers=args.workers,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,
@@ -113,13 +118,9 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from recsys.artifacts import ArtifactError
-    from serving.server import OpenPipeline, run
+    from serving.pipeline import open_pipeline  # loads FAISS and LightGBM: not for --help
+    from serving.server import run
 
-    # Imported here, by name: the pipeline module is the lead's and loads heavy libraries.
-    pipeline_module = importlib.import_module("serving.pipeline")
-    open_pipeline: OpenPipeline | None = getattr(pipeline_module, "open_pipeline", None)
-    if open_pipeline is None:
-        raise CliError("serving.pipeline has no open_pipeline(settings, metrics) to serve with")
     try:
         run(settings, open_pipeline)
     except ArtifactError as e:

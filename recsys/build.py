@@ -1,0 +1,220 @@
+"""`recsys build`: the demo world and every artifact serving needs, in one command.
+
+world -> learned vectors and feature tables -> FAISS index -> LightGBM ranker -> control
+documents (routing to the new versions, default experiments, empty availability). Each artifact
+is a content-addressed version with a manifest, so the same seed gives the same version ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys import artifacts
+from recsys.artifacts import ArtifactRoot
+from recsys.settings import DEFAULT_ARTIFACTS, BuildSettings, env_default
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildReport:
+    world_version: str = ""
+    features_version: str = ""
+    index_version: str = ""
+    model_version: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    offline_metrics: dict[str, float] = field(default_factory=dict)
+    index_recall: float = 0.0
+    bytes_on_disk: int = 0
+    peak_rss_mb: float = 0.0
+
+
+@contextmanager
+def _stage(name: str, report: BuildReport, say: Progress) -> Iterator[None]:
+    say(f"[{name}] ...")
+    start = time.perf_counter()
+    yield
+    took = time.perf_counter() - start
+    report.seconds[name] = round(took, 2)
+    say(f"[{name}] done in {took:.1f}s")
+
+
+def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
+    # Imported here: the CLI's --help must not pay for FAISS and LightGBM.
+    from ranking.features import build_feature_tables, save_feature_tables
+    from ranking.model import save_model_version
+    from ranking.training import RankerParams, train_ranker
+    from recsys.world import save_world
+    from recsys.worldgen import generate_world
+    from retrieval.embeddings import learn_embeddings
+    from retrieval.index import build_index, save_index_version
+
+    root = ArtifactRoot(settings.out)
+    report = BuildReport()
+    total = time.perf_counter()
+    progress = say if settings.progress else None
+
+    with _stage("world", report, say):
+        world = generate_world(settings.skus, settings.users, settings.seed, progress=progress)
+        with artifacts.staging(root.path) as tmp:
+            save_world(world, tmp)
+            report.world_version, _ = artifacts.publish(
+                tmp,
+                root.world,
+                {"kind": "world", "seed": settings.seed, "skus": settings.skus,
+                 "users": settings.users, "log_rows": world.log.n_rows},
+            )  # fmt: skip
+    say(
+        f"  {world.catalogue.n_restaurants:,} restaurants, {world.catalogue.n_items:,} SKUs, "
+        f"{world.users.n_users:,} users, {world.log.n_rows:,} impressions"
+    )
+
+    with _stage("vectors", report, say):
+        emb = learn_embeddings(world, settings.dim, settings.seed, progress=progress)
+        tables = build_feature_tables(world, emb.user_vectors, emb.item_vectors)
+        with artifacts.staging(root.path) as tmp:
+            save_feature_tables(tables, tmp)
+            report.features_version, _ = artifacts.publish(
+                tmp,
+                root.features,
+                {"kind": "features", "world_version": report.world_version,
+                 "dim": settings.dim, "seed": settings.seed},
+            )  # fmt: skip
+
+    with _stage("index", report, say):
+        index = build_index(emb.item_vectors, seed=settings.seed)
+        rng = np.random.default_rng(settings.seed)
+        known = np.flatnonzero(np.abs(emb.user_vectors).sum(axis=1) > 0)
+        probe_rows = rng.choice(known, size=min(256, known.size), replace=False)
+        report.index_version = save_index_version(
+            root,
+            index,
+            emb.item_vectors,
+            np.ascontiguousarray(emb.user_vectors[np.sort(probe_rows)]),
+            features_version=report.features_version,
+        )
+        report.index_recall = float(
+            artifacts.read_manifest(root.indexes / report.index_version).get("recall", 0.0)
+        )
+
+    with _stage("ranker", report, say):
+        params = RankerParams(seed=settings.seed)
+        trained = train_ranker(world, tables, params, progress=progress)
+        report.model_version = save_model_version(
+            root,
+            "ranker",
+            trained,
+            tables,
+            features_version=report.features_version,
+            world_version=report.world_version,
+            params=params,
+        )
+        report.offline_metrics = dict(trained.metrics)
+
+    with _stage("control", report, say):
+        publish_control_documents(root, report)
+
+    report.seconds["total"] = round(time.perf_counter() - total, 2)
+    report.bytes_on_disk = sum(
+        p.stat().st_size for p in root.path.rglob("*") if p.is_file() and "control" not in p.parts
+    )
+    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
+    """Route serving to the new versions; create default experiments and availability once."""
+    from experiments.assignment import default_config
+    from recsys.control.store import open_store
+
+    store = open_store("", root.path)
+    try:
+        routing = store.read("routing")
+        body: dict[str, Any] = {
+            "index": report.index_version,
+            "models": {"ranker": {"production": report.model_version}},
+        }
+        if routing is None or routing.body != body:
+            store.write(
+                "routing", body, expected_version=routing.version if routing else 0, author="build"
+            )
+        if store.read("experiments") is None:
+            store.write("experiments", default_config(), expected_version=0, author="build")
+        if store.read("availability") is None:
+            store.write(
+                "availability",
+                {"skus_off": [], "restaurants_off": []},
+                expected_version=0,
+                author="build",
+            )
+    finally:
+        store.close()
+
+
+def is_built(root: Path) -> bool:
+    return (root / "control").is_dir() and bool(artifacts.versions(root / "indexes"))
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "build",
+        help="build the demo world, vectors, index and ranker into an artifact root",
+        description="Build the demo world and every serving artifact (deterministic from --seed).",
+    )
+    d = BuildSettings()
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
+        help="artifact root to write (env RECSYS_ARTIFACTS; default %(default)s)",
+    )
+    p.add_argument("--skus", type=int, default=d.skus, help="catalogue size (default %(default)s)")
+    p.add_argument("--users", type=int, default=d.users, help="users (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--dim", type=int, default=d.dim, help="vector dimension (default %(default)s)")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when --out already holds a built world",
+    )
+    p.add_argument("--json", action="store_true", help="print the build report as JSON at the end")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from recsys.cli import CliError
+
+    for name, minimum in (("skus", 100), ("users", 50), ("dim", 4)):
+        if getattr(args, name) < minimum:
+            raise CliError(f"--{name}: expected at least {minimum}, got {getattr(args, name)}")
+    if args.if_missing and is_built(args.out):
+        print(f"recsys build: {args.out} already built; skipping (drop --if-missing to rebuild)")
+        return 0
+    settings = BuildSettings(
+        out=args.out, skus=args.skus, users=args.users, seed=args.seed, dim=args.dim
+    )
+    report = build(settings, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"world     {report.world_version}")
+    print(f"features  {report.features_version}")
+    print(f"index     {report.index_version}  (recall vs exact: {report.index_recall:.3f})")
+    print(f"ranker    {report.model_version}")
+    for key, value in sorted(report.offline_metrics.items()):
+        print(f"  {key:28s} {value:.4f}")
+    print(
+        f"took {report.seconds['total']:.1f}s, {report.bytes_on_disk / 1e6:.1f} MB on disk, "
+        f"peak RSS {report.peak_rss_mb:.0f} MB"
+    )
+    if args.json:
+        print(json.dumps(asdict(report), sort_keys=True))
+    return 0

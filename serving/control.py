@@ -1,0 +1,124 @@
+"""Follow the control plane: every new document version becomes a new serving snapshot.
+
+One watcher per document (experiments, routing, availability). A new version is compiled into a
+snapshot off the event loop and swapped in by reference; a version that does not validate is
+counted in a metric and logged, and the previous snapshot keeps serving. Changes are applied one
+at a time so two documents changing together cannot overwrite each other's snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from recsys.control.store import Document, DocumentStore, VersionConflict
+from recsys.control.watch import DocumentWatcher, watch
+
+from .metrics import ServingMetrics
+from .state import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING, ServingState, StateLoader
+
+log = logging.getLogger(__name__)
+
+
+def read_documents(
+    store: DocumentStore, seed_from: DocumentStore | None = None
+) -> dict[str, Document]:
+    """The current control documents; a missing one is seeded from ``seed_from`` (the artifact
+    root's file store) so a fresh Redis starts with what `recsys build` wrote."""
+    docs: dict[str, Document] = {}
+    for name in DOCUMENTS:
+        doc = store.read(name)
+        if doc is None and seed_from is not None and (seed := seed_from.read(name)) is not None:
+            with contextlib.suppress(VersionConflict):  # another server seeded it first
+                store.write(name, seed.body, expected_version=0, author="seed:" + seed.author)
+            doc = store.read(name)
+        if doc is not None:
+            docs[name] = doc
+    return docs
+
+
+class ControlFollower:
+    """Runs the watchers and applies their documents to the pipeline's snapshot."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        artifacts: Path,
+        prefix: str,
+        poll_seconds: float,
+        loader: StateLoader,
+        get_state: Callable[[], ServingState],
+        set_state: Callable[[ServingState], None],
+        metrics: ServingMetrics,
+        versions: Mapping[str, int],
+    ) -> None:
+        self._loader = loader
+        self._get_state = get_state
+        self._set_state = set_state
+        self._metrics = metrics
+        self._apply_lock = asyncio.Lock()
+        self.applied: dict[str, int] = dict(versions)
+        self._watchers: list[DocumentWatcher] = [
+            watch(
+                url,
+                name,
+                artifacts=artifacts,
+                prefix=prefix,
+                poll_seconds=poll_seconds,
+                on_health=metrics.set_control_connected,
+                after_version=versions.get(name, 0),
+            )
+            for name in DOCUMENTS
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._follow(w), name=f"control-{w.name}") for w in self._watchers
+        ]
+
+    async def close(self) -> None:
+        for watcher in self._watchers:
+            await watcher.aclose()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _follow(self, watcher: DocumentWatcher) -> None:
+        async for document in watcher:
+            await self.apply(document)
+
+    async def apply(self, document: Document) -> bool:
+        """Build and swap in the snapshot for ``document``; False if it was rejected."""
+        async with self._apply_lock:
+            current = self._get_state()
+            try:
+                state = await asyncio.to_thread(self._compile, current, document)
+            except Exception as e:  # any failure keeps the last good snapshot serving
+                self._metrics.control_document_rejected(document.name)
+                log.error(
+                    "control plane: %s version %d rejected, still serving the previous one: %s",
+                    document.name, document.version, e,
+                )  # fmt: skip
+                return False
+            self._set_state(state)
+            self.applied[document.name] = document.version
+            log.info("control plane: %s version %d applied", document.name, document.version)
+            return True
+
+    def _compile(self, state: ServingState, document: Document) -> ServingState:
+        body: Mapping[str, Any] = document.body
+        if document.name == EXPERIMENTS:
+            return self._loader.with_experiments(state, body, str(document.version))
+        if document.name == ROUTING:
+            return self._loader.with_routing(state, body)
+        if document.name == AVAILABILITY:
+            return self._loader.with_availability(state, body)
+        raise ValueError(f"{document.name}: not a document the server follows")

@@ -1,0 +1,26 @@
+"""Shared fixtures: one small real world, built once per test session by `recsys build`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys.build import BuildReport, build
+from recsys.settings import BuildSettings
+
+SMALL_WORLD = BuildSettings(skus=4_000, users=1_500, seed=11, dim=16, progress=False)
+
+
+@pytest.fixture(scope="session")
+def built_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildReport]:
+    """A small artifact root with world, vectors, index, ranker and control documents."""
+    out = tmp_path_factory.mktemp("artifacts")
+    settings = BuildSettings(**{**SMALL_WORLD.__dict__, "out": out})
+    report = build(settings, say=lambda _msg: None)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(built_world: tuple[Path, BuildReport]) -> Path:
+    return built_world[0]

@@ -27,7 +27,7 @@ RADIUS_OVERFETCH = 8
 """With a delivery radius, search this many times the candidates wanted: the radius drops some."""
 TOPUP_FIRST_SCAN = 1024
 TOPUP_SCAN_GROWTH = 4
-TOPUP_SCAN_LIMIT = 16_384
+TOPUP_SCAN_LIMIT = 4_096
 """The popular top-up scans a growing prefix of the popularity order; past this many items with
 few eligible ones found, it reads the items of the restaurants near the location instead."""
 

@@ -3,6 +3,7 @@
 Layout, per document name::
 
     <name>.json            the current Document (version, author, updated_at, body)
+    <name>.version         its version number alone, written after it (cheap to poll)
     <name>.history.jsonl   one HistoryEntry per line, oldest first
     <name>.lock            taken with fcntl.flock around every write
 
@@ -67,16 +68,23 @@ class FileStore:
         return Document.from_json(text, str(path))
 
     def read_version(self, name: str) -> int:
-        document = self.read(name)
-        return document.version if document else 0
+        try:
+            return int(self._path(name, ".version").read_text())
+        except (FileNotFoundError, ValueError):
+            document = self.read(name)
+            return document.version if document else 0
 
-    def stat_token(self, name: str) -> tuple[int, int, int] | None:
-        """(inode, mtime ns, size) of the document file: changes whenever a write lands."""
+    def change_token(self, name: str) -> tuple[int, int, int, int] | None:
+        """Changes whenever a write lands: (version, inode, mtime ns, size) of the document.
+
+        Both signals, because either alone can miss a write: an inode number may be reused
+        within one mtime tick, and a crash may land the document but not its version file.
+        """
         try:
             st = self._path(name, ".json").stat()
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return (self.read_version(name), st.st_ino, st.st_mtime_ns, st.st_size)
 
     def write(
         self, name: str, body: Mapping[str, Any], *, expected_version: int, author: str
@@ -89,6 +97,7 @@ class FileStore:
                 raise VersionConflict(name, expected_version, current)
             document = new_document(name, copied, version + 1, author)
             self._replace(self._path(name, ".json"), document.to_json())
+            self._replace(self._path(name, ".version"), str(document.version))
             self._append_history(name, history_entry(current, document))
         return document
 

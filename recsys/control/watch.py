@@ -6,7 +6,8 @@ watcher reports itself disconnected, keeps the last version it yielded (the call
 serving it) and reconnects with exponential backoff; after reconnecting it reads the counter, so
 a write made during the outage is not missed.
 
-File: poll the document file's (inode, mtime, size) every ``poll_seconds`` in a thread.
+File: poll the document's version file and (inode, mtime, size) every ``poll_seconds``, in a
+thread.
 
 Usage::
 
@@ -74,7 +75,7 @@ class DocumentWatcher:
         self._client: aioredis.Redis | None = None
         self._pubsub: aioredis.client.PubSub | None = None
         self._file_store: FileStore | None = None
-        self._file_token: tuple[int, int, int] | None = None
+        self._file_token: tuple[int, int, int, int] | None = None
         if not self._is_redis:
             store = open_store(url, artifacts, prefix=prefix)
             assert isinstance(store, FileStore)
@@ -117,7 +118,7 @@ class DocumentWatcher:
         store = self._file_store
         assert store is not None
         try:
-            token = await asyncio.to_thread(store.stat_token, self.name)
+            token = await asyncio.to_thread(store.change_token, self.name)
             if token != self._file_token:
                 document = await asyncio.to_thread(store.read, self.name)
                 self._file_token = token

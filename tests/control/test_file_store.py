@@ -28,7 +28,12 @@ def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
     for v in range(5):
         store.write("experiments", {"v": v}, expected_version=v, author="a")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["experiments.history.jsonl", "experiments.json", "experiments.lock"]
+    assert names == [
+        "experiments.history.jsonl",
+        "experiments.json",
+        "experiments.lock",
+        "experiments.version",
+    ]
 
 
 def test_corrupt_document_is_a_store_error(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ naming each wrong value by its path, e.g. ``layers[1].experiments[3].arms[0].wei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -165,18 +166,20 @@ class _Checker:
         self.errors.append(f"{path}: {message}")
 
     def mapping(
-        self, value: Any, path: str, required: Collection[str], optional: Collection[str]
+        self, value: Any, path: str, required: tuple[str, ...], optional: tuple[str, ...]
     ) -> Mapping[str, Any] | None:
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             self.fail(path, f"expected an object, got {_describe(value)}")
             return None
         for key in required:
             if key not in value:
                 self.fail(_join(path, key), "required key is missing")
-        allowed = set(required) | set(optional)
-        for key in value:
-            if key not in allowed:
-                self.fail(_join(path, str(key)), f"unknown key; expected one of {sorted(allowed)}")
+        if not value.keys() <= _allowed_keys(required, optional):
+            allowed = _allowed_keys(required, optional)
+            for key in value:
+                if key not in allowed:
+                    expected = sorted(allowed)
+                    self.fail(_join(path, str(key)), f"unknown key; expected one of {expected}")
         return value
 
     def list_of(self, value: Any, path: str) -> Sequence[Any]:
@@ -211,7 +214,7 @@ class _Checker:
         return int(value)
 
     def params(self, value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             self.fail(path, f"expected an object of parameters, got {_describe(value)}")
             return {}
         checked: dict[str, Any] = {}
@@ -276,6 +279,11 @@ class _Checker:
             if reach is None or end > reach[1]:
                 reach = (start, end)
         return tuple(ordered)
+
+
+@functools.cache
+def _allowed_keys(required: tuple[str, ...], optional: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(required) | frozenset(optional)
 
 
 def _describe(value: Any) -> str:
@@ -500,12 +508,12 @@ def _parse_test_users(
 ) -> dict[str, dict[str, str]]:
     experiments = {exp.name: (layer.name, exp) for layer in layers for exp in layer.experiments}
     result: dict[str, dict[str, str]] = {}
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         c.fail("test_users", f"expected an object {{user id: {{experiment: arm}}}}, got {value!r}")
         return result
     for user_id, forced in value.items():
         path = f"test_users.{user_id}"
-        if not isinstance(forced, Mapping):
+        if not isinstance(forced, dict):
             c.fail(path, f"expected an object {{experiment: arm}}, got {_describe(forced)}")
             continue
         layers_forced: dict[str, str] = {}

@@ -173,18 +173,16 @@ def _backoff(
     rest_sum = _group_sum(item_restaurant[seen], weighted, catalogue.n_restaurants)
     rest_n = np.bincount(item_restaurant[seen], weights=counts, minlength=catalogue.n_restaurants)
 
-    own_n = np.zeros(n_items)
-    own_n[seen] = counts
+    def prior(items: IntArray | slice) -> FloatArray:
+        """The restaurant's mean, shrunk towards the item's cuisine x category mean."""
+        r = item_restaurant[items]
+        shrunk = rest_sum[r] + RESTAURANT_SHRINKAGE * group_mean[group[items]]
+        return np.asarray(shrunk / (rest_n[r] + RESTAURANT_SHRINKAGE)[:, None])
+
     out = np.empty((n_items, dim), np.float32)
-    seen_row = np.full(n_items, -1, np.int64)
-    seen_row[seen] = np.arange(seen.shape[0])
     for lo in range(0, n_items, ITEM_CHUNK):  # chunks bound the [items, dim] float64 temporaries
         rows = slice(lo, lo + ITEM_CHUNK)
-        r, n = item_restaurant[rows], own_n[rows]
-        prior = rest_sum[r] + RESTAURANT_SHRINKAGE * group_mean[group[rows]]
-        prior /= (rest_n[r] + RESTAURANT_SHRINKAGE)[:, None]
-        own_sum = np.zeros_like(prior)
-        has = seen_row[rows] >= 0
-        own_sum[has] = weighted[seen_row[rows][has]]
-        out[rows] = (own_sum + ITEM_SHRINKAGE * prior) / (n + ITEM_SHRINKAGE)[:, None]
+        out[rows] = prior(rows)  # an item without clicks is its prior
+    own = (weighted + ITEM_SHRINKAGE * prior(seen)) / (counts + ITEM_SHRINKAGE)[:, None]
+    out[seen] = own
     return out

@@ -174,14 +174,12 @@ def _training_splits(
         log.lon[recent],
         log.hour[recent],
     )
-    labels = (log.clicked[recent].astype(np.int32) + log.ordered[recent].astype(np.int32)).astype(
-        np.int32
-    )
+    # 2 ordered (an order implies a click), 1 clicked, 0 shown
+    labels = log.clicked[recent].astype(np.int32) + log.ordered[recent].astype(np.int32)
     heldout_users = world.heldout_user_mask()
     rng = np.random.default_rng(params.seed)
-    validation_users = (rng.random(world.users.n_users) < params.validation_fraction) & ~(
-        heldout_users
-    )
+    in_validation = rng.random(world.users.n_users) < params.validation_fraction
+    validation_users = in_validation & ~heldout_users
     role = np.where(heldout_users[user], 2, np.where(validation_users[user], 1, 0))
     session = log.session[recent]
     position = log.position[recent]

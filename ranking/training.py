@@ -254,6 +254,7 @@ def train_ranker(
             "validation_groups": float(valid.group_sizes.shape[0]),
             "eval_rows": float(held_out.rows),
             "eval_groups": float(held_out.group_sizes.shape[0]),
+            "eval_groups_with_click": float(held_out.only_groups_with_positives().group_sizes.size),
             "best_iteration": float(best_iteration),
         }
     )

@@ -28,6 +28,7 @@ def test_metrics_and_counts(trained: TrainedRanker, world: World) -> None:
     m = trained.metrics
     for key in ("train_rows", "train_groups", "validation_groups", "eval_rows", "eval_groups"):
         assert m[key] > 0, key
+    assert 0 < m["eval_groups_with_click"] < m["eval_groups"]
     assert 1 <= m["best_iteration"] <= SMALL_PARAMS.num_trees
     assert trained.booster.num_trees() == m["best_iteration"]
     recent_rows = int((~world.history_mask()).sum())

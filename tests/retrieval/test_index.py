@@ -18,9 +18,11 @@ from retrieval.index import (
     MIN_POINTS_PER_LIST,
     IndexValidationError,
     ItemIndex,
+    augment_items,
     build_index,
     default_nlist,
     exact_neighbours,
+    pad_queries,
     recall_at_k,
     save_index_version,
 )
@@ -83,7 +85,11 @@ def test_small_catalogue_gets_exact_flat_index(items: Float32Array) -> None:
     index = build_index(items)
     assert N_ITEMS < EXACT_BELOW
     assert faiss.try_extract_index_ivf(index) is None
-    assert index.ntotal == N_ITEMS
+    assert (index.ntotal, index.d) == (N_ITEMS, DIM + 1)  # one extra coordinate per item
+
+
+def in_memory(index: faiss.Index) -> ItemIndex:
+    return ItemIndex("test", DIM, N_ITEMS, 16, {}, index)
 
 
 def test_ivf_recall_against_exact_search(
@@ -92,9 +98,7 @@ def test_ivf_recall_against_exact_search(
     truth = exact_neighbours(items, users, 100)
     recalls = []
     for nprobe in (1, 4, 16, NLIST):
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        _, found = ivf.search(users, 100, params=params)
+        _, found = in_memory(ivf).search(users, 100, nprobe=nprobe)
         recalls.append(recall_at_k(found, truth))
     assert recalls == sorted(recalls), recalls
     assert recalls[0] < 0.9  # one list is not enough: the measurement can tell them apart
@@ -175,9 +179,11 @@ def test_save_and_load_round_trip(
     scores, ids = loaded.search(users, 30)
     params = faiss.SearchParametersIVF()
     params.nprobe = 16
-    want_scores, want_ids = ivf.search(users, 30, params=params)
+    want_scores, want_ids = ivf.search(pad_queries(users, DIM), 30, params=params)
     assert np.array_equal(ids, want_ids)
     assert np.allclose(scores, want_scores)
+    # the extra coordinate leaves the scores the plain inner products
+    assert np.allclose(scores, np.einsum("qd,qkd->qk", users, items[ids]), atol=1e-5)
     assert np.array_equal(loaded.reconstruct(ids[0]), items[ids[0]])  # IVF-Flat stores them as is
 
 
@@ -222,7 +228,7 @@ def test_load_refuses_an_index_file_that_disagrees_with_its_manifest(
 
     manifest["files"]["index.faiss"] = sha256_file(copy / "index.faiss")
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexValidationError, match=r"holds 4000 vectors .* expected 5000 x 16"):
+    with pytest.raises(IndexValidationError, match=r"holds 4000 vectors .* expected 5000 x 17"):
         load(copy)
 
 
@@ -237,7 +243,9 @@ def test_load_refuses_recall_below_the_minimum(
     assert recall < 0.9  # one probed list out of 64 really does miss neighbours
     with pytest.raises(IndexValidationError, match=r"recall@50 on 64 probe queries is 0\.\d+"):
         load(root.indexes / version)
-    assert load(root.indexes / version, min_recall=recall - 0.01).measured_recall == recall
+    assert load(root.indexes / version, min_recall=recall - 0.01).measured_recall == pytest.approx(
+        recall, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -271,3 +279,28 @@ def test_search_rejects_mismatched_inputs(published: Path, users: Float32Array) 
         loaded.search(users, 0)
     with pytest.raises(ValueError, match="allowed: selector covers 10 items, index has 5000"):
         loaded.search(users, 5, allowed=AvailabilitySelector(np.ones(10, dtype=np.bool_)))
+
+
+def test_augmented_items_all_have_the_largest_norm(items: Float32Array) -> None:
+    augmented = augment_items(items)
+    norms = np.linalg.norm(augmented, axis=1)
+    assert np.allclose(norms, np.linalg.norm(items, axis=1).max(), rtol=1e-5)
+    assert np.array_equal(augmented[:, :DIM], items)
+    padded = pad_queries(items[:3], DIM)
+    assert np.allclose(padded @ augmented.T, items[:3] @ items.T, atol=1e-4)
+
+
+def test_a_target_recall_raises_the_default_nprobe(
+    tmp_path: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> None:
+    root = ArtifactRoot(tmp_path)
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.97
+    )
+    manifest = read_manifest(root.indexes / version)
+    ladder = {int(p): r for p, r in manifest["recall_by_nprobe"].items()}
+    assert ladder[1] < 0.97
+    reaching = [p for p in sorted(ladder) if ladder[p] >= 0.97]
+    assert manifest["default_nprobe"] == reaching[0] > 1
+    assert manifest["recall"] == ladder[reaching[0]]
+    assert load(root.indexes / version, min_recall=0.97).default_nprobe == reaching[0]

@@ -50,8 +50,11 @@ def _isin_sorted(ids: npt.NDArray[np.integer], sorted_ids: Int64Array) -> BoolAr
 
 @dataclass(frozen=True)
 class RetrievalQuery:
+    """One request's retrieval: who, where, how many, how hard to search, what to leave out."""
+
     user_row: int
-    """Row in the user vectors; -1 for an unknown user."""
+    """Row in the user vectors; -1 for an unknown user. A row whose vector is all zeros (no
+    history) is served like an unknown user."""
     location: Location | None
     k: int
     """Candidates wanted."""

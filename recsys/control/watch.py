@@ -97,6 +97,16 @@ class DocumentWatcher:
             if self._on_health is not None:
                 self._on_health(connected)
 
+    def _is_news(self, version: int) -> bool:
+        """A newer version; or an older one, which means the store was reset (e.g. a Redis that
+        lost its data was seeded again): the store's current document is the truth to serve."""
+        if version < self._last_version:
+            self.last_error = (
+                f"{self.name}: the store went back from version {self._last_version} to "
+                f"{version} (reset?); following it"
+            )
+        return version != self._last_version
+
     def __aiter__(self) -> DocumentWatcher:
         return self
 
@@ -123,7 +133,7 @@ class DocumentWatcher:
                 document = await asyncio.to_thread(store.read, self.name)
                 self._file_token = token
                 self._set_health(True)
-                if document is not None and document.version > self._last_version:
+                if document is not None and self._is_news(document.version):
                     return document
             else:
                 self._set_health(True)
@@ -143,13 +153,13 @@ class DocumentWatcher:
             raw_version = await client.get(self._keys.version)
             self._set_health(True)
             self._backoff = INITIAL_BACKOFF_SECONDS
-            if int(raw_version or 0) > self._last_version:
+            if int(raw_version or 0) != self._last_version:
                 raw = await client.get(self._keys.document)
                 if raw is not None:
                     document = Document.from_json(
                         raw, f"{redacted(self.url)} {self._keys.document}"
                     )
-                    if document.version > self._last_version:
+                    if self._is_news(document.version):
                         return document
             await self._wait_for_notification()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
@@ -206,8 +216,9 @@ def watch(
 ) -> DocumentWatcher:
     """Watch document ``name`` in the store at ``url`` ("" = the file in ``artifacts``).
 
-    The first item is the current document (if its version is above ``after_version``), then
-    each new version. ``on_health(connected)`` is called when the backend goes away or returns.
+    The first item is the current document (unless its version is ``after_version``), then
+    each new version (a version lower than the last one means the store was reset, and is
+    yielded too). ``on_health(connected)`` is called when the backend goes away or returns.
     """
     return DocumentWatcher(
         url,

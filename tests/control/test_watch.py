@@ -98,6 +98,28 @@ async def test_redis_polling_finds_a_version_whose_notification_was_lost(
         store.close()
 
 
+async def test_a_reset_store_is_followed_back_to_its_lower_version(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    for v in range(3):
+        store.write("experiments", {"v": v + 1}, expected_version=v, author="a")
+    watcher = watch(redis_url, "experiments", prefix=redis_prefix, poll_seconds=0.1)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert (await next_document(watcher)).version == 3
+        keys = store.keys("experiments")
+        client.delete(keys.document, keys.version, keys.history)  # Redis lost its data
+        store.write("experiments", {"v": "reseeded"}, expected_version=0, author="seed")
+        again = await next_document(watcher)
+        assert (again.version, again.body) == (1, {"v": "reseeded"})
+        assert "went back from version 3 to 1" in watcher.last_error
+    finally:
+        client.close()
+        await watcher.aclose()
+        store.close()
+
+
 async def test_unreachable_redis_reports_disconnected_and_yields_nothing() -> None:
     health: list[bool] = []
     watcher = watch(

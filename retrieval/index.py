@@ -17,6 +17,7 @@ Item ids in the index are catalogue rows (``sku_id``): vectors are added in row 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.faiss"
 PROBE_FILE = "probe.npy"
 PROBE_TRUTH_FILE = "probe_truth.npy"
+SEARCH_FILE = "search.json"
+"""The version's search defaults, in a file so the version id (a hash of the files) covers them."""
 
 EXACT_BELOW = 20_000
 """Catalogues smaller than this get an exact flat index: a brute-force scan is cheap there."""
@@ -236,8 +239,23 @@ def save_index_version(
         faiss.write_index(index, str(tmp / INDEX_FILE))
         np.save(tmp / PROBE_FILE, probe, allow_pickle=False)
         np.save(tmp / PROBE_TRUTH_FILE, truth, allow_pickle=False)
+        (tmp / SEARCH_FILE).write_text(json.dumps({"default_nprobe": default_nprobe}) + "\n")
         version, _ = artifacts.publish(tmp, root.indexes, manifest)
     return version
+
+
+def _default_nprobe(path: Path, name: str) -> int:
+    try:
+        value = json.loads(path.read_text())["default_nprobe"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IndexValidationError(
+            f"{name}: cannot read default_nprobe from {path.name}: {e}"
+        ) from e
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise IndexValidationError(
+            f"{name}: {path.name} default_nprobe is {value!r}, expected an integer >= 0"
+        )
+    return value
 
 
 @dataclass
@@ -298,7 +316,7 @@ class ItemIndex:
             version=str(manifest.get("version", directory.name)),
             dimension=expected_dimension,
             count=expected_count,
-            default_nprobe=int(manifest.get("default_nprobe", 0)),
+            default_nprobe=_default_nprobe(directory / SEARCH_FILE, name),
             manifest=manifest,
             faiss_index=index,
         )

@@ -168,7 +168,12 @@ def test_save_and_load_round_trip(
     assert manifest["recall_k"] == 50
     assert manifest["features_version"] == "feat1"
     assert manifest["faiss_version"] == faiss.__version__
-    assert sorted(manifest["files"]) == ["index.faiss", "probe.npy", "probe_truth.npy"]
+    assert sorted(manifest["files"]) == [
+        "index.faiss",
+        "probe.npy",
+        "probe_truth.npy",
+        "search.json",
+    ]
 
     loaded = load(published)
     assert loaded.version == published.name == manifest["version"]
@@ -193,6 +198,18 @@ def test_publishing_the_same_index_again_gives_the_same_version(
     root = ArtifactRoot(published.parent.parent)
     again = save_index_version(root, ivf, items, users[:64], features_version="feat1", k=50)
     assert again == published.name
+
+
+def test_another_default_nprobe_is_another_version(
+    published: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> None:
+    root = ArtifactRoot(published.parent.parent)
+    other = save_index_version(
+        root, ivf, items, users[:64], features_version="feat1", k=50, nprobe=32
+    )
+    assert other != published.name
+    assert load(root.indexes / other).default_nprobe == 32
+    assert load(published).default_nprobe == 16
 
 
 def test_load_refuses_a_corrupted_file(published: Path, tmp_path: Path) -> None:

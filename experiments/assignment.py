@@ -21,6 +21,7 @@ layer that owns the parameter (a parameter belongs to one layer, see config.py).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,12 @@ class _ArmInfo:
         return self.experiment == _NO_EXPERIMENT
 
 
+def _interned_labels(arms: Sequence[_ArmInfo]) -> tuple[tuple[str, str, str], ...]:
+    """(layer, experiment, arm) per global arm, with equal strings shared: fewer distinct objects
+    for the request path to touch (arm names such as "control" repeat across experiments)."""
+    return tuple((sys.intern(i.layer), sys.intern(i.experiment), sys.intern(i.arm)) for i in arms)
+
+
 class Assigner:
     """An immutable compiled snapshot of one version of the experiments document."""
 
@@ -182,7 +189,7 @@ class Assigner:
         self._exp_prefix = np.arange(n_exps, dtype=np.uint64) << np.uint64(32)
         self._thresholds = np.array(thresholds, dtype=np.uint64)
         self._arm_info = tuple(arm_info)
-        self._labels = tuple((i.layer, i.experiment, i.arm) for i in arm_info)
+        self._labels = _interned_labels(arm_info)
         self._real_arms = exp_first_arm[holdout_exp]  # arms below this index are experiment arms
         self._holdout_arm = exp_first_arm[holdout_exp]
         self._compile_targeting(config, running, exp_row, sentinel)
@@ -292,7 +299,7 @@ class Assigner:
                 forced[user_id] = per_layer
         if extra_info:
             self._arm_info = (*self._arm_info, *extra_info)
-            self._labels = tuple((i.layer, i.experiment, i.arm) for i in self._arm_info)
+            self._labels = _interned_labels(self._arm_info)
             self._param_owners = tuple(
                 (p, layer, (*table, *extra_tables[p])) for p, layer, table in self._param_owners
             )

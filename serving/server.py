@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RECOMMENDER_SERVICE: str = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 HEALTH_SERVICES = ("", RECOMMENDER_SERVICE)
+RESPONSE_WRITE_GRACE_SECONDS = 1.0
 
 # grpc-stubs describes only the sync health servicer; this is grpcio-health-checking's aio one.
 AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
@@ -158,7 +159,8 @@ class RunningServer:
                 self._service.in_flight,
                 self.settings.drain_seconds,
             )
-        await self._server.stop(None)
+        # Handlers have returned; a short grace lets gRPC write the answers they returned.
+        await self._server.stop(RESPONSE_WRITE_GRACE_SECONDS)
         # The metrics endpoint takes up to half a second to stop: let it do so meanwhile.
         metrics_stopped = asyncio.ensure_future(asyncio.to_thread(self.metrics.stop_http))
         try:

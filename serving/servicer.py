@@ -118,24 +118,28 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self._idle.clear()
         self._metrics.request_started()
         code = grpc.StatusCode.OK
+        details = ""
+        response: recommender_pb2.RecommendResponse | None = None
         try:
-            try:
-                return await self._recommend(request)
-            except _Failure as failure:
-                code, details = failure.code, failure.details
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:  # a bug outside the pipeline call: still one clean INTERNAL
-                log.exception("Recommend failed, request_id=%s", request.request_id or "(none)")
-                code = grpc.StatusCode.INTERNAL
-                details = f"internal error, request_id={request.request_id or '(none)'}"
-            await context.abort(code, details)
+            response = await self._recommend(request)
+        except _Failure as failure:
+            code, details = failure.code, failure.details
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:  # a bug outside the pipeline call: still one clean INTERNAL
+            log.exception("Recommend failed, request_id=%s", request.request_id or "(none)")
+            code = grpc.StatusCode.INTERNAL
+            details = f"internal error, request_id={request.request_id or '(none)'}"
         finally:
+            # Counted before the status leaves: a client that saw it can rely on the metric.
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
             self._metrics.request_finished(code.name, time.perf_counter() - started)
+        if response is None:
+            await context.abort(code, details)
+        return response
 
     async def _recommend(
         self, message: recommender_pb2.RecommendRequest

@@ -59,6 +59,8 @@ class RetrievalQuery:
     k: int
     """Candidates wanted."""
     nprobe: int
+    """IVF lists to search; 0 = the index version's default (the nprobe its recall was
+    measured at when it was published)."""
     radius_km: float
     exclude: tuple[int, ...] = ()
 
@@ -210,7 +212,7 @@ class Retriever:
         by_nprobe: dict[int, list[int]] = {}
         for i, q in enumerate(queries):
             if self._is_known(q):
-                by_nprobe.setdefault(q.nprobe, []).append(i)
+                by_nprobe.setdefault(q.nprobe or self._index.default_nprobe, []).append(i)
             else:
                 out[i] = self._popular_fallback(q)
         for nprobe, positions in by_nprobe.items():
@@ -236,8 +238,8 @@ class Retriever:
             )
         if q.k < 1:
             raise ValueError(f"k: expected >= 1 candidates, got {q.k}")
-        if q.nprobe < 1:
-            raise ValueError(f"nprobe: expected >= 1, got {q.nprobe}")
+        if q.nprobe < 0:
+            raise ValueError(f"nprobe: expected >= 1, or 0 for the index default, got {q.nprobe}")
         if q.location is not None and not (math.isfinite(q.radius_km) and q.radius_km > 0):
             raise ValueError(f"radius_km: expected a positive distance, got {q.radius_km}")
 

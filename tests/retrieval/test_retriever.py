@@ -304,6 +304,16 @@ def test_one_search_per_batch_and_nprobe(world: World, index: ItemIndex) -> None
     assert sorted(counting.calls) == [(2, max(30 * overfetch, 200), 4), (5, 50 * overfetch, 16)]
 
 
+def test_nprobe_zero_searches_with_the_index_default(world: World, index: ItemIndex) -> None:
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    counting = CountingIndex(**fields)
+    retriever = make_retriever(world, counting)
+    (default,) = retriever.retrieve_batch([query(3, nprobe=0)])
+    assert counting.calls[-1][2] == index.default_nprobe
+    (explicit,) = retriever.retrieve_batch([query(3, nprobe=max(index.default_nprobe, 1))])
+    assert default.sku_ids.tolist() == explicit.sku_ids.tolist()
+
+
 def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
     world: World, index: ItemIndex
 ) -> None:
@@ -325,7 +335,7 @@ def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
         (query(N_USERS), r"user_row: expected -1 \(unknown\) or 0\.\.299, got 300"),
         (query(-2), "user_row"),
         (query(1, k=0), "k: expected >= 1 candidates, got 0"),
-        (query(1, nprobe=0), "nprobe: expected >= 1, got 0"),
+        (query(1, nprobe=-1), "nprobe: expected >= 1, or 0 for the index default, got -1"),
         (query(1, location=CENTRE, radius_km=0.0), "radius_km: expected a positive distance"),
         (query(1, location=CENTRE, radius_km=float("nan")), "radius_km"),
     ],

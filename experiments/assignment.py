@@ -33,6 +33,7 @@ from experiments import hashing
 from experiments.config import (
     HOLDOUT_LAYER,
     ConfigError,
+    Experiment,
     ExperimentConfig,
     default_config,
     parse_config,
@@ -112,10 +113,6 @@ class _ArmInfo:
     layer: str
     experiment: str
     arm: str
-
-    @property
-    def is_none(self) -> bool:
-        return self.experiment == _NO_EXPERIMENT
 
 
 def _interned_labels(arms: Sequence[_ArmInfo]) -> tuple[tuple[str, str, str], ...]:
@@ -199,7 +196,7 @@ class Assigner:
     def _compile_targeting(
         self,
         config: ExperimentConfig,
-        running: list[tuple[int, Any]],
+        running: list[tuple[int, Experiment]],
         exp_row: npt.NDArray[np.int64],
         sentinel: int,
     ) -> None:
@@ -235,7 +232,10 @@ class Assigner:
         return (s * (len(self._platforms) + 1) + p) * 2 + int(attributes.has_location)
 
     def _compile_params(
-        self, config: ExperimentConfig, running: list[tuple[int, Any]], exp_first_arm: list[int]
+        self,
+        config: ExperimentConfig,
+        running: list[tuple[int, Experiment]],
+        exp_first_arm: list[int],
     ) -> None:
         names = [f.name for f in dataclasses.fields(PipelineParams)]
         defaults = dataclasses.asdict(config.defaults)
@@ -269,7 +269,10 @@ class Assigner:
         self._param_names = tuple(names)
 
     def _compile_overrides(
-        self, config: ExperimentConfig, running: list[tuple[int, Any]], exp_first_arm: list[int]
+        self,
+        config: ExperimentConfig,
+        running: list[tuple[int, Experiment]],
+        exp_first_arm: list[int],
     ) -> None:
         """QA overrides: user -> {layer index: global arm index}, for experiments not killed."""
         # Forcing a stopped experiment's arm is allowed (QA before launch): give its arms indices

@@ -108,7 +108,7 @@ class World:
 
     @property
     def history_days(self) -> int:
-        return max(1, int(round(self.meta.n_days * HISTORY_FRACTION)))
+        return max(1, round(self.meta.n_days * HISTORY_FRACTION))
 
     def heldout_user_mask(self) -> npt.NDArray[np.bool_]:
         """[U] users kept out of ranker training, for offline evaluation."""

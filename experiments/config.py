@@ -48,7 +48,7 @@ def _param_types() -> dict[str, type]:
 # name -> (low, high) inclusive for numbers; None means unbounded on that side.
 PARAM_RANGES: dict[str, tuple[float | None, float | None]] = {
     "retrieval_k": (1, 2000),
-    "nprobe": (1, 4096),
+    "nprobe": (0, 4096),  # 0: the index version's measured default
     "max_per_restaurant": (1, None),
     "radius_km": (0.0, 20_000.0),  # exclusive low: a radius must be > 0
 }

@@ -25,6 +25,8 @@ from recsys.artifacts import ArtifactRoot
 from recsys.settings import DEFAULT_ARTIFACTS, BuildSettings, env_default
 
 Progress = Callable[[str], None]
+INDEX_TARGET_RECALL = 0.95
+"""The index's default nprobe is the smallest that reaches this recall@200 against exact search."""
 
 
 @dataclass
@@ -103,6 +105,7 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
             emb.item_vectors,
             np.ascontiguousarray(emb.user_vectors[np.sort(probe_rows)]),
             features_version=report.features_version,
+            target_recall=INDEX_TARGET_RECALL,
         )
         report.index_recall = float(
             artifacts.read_manifest(root.indexes / report.index_version).get("recall", 0.0)

@@ -63,7 +63,9 @@ class PipelineParams:
     """
 
     retrieval_k: int = 200
-    nprobe: int = 16
+    nprobe: int = 0
+    """IVF lists probed; 0 means the index version's default, measured at build to reach the
+    recall target."""
     model_name: str = "ranker"
     model_version: str = ""
     max_per_restaurant: int = 2

@@ -26,18 +26,22 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}",
-            f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-            f"--mypy_out={tmp_path}", f"--mypy_grpc_out={tmp_path}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--mypy_out={tmp_path}",
+            f"--mypy_grpc_out={tmp_path}",
             str(ROOT / "protos/recsys/v1/recommender.proto"),
         ],
         check=True,
         env=env,
-    )  # fmt: skip
+    )
     stale = [
         name
         for name in GENERATED
-        if (tmp_path / "recsys/v1" / name).read_bytes()
-        != (ROOT / "recsys/v1" / name).read_bytes()
+        if (tmp_path / "recsys/v1" / name).read_bytes() != (ROOT / "recsys/v1" / name).read_bytes()
     ]
     assert not stale, f"recsys/v1/{stale} are stale: run `make proto` and commit the result"

@@ -90,7 +90,7 @@ BAD_DOCUMENTS: list[tuple[str, Callable[[Doc], None], str]] = [
         _set([*EXP0, "arms", 0, "params", "retrieval_k"], 5000),
         "params.retrieval_k: expected <= 2000",
     ),
-    ("nprobe zero", _set(["defaults", "nprobe"], 0), "defaults.nprobe: expected >= 1"),
+    ("nprobe negative", _set(["defaults", "nprobe"], -1), "defaults.nprobe: expected >= 0"),
     (
         "cap zero",
         _set(["layers", 1, "experiments", 0, "arms", 0, "params", "max_per_restaurant"], 0),
@@ -268,7 +268,8 @@ def _acceptable(name: str, value: Any) -> bool:
         return False
     if name in ("retrieval_k", "nprobe", "max_per_restaurant"):
         high = {"retrieval_k": 2000, "nprobe": 4096, "max_per_restaurant": None}[name]
-        return isinstance(value, int) and value >= 1 and (high is None or value <= high)
+        low = 0 if name == "nprobe" else 1  # nprobe 0: the index version's measured default
+        return isinstance(value, int) and value >= low and (high is None or value <= high)
     if name == "radius_km":
         return isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 20_000
     if name == "model_name":

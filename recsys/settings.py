@@ -30,7 +30,9 @@ class ServeSettings:
     """Control-plane URL: empty for the file backend in the artifact root, or redis://HOST:PORT/DB."""
     workers: int = 1
     batch_max_size: int = 32
-    batch_max_delay_ms: float = 2.0
+    batch_max_delay_ms: float = 0.0
+    """0: natural batching (a batch is whatever queued while the executor was busy). Measured
+    at low load on the default world: p50 5.4 ms at 0 against 8.5 ms at 2 ms."""
     executor_threads: int = 2
     exposure_queue_size: int = 10_000
     drain_seconds: float = 10.0

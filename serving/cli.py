@@ -84,6 +84,15 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     recommend.add_argument("--timeout", type=float, default=5.0, help="seconds")
     recommend.set_defaults(func=run_recommend)
 
+    health = subparsers.add_parser(
+        "health",
+        help="check a server's standard gRPC health service (exit 0 only when SERVING)",
+    )
+    health.add_argument("--target", default=env_default("target", "127.0.0.1:50051"))
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(func=run_health)
+
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Check the flags and freeze them into settings; bad values raise :class:`CliError`."""
@@ -151,3 +160,17 @@ def run_recommend(args: argparse.Namespace) -> int:
         raise CliError(f"Recommend on {args.target} failed: {name}: {details}") from e
     print(json.dumps(response_to_dict(response), indent=2))
     return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Used by the Dockerfile HEALTHCHECK and by people: prints the status, 0 iff SERVING."""
+    from serving.client import health_status
+
+    try:
+        status = health_status(args.target, service=args.service, timeout=args.timeout)
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        print(f"{args.target}: {code.name if code is not None else 'UNREACHABLE'}")
+        return 1
+    print(f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1

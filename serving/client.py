@@ -53,3 +53,14 @@ def recommend(
     with grpc.insecure_channel(target) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         return stub.Recommend(request, timeout=timeout)
+
+
+def health_status(target: str, *, service: str = "", timeout: float = 3.0) -> str:
+    """The standard health service's status name for ``service`` (e.g. "SERVING")."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

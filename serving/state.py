@@ -143,14 +143,22 @@ class StateLoader:
 
     def with_routing(self, state: ServingState, doc: Mapping[str, Any]) -> ServingState:
         routing = self._routing(doc)
-        if routing.index_version != state.index.version:
-            raise StateError(
-                f"routing.index: {routing.index_version} differs from the serving index "
-                f"{state.index.version}; index swaps need a restart in this version"
-            )
+        state = self._with_index(state, routing.index_version)
+        return self._with_models(state, routing)
+
+    def _with_index(self, state: ServingState, index_version: str) -> ServingState:
+        """The snapshot serving ``index_version`` (unchanged when it already does)."""
+        if index_version == state.index.version:
+            return state
+        raise StateError(
+            f"routing.index: {index_version} differs from the serving index "
+            f"{state.index.version}; index swaps need a restart in this version"
+        )
+
+    def _with_models(self, state: ServingState, routing: RoutingTable) -> ServingState:
         models = self._models_for(routing)
         # Keep what served until now loaded, so a rollback is a pointer flip.
-        merged = {**{v: m for v, m in state.models.items()}, **models}
+        merged = {**state.models, **models}
         return replace(state, routing=routing, models=merged)
 
     def _routing(self, doc: Mapping[str, Any]) -> RoutingTable:

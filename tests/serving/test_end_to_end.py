@@ -229,3 +229,15 @@ def _fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         body: bytes = response.read()
     return body.decode()
+
+
+async def test_the_health_command_answers_for_the_dockerfile_healthcheck(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recsys.cli import main
+
+    target = f"127.0.0.1:{server.port}"
+    assert await asyncio.to_thread(main, ["health", "--target", target]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    await server.stop()
+    assert await asyncio.to_thread(main, ["health", "--target", target, "--timeout", "1"]) == 1

@@ -70,6 +70,9 @@ class PipelineParams:
     model_version: str = ""
     max_per_restaurant: int = 2
     radius_km: float = 8.0
+    rank_cut: int = 0
+    """Two-phase ranking: how many candidates (best by the cheap first phase) the full model
+    scores; the rest follow in first-phase order. 0 scores every candidate with the model."""
 
 
 @dataclass(frozen=True, slots=True)

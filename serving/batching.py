@@ -30,6 +30,10 @@ class Overloaded(Exception):
     """The batch queue is full; the caller should shed the request (RESOURCE_EXHAUSTED)."""
 
 
+class DeadlineExceeded(Exception):
+    """The item's deadline passed before its batch started; nothing was computed for it."""
+
+
 class BatcherClosed(Overloaded):
     """The batcher is shutting down and accepts no new items."""
 
@@ -74,6 +78,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_delay: float = 0.002,
         max_queue_size: int = 10_000,
+        max_queue_delay: float | None = None,
         max_concurrent_batches: int = 1,
         executor: Executor | None = None,
         observer: BatchObserver = _ignore,
@@ -84,6 +89,8 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError(f"max_delay is {max_delay}; expected seconds >= 0")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size is {max_queue_size}; expected >= 1")
+        if max_queue_delay is not None and max_queue_delay <= 0:
+            raise ValueError(f"max_queue_delay is {max_queue_delay}; expected seconds > 0 or None")
         if max_concurrent_batches < 1:
             raise ValueError(f"max_concurrent_batches is {max_concurrent_batches}; expected >= 1")
         self.name = name
@@ -91,6 +98,7 @@ class MicroBatcher(Generic[T, R]):
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
         self._max_queue_size = max_queue_size
+        self._max_queue_delay = max_queue_delay
         self._max_concurrent = max_concurrent_batches
         self._owns_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(
@@ -109,12 +117,28 @@ class MicroBatcher(Generic[T, R]):
         return len(self._pending)
 
     async def submit(self, item: T) -> R:
-        """Queue ``item`` and wait for its result; raises :class:`Overloaded` when full."""
+        """Queue ``item`` and wait for its result.
+
+        Raises :class:`Overloaded` at once when ``max_queue_size`` items wait, or when the oldest
+        waiting item has waited ``max_queue_delay``: work beyond what the batch slots can drain
+        is refused up front rather than slowing every request down.
+        """
         if self._closing:
             raise BatcherClosed(f"batcher {self.name!r} is closed; not accepting items")
         if len(self._pending) >= self._max_queue_size:
             raise Overloaded(
                 f"batcher {self.name!r} queue is full ({self._max_queue_size} items waiting)"
+            )
+        now = time.perf_counter()
+        if (
+            self._max_queue_delay is not None
+            and self._pending
+            and now - self._pending[0].enqueued > self._max_queue_delay
+        ):
+            raise Overloaded(
+                f"batcher {self.name!r} is behind: the oldest item has waited "
+                f"{(now - self._pending[0].enqueued) * 1000:.0f} ms "
+                f"(bound {self._max_queue_delay * 1000:.0f} ms)"
             )
         loop = asyncio.get_running_loop()
         if self._collector is None:
@@ -122,7 +146,7 @@ class MicroBatcher(Generic[T, R]):
             self._slots = asyncio.Semaphore(self._max_concurrent)
             self._collector = loop.create_task(self._collect(), name=f"batcher-{self.name}")
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append(_Pending(item, future, time.perf_counter()))
+        self._pending.append(_Pending(item, future, now))
         assert self._wakeup is not None
         self._wakeup.set()
         return await future

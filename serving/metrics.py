@@ -217,6 +217,15 @@ class ServingMetrics:
             ["document"],
             registry=r,
         )
+        self._cache_lookups = Counter(
+            "recsys_result_cache_lookups",
+            "Result cache lookups by result (hit rate: hit / (hit + miss)).",
+            ["result"],
+            registry=r,
+        )
+        self._cache_entries = Gauge(
+            "recsys_result_cache_entries", "Recommendations held in the result cache.", registry=r
+        )
         self._scores = ScoreHistograms(
             "recsys_live_score",
             "Scores served, per model version (compare with the training baseline).",
@@ -272,6 +281,12 @@ class ServingMetrics:
     def set_score_buckets(self, model_version: str, edges: Sequence[float]) -> None:
         """Use the training baseline's bin edges for this model version's live histogram."""
         self._scores.set_edges(model_version, edges)
+
+    # Result cache (the pipeline).
+
+    def observe_cache(self, hit: bool, entries: int) -> None:
+        self._cache_lookups.labels("hit" if hit else "miss").inc()
+        self._cache_entries.set(entries)
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from experiments.assignment import RequestAttributes
 from ranking.features import assemble_features
+from ranking.first_phase import combine, survivors
 from recsys.control.store import DocumentStore, open_store
 from recsys.settings import ServeSettings
 from recsys.types import (
@@ -29,12 +31,14 @@ from recsys.types import (
 from retrieval.retriever import RetrievalQuery
 
 from .arrange import arrange
-from .batching import MicroBatcher
+from .batching import DeadlineExceeded, MicroBatcher
+from .cache import ResultCache, cache_key
 from .control import ControlFollower, read_documents
 from .metrics import ServingMetrics
 from .state import EXPERIMENTS, ServingState, StateLoader, artifact_root
 
 __all__ = [
+    "DeadlineExceeded",
     "Job",
     "Pipeline",
     "RecommendPipeline",
@@ -44,11 +48,15 @@ __all__ = [
 ]
 
 UNKNOWN_USER = "unknown user: popular items near the location"
+DEADLINE = "deadline: retrieval order, not ranked"
+RANK_SECONDS_PER_ROW = 12e-6
+"""Starting estimate of features + model time per candidate row, before any batch measured it."""
 
 
 class RecommendPipeline(Protocol):
-    async def recommend(self, request: Request) -> Recommendation:
-        """Answer one validated request. Never blocks the event loop."""
+    async def recommend(self, request: Request, deadline: float | None = None) -> Recommendation:
+        """Answer one validated request by ``deadline`` (``time.perf_counter()`` seconds, None:
+        no deadline). Never blocks the event loop."""
         ...
 
     def versions(self) -> ServingVersions: ...
@@ -65,26 +73,54 @@ class Job:
     request: Request
     assignment: Assignment
     state: ServingState
+    deadline: float | None = None
+    """``time.perf_counter()`` by which the answer is due; None: no deadline."""
 
 
-def recommend_batch(jobs: Sequence[Job]) -> list[Recommendation]:
+class RankCost:
+    """Measured features + model seconds per candidate row (a moving average over batches),
+    to tell whether ranking can finish before a request's deadline."""
+
+    def __init__(self, seconds_per_row: float = RANK_SECONDS_PER_ROW) -> None:
+        self.seconds_per_row = seconds_per_row
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows > 0:
+            self.seconds_per_row += 0.2 * (seconds / rows - self.seconds_per_row)
+
+
+def recommend_batch(
+    jobs: Sequence[Job], cost: RankCost | None = None
+) -> list[Recommendation | Exception]:
     """Retrieve, rank and arrange a batch: one FAISS search, one predict per model version.
 
     Runs in an executor thread. Jobs normally share one snapshot; if a swap happened while the
-    batch formed, each group of jobs is served by the snapshot it started on.
+    batch formed, each group of jobs is served by the snapshot it started on. A job whose
+    deadline already passed gets :class:`DeadlineExceeded`; one whose deadline leaves too little
+    time to rank (by ``cost``) gets its candidates in retrieval order, flagged degraded.
     """
-    out: list[Recommendation | None] = [None] * len(jobs)
+    cost = cost or RankCost()
+    now = time.perf_counter()
+    out: list[Recommendation | Exception | None] = [None] * len(jobs)
     by_state: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
-        by_state.setdefault(id(job.state), []).append(i)
+        if job.deadline is not None and job.deadline <= now:
+            out[i] = DeadlineExceeded(
+                f"request {job.request.request_id}: the deadline passed while it was queued"
+            )
+        else:
+            by_state.setdefault(id(job.state), []).append(i)
     for positions in by_state.values():
         group = [jobs[i] for i in positions]
-        for i, rec in zip(positions, _recommend_same_state(group[0].state, group), strict=True):
+        recs = _recommend_same_state(group[0].state, group, cost)
+        for i, rec in zip(positions, recs, strict=True):
             out[i] = rec
     return [r for r in out if r is not None]
 
 
-def _recommend_same_state(state: ServingState, jobs: Sequence[Job]) -> list[Recommendation]:
+def _recommend_same_state(
+    state: ServingState, jobs: Sequence[Job], cost: RankCost
+) -> list[Recommendation]:
     t0 = time.perf_counter()
     tables = state.tables
     user_rows = tables.user_rows([j.request.user_id for j in jobs])
@@ -102,10 +138,27 @@ def _recommend_same_state(state: ServingState, jobs: Sequence[Job]) -> list[Reco
     candidates = state.retriever.retrieve_batch(queries)
     t1 = time.perf_counter()
 
-    scores, versions = _score(state, jobs, user_rows, candidates)
+    counts = np.array([len(c.sku_ids) for c in candidates], dtype=np.int64)
+    cuts = np.array([j.assignment.params.rank_cut for j in jobs], dtype=np.int64)
+    scored = survivors(counts, cuts)
+    # Ranking must finish (with margin for arranging and answering) before each deadline.
+    expected = cost.seconds_per_row * int(scored.sum())
+    late = np.array(
+        [j.deadline is not None and j.deadline - t1 < 1.5 * expected + 0.001 for j in jobs],
+        dtype=np.bool_,
+    )
+    scored &= ~np.repeat(late, counts)
+    scores, versions = _score(state, jobs, user_rows, candidates, scored)
+    retrieval = (
+        np.concatenate([c.retrieval_scores for c in candidates])
+        if candidates
+        else np.empty(0, np.float32)
+    )
+    scores = np.where(np.repeat(late, counts), retrieval, combine(counts, scores, scored))
     t2 = time.perf_counter()
+    cost.observe(int(scored.sum()), t2 - t1)
 
-    offsets = np.cumsum([0] + [len(c.sku_ids) for c in candidates])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
     restaurants = state.catalogue.item_restaurant
     arranged = []
     for n, (job, cand) in enumerate(zip(jobs, candidates, strict=True)):
@@ -131,10 +184,15 @@ def _recommend_same_state(state: ServingState, jobs: Sequence[Job]) -> list[Reco
             index_version=state.index.version,
             config_version=state.assigner.version,
             exposures=job.assignment.exposures,
-            degraded_reasons=(UNKNOWN_USER,) if cand.fallback else (),
+            degraded_reasons=(
+                *((UNKNOWN_USER,) if cand.fallback else ()),
+                *((DEADLINE,) if is_late else ()),
+            ),
             stage_seconds=timings,
         )
-        for job, cand, items, version in zip(jobs, candidates, arranged, versions, strict=True)
+        for job, cand, items, version, is_late in zip(
+            jobs, candidates, arranged, versions, late.tolist(), strict=True
+        )
     ]
 
 
@@ -143,8 +201,10 @@ def _score(
     jobs: Sequence[Job],
     user_rows: np.ndarray,
     candidates: Sequence[Candidates],
+    scored: npt.NDArray[np.bool_],
 ) -> tuple[Float32Array, list[str]]:
-    """Feature matrix for every candidate of the batch at once, one predict per model version."""
+    """Model scores of the ``scored`` rows of the batch (0 elsewhere): one feature matrix for
+    the whole batch, one predict per model version."""
     counts = np.array([len(c.sku_ids) for c in candidates], dtype=np.int64)
     items = (
         np.concatenate([c.sku_ids for c in candidates])
@@ -154,11 +214,11 @@ def _score(
     lat, lon = _request_points(state, jobs, user_rows)
     features = assemble_features(
         state.tables,
-        np.repeat(user_rows, counts).astype(np.int32),
-        items,
-        np.repeat(lat, counts),
-        np.repeat(lon, counts),
-        np.repeat(np.array([j.request.hour for j in jobs], dtype=np.int8), counts),
+        np.repeat(user_rows, counts).astype(np.int32)[scored],
+        items[scored],
+        np.repeat(lat, counts)[scored],
+        np.repeat(lon, counts)[scored],
+        np.repeat(np.array([j.request.hour for j in jobs], dtype=np.int8), counts)[scored],
     )
     versions = [
         state.routing.resolve(
@@ -166,11 +226,13 @@ def _score(
         )
         for j in jobs
     ]
-    row_version = np.repeat(np.array(versions, dtype=object), counts)
-    scores = np.empty(items.shape[0], dtype=np.float32)
-    for version in sorted(set(versions)):
+    row_version = np.repeat(np.array(versions, dtype=object), counts)[scored]
+    model_scores = np.empty(features.shape[0], dtype=np.float32)
+    for version in sorted(set(row_version.tolist())):
         rows = row_version == version
-        scores[rows] = state.models[version].predict(features[rows])
+        model_scores[rows] = state.models[version].predict(features[rows])
+    scores = np.zeros(items.shape[0], dtype=np.float32)
+    scores[scored] = model_scores
     return scores, versions
 
 
@@ -189,7 +251,8 @@ def _request_points(
 
 
 class Pipeline:
-    """The live pipeline: a snapshot swapped by reference, a micro-batcher, control followers."""
+    """The live pipeline: a snapshot swapped by reference, a result cache, a micro-batcher,
+    control followers."""
 
     def __init__(
         self,
@@ -197,11 +260,15 @@ class Pipeline:
         batcher: MicroBatcher[Job, Recommendation],
         follower: ControlFollower | None = None,
         store: DocumentStore | None = None,
+        cache: ResultCache | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self._state = state
         self._batcher = batcher
         self._follower = follower
         self._store = store
+        self._cache = cache or ResultCache(0)
+        self._metrics = metrics
 
     @property
     def state(self) -> ServingState:
@@ -210,7 +277,7 @@ class Pipeline:
     def swap(self, state: ServingState) -> None:
         self._state = state  # one reference: readers never lock
 
-    async def recommend(self, request: Request) -> Recommendation:
+    async def recommend(self, request: Request, deadline: float | None = None) -> Recommendation:
         state = self._state
         start = time.perf_counter()
         assignment = state.assigner.assign(
@@ -222,7 +289,22 @@ class Pipeline:
             ),
         )
         assigned = time.perf_counter()
-        rec = await self._batcher.submit(Job(request, assignment, state))
+        cache = self._cache
+        key = cache_key(request, assignment) if cache.enabled else None
+        if key is not None:
+            cached = cache.get(state, key)
+            if self._metrics is not None:
+                self._metrics.observe_cache(cached is not None, len(cache))
+            if cached is not None:
+                return replace(
+                    cached,
+                    request_id=request.request_id,
+                    exposures=assignment.exposures,
+                    stage_seconds=(("assign", assigned - start), ("cache", 0.0)),
+                )
+        rec = await self._batcher.submit(Job(request, assignment, state, deadline))
+        if key is not None and DEADLINE not in rec.degraded_reasons:
+            cache.put(state, key, rec)
         return replace(rec, stage_seconds=(("assign", assigned - start), *rec.stage_seconds))
 
     def versions(self) -> ServingVersions:
@@ -257,7 +339,9 @@ def warm_up(state: ServingState) -> None:
             )
             for j in jobs
         ]
-        recommend_batch(pinned)
+        for rec in recommend_batch(pinned):
+            if isinstance(rec, Exception):
+                raise rec
 
 
 async def open_pipeline(settings: ServeSettings, metrics: ServingMetrics) -> Pipeline:
@@ -277,15 +361,20 @@ async def open_pipeline(settings: ServeSettings, metrics: ServingMetrics) -> Pip
         str(docs[EXPERIMENTS].version) if EXPERIMENTS in docs else "0",
     )
     await asyncio.to_thread(warm_up, state)
+    cost = RankCost()
     batcher: MicroBatcher[Job, Recommendation] = MicroBatcher(
-        recommend_batch,
+        lambda jobs: recommend_batch(jobs, cost),
         name="recommend",
         max_batch_size=settings.batch_max_size,
         max_delay=settings.batch_max_delay_ms / 1000,
+        max_queue_size=settings.max_queue,
+        max_queue_delay=settings.max_queue_delay_ms / 1000,
         max_concurrent_batches=settings.executor_threads,
         observer=metrics.observe_batch,
     )
-    pipeline = Pipeline(state, batcher, store=store)
+    pipeline = Pipeline(
+        state, batcher, store=store, cache=ResultCache(settings.cache_entries), metrics=metrics
+    )
     follower = ControlFollower(
         url=settings.control,
         artifacts=settings.artifacts,

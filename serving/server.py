@@ -88,9 +88,10 @@ class RunningServer:
             observer=metrics,
         )
         exposures.start()
-        service = RecommenderService(metrics, exposures)
+        service = RecommenderService(metrics, exposures, max_in_flight=settings.max_in_flight)
         # One process owns the port: SO_REUSEPORT would let a stale server share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Worker processes of `recsys serve --workers N` share it on purpose (serving/workers.py).
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
         recommender_pb2_grpc.add_RecommenderServicer_to_server(service, server)
         health = AsyncHealthServicer()
         for name in HEALTH_SERVICES:

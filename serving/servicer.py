@@ -4,7 +4,10 @@ This is the one place where errors become gRPC status codes:
 
 - :class:`~serving.validation.InvalidRequest` -> INVALID_ARGUMENT, naming the field;
 - no pipeline yet (still loading) -> UNAVAILABLE;
-- :class:`~serving.batching.Overloaded` -> RESOURCE_EXHAUSTED;
+- more than ``max_in_flight`` calls at once, or :class:`~serving.batching.Overloaded` (the batch
+  queue is full or behind) -> RESOURCE_EXHAUSTED, at once;
+- the client's deadline passed before its batch started -> DEADLINE_EXCEEDED (a deadline too
+  close to rank in time is answered in retrieval order, flagged degraded, by the pipeline);
 - anything else -> INTERNAL with the request id, logged once with its traceback.
 """
 
@@ -20,7 +23,7 @@ import grpc
 
 from recsys.types import Recommendation, Request
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.batching import Overloaded
+from serving.batching import DeadlineExceeded, Overloaded
 from serving.exposure import ExposureSink
 from serving.metrics import ServingMetrics
 from serving.validation import InvalidRequest, new_request_id, validate_request
@@ -79,7 +82,11 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         *,
         hour: Callable[[], int] = local_hour,
         make_request_id: Callable[[], str] = new_request_id,
+        max_in_flight: int = 0,
     ) -> None:
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight is {max_in_flight}; expected >= 0 (0: no bound)")
+        self._max_in_flight = max_in_flight
         self._metrics = metrics
         self._exposures = exposures
         self._hour = hour
@@ -121,7 +128,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         details = ""
         response: recommender_pb2.RecommendResponse | None = None
         try:
-            response = await self._recommend(request)
+            response = await self._recommend(request, context.time_remaining())
         except _Failure as failure:
             code, details = failure.code, failure.details
         except asyncio.CancelledError:
@@ -142,8 +149,9 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         return response
 
     async def _recommend(
-        self, message: recommender_pb2.RecommendRequest
+        self, message: recommender_pb2.RecommendRequest, time_remaining: float | None
     ) -> recommender_pb2.RecommendResponse:
+        deadline = None if time_remaining is None else time.perf_counter() + time_remaining
         try:
             request = validate_request(
                 message, hour=self._hour(), make_request_id=self._make_request_id
@@ -157,10 +165,18 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             raise _Failure(
                 grpc.StatusCode.UNAVAILABLE, "the recommender is still loading; retry shortly"
             )
+        if 0 < self._max_in_flight < self._in_flight:
+            raise _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded, request_id={request.request_id}: more than "
+                f"{self._max_in_flight} calls in flight",
+            )
         try:
-            recommendation = await pipeline.recommend(request)
+            recommendation = await pipeline.recommend(request, deadline)
             response = to_response(recommendation)
             self._record(pipeline, request, recommendation)
+        except DeadlineExceeded as e:
+            raise _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
         except Overloaded as e:
             raise _Failure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -68,7 +68,7 @@ class ToyPipeline:
             observer=self.metrics.observe_batch,
         )
 
-    async def recommend(self, request: Request) -> Recommendation:
+    async def recommend(self, request: Request, deadline: float | None = None) -> Recommendation:
         if request.user_id == OVERLOADED_USER:
             raise Overloaded("toy queue is full")
         if request.user_id == HELD_USER:

@@ -51,6 +51,7 @@ PARAM_RANGES: dict[str, tuple[float | None, float | None]] = {
     "nprobe": (0, 4096),  # 0: the index version's measured default
     "max_per_restaurant": (1, None),
     "radius_km": (0.0, 20_000.0),  # exclusive low: a radius must be > 0
+    "rank_cut": (0, 2000),  # 0: the full model scores every candidate
 }
 EXCLUSIVE_LOW = frozenset({"radius_km"})
 

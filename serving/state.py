@@ -20,11 +20,11 @@ from ranking.features import FeatureTables, load_feature_tables
 from ranking.model import RankingModel, load_model
 from ranking.routing import RoutingTable, parse_routing
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
-from recsys.types import ServingVersions
-from recsys.world import Catalogue, load_world
+from recsys.types import Location, ServingVersions
+from recsys.world import Catalogue, World, load_world
 from retrieval.availability import Availability
 from retrieval.index import ItemIndex
-from retrieval.retriever import Retriever
+from retrieval.retriever import RetrievalQuery, Retriever
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +93,9 @@ class StateLoader:
         if missing:
             raise StateError(f"control plane has no {', '.join(missing)} document")
         routing = self._routing(docs[ROUTING])
-        index_dir = self.root.indexes / routing.index_version
-        try:
-            index_manifest = read_manifest(index_dir)
-            features_dir = self.root.features / str(index_manifest["features_version"])
-            features_manifest = read_manifest(features_dir)
-            world_dir = self.root.world / str(features_manifest["world_version"])
-            world = load_world(world_dir)
-        except (ArtifactError, KeyError, FileNotFoundError) as e:
-            raise StateError(
-                f"index {routing.index_version}: cannot resolve its inputs: {e}"
-            ) from e
+        loaded = self.load_index(routing.index_version)
+        world, tables, index = loaded.world, loaded.tables, loaded.index
         catalogue = world.catalogue
-        tables = load_feature_tables(features_dir, catalogue)
-        index = ItemIndex.load(
-            index_dir,
-            expected_dimension=int(tables.item_vectors.shape[1]),
-            expected_count=catalogue.n_items,
-        )
         models = self._models_for(routing)
         availability = Availability.from_document(catalogue, docs[AVAILABILITY])
         retriever = Retriever(
@@ -146,13 +131,65 @@ class StateLoader:
         state = self._with_index(state, routing.index_version)
         return self._with_models(state, routing)
 
+    def load_index(self, index_version: str) -> LoadedIndex:
+        """Index version ``index_version`` with the feature tables and world it was built from:
+        memory-mapped (tables, world, the index's vectors), validated (files, shapes, recall on
+        the version's probe queries) and so warmed. Raises StateError naming what is wrong."""
+        index_dir = self.root.indexes / index_version
+        try:
+            index_manifest = read_manifest(index_dir)
+            features_dir = self.root.features / str(index_manifest["features_version"])
+            features_manifest = read_manifest(features_dir)
+            world_version = str(features_manifest["world_version"])
+            world = load_world(self.root.world / world_version)
+            tables = load_feature_tables(features_dir, world.catalogue)
+            index = ItemIndex.load(
+                index_dir,
+                expected_dimension=int(tables.item_vectors.shape[1]),
+                expected_count=world.catalogue.n_items,
+            )
+        except (ArtifactError, KeyError, OSError, ValueError) as e:
+            raise StateError(f"index {index_version}: cannot load it or its inputs: {e}") from e
+        return LoadedIndex(world_version, world, tables, index)
+
     def _with_index(self, state: ServingState, index_version: str) -> ServingState:
-        """The snapshot serving ``index_version`` (unchanged when it already does)."""
+        """The snapshot serving ``index_version`` (unchanged when it already does).
+
+        Called off the event loop (the control follower's thread): the new version, its
+        feature tables and world are loaded, validated and warmed by a real retrieval while the
+        previous snapshot keeps serving; the caller then swaps the whole snapshot at once. The
+        current availability switches carry over to the new catalogue.
+        """
         if index_version == state.index.version:
             return state
-        raise StateError(
-            f"routing.index: {index_version} differs from the serving index "
-            f"{state.index.version}; index swaps need a restart in this version"
+        loaded = self.load_index(index_version)
+        catalogue = loaded.world.catalogue
+        try:
+            availability = Availability.from_document(
+                catalogue,
+                {
+                    "skus_off": state.availability.skus_off.tolist(),
+                    "restaurants_off": state.availability.restaurants_off.tolist(),
+                },
+            )
+            retriever = Retriever(
+                loaded.index,
+                loaded.tables.user_vectors,
+                catalogue,
+                loaded.tables.item_popularity,
+                availability,
+            )
+        except ValueError as e:
+            raise StateError(f"routing.index {index_version}: {e}") from e
+        warm_retriever(retriever, state.centre)
+        return replace(
+            state,
+            catalogue=catalogue,
+            tables=loaded.tables,
+            index=loaded.index,
+            retriever=retriever,
+            availability=availability,
+            centre=(loaded.world.meta.center_lat, loaded.world.meta.center_lon),
         )
 
     def _with_models(self, state: ServingState, routing: RoutingTable) -> ServingState:
@@ -174,6 +211,25 @@ class StateLoader:
     def _assigner(self, doc: Mapping[str, Any], version: str) -> Assigner:
         known = {v for vs in self.known_model_versions().values() for v in vs}
         return compile_config(doc, version=version, known_model_versions=known)
+
+
+@dataclass(frozen=True)
+class LoadedIndex:
+    world_version: str
+    world: World
+    tables: FeatureTables
+    index: ItemIndex
+
+
+def warm_retriever(retriever: Retriever, centre: tuple[float, float]) -> None:
+    """One real batch (known users, with and without a location, an unknown user) so the first
+    request after a swap does not pay for first-touch page faults of the index."""
+    queries = [
+        RetrievalQuery(user_row=row, location=location, k=200, nprobe=0, radius_km=8.0)
+        for row in (0, 1, -1)
+        for location in (None, Location(*centre))
+    ]
+    retriever.retrieve_batch(queries)
 
 
 def artifact_root(path: Path) -> ArtifactRoot:

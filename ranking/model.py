@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
+from ranking.compiled import ENGINE_LIGHTGBM, ENGINE_LLEAVES, CompiledModel, compile_model
 from ranking.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureTables, feature_types
 from ranking.training import RankerParams, TrainedRanker
 from recsys import artifacts
@@ -55,6 +56,41 @@ class RankingModel:
     version: str
     manifest: dict[str, Any]
     booster: lgb.Booster
+    compiled: CompiledModel | None = None
+    """Native code for the same trees (checked against the golden scores); None: LightGBM."""
+    directory: Path | None = None
+
+    @property
+    def engine(self) -> str:
+        return ENGINE_LLEAVES if self.compiled is not None else ENGINE_LIGHTGBM
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.manifest.get("content_hash", self.version))
+
+    def with_compiled(self, cache_root: Path) -> RankingModel:
+        """This model scoring with compiled code cached under ``cache_root`` (``compiled/``).
+
+        Compiles when no binary for this model, CPU and library versions is cached (seconds to
+        a minute: call it off the request path). Raises ``CompileError`` on any failure; the
+        caller keeps this LightGBM-backed model.
+        """
+        if self.directory is None:
+            raise ValueError(f"model {self.name}/{self.version}: loaded without a directory")
+        golden = self.manifest["golden"]
+        compiled = compile_model(
+            self.directory / MODEL_FILE,
+            cache_root / self.name / self.version,
+            self.content_hash,
+            np.asarray(golden["features"], dtype=np.float32),
+            np.asarray(golden["scores"], dtype=np.float64),
+            float(golden.get("tolerance", GOLDEN_TOLERANCE)),
+        )
+        return replace(self, compiled=compiled)
+
+    def predict_lightgbm(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Scores from LightGBM itself (num_threads=1), whatever the engine."""
+        return np.asarray(self.booster.predict(features, num_threads=1), dtype=np.float32)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -73,8 +109,9 @@ class RankingModel:
             )
         if features.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
-        scores = self.booster.predict(features, num_threads=1)
-        return np.asarray(scores, dtype=np.float32)
+        if self.compiled is not None:
+            return self.compiled.predict(features)
+        return self.predict_lightgbm(features)
 
 
 def code_version() -> str:
@@ -185,6 +222,7 @@ def load_model(directory: Path) -> RankingModel:
         version=str(manifest["version"]),
         manifest=manifest,
         booster=booster,
+        directory=directory,
     )
 
 

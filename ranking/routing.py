@@ -4,11 +4,15 @@ A control-plane document (name ``routing``)::
 
     {"index": "<index version>",
      "models": {"ranker": {"production": "<version>",
-                           "canary": {"version": "<version>", "percent": 5.0}}}}
+                           "canary": {"version": "<version>", "percent": 5.0},
+                           "previous": "<version>"}}}
 
 Canary traffic is chosen by a salted hash of the user id (deterministic: a user stays on the
 canary while it runs), never at random per request. A version pinned by an experiment arm
-(``PipelineParams.model_version``) wins over both.
+(``PipelineParams.model_version`` in the experiments document, where the arm is defined) wins
+over both; :func:`arm_pins` reads those pins so servers load them and the registry refuses to
+retire them. ``previous`` is the production version before the last promotion: it serves no
+traffic but stays loaded, so a rollback is a pointer flip.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CANARY_BUCKETS = 10_000
+DEFAULT_MODEL_NAME = "ranker"
 
 
 class RoutingError(ValueError):
@@ -30,9 +35,23 @@ class ModelRoute:
     production: str
     canary: str = ""
     canary_percent: float = 0.0
+    previous: str = ""
 
     def versions(self) -> set[str]:
+        """Versions that take traffic: production and the canary."""
         return {v for v in (self.production, self.canary) if v}
+
+    def loaded_versions(self) -> set[str]:
+        """Versions a server keeps loaded: the routed ones and the previous production."""
+        return self.versions() | ({self.previous} if self.previous else set())
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"production": self.production}
+        if self.canary:
+            doc["canary"] = {"version": self.canary, "percent": self.canary_percent}
+        if self.previous:
+            doc["previous"] = self.previous
+        return doc
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,50 @@ class RoutingTable:
 
     def routed_versions(self) -> dict[str, set[str]]:
         return {name: route.versions() for name, route in self.models.items()}
+
+    def loaded_versions(self) -> dict[str, set[str]]:
+        return {name: route.loaded_versions() for name, route in self.models.items()}
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "index": self.index_version,
+            "models": {name: route.to_document() for name, route in self.models.items()},
+        }
+
+
+def arm_pins(experiments: Mapping[str, Any]) -> dict[str, dict[str, set[str]]]:
+    """Model versions pinned by experiment arms: ``{model name: {version: {"exp/arm", ...}}}``.
+
+    Reads the experiments document body leniently (the experiments config validates it); the
+    model name is the arm's ``model_name`` parameter, else the layer's or the defaults', else
+    ``ranker``.
+    """
+    pins: dict[str, dict[str, set[str]]] = {}
+    defaults = experiments.get("defaults")
+    default_name = _param(defaults, "model_name") or DEFAULT_MODEL_NAME
+
+    def add(params: Any, label: str) -> None:
+        version = _param(params, "model_version")
+        if version:
+            name = _param(params, "model_name") or default_name
+            pins.setdefault(name, {}).setdefault(version, set()).add(label)
+
+    add(defaults, "defaults")
+    for layer in _objects(experiments.get("layers")):
+        add(layer.get("launch_defaults"), f"{layer.get('name', '?')}/launch_defaults")
+        for experiment in _objects(layer.get("experiments")):
+            for arm in _objects(experiment.get("arms")):
+                add(arm.get("params"), f"{experiment.get('name', '?')}/{arm.get('name', '?')}")
+    return pins
+
+
+def _objects(value: Any) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _param(params: Any, key: str) -> str:
+    value = params.get(key) if isinstance(params, Mapping) else None
+    return value if isinstance(value, str) else ""
 
 
 def canary_bucket(name: str, user_id: str) -> int:
@@ -89,9 +152,14 @@ def parse_routing(
             if not isinstance(p, int | float) or isinstance(p, bool) or not 0 < p <= 100:
                 raise RoutingError(f"{where}.canary.percent: expected a number in (0, 100]")
             percent = float(p)
-        route = ModelRoute(production, canary, percent)
+        previous = spec.get("previous", "")
+        if not isinstance(previous, str):
+            raise RoutingError(f"{where}.previous: expected a version string")
+        if canary and canary == production:
+            raise RoutingError(f"{where}.canary: {canary} is already the production version")
+        route = ModelRoute(production, canary, percent, previous)
         if known_versions is not None:
-            missing = route.versions() - set(known_versions.get(name, ()))
+            missing = route.loaded_versions() - set(known_versions.get(name, ()))
             if missing:
                 raise RoutingError(f"{where}: unknown version(s) {sorted(missing)}")
         routes[name] = route

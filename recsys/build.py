@@ -56,6 +56,7 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
     # Imported here: the CLI's --help must not pay for FAISS and LightGBM.
     from ranking.features import build_feature_tables, save_feature_tables
     from ranking.model import save_model_version
+    from ranking.registry import load_for_serving
     from ranking.training import RankerParams, train_ranker
     from recsys.world import save_world
     from recsys.worldgen import generate_world
@@ -124,6 +125,10 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
             params=params,
         )
         report.offline_metrics = dict(trained.metrics)
+        # Validate as a server will, and compile it now (cached under compiled/) so servers
+        # on this machine start scoring with native code without compiling.
+        _, engine = load_for_serving(root, "ranker", report.model_version)
+        say(f"  ranker engine: {engine}")
 
     with _stage("control", report, say):
         publish_control_documents(root, report)

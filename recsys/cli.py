@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "recsys.build",
     "serving.cli",
     "experiments.cli",
+    "ranking.cli",
     "retrieval.cli",
 )
 

@@ -217,6 +217,14 @@ class ServingMetrics:
             ["document"],
             registry=r,
         )
+        self._model_rejected = Counter(
+            "recsys_model_rejected",
+            "Model versions refused before serving, by reason (schema, golden, nan, latency, "
+            "corrupt, other); label sets capped, overflow under 'other'.",
+            ["name", "version", "reason"],
+            registry=r,
+        )
+        self._model_rejected_labels = CappedLabels(max_model_versions, 3)
         self._cache_lookups = Counter(
             "recsys_result_cache_lookups",
             "Result cache lookups by result (hit rate: hit / (hit + miss)).",
@@ -312,6 +320,10 @@ class ServingMetrics:
 
     def control_document_rejected(self, document: str) -> None:
         self._control_rejected.labels(document).inc()
+
+    def model_rejected(self, name: str, version: str, reason: str) -> None:
+        labels = self._model_rejected_labels.admit((name, version, reason))
+        self._model_rejected.labels(*labels).inc()
 
     # HTTP endpoint.
 

@@ -354,7 +354,7 @@ async def open_pipeline(settings: ServeSettings, metrics: ServingMetrics) -> Pip
     finally:
         if seed is not None:
             seed.close()
-    loader = StateLoader(root)
+    loader = StateLoader(root, on_model_rejected=metrics.model_rejected)
     state = await asyncio.to_thread(
         loader.initial,
         {name: doc.body for name, doc in docs.items()},

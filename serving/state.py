@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from experiments.assignment import Assigner, compile_config
 from ranking.features import FeatureTables, load_feature_tables
-from ranking.model import RankingModel, load_model
-from ranking.routing import RoutingTable, parse_routing
+from ranking.model import ModelValidationError, RankingModel
+from ranking.registry import LATENCY_BUDGET_US_PER_ROW, load_for_serving
+from ranking.routing import RoutingTable, arm_pins, parse_routing
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
 from recsys.types import Location, ServingVersions
 from recsys.world import Catalogue, World, load_world
@@ -32,6 +34,8 @@ EXPERIMENTS = "experiments"
 ROUTING = "routing"
 AVAILABILITY = "availability"
 DOCUMENTS = (ROUTING, EXPERIMENTS, AVAILABILITY)
+UNLOAD_GRACE_SECONDS = 30.0
+"""How long a version no route or arm needs stays loaded before it is unloaded."""
 
 
 class StateError(Exception):
@@ -63,12 +67,35 @@ class ServingState:
 class StateLoader:
     """Builds snapshots from the artifact root, caching what is immutable (artifact versions)."""
 
-    def __init__(self, root: ArtifactRoot) -> None:
+    def __init__(
+        self,
+        root: ArtifactRoot,
+        *,
+        compile_models: bool = True,
+        latency_budget_us: float = LATENCY_BUDGET_US_PER_ROW,
+        unload_grace_seconds: float = UNLOAD_GRACE_SECONDS,
+        on_model_rejected: Callable[[str, str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
+        self.compile_models = compile_models
+        self.latency_budget_us = latency_budget_us
+        self.unload_grace_seconds = unload_grace_seconds
+        self._on_model_rejected = on_model_rejected
+        self._clock = clock
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], RankingModel] = {}
+        self._unneeded_since: dict[str, float] = {}
+        """Loaded versions no route or arm uses any more, and since when (for the grace)."""
+        self._pins: dict[str, set[str]] = {}
+        """Model name -> versions pinned by the arms of the serving experiments document."""
 
     def model(self, name: str, version: str) -> RankingModel:
+        """The loaded, validated, compiled (or LightGBM fallback) and warmed version.
+
+        Off the request path. A version that fails validation raises :class:`StateError` with
+        the reason, which is also logged and counted (``on_model_rejected``); it never serves.
+        """
         with self._lock:
             cached = self._models.get((name, version))
         if cached is not None:
@@ -76,10 +103,31 @@ class StateLoader:
         directory = self.root.models(name) / version
         if not directory.is_dir():
             raise StateError(f"model {name}/{version}: not in the registry ({directory})")
-        model = load_model(directory)
+        try:
+            model, engine = load_for_serving(
+                self.root,
+                name,
+                version,
+                compile_models=self.compile_models,
+                latency_budget_us=self.latency_budget_us,
+            )
+        except ModelValidationError as e:
+            self._model_rejected(name, version, e)
+            raise StateError(f"model {name}/{version} rejected, it will not serve: {e}") from e
+        log.info("model %s/%s loaded and validated; engine %s", name, version, engine)
         with self._lock:
             self._models[(name, version)] = model
         return model
+
+    def _model_rejected(self, name: str, version: str, error: ModelValidationError) -> None:
+        log.error("model %s/%s failed validation and will not serve: %s", name, version, error)
+        if self._on_model_rejected is not None:
+            self._on_model_rejected(name, version, rejection_reason(str(error)))
+
+    def loaded_model_versions(self) -> set[tuple[str, str]]:
+        """(name, version) of every model the loader holds (the snapshot's and those in grace)."""
+        with self._lock:
+            return set(self._models)
 
     def known_model_versions(self) -> dict[str, list[str]]:
         parent = self.root.path / "models"
@@ -96,7 +144,9 @@ class StateLoader:
         loaded = self.load_index(routing.index_version)
         world, tables, index = loaded.world, loaded.tables, loaded.index
         catalogue = world.catalogue
-        models = self._models_for(routing)
+        pins = _pinned(docs[EXPERIMENTS])
+        models = self._models_for(routing, pins)
+        self._pins = pins
         availability = Availability.from_document(catalogue, docs[AVAILABILITY])
         retriever = Retriever(
             index, tables.user_vectors, catalogue, tables.item_popularity, availability
@@ -116,7 +166,11 @@ class StateLoader:
     def with_experiments(
         self, state: ServingState, doc: Mapping[str, Any], version: str
     ) -> ServingState:
-        return replace(state, assigner=self._assigner(doc, version))
+        assigner = self._assigner(doc, version)
+        pins = _pinned(doc)
+        state = self._with_models(replace(state, assigner=assigner), state.routing, pins)
+        self._pins = pins
+        return state
 
     def with_availability(self, state: ServingState, doc: Mapping[str, Any]) -> ServingState:
         availability = Availability.from_document(state.catalogue, doc)
@@ -192,19 +246,68 @@ class StateLoader:
             centre=(loaded.world.meta.center_lat, loaded.world.meta.center_lon),
         )
 
-    def _with_models(self, state: ServingState, routing: RoutingTable) -> ServingState:
-        models = self._models_for(routing)
-        # Keep what served until now loaded, so a rollback is a pointer flip.
-        merged = {**state.models, **models}
-        return replace(state, routing=routing, models=merged)
+    def _with_models(
+        self,
+        state: ServingState,
+        routing: RoutingTable,
+        pins: Mapping[str, set[str]] | None = None,
+    ) -> ServingState:
+        """The snapshot with ``routing``: every version it or an arm needs loaded and warmed.
+
+        Versions no longer needed stay in the snapshot for ``unload_grace_seconds`` (a client
+        retrying against a just-replaced version still finds it), then leave it and the cache;
+        requests already running keep theirs through the snapshot they started on. The previous
+        production is part of the route, so it stays loaded and a rollback is a pointer flip.
+        """
+        models = self._models_for(routing, self._pins if pins is None else pins)
+        now = self._clock()
+        kept: dict[str, RankingModel] = {}
+        with self._lock:
+            for version, model in state.models.items():
+                if version in models:
+                    continue
+                since = self._unneeded_since.setdefault(version, now)
+                if now - since < self.unload_grace_seconds:
+                    kept[version] = model
+            for version in models:
+                self._unneeded_since.pop(version, None)
+            for version in [v for v in self._unneeded_since if v not in kept]:
+                del self._unneeded_since[version]
+            self._models = {
+                key: m for key, m in self._models.items() if key[1] in models or key[1] in kept
+            }
+        if kept:
+            log.info("models kept for the unload grace period: %s", sorted(kept))
+        return replace(state, routing=routing, models={**kept, **models})
+
+    def unload_expired(self, state: ServingState) -> ServingState | None:
+        """A snapshot without the versions whose grace has run out, or None if there are none."""
+        if not self._unneeded_since:
+            return None
+        now = self._clock()
+        with self._lock:
+            expired = [
+                v
+                for v, since in self._unneeded_since.items()
+                if now - since >= self.unload_grace_seconds
+            ]
+        if not expired:
+            return None
+        return self._with_models(state, state.routing)
 
     def _routing(self, doc: Mapping[str, Any]) -> RoutingTable:
         return parse_routing(doc, known_versions=self.known_model_versions())
 
-    def _models_for(self, routing: RoutingTable) -> dict[str, RankingModel]:
+    def _models_for(
+        self, routing: RoutingTable, pins: Mapping[str, set[str]]
+    ) -> dict[str, RankingModel]:
+        """Production, canary, previous production, and versions pinned by experiment arms."""
+        needed = routing.loaded_versions()
+        for name, versions_pinned in pins.items():
+            needed.setdefault(name, set()).update(versions_pinned)
         return {
             version: self.model(name, version)
-            for name, route_versions in routing.routed_versions().items()
+            for name, route_versions in sorted(needed.items())
             for version in sorted(route_versions)
         }
 
@@ -230,6 +333,28 @@ def warm_retriever(retriever: Retriever, centre: tuple[float, float]) -> None:
         for location in (None, Location(*centre))
     ]
     retriever.retrieve_batch(queries)
+
+
+def _pinned(experiments: Mapping[str, Any]) -> dict[str, set[str]]:
+    return {name: set(by_version) for name, by_version in arm_pins(experiments).items()}
+
+
+def rejection_reason(message: str) -> str:
+    """A bounded label for why a model was refused (the message itself goes to the log)."""
+    lowered = message.lower()
+    for needle, reason in (
+        ("scores nan", "nan"),
+        ("feature schema", "schema"),
+        ("categorical", "schema"),
+        ("golden", "golden"),
+        ("budget", "latency"),
+        ("do not match the manifest", "corrupt"),
+        ("not a lightgbm model", "corrupt"),
+        ("no manifest", "corrupt"),
+    ):
+        if needle in lowered:
+            return reason
+    return "other"
 
 
 def artifact_root(path: Path) -> ArtifactRoot:

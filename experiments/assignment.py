@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,9 @@ __all__ = [
 HOLDOUT_EXPERIMENT = "global-holdout"
 HOLDOUT_ARM = "holdout"
 _NO_EXPERIMENT = ""
-_POINT_SHIFT = np.uint64(64 - hashing.POINT_BITS)
+_POINT_SHIFT = hashing.uint64_constant(64 - hashing.POINT_BITS)
+_MAX_PARAM_COMBINATIONS = 4096
+"""Distinct parameter sets an Assigner keeps built (beyond it, built per request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,34 +79,34 @@ class LayerAssignment:
     forced: bool = False
 
 
-def _exposure_factory() -> Callable[[str, str, str, int, bool], Exposure]:
-    """A constructor for Exposure that skips the frozen dataclass's generated ``__init__``.
+def _slot_twin(sample: Any) -> type[Any] | None:
+    """A plain class with the slots of ``sample``'s frozen slots dataclass, or None.
 
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; setting the
-    slot descriptors directly builds an equal object in about half the time, which counts when
-    a request carries an exposure for each of 100 layers. Falls back to the real constructor if
-    Exposure ever changes shape or gains a ``__post_init__``.
+    A frozen dataclass's generated ``__init__`` sets each field through ``object.__setattr__``:
+    about 0.5 µs for Exposure's five fields, which is most of the cost of a request that carries
+    an exposure for each of 100 layers. An instance of the twin has the same memory layout, so
+    its fields are set by ordinary slot stores (specialised by the interpreter) and its
+    ``__class__`` then becomes the dataclass (CPython allows that between classes whose slots
+    are the same): an equal object for about a third of the cost. Checked here on ``sample``
+    (equal, same hash, same type after the swap); None when the dataclass is not a plain frozen
+    slots dataclass any more (a ``__post_init__``, other slots), and callers then use the real
+    constructor.
     """
-    names = [f.name for f in dataclasses.fields(Exposure)]
-    if names != ["layer", "experiment", "arm", "bucket", "forced"] or hasattr(
-        Exposure, "__post_init__"
-    ):
-        return Exposure
-    new = object.__new__
-    set_layer, set_experiment, set_arm, set_bucket, set_forced = (
-        Exposure.__dict__[n].__set__ for n in names
-    )
-
-    def build(layer: str, experiment: str, arm: str, bucket: int, forced: bool) -> Exposure:
-        obj: Exposure = new(Exposure)
-        set_layer(obj, layer)
-        set_experiment(obj, experiment)
-        set_arm(obj, arm)
-        set_bucket(obj, bucket)
-        set_forced(obj, forced)
-        return obj
-
-    return build
+    cls = type(sample)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    if getattr(cls, "__slots__", None) != names or hasattr(cls, "__post_init__"):
+        return None
+    twin = type(f"_{cls.__name__}Slots", (), {"__slots__": names})
+    try:
+        probe = twin()
+        for name in names:
+            setattr(probe, name, getattr(sample, name))
+        probe.__class__ = cls
+    except TypeError:  # layouts differ after all
+        return None
+    if type(probe) is not cls or probe != sample or hash(probe) != hash(sample):
+        return None
+    return twin
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class Assigner:
     def __init__(self, config: ExperimentConfig, version: str) -> None:
         self.config = config
         self.version = version
-        self._new_exposure = _exposure_factory()
+        self._exposure_slots = _slot_twin(Exposure("", "", "", 0, False))
+        self._assignment_slots = _slot_twin(Assignment((), PipelineParams(), version))
         self._compile(config)
 
     # -- compilation ---------------------------------------------------------------------------
@@ -192,6 +195,7 @@ class Assigner:
         self._compile_targeting(config, running, exp_row, sentinel)
         self._compile_params(config, running, exp_first_arm)
         self._compile_overrides(config, running, exp_first_arm)
+        self._compile_param_keys()
 
     def _compile_targeting(
         self,
@@ -268,6 +272,30 @@ class Assigner:
         self._param_owners = tuple(owners)
         self._param_names = tuple(names)
 
+    def _compile_param_keys(self) -> None:
+        """Per parameter owner, each arm's value as a small id (equal values, equal type: one
+        id), so that the parameters of a request are found by the tuple of its ids: the
+        distinct combinations are few (a handful of values per parameter) and each is built
+        once, not per request."""
+        tables: list[tuple[int, tuple[int, ...]]] = []
+        self._param_choices: list[tuple[Any, ...]] = []
+        for _, layer, table in self._param_owners:
+            ids: dict[tuple[type, Any], int] = {}
+            column = tuple(ids.setdefault((type(v), v), len(ids)) for v in table)
+            tables.append((layer, column))
+            self._param_choices.append(tuple(v for _, v in ids))
+        self._param_keys = tuple(tables)
+        self._params_by_key: dict[tuple[int, ...], PipelineParams] = {}
+
+    def _params_for(self, key: tuple[int, ...]) -> PipelineParams:
+        values = list(self._base_values)
+        for (p, _, _), choices, k in zip(self._param_owners, self._param_choices, key, strict=True):
+            values[p] = choices[k]
+        params = PipelineParams(*values)
+        if len(self._params_by_key) < _MAX_PARAM_COMBINATIONS:
+            self._params_by_key[key] = params  # a race builds an equal object twice: harmless
+        return params
+
     def _compile_overrides(
         self,
         config: ExperimentConfig,
@@ -312,13 +340,15 @@ class Assigner:
 
     def _arms(self, user_id: str, attributes: RequestAttributes) -> tuple[list[int], list[int]]:
         """The global arm index and bucket of every row (layers, then the holdout)."""
-        user = np.uint64(hashing.user_key(user_id))
+        user = hashing.uint64_constant(hashing.user_key(user_id))
         z = hashing.mix64_array(self._salts ^ user)
         buckets = z % self._sizes
         exps = self._owner.take(buckets + self._offsets)
         if self._class_tables is not None:
             exps = self._class_tables[self._class_of(attributes)].take(exps)
-        z = hashing.mix64_array(self._exp_keys.take(exps) ^ user)
+        z = self._exp_keys.take(exps)
+        z ^= user
+        hashing.mix64_array(z)
         z >>= _POINT_SHIFT
         z |= self._exp_prefix.take(exps)
         arms: list[int] = self._thresholds.searchsorted(z, side="right").tolist()
@@ -364,23 +394,41 @@ class Assigner:
 
     def _assignment(self, user_id: str, arms: list[int], buckets: list[int]) -> Assignment:
         forced = self._overrides.get(user_id)
-        if forced is None and arms[-1] != self._holdout_arm:
-            labels = self._labels
-            new = self._new_exposure
-            real = self._real_arms
-            exposures = tuple(
-                [
-                    new(x[0], x[1], x[2], b, False)
-                    for a, b in zip(arms, buckets, strict=True)
-                    if a < real
-                    for x in (labels[a],)
-                ]
-            )
-            values = list(self._base_values)
-            for p, layer, table in self._param_owners:
-                values[p] = table[arms[layer]]
-            return Assignment(exposures, PipelineParams(*values), self.version)
-        return self._assign_special(arms, buckets, forced or {})
+        slots = self._exposure_slots
+        if forced is not None or arms[-1] == self._holdout_arm or slots is None:
+            return self._assign_special(arms, buckets, forced or {})
+        # The common case, once per layer: plain slot stores, then the class swap (_slot_twin).
+        labels = self._labels
+        real = self._real_arms
+        exposures: list[Exposure] = []
+        for a, b in zip(arms, buckets, strict=True):
+            if a < real:
+                layer, experiment, arm = labels[a]
+                x = slots()
+                x.layer = layer
+                x.experiment = experiment
+                x.arm = arm
+                x.bucket = b
+                x.forced = False
+                x.__class__ = Exposure
+                exposures.append(x)
+        key = tuple([column[arms[layer]] for layer, column in self._param_keys])
+        params = self._params_by_key.get(key) or self._params_for(key)
+        return self._new_assignment(tuple(exposures), params)
+
+    def _new_assignment(
+        self, exposures: tuple[Exposure, ...], params: PipelineParams
+    ) -> Assignment:
+        slots = self._assignment_slots
+        if slots is None:
+            return Assignment(exposures, params, self.version)
+        result = slots()
+        result.exposures = exposures
+        result.params = params
+        result.config_version = self.version
+        result.__class__ = Assignment
+        assert isinstance(result, Assignment)  # for mypy; also true at run time
+        return result
 
     def _assign_special(
         self, arms: list[int], buckets: list[int], forced: Mapping[int, int]
@@ -394,11 +442,9 @@ class Assigner:
             arm = forced.get(row, a)
             info = self._arm_info[arm]
             if row == self._n_layers and holdout:
-                result.append(self._new_exposure(info.layer, info.experiment, info.arm, b, False))
+                result.append(Exposure(info.layer, info.experiment, info.arm, b, False))
             elif is_forced or (not holdout and arm < self._real_arms):
-                result.append(
-                    self._new_exposure(info.layer, info.experiment, info.arm, b, is_forced)
-                )
+                result.append(Exposure(info.layer, info.experiment, info.arm, b, is_forced))
             else:
                 continue
             for p, layer, table in self._param_owners:

@@ -266,10 +266,12 @@ def _acceptable(name: str, value: Any) -> bool:
     """What the pipeline can take, written from the brief rather than from the validator."""
     if isinstance(value, bool):
         return False
-    if name in ("retrieval_k", "nprobe", "max_per_restaurant"):
-        high = {"retrieval_k": 2000, "nprobe": 4096, "max_per_restaurant": None}[name]
-        low = 0 if name == "nprobe" else 1  # nprobe 0: the index version's measured default
-        return isinstance(value, int) and value >= low and (high is None or value <= high)
+    if name in ("retrieval_k", "nprobe", "max_per_restaurant", "rank_cut"):
+        high = {"retrieval_k": 2000, "nprobe": 4096, "max_per_restaurant": None, "rank_cut": 2000}
+        # nprobe 0: the index version's measured default; rank_cut 0: the model scores all
+        low = 0 if name in ("nprobe", "rank_cut") else 1
+        top = high[name]
+        return isinstance(value, int) and value >= low and (top is None or value <= top)
     if name == "radius_km":
         return isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 20_000
     if name == "model_name":

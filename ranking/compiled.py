@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recsys.artifacts import sha256_file
+
 ENGINE_LIGHTGBM = "lightgbm"
 ENGINE_LLEAVES = "lleaves"
 COMPILE_FLAGS: dict[str, Any] = {"fblocksize": 34, "finline": False, "fcodemodel": "large"}
@@ -122,9 +124,12 @@ def compile_model(
         import lleaves  # type: ignore[import-untyped]
     except ImportError as e:
         raise CompileError(f"lleaves cannot be imported: {e}") from e
+    digest_file = binary.with_suffix(".sha256")
     try:
         engine = lleaves.Model(model_file=str(model_file))
-        if binary.is_file():
+        # lleaves loads a cached object file without any check, and a truncated one could take
+        # the process down: only a binary whose recorded hash matches is loaded.
+        if binary.is_file() and _digest_matches(binary, digest_file):
             engine.compile(cache=str(binary), **COMPILE_FLAGS)
         else:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +140,7 @@ def compile_model(
             os.unlink(tmp)
             try:
                 engine.compile(cache=tmp, **COMPILE_FLAGS)
+                digest_file.write_text(sha256_file(Path(tmp)) + "\n")
                 os.replace(tmp, binary)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -146,6 +152,13 @@ def compile_model(
     compiled = CompiledModel(engine=engine, binary=binary)
     check_golden(compiled, golden_features, golden_scores, tolerance, str(model_file))
     return compiled
+
+
+def _digest_matches(binary: Path, digest_file: Path) -> bool:
+    try:
+        return digest_file.read_text().strip() == sha256_file(binary)
+    except OSError:
+        return False
 
 
 def check_golden(

@@ -26,7 +26,9 @@ from recsys.settings import DEFAULT_ARTIFACTS, BuildSettings, env_default
 
 Progress = Callable[[str], None]
 INDEX_TARGET_RECALL = 0.95
-"""The index's default nprobe is the smallest that reaches this recall@200 against exact search."""
+INDEX_RECALL_K = 500
+"""The index's default nprobe is the smallest that reaches INDEX_TARGET_RECALL at this depth
+(recall@500 against exact search, on probe queries drawn from the real user vectors)."""
 
 
 @dataclass
@@ -38,21 +40,67 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     offline_metrics: dict[str, float] = field(default_factory=dict)
     index_recall: float = 0.0
+    index_nlist: int = 0
+    index_nprobe: int = 0
     bytes_on_disk: int = 0
     peak_rss_mb: float = 0.0
 
 
+STAGES = ("world", "vectors", "index", "ranker", "control")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 @contextmanager
-def _stage(name: str, report: BuildReport, say: Progress) -> Iterator[None]:
+def _stage(name: str, report: BuildReport, say: Progress, bar: Any = None) -> Iterator[None]:
     say(f"[{name}] ...")
     start = time.perf_counter()
     yield
     took = time.perf_counter() - start
     report.seconds[name] = round(took, 2)
-    say(f"[{name}] done in {took:.1f}s")
+    say(f"[{name}] done in {took:.1f}s, peak RSS {peak_rss_mb():,.0f} MB")
+    if bar is not None:
+        bar.update(1)
 
 
 def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
+    root = ArtifactRoot(settings.out)
+    report = BuildReport()
+    total = time.perf_counter()
+    progress = say if settings.progress else None
+    with _progress_bar(settings.progress, len(STAGES), "build", "stage") as bar:
+        _build_stages(settings, root, report, say, progress, bar)
+    report.seconds["total"] = round(time.perf_counter() - total, 2)
+    report.bytes_on_disk = sum(
+        p.stat().st_size for p in root.path.rglob("*") if p.is_file() and "control" not in p.parts
+    )
+    report.peak_rss_mb = peak_rss_mb()
+    return report
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, desc: str, unit: str) -> Iterator[Any]:
+    """A tqdm bar on stderr (None when progress is off, e.g. in tests)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _build_stages(
+    settings: BuildSettings,
+    root: ArtifactRoot,
+    report: BuildReport,
+    say: Progress,
+    progress: Progress | None,
+    bar: Any,
+) -> None:
     # Imported here: the CLI's --help must not pay for FAISS and LightGBM.
     from ranking.features import build_feature_tables, save_feature_tables
     from ranking.model import save_model_version
@@ -63,12 +111,7 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
     from retrieval.embeddings import learn_embeddings
     from retrieval.index import build_index, save_index_version
 
-    root = ArtifactRoot(settings.out)
-    report = BuildReport()
-    total = time.perf_counter()
-    progress = say if settings.progress else None
-
-    with _stage("world", report, say):
+    with _stage("world", report, say, bar):
         world = generate_world(settings.skus, settings.users, settings.seed, progress=progress)
         with artifacts.staging(root.path) as tmp:
             save_world(world, tmp)
@@ -83,7 +126,7 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
         f"{world.users.n_users:,} users, {world.log.n_rows:,} impressions"
     )
 
-    with _stage("vectors", report, say):
+    with _stage("vectors", report, say, bar):
         emb = learn_embeddings(world, settings.dim, settings.seed, progress=progress)
         tables = build_feature_tables(world, emb.user_vectors, emb.item_vectors)
         with artifacts.staging(root.path) as tmp:
@@ -95,8 +138,14 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
                  "dim": settings.dim, "seed": settings.seed},
             )  # fmt: skip
 
-    with _stage("index", report, say):
-        index = build_index(emb.item_vectors, seed=settings.seed)
+    with _stage("index", report, say, bar):
+        n_items = emb.item_vectors.shape[0]
+        with _progress_bar(settings.progress, n_items, "index: add items", "item") as add_bar:
+            index = build_index(
+                emb.item_vectors,
+                seed=settings.seed,
+                on_added=None if add_bar is None else add_bar.update,
+            )
         rng = np.random.default_rng(settings.seed)
         known = np.flatnonzero(np.abs(emb.user_vectors).sum(axis=1) > 0)
         probe_rows = rng.choice(known, size=min(256, known.size), replace=False)
@@ -106,13 +155,15 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
             emb.item_vectors,
             np.ascontiguousarray(emb.user_vectors[np.sort(probe_rows)]),
             features_version=report.features_version,
+            k=INDEX_RECALL_K,
             target_recall=INDEX_TARGET_RECALL,
         )
-        report.index_recall = float(
-            artifacts.read_manifest(root.indexes / report.index_version).get("recall", 0.0)
-        )
+        manifest = artifacts.read_manifest(root.indexes / report.index_version)
+        report.index_recall = float(manifest.get("recall", 0.0))
+        report.index_nlist = int(manifest.get("nlist", 0))
+        report.index_nprobe = int(manifest.get("default_nprobe", 0))
 
-    with _stage("ranker", report, say):
+    with _stage("ranker", report, say, bar):
         params = RankerParams(seed=settings.seed)
         trained = train_ranker(world, tables, params, progress=progress)
         report.model_version = save_model_version(
@@ -130,15 +181,8 @@ def build(settings: BuildSettings, say: Progress = print) -> BuildReport:
         _, engine = load_for_serving(root, "ranker", report.model_version)
         say(f"  ranker engine: {engine}")
 
-    with _stage("control", report, say):
+    with _stage("control", report, say, bar):
         publish_control_documents(root, report)
-
-    report.seconds["total"] = round(time.perf_counter() - total, 2)
-    report.bytes_on_disk = sum(
-        p.stat().st_size for p in root.path.rglob("*") if p.is_file() and "control" not in p.parts
-    )
-    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return report
 
 
 def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
@@ -215,7 +259,10 @@ def _run(args: argparse.Namespace) -> int:
     report = build(settings, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"world     {report.world_version}")
     print(f"features  {report.features_version}")
-    print(f"index     {report.index_version}  (recall vs exact: {report.index_recall:.3f})")
+    print(
+        f"index     {report.index_version}  (nlist {report.index_nlist}, default nprobe "
+        f"{report.index_nprobe}: recall@{INDEX_RECALL_K} vs exact {report.index_recall:.3f})"
+    )
     print(f"ranker    {report.model_version}")
     for key, value in sorted(report.offline_metrics.items()):
         print(f"  {key:28s} {value:.4f}")

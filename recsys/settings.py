@@ -49,6 +49,10 @@ class ServeSettings:
     control_poll_seconds: float = 1.0
     control_prefix: str = "recsys:"
     """Key prefix in Redis, so several deployments (or tests) can share one server."""
+    feature_store: str = ""
+    """Where retrieval reads user vectors: empty for the memory-mapped feature tables, or
+    redis://HOST:PORT/DB for the online store (keys under ``control_prefix``), falling back to
+    the tables when Redis is slow or down (retrieval/feature_store.py)."""
 
 
 def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:

@@ -90,6 +90,9 @@ class Candidates:
     retrieval_scores: Float32Array
     fallback: bool = False
     """True when the user was unknown and candidates are popular items near the location."""
+    stale_user_vector: bool = False
+    """True when the online feature store was slow or down (or lacked the user) and the user
+    vector came from the local memory-mapped copy."""
 
 
 @dataclass(frozen=True, slots=True)

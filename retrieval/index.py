@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +46,13 @@ MIN_NLIST = 64
 MAX_NLIST = 65_536
 MIN_POINTS_PER_LIST = 39
 """FAISS k-means wants at least 39 training points per centroid."""
-TRAIN_POINTS_PER_LIST = 64
-"""Training sample size per inverted list for big catalogues (4M SKUs -> 512k points)."""
+TRAIN_POINTS_PER_LIST = 40
+"""Training sample size per inverted list for big catalogues (4M SKUs -> 160k points)."""
+KMEANS_ITERATIONS = 10
+"""k-means iterations for the coarse quantizer (FAISS's default is 25): at 4M SKUs, 10 train in
+a fraction of the time with no measurable loss of recall at the served nprobe."""
+ADD_CHUNK = 262_144
+"""Items added per FAISS call, so a build can report progress."""
 RECALL_LADDER = (4, 8, 16, 32, 64, 128, 256)
 """nprobe values whose recall a published version records, besides its default."""
 KIND_FLAT = "flat_ip"
@@ -58,8 +64,10 @@ class IndexValidationError(ArtifactError):
 
 
 def default_nlist(n_items: int) -> int:
-    """About 4 * sqrt(N) inverted lists, within [MIN_NLIST, MAX_NLIST] and trainable."""
-    nlist = round(4 * math.sqrt(n_items))
+    """About 2 * sqrt(N) inverted lists (4,000 at 4M SKUs), within [MIN_NLIST, MAX_NLIST] and
+    trainable. Measured at 4M (benchmarks/README.md): the served nprobe reaches recall@500 >= 0.95
+    scanning ~1% of the items, and k-means trains 4x faster than with 4 * sqrt(N)."""
+    nlist = round(2 * math.sqrt(n_items))
     nlist = min(max(nlist, MIN_NLIST), MAX_NLIST)
     return max(1, min(nlist, n_items // MIN_POINTS_PER_LIST))
 
@@ -90,7 +98,11 @@ def pad_queries(queries: Float32Array, dimension: int) -> Float32Array:
 
 
 def build_index(
-    item_vectors: Float32Array, *, seed: int = 7, nlist: int | None = None
+    item_vectors: Float32Array,
+    *,
+    seed: int = 7,
+    nlist: int | None = None,
+    on_added: Callable[[int], None] | None = None,
 ) -> faiss.Index:
     """An inner-product index over ``item_vectors`` (ids = rows). Deterministic for a seed.
 
@@ -98,13 +110,14 @@ def build_index(
     index with :func:`default_nlist` lists above; an explicit ``nlist`` always builds IVF-Flat.
     Both store the augmented vectors (see the module docstring), so the index dimension is one
     more than the items'. The coarse quantizer is trained on a seeded sample of at most
-    ``64 * nlist`` vectors.
+    ``TRAIN_POINTS_PER_LIST * nlist`` vectors. ``on_added(n)`` is called after each chunk of
+    ``n`` items is added (progress reporting).
     """
     x = augment_items(item_vectors)
     n, d = x.shape
     if nlist is None and n < EXACT_BELOW:
         flat = faiss.IndexFlatIP(d)
-        flat.add(x)
+        _add_in_chunks(flat, x, on_added)
         return flat
     lists = default_nlist(n) if nlist is None else nlist
     if not 1 <= lists <= n:
@@ -113,14 +126,25 @@ def build_index(
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, lists, faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = False
     index.cp.seed = seed
+    index.cp.niter = KMEANS_ITERATIONS
     n_train = min(n, lists * TRAIN_POINTS_PER_LIST)
     if n_train < n:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
         index.train(x[rows])
     else:
         index.train(x)
-    index.add(x)
+    _add_in_chunks(index, x, on_added)
     return index
+
+
+def _add_in_chunks(
+    index: faiss.Index, x: Float32Array, on_added: Callable[[int], None] | None
+) -> None:
+    for start in range(0, x.shape[0], ADD_CHUNK):  # a few dozen chunks at 4M: progress only
+        chunk = x[start : start + ADD_CHUNK]
+        index.add(chunk)
+        if on_added is not None:
+            on_added(chunk.shape[0])
 
 
 def exact_neighbours(item_vectors: Float32Array, queries: Float32Array, k: int) -> Int64Array:

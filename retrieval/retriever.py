@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,7 @@ from recsys.geo import EARTH_RADIUS_KM, haversine_km
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 from retrieval.availability import Availability
+from retrieval.feature_store import UserStore, UserVectors
 from retrieval.index import ItemIndex
 
 RADIUS_OVERFETCH = 8
@@ -157,7 +158,10 @@ class Retriever:
         catalogue: Catalogue,
         item_popularity: Float32Array,
         availability: Availability,
+        user_store: UserStore | None = None,
     ) -> None:
+        """``user_store`` (default: ``user_vectors`` itself) is where searches read the user
+        vectors; ``user_vectors`` stays the local copy that says which users have one."""
         users = np.ascontiguousarray(user_vectors, dtype=np.float32)
         popularity = np.asarray(item_popularity, dtype=np.float32)
         if users.ndim != 2 or users.shape[1] != index.dimension:
@@ -173,6 +177,7 @@ class Retriever:
                 raise ValueError(f"{name}: expected {index.count} items (the index), got {size}")
         self._index = index
         self._user_vectors = users
+        self._user_store = user_store
         self._has_vector: BoolArray = np.any(users != 0, axis=1)
         self._popularity = popularity
         # Computed once per catalogue (int32 halves the memory at 4M items); each availability
@@ -182,6 +187,11 @@ class Retriever:
         self._popularity_rank[self._popular_order] = np.arange(index.count, dtype=np.int32)
         self._geo = CatalogueGeo(catalogue, self._popularity_rank)
         self._set_availability(availability)
+
+    @property
+    def user_store(self) -> UserStore | None:
+        """Where searches read user vectors (None: the ``user_vectors`` array itself)."""
+        return self._user_store
 
     def _set_availability(self, availability: Availability) -> None:
         self.availability = availability
@@ -218,8 +228,9 @@ class Retriever:
         for nprobe, positions in by_nprobe.items():
             fetch = [self._fetch(queries[i]) for i in positions]
             rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
+            users = self._read_users(rows)
             scores, ids = self._index.search(
-                self._user_vectors[rows],
+                users.vectors,
                 max(fetch),
                 nprobe=nprobe,
                 allowed=self.availability.selector,
@@ -227,8 +238,18 @@ class Retriever:
             usable = (ids >= 0) & self._within_rows([queries[i] for i in positions], ids)
             for n, i in enumerate(positions):
                 f = fetch[n]
-                out[i] = self._personal(queries[i], ids[n, :f], scores[n, :f], usable[n, :f])
+                candidates = self._personal(
+                    queries[i], users.vectors[n], ids[n, :f], scores[n, :f], usable[n, :f]
+                )
+                out[i] = (
+                    replace(candidates, stale_user_vector=True) if users.degraded else candidates
+                )
         return [c for c in out if c is not None]
+
+    def _read_users(self, rows: Int64Array) -> UserVectors:
+        if self._user_store is None:
+            return UserVectors(self._user_vectors[rows])
+        return self._user_store.read(rows)
 
     def _check(self, q: RetrievalQuery) -> None:
         if not -1 <= q.user_row < self._user_vectors.shape[0]:
@@ -266,7 +287,12 @@ class Retriever:
         return np.asarray(near | ~located[:, None])
 
     def _personal(
-        self, q: RetrievalQuery, ids: Int64Array, scores: Float32Array, usable: BoolArray
+        self,
+        q: RetrievalQuery,
+        user: Float32Array,
+        ids: Int64Array,
+        scores: Float32Array,
+        usable: BoolArray,
     ) -> Candidates:
         """A known user's candidates from their share of the search (``usable``: returned and
         within the radius), topped up with popular eligible items if too few remain."""
@@ -278,7 +304,6 @@ class Retriever:
         if ids.size < q.k:
             extra = self._popular_eligible(q, q.k - ids.size, exclude, np.sort(ids))
             if extra.size:
-                user = self._user_vectors[q.user_row]
                 ids = np.concatenate([ids, extra])
                 scores = np.concatenate([scores, self._index.reconstruct(extra) @ user])
                 order = np.argsort(-scores, kind="stable")

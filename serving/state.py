@@ -25,6 +25,7 @@ from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, version
 from recsys.types import Location, ServingVersions
 from recsys.world import Catalogue, World, load_world
 from retrieval.availability import Availability
+from retrieval.feature_store import RedisUserStore, open_user_store
 from retrieval.index import ItemIndex
 from retrieval.retriever import RetrievalQuery, Retriever
 
@@ -135,8 +136,20 @@ class StateLoader:
             return {}
         return {p.name: versions(p) for p in sorted(parent.iterdir()) if p.is_dir()}
 
-    def initial(self, docs: Mapping[str, Mapping[str, Any]], config_version: str) -> ServingState:
-        """Load everything named by the routing document and compile the other documents."""
+    def initial(
+        self,
+        docs: Mapping[str, Mapping[str, Any]],
+        config_version: str,
+        *,
+        feature_store: str = "",
+        feature_store_prefix: str = "recsys:",
+    ) -> ServingState:
+        """Load everything named by the routing document and compile the other documents.
+
+        ``feature_store``: where retrieval reads user vectors: "" the memory-mapped tables (the
+        default, nothing in between), or redis://... the online store with the tables as the
+        fallback (retrieval/feature_store.py); index swaps keep the same store.
+        """
         missing = [name for name in DOCUMENTS if name not in docs]
         if missing:
             raise StateError(f"control plane has no {', '.join(missing)} document")
@@ -148,8 +161,20 @@ class StateLoader:
         models = self._models_for(routing, pins)
         self._pins = pins
         availability = Availability.from_document(catalogue, docs[AVAILABILITY])
+        user_store = None
+        if feature_store:
+            try:
+                user_store = open_user_store(
+                    feature_store,
+                    prefix=feature_store_prefix,
+                    features_version=loaded.features_version,
+                    user_ids=tables.user_ids,
+                    user_vectors=tables.user_vectors,
+                )
+            except ValueError as e:
+                raise StateError(f"feature store: {e}") from e
         retriever = Retriever(
-            index, tables.user_vectors, catalogue, tables.item_popularity, availability
+            index, tables.user_vectors, catalogue, tables.item_popularity, availability, user_store
         )
         return ServingState(
             catalogue=catalogue,
@@ -194,6 +219,7 @@ class StateLoader:
             index_manifest = read_manifest(index_dir)
             features_dir = self.root.features / str(index_manifest["features_version"])
             features_manifest = read_manifest(features_dir)
+            features_version = str(index_manifest["features_version"])
             world_version = str(features_manifest["world_version"])
             world = load_world(self.root.world / world_version)
             tables = load_feature_tables(features_dir, world.catalogue)
@@ -204,7 +230,7 @@ class StateLoader:
             )
         except (ArtifactError, KeyError, OSError, ValueError) as e:
             raise StateError(f"index {index_version}: cannot load it or its inputs: {e}") from e
-        return LoadedIndex(world_version, world, tables, index)
+        return LoadedIndex(world_version, features_version, world, tables, index)
 
     def _with_index(self, state: ServingState, index_version: str) -> ServingState:
         """The snapshot serving ``index_version`` (unchanged when it already does).
@@ -226,12 +252,18 @@ class StateLoader:
                     "restaurants_off": state.availability.restaurants_off.tolist(),
                 },
             )
+            store = state.retriever.user_store
+            if isinstance(store, RedisUserStore):
+                store = store.for_version(
+                    loaded.features_version, loaded.tables.user_ids, loaded.tables.user_vectors
+                )
             retriever = Retriever(
                 loaded.index,
                 loaded.tables.user_vectors,
                 catalogue,
                 loaded.tables.item_popularity,
                 availability,
+                store,
             )
         except ValueError as e:
             raise StateError(f"routing.index {index_version}: {e}") from e
@@ -319,6 +351,7 @@ class StateLoader:
 @dataclass(frozen=True)
 class LoadedIndex:
     world_version: str
+    features_version: str
     world: World
     tables: FeatureTables
     index: ItemIndex

@@ -17,10 +17,14 @@ from recsys.build import BuildReport
 from recsys.control.store import open_store
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from retrieval.feature_store import RedisUserStore
 from retrieval.index import build_index, save_index_version
 from serving.pipeline import open_pipeline
 from serving.server import RunningServer
 from serving.state import StateError, StateLoader
+from tests.control.redis_helpers import redis_prefix, redis_url
+
+__all__ = ["redis_prefix", "redis_url"]
 
 KNOWN_USER = "user-0000001"
 
@@ -135,3 +139,27 @@ def test_an_index_that_fails_validation_is_refused(
     with pytest.raises(StateError, match=new):
         loader.load_index(new)
     assert read_manifest(ArtifactRoot(artifacts).indexes / report.index_version)
+
+
+def test_an_online_feature_store_follows_the_index_swap(
+    artifacts: Path, built_world: tuple[Path, BuildReport], redis_url: str, redis_prefix: str
+) -> None:
+    report = built_world[1]
+    loader = StateLoader(ArtifactRoot(artifacts))
+    store = open_store("", artifacts)
+    try:
+        bodies = {
+            name: doc.body
+            for name in ("routing", "experiments", "availability")
+            if (doc := store.read(name)) is not None
+        }
+    finally:
+        store.close()
+    state = loader.initial(bodies, "1", feature_store=redis_url, feature_store_prefix=redis_prefix)
+    assert isinstance(state.retriever.user_store, RedisUserStore)
+    new = publish_another_index(artifacts, report, 32)
+    swapped = loader.with_routing(state, {**bodies["routing"], "index": new})
+    assert isinstance(swapped.retriever.user_store, RedisUserStore)
+    assert swapped.retriever.user_store is not state.retriever.user_store
+    with pytest.raises(StateError, match="feature store"):
+        loader.initial(bodies, "1", feature_store="http://nowhere")

@@ -81,6 +81,7 @@ class ControlFollower:
         self._tasks = [
             asyncio.create_task(self._follow(w), name=f"control-{w.name}") for w in self._watchers
         ]
+        self._tasks.append(asyncio.create_task(self._unload_models(), name="model-unload"))
 
     async def close(self) -> None:
         for watcher in self._watchers:
@@ -94,6 +95,24 @@ class ControlFollower:
     async def _follow(self, watcher: DocumentWatcher) -> None:
         async for document in watcher:
             await self.apply(document)
+
+    async def _unload_models(self) -> None:
+        """Drop model versions no route or arm needs once their grace period has passed.
+
+        Documents already trigger this when they change; this covers a quiet control plane.
+        """
+        interval = max(0.05, self._loader.unload_grace_seconds / 4)
+        while True:
+            await asyncio.sleep(interval)
+            async with self._apply_lock:
+                try:
+                    state = await asyncio.to_thread(self._loader.unload_expired, self._get_state())
+                except Exception:  # keep serving what is loaded; try again next round
+                    log.exception("model unload check failed")
+                    continue
+                if state is not None:
+                    self._set_state(state)
+                    log.info("unloaded model versions past their grace period")
 
     async def apply(self, document: Document) -> bool:
         """Build and swap in the snapshot for ``document``; False if it was rejected."""

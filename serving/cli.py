@@ -61,7 +61,25 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--workers",
         type=int,
         default=int(env_default("workers", str(defaults.workers))),
-        help="server processes (only 1 for now)",
+        help="server processes sharing the port (SO_REUSEPORT) and one metrics endpoint",
+    )
+    serve.add_argument(
+        "--cache-entries",
+        type=int,
+        default=int(env_default("cache_entries", str(defaults.cache_entries))),
+        help="result cache size in recommendations per worker (0: off; default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=int(env_default("max_in_flight", str(defaults.max_in_flight))),
+        help="calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
+    )
+    serve.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=float(env_default("max_queue_delay_ms", str(defaults.max_queue_delay_ms))),
+        help="when the oldest queued request has waited this long, shed new ones",
     )
     serve.add_argument(
         "--drain-seconds",
@@ -96,8 +114,16 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Check the flags and freeze them into settings; bad values raise :class:`CliError`."""
-    if args.workers != 1:
-        raise CliError(f"--workers is {args.workers}; only 1 worker process is supported for now")
+    if args.workers < 1:
+        raise CliError(f"--workers is {args.workers}; expected >= 1")
+    if args.workers > 1 and args.metrics_port == 0:
+        raise CliError("--metrics-port 0 with --workers > 1: give the merged endpoint a port")
+    if args.cache_entries < 0:
+        raise CliError(f"--cache-entries is {args.cache_entries}; expected >= 0 (0: off)")
+    if args.max_in_flight < 0:
+        raise CliError(f"--max-in-flight is {args.max_in_flight}; expected >= 0 (0: no bound)")
+    if args.max_queue_delay_ms <= 0:
+        raise CliError(f"--max-queue-delay-ms is {args.max_queue_delay_ms}; expected > 0")
     for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if not 0 <= value <= 65535:
             raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
@@ -120,6 +146,9 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,
         drain_seconds=args.drain_seconds,
+        cache_entries=args.cache_entries,
+        max_in_flight=args.max_in_flight,
+        max_queue_delay_ms=args.max_queue_delay_ms,
     )
 
 
@@ -127,6 +156,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from recsys.artifacts import ArtifactError
+
+    if settings.workers > 1:
+        from serving.workers import run_workers
+
+        return run_workers(settings)
     from serving.pipeline import open_pipeline  # loads FAISS and LightGBM: not for --help
     from serving.server import run
 

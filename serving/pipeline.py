@@ -267,7 +267,7 @@ class Pipeline:
         self._batcher = batcher
         self._follower = follower
         self._store = store
-        self._cache = cache or ResultCache(0)
+        self._cache = cache if cache is not None else ResultCache(0)
         self._metrics = metrics
 
     @property

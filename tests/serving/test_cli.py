@@ -66,7 +66,10 @@ def test_serve_defaults_come_from_recsys_variables(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--workers", "2"], "--workers is 2"),
+        (["--workers", "0"], "--workers is 0"),
+        (["--workers", "2", "--metrics-port", "0"], "--metrics-port 0 with --workers > 1"),
+        (["--cache-entries", "-1"], "--cache-entries is -1"),
+        (["--max-in-flight", "-1"], "--max-in-flight is -1"),
         (["--port", "70000"], "--port is 70000"),
         (["--metrics-port", "-1"], "--metrics-port is -1"),
         (["--batch-max-size", "0"], "--batch-max-size is 0"),

@@ -1,0 +1,103 @@
+"""The real batch function on a small built world: two-phase cuts, deadlines, the result cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.control.store import open_store
+from recsys.types import Assignment, PipelineParams, Recommendation, Request
+from retrieval.retriever import RetrievalQuery
+from serving.batching import DeadlineExceeded, MicroBatcher
+from serving.cache import ResultCache
+from serving.control import read_documents
+from serving.pipeline import DEADLINE, Job, Pipeline, RankCost, recommend_batch
+from serving.state import ServingState, StateLoader, artifact_root
+
+KNOWN_USER = "user-0000001"
+
+
+@pytest.fixture(scope="module")
+def state(artifacts_dir: Path) -> ServingState:
+    store = open_store("", artifacts_dir)
+    try:
+        docs = read_documents(store, None)
+    finally:
+        store.close()
+    loader = StateLoader(artifact_root(artifacts_dir))
+    return loader.initial({name: doc.body for name, doc in docs.items()}, "1")
+
+
+def _job(state: ServingState, deadline: float | None = None, **params: object) -> Job:
+    request = Request(request_id="r", user_id=KNOWN_USER, num_results=10)
+    assignment = Assignment((), PipelineParams(max_per_restaurant=100, **params), "1")  # type: ignore[arg-type]
+    return Job(request, assignment, state, deadline)
+
+
+def _served(result: Recommendation | Exception) -> Recommendation:
+    assert isinstance(result, Recommendation), result
+    return result
+
+
+def _retrieved(state: ServingState, k: int) -> np.ndarray:
+    row = int(state.tables.user_rows([KNOWN_USER])[0])
+    (cand,) = state.retriever.retrieve_batch(
+        [RetrievalQuery(user_row=row, location=None, k=k, nprobe=0, radius_km=8.0)]
+    )
+    return cand.sku_ids
+
+
+def test_a_cut_ranks_only_the_first_phase_best_and_no_cut_ranks_all(state: ServingState) -> None:
+    full, cut = (
+        _served(r)
+        for r in recommend_batch([_job(state, retrieval_k=200), _job(state, rank_cut=15)])
+    )
+    assert set(cut.items.sku_ids.tolist()) <= set(_retrieved(state, 200)[:15].tolist())
+    assert not cut.degraded
+    # Without a cut, the model's choice reaches past the retrieval top 15 (it re-ranks).
+    assert not set(full.items.sku_ids.tolist()) <= set(_retrieved(state, 200)[:15].tolist())
+
+
+def test_too_little_time_to_rank_answers_in_retrieval_order_flagged_degraded(
+    state: ServingState,
+) -> None:
+    slow = RankCost(seconds_per_row=10.0)  # as if ranking took 10 s a row
+    (rec,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], slow)
+    served = _served(rec)
+    assert DEADLINE in served.degraded_reasons
+    assert served.items.sku_ids.tolist() == _retrieved(state, 200)[:10].tolist()
+    (relaxed,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)])
+    assert not _served(relaxed).degraded
+
+
+def test_a_deadline_that_passed_in_the_queue_fails_only_that_request(state: ServingState) -> None:
+    late, fine = recommend_batch([_job(state, deadline=time.perf_counter() - 1), _job(state)])
+    assert isinstance(late, DeadlineExceeded)
+    assert len(_served(fine).items) == 10
+
+
+async def test_a_repeated_request_is_served_from_the_cache_until_the_snapshot_changes(
+    state: ServingState,
+) -> None:
+    calls: list[int] = []
+
+    def counting(jobs: list[Job]) -> list[Recommendation | Exception]:
+        calls.append(len(jobs))
+        return recommend_batch(jobs)
+
+    async with MicroBatcher(counting, max_delay=0) as batcher:
+        pipeline = Pipeline(state, batcher, cache=ResultCache(100))
+        request = Request(request_id="a", user_id=KNOWN_USER, num_results=10)
+        first = await pipeline.recommend(request)
+        again = await pipeline.recommend(replace(request, request_id="b"))
+        assert len(calls) == 1
+        assert again.request_id == "b"
+        assert again.items.sku_ids.tolist() == first.items.sku_ids.tolist()
+        assert dict(again.stage_seconds).keys() == {"assign", "cache"}
+        pipeline.swap(replace(state))  # any control-plane change is a new snapshot
+        await pipeline.recommend(replace(request, request_id="c"))
+        assert len(calls) == 2

@@ -70,6 +70,7 @@ class DocumentWatcher:
         self._max_backoff = max_backoff_seconds
         self._backoff = INITIAL_BACKOFF_SECONDS
         self._closed = False
+        self._step: asyncio.Future[Document | None] | None = None
         self._is_redis = url.startswith(("redis://", "rediss://"))
         self._keys = DocumentKeys(prefix, name)
         self._client: aioredis.Redis | None = None
@@ -112,14 +113,35 @@ class DocumentWatcher:
 
     async def __anext__(self) -> Document:
         while not self._closed:
-            document = await (self._next_redis() if self._is_redis else self._next_file())
+            # Each step runs as a task of ours, so that aclose() can stop it before closing the
+            # connections it uses: closed under a running read, redis-py reconnects (and that
+            # connection would be left open).
+            step = asyncio.ensure_future(
+                self._next_redis() if self._is_redis else self._next_file()
+            )
+            self._step = step
+            try:
+                document = await step
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._closed and (current is None or not current.cancelling()):
+                    break  # aclose() stopped the step: the iteration ends
+                raise
+            finally:
+                self._step = None
             if document is not None:
                 self._last_version = document.version
                 return document
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
+        """Stop following: end a pending step (the iterator then stops) and close the
+        connections."""
         self._closed = True
+        step = self._step
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait([step])
         await self._disconnect()
 
     # -- file ----------------------------------------------------------------------------------

@@ -184,3 +184,37 @@ def test_document_json_round_trip() -> None:
     doc = Document("experiments", 3, {"a": [1, {"b": None}]}, "alice", 1.5)
     assert Document.from_json(doc.to_json(), "test") == doc
     assert json.loads(doc.to_json())["version"] == 3
+
+
+async def test_aclose_during_a_pending_read_leaves_no_connection_open(
+    throwaway_redis: ThrowawayRedis,
+) -> None:
+    """Closing the connections under a running read made redis-py reconnect and leak them."""
+    store = RedisStore(throwaway_redis.url, prefix="recsys-test:")
+    store.write("experiments", {"v": 1}, expected_version=0, author="a")
+    store.close()
+    watchers = [
+        watch(throwaway_redis.url, "experiments", prefix="recsys-test:", poll_seconds=0.5)
+        for _ in range(3)
+    ]
+    ended: list[int] = []
+
+    async def follow(watcher: DocumentWatcher) -> None:
+        async for document in watcher:
+            ended.append(-document.version)
+        ended.append(1)  # the iteration ended by itself
+
+    tasks = [asyncio.create_task(follow(w)) for w in watchers]
+    await wait_until(lambda: len(ended) == 3)  # each read version 1 and waits for a message
+    await asyncio.sleep(0.1)
+    for watcher in watchers:
+        await watcher.aclose()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert sorted(ended) == [-1, -1, -1, 1, 1, 1]
+    await asyncio.sleep(0.5)  # a reconnection would happen meanwhile
+    client = redis.Redis.from_url(throwaway_redis.url)
+    try:
+        others = [c for c in client.client_list() if c.get("cmd") != "client|list"]
+    finally:
+        client.close()
+    assert others == []

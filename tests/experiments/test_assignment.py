@@ -15,10 +15,11 @@ from experiments.assignment import (
     HOLDOUT_ARM,
     HOLDOUT_EXPERIMENT,
     RequestAttributes,
+    _slot_twin,
     compile_config,
 )
 from experiments.config import ExperimentConfig, parse_config
-from recsys.types import Exposure, PipelineParams
+from recsys.types import Assignment, Exposure, PipelineParams
 from tests.experiments.docs import two_layer_doc
 
 SURFACES = ["home", "search", "offers"]
@@ -275,3 +276,57 @@ def test_assign_many_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="2 user ids but 1 attributes"):
         assigner.assign_many(["a", "b"], [RequestAttributes()])
     assert assigner.assign_many([], []) == []
+
+
+def test_fast_built_objects_are_the_real_types_and_equal_to_the_slow_path() -> None:
+    doc = two_layer_doc()
+    assigner = compile_config(doc, version="5")
+    slow = compile_config(doc, version="5")
+    slow._exposure_slots = None  # what happens when the dataclass stops being a plain one
+    slow._assignment_slots = None
+    attrs = RequestAttributes("home", "ios", True)
+    for i in range(300):
+        fast = assigner.assign(f"u{i}", attrs)
+        assert type(fast) is Assignment
+        assert all(type(e) is Exposure for e in fast.exposures)
+        assert fast == slow.assign(f"u{i}", attrs)
+        assert hash(fast.exposures) == hash(slow.assign(f"u{i}", attrs).exposures)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.exposures[0].arm = "other"  # type: ignore[misc]
+
+
+def test_slot_twin_only_for_plain_frozen_slots_dataclasses() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Plain:
+        a: int
+        b: str
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self) -> None:
+            assert self.a > 0
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    twin = _slot_twin(Plain(1, "x"))
+    assert twin is not None
+    built = twin()
+    built.a, built.b = 2, "y"
+    built.__class__ = Plain
+    assert built == Plain(2, "y")
+    assert _slot_twin(Checked(1)) is None
+    assert _slot_twin(NoSlots(1)) is None
+
+
+def test_parameters_keep_the_type_each_arm_gave() -> None:
+    doc = two_layer_doc()
+    doc["defaults"]["radius_km"] = 8
+    assigner = compile_config(doc)
+    for i in range(200):
+        params = assigner.assign(f"u{i}", RequestAttributes()).params
+        assert type(params.radius_km) is float
+        assert type(params.retrieval_k) is int

@@ -5,7 +5,8 @@ ARTIFACTS ?= artifacts
 BIN := $(VENV)/bin
 PROTO_OUT := recsys/v1
 
-.PHONY: run build serve test lint proto bench loadtest clean install install-dev
+.PHONY: run build serve test lint proto bench bench-throughput bench-rank-cut loadtest loadtest-ci \
+	deploy-check clean install install-dev
 
 run: build serve ## build the demo world if absent, then serve gRPC on 127.0.0.1:50051
 
@@ -32,8 +33,21 @@ proto: $(BIN)/.dev ## regenerate the Python code from protos/
 bench: $(BIN)/.dev build
 	$(BIN)/python -m benchmarks.bench_latency --artifacts $(ARTIFACTS)
 
-loadtest: $(BIN)/.dev
-	$(BIN)/locust -f loadtest/locustfile.py --headless --host 127.0.0.1:50051 -u 50 -r 50 -t 30s
+bench-throughput: $(BIN)/.dev build ## echo vs naive vs recsys: requests/s, p50/p99, CPU per call
+	$(BIN)/python -m benchmarks.bench_throughput --artifacts $(ARTIFACTS)
+
+bench-rank-cut: $(BIN)/.dev build ## offline NDCG@20 and batch CPU of each two-phase cut
+	$(BIN)/python -m benchmarks.bench_rank_cut --artifacts $(ARTIFACTS)
+
+loadtest: $(BIN)/.dev ## against a server already running on 127.0.0.1:50051 (make serve)
+	RECSYS_ARTIFACTS=$(ARTIFACTS) $(BIN)/locust -f loadtest/locustfile.py --headless \
+	  --host 127.0.0.1:50051 -u 50 -r 50 -t 30s
+
+loadtest-ci: $(BIN)/.dev ## small world, real server with 2 workers, 15 s of locust, drain
+	bash loadtest/ci_smoke.sh $(BIN)
+
+deploy-check: $(BIN)/.dev ## validate deploy/ against the Kubernetes API schemas (offline)
+	$(BIN)/kubernetes-validate --strict --quiet deploy/*.yaml
 
 install: $(BIN)/.runtime
 install-dev: $(BIN)/.dev

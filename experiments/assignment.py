@@ -117,7 +117,11 @@ class _ArmInfo:
     arm: str
 
 
-def _interned_labels(arms: Sequence[_ArmInfo]) -> tuple[tuple[str, str, str], ...]:
+_Label = tuple[str, str, str]
+"""(layer, experiment, arm)"""
+
+
+def _interned_labels(arms: Sequence[_ArmInfo]) -> tuple[_Label, ...]:
     """(layer, experiment, arm) per global arm, with equal strings shared: fewer distinct objects
     for the request path to touch (arm names such as "control" repeat across experiments)."""
     return tuple((sys.intern(i.layer), sys.intern(i.experiment), sys.intern(i.arm)) for i in arms)
@@ -196,6 +200,7 @@ class Assigner:
         self._compile_params(config, running, exp_first_arm)
         self._compile_overrides(config, running, exp_first_arm)
         self._compile_param_keys()
+        self._compile_label_table()
 
     def _compile_targeting(
         self,
@@ -272,6 +277,15 @@ class Assigner:
         self._param_owners = tuple(owners)
         self._param_names = tuple(names)
 
+    def _compile_label_table(self) -> None:
+        """Per global arm, the label its exposure carries (experiment arms and the holdout's)
+        or None (the "no experiment" arm of each row): one ``take`` gives a request its labels."""
+        table = np.full(len(self._labels), None, dtype=object)
+        for a, label in enumerate(self._labels):
+            if a < self._real_arms or a == self._holdout_arm:
+                table[a] = label
+        self._label_table = table
+
     def _compile_param_keys(self) -> None:
         """Per parameter owner, each arm's value as a small id (equal values, equal type: one
         id), so that the parameters of a request are found by the tuple of its ids: the
@@ -338,7 +352,9 @@ class Assigner:
 
     # -- the request path ----------------------------------------------------------------------
 
-    def _arms(self, user_id: str, attributes: RequestAttributes) -> tuple[list[int], list[int]]:
+    def _rows(
+        self, user_id: str, attributes: RequestAttributes
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint64]]:
         """The global arm index and bucket of every row (layers, then the holdout)."""
         user = hashing.uint64_constant(hashing.user_key(user_id))
         z = hashing.mix64_array(self._salts ^ user)
@@ -351,13 +367,17 @@ class Assigner:
         hashing.mix64_array(z)
         z >>= _POINT_SHIFT
         z |= self._exp_prefix.take(exps)
-        arms: list[int] = self._thresholds.searchsorted(z, side="right").tolist()
-        return arms, buckets.tolist()
+        return self._thresholds.searchsorted(z, side="right"), buckets
 
-    def _arms_many(
+    def _arms(self, user_id: str, attributes: RequestAttributes) -> tuple[list[int], list[int]]:
+        """:meth:`_rows` as lists."""
+        arms, buckets = self._rows(user_id, attributes)
+        return arms.tolist(), buckets.tolist()
+
+    def _rows_many(
         self, user_ids: Sequence[str], attributes: Sequence[RequestAttributes]
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """:meth:`_arms` for a batch: the same operations over a (requests x rows) matrix."""
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint64]]:
+        """:meth:`_rows` for a batch: the same operations over a (requests x rows) matrix."""
         users = np.array([hashing.user_key(u) for u in user_ids], dtype=np.uint64)[:, None]
         z = hashing.mix64_array(self._salts[None, :] ^ users)
         buckets = z % self._sizes
@@ -368,15 +388,15 @@ class Assigner:
         z = hashing.mix64_array(self._exp_keys.take(exps) ^ users)
         z >>= _POINT_SHIFT
         z |= self._exp_prefix.take(exps)
-        arms: list[list[int]] = self._thresholds.searchsorted(z, side="right").tolist()
-        return arms, buckets.tolist()
+        return self._thresholds.searchsorted(z, side="right"), buckets
 
     def assign(self, user_id: str, attributes: RequestAttributes) -> Assignment:
         """Exposures (one per layer where the user is in a running experiment) and parameters."""
         if self.config.kill_switch:
             return Assignment((), self._base_params, self.version)
-        arms, buckets = self._arms(user_id, attributes)
-        return self._assignment(user_id, arms, buckets)
+        arms, buckets = self._rows(user_id, attributes)
+        labels: list[_Label | None] = self._label_table.take(arms).tolist()
+        return self._assignment(user_id, labels, buckets.tolist(), arms)
 
     def assign_many(
         self, user_ids: Sequence[str], attributes: Sequence[RequestAttributes]
@@ -389,21 +409,32 @@ class Assigner:
             )
         if self.config.kill_switch or not user_ids:
             return [Assignment((), self._base_params, self.version) for _ in user_ids]
-        arms, buckets = self._arms_many(user_ids, attributes)
-        return [self._assignment(u, a, b) for u, a, b in zip(user_ids, arms, buckets, strict=True)]
+        arms, buckets = self._rows_many(user_ids, attributes)
+        labels: list[list[_Label | None]] = self._label_table.take(arms).tolist()
+        bucket_lists: list[list[int]] = buckets.tolist()
+        return [
+            self._assignment(user_ids[r], labels[r], bucket_lists[r], arms[r])
+            for r in range(len(user_ids))
+        ]
 
-    def _assignment(self, user_id: str, arms: list[int], buckets: list[int]) -> Assignment:
+    def _assignment(
+        self,
+        user_id: str,
+        labels: list[_Label | None],
+        buckets: list[int],
+        arms: npt.NDArray[np.intp],
+    ) -> Assignment:
+        """``labels`` per row: the arm's (layer, experiment, arm) where it gives an exposure, the
+        holdout's in the holdout row when the user is held out, else None."""
         forced = self._overrides.get(user_id)
         slots = self._exposure_slots
-        if forced is not None or arms[-1] == self._holdout_arm or slots is None:
-            return self._assign_special(arms, buckets, forced or {})
+        if forced is not None or labels[-1] is not None or slots is None:
+            return self._assign_special(arms.tolist(), buckets, forced or {})
         # The common case, once per layer: plain slot stores, then the class swap (_slot_twin).
-        labels = self._labels
-        real = self._real_arms
         exposures: list[Exposure] = []
-        for a, b in zip(arms, buckets, strict=True):
-            if a < real:
-                layer, experiment, arm = labels[a]
+        for label, b in zip(labels, buckets, strict=True):
+            if label is not None:
+                layer, experiment, arm = label
                 x = slots()
                 x.layer = layer
                 x.experiment = experiment

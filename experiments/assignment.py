@@ -441,11 +441,8 @@ class Assigner:
         exposures: list[Exposure] = []
         for label, b in zip(labels, buckets, strict=True):
             if label is not None:
-                layer, experiment, arm = label
                 x = slots()
-                x.layer = layer
-                x.experiment = experiment
-                x.arm = arm
+                x.layer, x.experiment, x.arm = label
                 x.bucket = b
                 x.forced = False
                 x.__class__ = Exposure

@@ -139,11 +139,12 @@ def save_model_version(
     *,
     features_version: str,
     world_version: str,
-    params: RankerParams,
+    params: RankerParams | None,
 ) -> str:
     """Publish ``trained`` as a new immutable version of model ``name``; returns the version id.
 
     ``tables`` are the feature tables it was trained on (their shape goes in the manifest).
+    ``params`` None: trained elsewhere (its LightGBM parameters are in the model text).
     Saving the same model again returns the same version.
     """
     if not name or "/" in name or name.startswith("."):
@@ -171,7 +172,7 @@ def save_model_version(
             "dim": tables.dim,
         },
         "train_fingerprint": trained.train_fingerprint,
-        "params": asdict(params),
+        "params": asdict(params) if params is not None else {"trained": "elsewhere"},
         "num_trees": trained.booster.num_trees(),
         "metrics": trained.metrics,
         "feature_importance": trained.feature_importance,

@@ -299,7 +299,7 @@ class ModelRegistry:
                 tables,
                 features_version=features_version,
                 world_version=world_version,
-                params=params,
+                params=None,
             )
         except ValueError as e:
             raise RegistryError(str(e)) from e

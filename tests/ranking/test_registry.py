@@ -277,6 +277,7 @@ def test_register_accepts_a_model_trained_elsewhere(
     manifest = json.loads((root / "models" / NAME / version / "manifest.json").read_text())
     assert manifest["train_fingerprint"].startswith("external:")
     assert manifest["num_trees"] == 5
+    assert manifest["params"] == {"trained": "elsewhere"}
     model, _ = load_for_serving(ArtifactRoot(root), NAME, version)
     golden = np.asarray(manifest["golden"]["features"], dtype=np.float32)
     assert np.allclose(model.predict(golden), external.predict(golden), atol=1e-6)

@@ -96,10 +96,11 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def _print_table(rows: list[tuple[str, list[float]]]) -> None:
-    print(f"{'write start -> applied, ms':<34} {'p50':>8} {'p90':>8} {'max':>8}")
+    print(f"{'write start -> applied, ms':<34} {'p50':>8} {'p90':>8} {'max':>8} {'> 1 s':>9}")
     for label, values in rows:
         p50, p90, top = _quantiles(values)
-        print(f"{label:<34} {p50:>8.1f} {p90:>8.1f} {top:>8.1f}")
+        late = f"{sum(v > 1000 for v in values)}/{len(values)}"
+        print(f"{label:<34} {p50:>8.1f} {p90:>8.1f} {top:>8.1f} {late:>9}")
 
 
 # -- real servers --------------------------------------------------------------------------------

@@ -256,7 +256,10 @@ def _run(args: argparse.Namespace) -> int:
     settings = BuildSettings(
         out=args.out, skus=args.skus, users=args.users, seed=args.seed, dim=args.dim
     )
-    report = build(settings, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    from tqdm import tqdm
+
+    # tqdm.write prints above the progress bars instead of through them.
+    report = build(settings, say=lambda msg: tqdm.write(msg, file=sys.stderr))
     print(f"world     {report.world_version}")
     print(f"features  {report.features_version}")
     print(

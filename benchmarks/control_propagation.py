@@ -57,6 +57,10 @@ from recsys.control.watch import watch
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 LISTENING = re.compile(r"recsys listening on [^ ]+:(\d+) \(metrics on :(\d+)\)")
+APPLIED = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO serving.control "
+    r"control plane: experiments version (\d+) applied"
+)
 SERVING = "recsys serving on"
 USER_ID = "user-0000001"
 
@@ -115,6 +119,8 @@ class ServerProcess:
     port: int = 0
     metrics_port: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
+    applied: dict[int, float] = field(default_factory=dict)
+    """experiments version -> when the server logged its swap (epoch seconds, ms resolution)"""
 
     @classmethod
     def start(cls, artifacts: Path, control: str, prefix: str) -> ServerProcess:
@@ -139,6 +145,9 @@ class ServerProcess:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
             if SERVING in line:
                 self.ready.set()
+            if (m := APPLIED.search(line)) is not None:
+                stamp = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+                self.applied[int(m.group(3))] = stamp + int(m.group(2)) / 1000
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -192,8 +201,9 @@ class Poller:
 
 async def _measure_servers(
     args: argparse.Namespace, store: RedisStore, pollers: list[Poller]
-) -> tuple[dict[int, float], int]:
-    """Write the versions; returns {version: write start (monotonic)} and the document size."""
+) -> tuple[dict[int, tuple[float, float]], int]:
+    """Write the versions; returns {version: write start (monotonic, epoch)} and the document
+    size."""
     stop = asyncio.Event()
     tasks = [asyncio.create_task(p.run(stop, args.poll_interval)) for p in pollers]
 
@@ -220,12 +230,12 @@ async def _measure_servers(
             )  # fmt: skip
             await all_reach(written.version, within=60)
             experiment = "exp-1-0"
-        started: dict[int, float] = {}
+        started: dict[int, tuple[float, float]] = {}
         size = 0
         for i in range(args.writes):
             version, doc = await asyncio.to_thread(_ramped, store, experiment, i)
             size = len(json.dumps(doc))
-            started[version + 1] = time.monotonic()
+            started[version + 1] = (time.monotonic(), time.time())
             await asyncio.to_thread(
                 store.write, EXPERIMENTS_DOCUMENT, doc, expected_version=version, author="bench"
             )
@@ -260,12 +270,18 @@ def run_servers(args: argparse.Namespace) -> None:
 
     per_server: list[float] = []
     slowest: list[float] = []
-    for version, t0 in started.items():
+    swapped: list[float] = []
+    swapped_slowest: list[float] = []
+    for version, (t0, wall0) in started.items():
         arrivals = [p.first_at(version) for p in pollers]
         assert all(a is not None for a in arrivals), f"version {version} missing on a server"
         delays = [(a - t0) * 1e3 for a in arrivals if a is not None]
         per_server += delays
         slowest.append(max(delays))
+        logged = [(s.applied[version] - wall0) * 1e3 for s in servers if version in s.applied]
+        swapped += logged
+        if len(logged) == len(servers):
+            swapped_slowest.append(max(logged))
     calls = sum(len(p.seen) for p in pollers)
     times = [t for p in pollers for t, _ in p.seen]
     elapsed = max(times) - min(times)
@@ -279,7 +295,18 @@ def run_servers(args: argparse.Namespace) -> None:
         f"errors, {sum(p.regressions for p in pollers)} responses with an older version after a "
         "newer one"
     )
-    _print_table([("each server", per_server), ("slowest server of each write", slowest)])
+    print(
+        "swap = the server's own log line 'experiments version N applied' (ms resolution); "
+        "first response = the first Recommend answer carrying N (an upper bound)"
+    )
+    _print_table(
+        [
+            ("swap, each server", swapped),
+            ("swap, slowest server of each write", swapped_slowest),
+            ("first response, each server", per_server),
+            ("first response, slowest server", slowest),
+        ]
+    )
 
 
 # -- control-plane followers only ----------------------------------------------------------------

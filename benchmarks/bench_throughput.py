@@ -1,0 +1,308 @@
+"""Throughput against the gRPC limit, in one go on one machine: echo, naive, recsys.
+
+Starts each server in turn as a subprocess on free ports and drives it from this process
+(grpc.aio, ``--concurrency`` calls in flight over several channels):
+
+- ``echo``: the same service and messages with no work (benchmarks/echo_server.py): the limit;
+- ``naive``: per request, exact top-500 retrieval, all 500 scored, no batching
+  (benchmarks/naive_server.py): the reference-quality baseline;
+- ``recsys-uncached``: ``recsys serve --cache-entries 0`` on distinct requests (every one a miss);
+- ``recsys-mix``: ``recsys serve`` (cache on) on a realistic mix: users drawn Zipf(1.1) over
+  the world's users, each visit a burst of feed refreshes from the same address, 80% home
+  surface, 70% with a location; unknown users 5%.
+
+Each server runs a closed-loop saturation phase (requests/s at ``--concurrency``), then an
+open-loop phase at 70% of that rate (latencies counted from each call's scheduled send time,
+so a stall is not hidden). Server CPU per request is user+system time of the server process
+(and its children, for ``--workers``) from /proc over the saturation phase: on a shared
+machine this is the robust figure; requests/s per core is 1e6 / CPU us per request.
+
+    python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.bench_latency import cpu_seconds, free_port
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from recsys.world import load_world
+
+CHANNELS = 4
+ZIPF_EXPONENT = 1.1
+REFRESHES_PER_VISIT = (1, 6)
+"""A visit is 1-5 feed loads from one address (open, pull to refresh, come back)."""
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    command: list[str]
+    requests: str
+    """``distinct`` or ``mix``."""
+
+
+def children_cpu(pid: int) -> float:
+    """CPU of ``pid`` and of its direct children (the worker processes of --workers N)."""
+    total = cpu_seconds(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in children.read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # a worker that just exited
+                total += cpu_seconds(int(child))
+    return total
+
+
+def make_requests(
+    artifacts: Path, n: int, seed: int, kind: str
+) -> list[recommender_pb2.RecommendRequest]:
+    world_dir = sorted((artifacts / "world").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+    users = load_world(world_dir).users
+    rng = np.random.default_rng(seed)
+    out: list[recommender_pb2.RecommendRequest] = []
+    if kind == "distinct":  # every request differs: no cache could help
+        rows = rng.integers(0, users.n_users, size=n)
+        for i, row in enumerate(rows.tolist()):
+            req = recommender_pb2.RecommendRequest(
+                user_id=str(users.user_ids[row]), num_results=20, request_id=f"d{i}"
+            )
+            if i % 2:
+                req.location.lat = float(users.home_lat[row]) + rng.normal(0, 0.01)
+                req.location.lon = float(users.home_lon[row]) + rng.normal(0, 0.01)
+            out.append(req)
+        return out
+    ranks = rng.zipf(ZIPF_EXPONENT, size=n)
+    ranks = ranks[ranks <= users.n_users][: n // 2 + 1] - 1
+    popularity_order = rng.permutation(users.n_users)
+    visit = 0
+    while len(out) < n:
+        row = int(popularity_order[ranks[visit % ranks.size]])
+        user = str(users.user_ids[row]) if rng.random() > 0.05 else f"new-{visit}"
+        surface = "home" if rng.random() < 0.8 else "offers"
+        located = rng.random() < 0.7
+        lat = float(users.home_lat[row]) + rng.normal(0, 0.003)
+        lon = float(users.home_lon[row]) + rng.normal(0, 0.003)
+        for _ in range(int(rng.integers(*REFRESHES_PER_VISIT))):
+            req = recommender_pb2.RecommendRequest(
+                user_id=user, num_results=20, surface=surface, request_id=f"m{len(out)}"
+            )
+            if located:
+                req.location.lat, req.location.lon = lat, lon
+            out.append(req)
+        visit += 1
+    # Visits interleave: refreshes of one visit spread over the next few hundred calls.
+    order = np.argsort(np.arange(len(out)) + rng.uniform(0, 300, size=len(out)), kind="stable")
+    return [out[i] for i in order[:n]]
+
+
+async def wait_answering(target: str, seconds: float) -> None:
+    request = recommender_pb2.RecommendRequest(user_id="warm-up", num_results=20)
+    async with asyncio.timeout(seconds), grpc.aio.insecure_channel(target) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        while True:
+            try:
+                await stub.Recommend(request, timeout=5)
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.3)
+
+
+async def closed_loop(
+    target: str, requests: Sequence[recommender_pb2.RecommendRequest], concurrency: int,
+    seconds: float,
+) -> tuple[list[float], dict[str, int]]:  # fmt: skip
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    end = time.perf_counter() + seconds
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
+    position = 0
+
+    async def worker(n: int) -> None:
+        nonlocal position
+        stub = stubs[n % CHANNELS]
+        while time.perf_counter() < end:
+            req = requests[position % len(requests)]
+            position += 1
+            start = time.perf_counter()
+            try:
+                await stub.Recommend(req, timeout=10)
+                latencies.append(time.perf_counter() - start)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.aio.AioRpcError as e:
+                codes[e.code().name] = codes.get(e.code().name, 0) + 1
+
+    try:
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    finally:
+        for c in channels:
+            await c.close(None)
+    return latencies, codes
+
+
+async def open_loop(
+    target: str, requests: Sequence[recommender_pb2.RecommendRequest], rate: float,
+    seconds: float,
+) -> tuple[list[float], dict[str, int]]:  # fmt: skip
+    """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
+    total = int(rate * seconds)
+    start = time.perf_counter()
+
+    async def one(n: int, due: float) -> None:
+        try:
+            await stubs[n % CHANNELS].Recommend(requests[n % len(requests)], timeout=10)
+            latencies.append(time.perf_counter() - due)
+            codes["OK"] = codes.get("OK", 0) + 1
+        except grpc.aio.AioRpcError as e:
+            codes[e.code().name] = codes.get(e.code().name, 0) + 1
+
+    tasks = []
+    try:
+        for n in range(total):
+            due = start + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(n, due)))
+        await asyncio.gather(*tasks)
+    finally:
+        for c in channels:
+            await c.close(None)
+    return latencies, codes
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
+
+
+def cache_hit_rate(command: list[str]) -> float | None:
+    """Hit rate of a recsys server's result cache, from its metrics endpoint."""
+    if "--metrics-port" not in command:
+        return None
+    port = command[command.index("--metrics-port") + 1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "recsys_result_cache_lookups_total":
+                counts[sample.labels["result"]] += sample.value
+    total = counts["hit"] + counts["miss"]
+    return round(counts["hit"] / total, 3) if total else None
+
+
+def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str, object]:
+    target = f"127.0.0.1:{port}"
+    process = subprocess.Popen(server.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(wait_answering(target, 600))
+        requests = make_requests(args.artifacts, args.requests, args.seed, server.requests)
+        # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
+        asyncio.run(closed_loop(target, requests, args.concurrency, args.seconds / 3))
+        cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
+        latencies, codes = asyncio.run(
+            closed_loop(target, requests, args.concurrency, args.seconds)
+        )
+        wall = time.perf_counter() - wall0
+        cpu = children_cpu(process.pid) - cpu0
+        done = len(latencies)
+        saturated = done / wall
+        result: dict[str, object] = {
+            "server": server.name,
+            "requests_per_s": round(saturated, 1),
+            **percentiles(latencies),
+            "server_cpu_us_per_request": round(cpu / max(done, 1) * 1e6, 1),
+            "requests_per_s_per_core": round(done / cpu, 1) if cpu else None,
+            "codes": codes,
+            "cache_hit_rate": cache_hit_rate(server.command),
+        }
+        if args.open_loop:
+            rate = 0.7 * saturated
+            lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
+            result["at_70pct"] = {"rate": round(rate, 1), **percentiles(lat70), "codes": codes70}
+        return result
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def servers(args: argparse.Namespace, port: int) -> list[Server]:
+    py = sys.executable
+    art = str(args.artifacts)
+    serve = [py, "-m", "recsys.cli", "serve", "--artifacts", art, "--port", str(port)]
+    serve += ["--metrics-port", str(free_port()), *args.serve_arg]
+    return [
+        Server("echo", [py, "-m", "benchmarks.echo_server", "--port", str(port)], "distinct"),
+        Server(
+            "naive",
+            [py, "-m", "benchmarks.naive_server", "--artifacts", art, "--port", str(port)],
+            "distinct",
+        ),
+        Server("recsys-uncached", [*serve, "--cache-entries", "0"], "distinct"),
+        Server("recsys-mix", serve, "mix"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", action="append", help="run only these servers")
+    parser.add_argument("--no-open-loop", dest="open_loop", action="store_false")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
+    args = parser.parse_args()
+    print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
+    results = {}
+    for server in servers(args, free_port()):
+        if args.only and server.name not in args.only:
+            continue
+        # A fresh port per server: the previous one may linger in TIME_WAIT.
+        server = next(s for s in servers(args, free_port()) if s.name == server.name)
+        port = int(server.command[server.command.index("--port") + 1])
+        results[server.name] = run_server(server, args, port)
+        print(json.dumps(results[server.name]), flush=True)
+    cpu = {k: v["server_cpu_us_per_request"] for k, v in results.items()}
+    ratios = {}
+    for name in ("recsys-uncached", "recsys-mix"):
+        if name in cpu and "naive" in cpu:
+            ratios[f"{name}_vs_naive_per_core"] = round(float(cpu["naive"]) / float(cpu[name]), 2)  # type: ignore[arg-type]
+        if name in cpu and "echo" in cpu:
+            ratios[f"{name}_vs_echo_per_core"] = round(float(cpu["echo"]) / float(cpu[name]), 3)  # type: ignore[arg-type]
+    print(json.dumps({"ratios": ratios, "load_after": os.getloadavg()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

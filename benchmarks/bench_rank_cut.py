@@ -6,9 +6,10 @@ a click are replayed as requests (their user, delivery location and hour) throug
 (the index default, or every list: exact) and the rank cut. Each served top-20 is scored with
 NDCG@20 against the session's labels (2 ordered, 1 clicked); positives the list missed count in
 the ideal DCG, so missing them costs. The reference configuration is exact top-500 retrieval,
-all 500 scored by the full model. Also reported: the batch function's CPU per request.
+all 500 scored by the full model. Also reported: the batch function's CPU per request, with
+``--batch`` requests per batch (1: no micro-batching).
 
-    python -m benchmarks.bench_rank_cut --artifacts /tmp/art100 [--sessions 1000]
+    python -m benchmarks.bench_rank_cut --artifacts /tmp/art100 [--sessions 1000] [--batch 32]
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ def evaluate(
     requests: list[Request],
     labels: list[dict[int, int]],
     params: PipelineParams,
+    batch: int = BATCH,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Mean NDCG@20 and CPU per request, and the per-session NDCG (for paired comparisons)."""
     cost = RankCost()
     served = []
     cpu = 0.0
-    for start in range(0, len(requests), BATCH):
+    for start in range(0, len(requests), batch):
         jobs = [
-            Job(r, Assignment((), params, "bench"), state) for r in requests[start : start + BATCH]
+            Job(r, Assignment((), params, "bench"), state) for r in requests[start : start + batch]
         ]
         t = time.process_time()
         out = recommend_batch(jobs, cost)
@@ -118,6 +120,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--k", type=int, action="append", help="served retrieval depths")
     parser.add_argument("--cut", type=int, action="append", help="rank cuts (0: no cut)")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="requests per batch (1: no micro-batching)"
+    )
     args = parser.parse_args()
     state = load_state(args.artifacts)
     requests, labels = heldout_sessions(state, args.artifacts, args.sessions, args.seed)
@@ -135,11 +140,11 @@ def main() -> None:
             if cut >= k:
                 continue
             params = PipelineParams(retrieval_k=k, rank_cut=cut)
-            result, ndcg = evaluate(state, requests, labels, params)
+            result, ndcg = evaluate(state, requests, labels, params, args.batch)
             # Paired over the same sessions: the standard error of the ratio's numerator.
             diff = ndcg - ref_ndcg
             row = {
-                "config": f"K={k} nprobe=default cut={cut or 'all'}",
+                "config": f"K={k} nprobe=default cut={cut or 'all'} batch={args.batch}",
                 **result,
                 "ndcg_vs_reference": result["ndcg@20"] / reference["ndcg@20"],
                 "ratio_stderr": float(diff.std(ddof=1) / np.sqrt(diff.size)) / reference["ndcg@20"],

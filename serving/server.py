@@ -81,7 +81,9 @@ class RunningServer:
         The exposure log goes to ``<artifacts>/exposures/`` unless ``exposure_writer`` is given.
         """
         metrics = ServingMetrics()
-        metrics_port = metrics.start_http(settings.host, settings.metrics_port)
+        metrics_port = metrics.start_http(
+            settings.metrics_host or settings.host, settings.metrics_port
+        )
         exposures = ExposureSink(
             exposure_writer or JsonlFileWriter(exposure_log_path(settings.artifacts)),
             queue_size=settings.exposure_queue_size,

@@ -147,6 +147,7 @@ def run_workers(settings: ServeSettings) -> int:
                 settings,
                 port=port,
                 metrics_port=metrics_port,
+                metrics_host=WORKER_METRICS_HOST,
                 workers=1,
                 reuse_port=True,
             )

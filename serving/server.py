@@ -1,7 +1,9 @@
 """Server lifecycle: bind, load, serve, drain.
 
 Start: the metrics endpoint and the gRPC port come up first with health NOT_SERVING (so probes
-and grpcurl work while artifacts load), then the pipeline opens, then health turns SERVING.
+and grpcurl work while artifacts load), then the pipeline opens, then health turns SERVING. A
+worker of ``recsys serve --workers N`` (``reuse_port``) binds the shared port only once it
+serves, so its siblings take every connection meanwhile.
 
 Stop (SIGTERM/SIGINT or :meth:`RunningServer.stop`): health NOT_SERVING, new Recommend calls
 get UNAVAILABLE (clients retry elsewhere; health checks keep answering), in-flight calls finish
@@ -108,8 +110,13 @@ class RunningServer:
             server,
         )
         try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-            await server.start()
+            if settings.reuse_port:
+                # A worker sharing the port binds it only once it can serve: the kernel hands
+                # connections to listening sockets only, so none reach a worker still loading.
+                port = settings.port
+            else:
+                port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                await server.start()
         except Exception:
             await exposures.close()
             await asyncio.to_thread(metrics.stop_http)
@@ -135,6 +142,9 @@ class RunningServer:
         self._service.attach(pipeline)
         for name in HEALTH_SERVICES:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.reuse_port:
+            self._server.add_insecure_port(f"{self.settings.host}:{self.port}")
+            await self._server.start()
         log.info("recsys serving on %s:%d", self.settings.host, self.port)
         return pipeline
 

@@ -31,7 +31,7 @@ import dataclasses
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -116,8 +116,7 @@ def _slot_twin(sample: Any) -> type[Any] | None:
     return twin
 
 
-@dataclass(frozen=True)
-class _ArmInfo:
+class _ArmInfo(NamedTuple):
     layer_index: int
     layer: str
     experiment: str
@@ -167,26 +166,27 @@ class Assigner:
         thresholds: list[int] = []
         arm_info: list[_ArmInfo] = []
         exp_first_arm: list[int] = []
+        row_start = offsets.tolist()
         for e, (i, exp) in enumerate(running):
             for start, end in exp.buckets:
-                owner[int(offsets[i]) + start : int(offsets[i]) + end] = e
-            exp_row[e] = i
-            exp_keys[e] = hashing.experiment_key(exp.salt, exp.epoch)
+                owner[row_start[i] + start : row_start[i] + end] = e
             exp_first_arm.append(len(arm_info))
             thresholds += [
                 (e << 32) + t for t in hashing.arm_thresholds([a.weight for a in exp.arms])
             ]
             arm_info += [_ArmInfo(i, layers[i].name, exp.name, a.name) for a in exp.arms]
+        exp_row[:n_running] = [i for i, _ in running]
+        exp_keys[:n_running] = [hashing.experiment_key(exp.salt, exp.epoch) for _, exp in running]
         # the holdout: one experiment with one arm, owning the holdout buckets of the last row
         for start, end in config.holdout.buckets:
-            owner[int(offsets[n_layers]) + start : int(offsets[n_layers]) + end] = holdout_exp
+            owner[row_start[n_layers] + start : row_start[n_layers] + end] = holdout_exp
         exp_row[holdout_exp] = n_layers
         exp_first_arm.append(len(arm_info))
         thresholds.append((holdout_exp + 1) << 32)
         arm_info.append(_ArmInfo(n_layers, HOLDOUT_LAYER, HOLDOUT_EXPERIMENT, HOLDOUT_ARM))
+        exp_row[sentinel:] = np.arange(rows)
         for r in range(rows):
             name = layers[r].name if r < n_layers else HOLDOUT_LAYER
-            exp_row[sentinel + r] = r
             exp_first_arm.append(len(arm_info))
             thresholds.append((sentinel + r + 1) << 32)
             arm_info.append(_ArmInfo(r, name, _NO_EXPERIMENT, ""))

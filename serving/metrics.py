@@ -20,7 +20,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
 from recsys.types import Recommendation, ServingVersions
-from serving.batching import BatchStats
+from serving.batching import DEADLINE_UNRANKED, BatchStats
 
 OTHER = "other"
 LATENCY_BUCKETS = (
@@ -265,7 +265,8 @@ class ServingMetrics:
         for e in recommendation.exposures:
             labels = self._exposure_labels.admit((e.layer, e.experiment, e.arm))
             self._exposures.labels(*labels).inc()
-        if len(recommendation.items):
+        unranked = DEADLINE_UNRANKED in recommendation.degraded_reasons
+        if len(recommendation.items) and not unranked:
             self.observe_scores(recommendation.model_version, recommendation.items.scores)
 
     def observe_versions(self, versions: ServingVersions) -> None:

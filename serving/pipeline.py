@@ -31,7 +31,7 @@ from recsys.types import (
 from retrieval.retriever import RetrievalQuery
 
 from .arrange import arrange
-from .batching import DeadlineExceeded, MicroBatcher
+from .batching import DEADLINE_UNRANKED, DeadlineExceeded, MicroBatcher
 from .cache import ResultCache, cache_key
 from .control import ControlFollower, read_documents
 from .metrics import ServingMetrics
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 UNKNOWN_USER = "unknown user: popular items near the location"
-DEADLINE = "deadline: retrieval order, not ranked"
+DEADLINE = DEADLINE_UNRANKED
 RANK_SECONDS_PER_ROW = 12e-6
 """Starting estimate of features + model time per candidate row, before any batch measured it."""
 

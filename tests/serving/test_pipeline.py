@@ -101,3 +101,23 @@ async def test_a_repeated_request_is_served_from_the_cache_until_the_snapshot_ch
         pipeline.swap(replace(state))  # any control-plane change is a new snapshot
         await pipeline.recommend(replace(request, request_id="c"))
         assert len(calls) == 2
+
+
+def test_unranked_answers_stay_out_of_the_live_score_histograms(state: ServingState) -> None:
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()
+    slow = RankCost(seconds_per_row=10.0)
+    (late,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], slow)
+    (ranked,) = recommend_batch([_job(state)])
+    metrics.observe_recommendation(_served(late))
+    assert (
+        metrics.registry.get_sample_value(
+            "recsys_live_score_bucket", {"model_version": _served(late).model_version, "le": "+Inf"}
+        )
+        is None
+    )
+    metrics.observe_recommendation(_served(ranked))
+    assert metrics.registry.get_sample_value(
+        "recsys_live_score_bucket", {"model_version": _served(ranked).model_version, "le": "+Inf"}
+    ) == len(_served(ranked).items)

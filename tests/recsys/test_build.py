@@ -1,0 +1,55 @@
+"""`recsys build`: the index default meets the recall target at depth 500; the report gives stage
+times and peak memory; progress bars go to stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys.artifacts import ArtifactRoot, read_manifest
+from recsys.build import (
+    INDEX_RECALL_K,
+    INDEX_TARGET_RECALL,
+    STAGES,
+    BuildReport,
+    _progress_bar,
+    peak_rss_mb,
+)
+
+
+def test_the_index_default_is_the_smallest_nprobe_reaching_the_recall_target(
+    built_world: tuple[Path, BuildReport],
+) -> None:
+    root, report = built_world
+    manifest = read_manifest(ArtifactRoot(root).indexes / report.index_version)
+    assert manifest["recall_k"] == min(INDEX_RECALL_K, manifest["count"])
+    by_nprobe = {int(p): r for p, r in manifest["recall_by_nprobe"].items()}
+    default = manifest["default_nprobe"]
+    if manifest["nlist"]:
+        assert by_nprobe[default] >= INDEX_TARGET_RECALL
+        assert all(r < INDEX_TARGET_RECALL for p, r in by_nprobe.items() if p < default)
+    assert report.index_recall == pytest.approx(manifest["recall"])
+    assert report.index_nprobe == default
+    assert report.index_nlist == manifest["nlist"]
+
+
+def test_the_report_gives_every_stage_time_and_the_peak_memory(
+    built_world: tuple[Path, BuildReport],
+) -> None:
+    report = built_world[1]
+    assert set(report.seconds) == {*STAGES, "total"}
+    assert report.seconds["total"] >= sum(report.seconds[s] for s in STAGES) - 0.1
+    assert 0 < report.peak_rss_mb <= peak_rss_mb()
+
+
+def test_progress_bars_go_to_stderr_and_can_be_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with _progress_bar(True, 3, "build", "stage") as bar:
+        bar.update(3)
+    captured = capsys.readouterr()
+    assert "build" in captured.err
+    assert "3/3" in captured.err
+    assert captured.out == ""
+    with _progress_bar(False, 3, "build", "stage") as none:
+        assert none is None
+    assert capsys.readouterr().err == ""

@@ -14,8 +14,9 @@ Starts each server in turn as a subprocess on free ports and drives it from this
 Each server runs a closed-loop saturation phase (requests/s at ``--concurrency``), then an
 open-loop phase at 70% of that rate (latencies counted from each call's scheduled send time,
 so a stall is not hidden). Server CPU per request is user+system time of the server process
-(and its children, for ``--workers``) from /proc over the saturation phase: on a shared
-machine this is the robust figure; requests/s per core is 1e6 / CPU us per request.
+(and its children, for ``--workers``) from /proc divided by the calls answered, over each phase:
+on a shared machine this is the robust figure (at saturation it includes the cost of the calls
+shed with RESOURCE_EXHAUSTED; at 70% none are shed); requests/s per core is 1e6 / CPU us.
 
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
 """
@@ -244,8 +245,16 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
         }
         if args.open_loop:
             rate = 0.7 * saturated
+            cpu0 = children_cpu(process.pid)
             lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
-            result["at_70pct"] = {"rate": round(rate, 1), **percentiles(lat70), "codes": codes70}
+            cpu70 = children_cpu(process.pid) - cpu0
+            result["at_70pct"] = {
+                "rate": round(rate, 1),
+                **percentiles(lat70),
+                # Below saturation nothing is shed: every call's CPU is an answered call's.
+                "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
+                "codes": codes70,
+            }
         return result
     finally:
         process.terminate()

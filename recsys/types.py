@@ -70,12 +70,12 @@ class PipelineParams:
     model_version: str = ""
     max_per_restaurant: int = 2
     radius_km: float = 8.0
-    rank_cut: int = 100
+    rank_cut: int = 0
     """Two-phase ranking: how many candidates (best by the cheap first phase) the full model
     scores; the rest follow in first-phase order. 0 scores every candidate with the model.
-    100: measured (benchmarks/bench_rank_cut.py) at offline NDCG@20 within noise of the
-    reference (exact top-500, all scored), for 7% (K=200) to 22% (K=400) less batch CPU than
-    scoring every candidate with the compiled model."""
+    Measured per cut by benchmarks/bench_rank_cut.py: with the compiled model a cut of 100
+    saves 4-7% of batch CPU at K=200 but keeps only 26-52% of the reference's top 20, so the
+    default scores all; an arm may set a cut to trade."""
 
 
 @dataclass(frozen=True, slots=True)

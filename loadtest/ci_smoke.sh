@@ -4,7 +4,7 @@
 #   loadtest/ci_smoke.sh [BIN] [ARTIFACTS]
 set -euo pipefail
 BIN=${1:-.venv/bin}
-ART=${2:-/tmp/recsys-ci-loadtest}
+ART=${2:-$(mktemp -d /tmp/recsys-ci-loadtest.XXXXXX)}  # fresh: artifacts of older code may differ
 PORT=${RECSYS_CI_PORT:-50151}
 METRICS=${RECSYS_CI_METRICS_PORT:-9151}
 

@@ -198,10 +198,18 @@ def ivf_rows(
 
 
 def hnsw_rows(
-    x: Float32Array, queries: Float32Array, truth: Int64Array, batch: int, m: int
+    x: Float32Array,
+    queries: Float32Array,
+    truth: Int64Array,
+    batch: int,
+    m: int,
+    inner_product: bool = False,
 ) -> Iterator[Row]:
+    """HNSW with L2 on the augmented vectors (on the sphere, L2 order = inner-product order), or
+    with ``inner_product`` on the raw vectors (pass raw items and queries then)."""
     start = time.perf_counter()
-    index = faiss.IndexHNSWFlat(x.shape[1], m)  # L2 on the sphere = inner-product order
+    metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
+    index = faiss.IndexHNSWFlat(x.shape[1], m, metric)
     index.hnsw.efConstruction = 40
     index.add(x)
     build_s = time.perf_counter() - start
@@ -214,8 +222,8 @@ def hnsw_rows(
             return np.asarray(index.search(q, k, params=p)[1], dtype=np.int64)
 
         recall, alone, batched = measure(search, queries, truth, batch)
-        yield Row(f"HNSW{m},Flat", f"efSearch {ef}", build_s, memory, recall,
-                  alone, batched)  # fmt: skip
+        label = f"HNSW{m},Flat" + (" (IP, raw vectors)" if inner_product else "")
+        yield Row(label, f"efSearch {ef}", build_s, memory, recall, alone, batched)
 
 
 def filtered_rows(
@@ -323,7 +331,7 @@ def main() -> None:
     parser.add_argument(
         "--kinds",
         default="ivf_flat,ivf_sq8,ivf_pq,hnsw,filtered,radius",
-        help="comma-separated: ivf_flat, ivf_sq8, ivf_pq, hnsw, filtered, radius",
+        help="comma-separated: ivf_flat, ivf_sq8, ivf_pq, hnsw, hnsw_ip, filtered, radius",
     )
     parser.add_argument("--hnsw-items", type=int, default=0, help="0: all items")
     parser.add_argument("--hnsw-m", type=int, default=32)
@@ -399,7 +407,7 @@ def main() -> None:
             ):
                 rows.append(row)
                 print(row.markdown(), flush=True)
-    if "hnsw" in kinds:
+    if kinds & {"hnsw", "hnsw_ip"}:
         del ivf_flat
         m = args.hnsw_items or n
         faiss.omp_set_num_threads(2)
@@ -410,10 +418,16 @@ def main() -> None:
         if m < n:
             sub_truth = exact_neighbours(np.ascontiguousarray(items[sub]), raw_queries, max(KS))
             note = f"on a {m:,}-item sample"
-        for row in hnsw_rows(hx, queries, sub_truth, args.batch, args.hnsw_m):
-            row.note = note
-            rows.append(row)
-            print(row.markdown(), flush=True)
+        runs = []
+        if "hnsw" in kinds:
+            runs.append((hx, queries, False))
+        if "hnsw_ip" in kinds:
+            runs.append((np.ascontiguousarray(items[sub]), raw_queries, True))
+        for vectors, q, inner_product in runs:
+            for row in hnsw_rows(vectors, q, sub_truth, args.batch, args.hnsw_m, inner_product):
+                row.note = note
+                rows.append(row)
+                print(row.markdown(), flush=True)
     if "radius" in kinds:
         faiss.omp_set_num_threads(1)
         for row in radius_rows(args.artifacts, rng, args.queries, args.batch, args.radius_km):

@@ -24,33 +24,15 @@ from experiments.config import ConfigError, ExperimentConfig, parse_config
 from experiments.live import EXPERIMENTS_DOCUMENT
 from experiments.srm import MISMATCH_P_VALUE, count_exposures, srm_test
 from recsys.artifacts import ArtifactRoot, versions
-from recsys.cli import CliError
+from recsys.cli import CliError, control_plane_arguments
 from recsys.control.store import Document, DocumentStore, StoreError, open_store
-from recsys.settings import env_default
 from recsys.types import DEFAULT_SURFACE
 
 DOC = EXPERIMENTS_DOCUMENT
 
 
 def add_parser(subparsers: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", "artifacts")),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
-    common.add_argument(
-        "--control",
-        default=env_default("control", ""),
-        help="control plane: '' = file in the artifact root, or redis://HOST:PORT/DB "
-        "(default: $RECSYS_CONTROL)",
-    )
-    common.add_argument(
-        "--control-prefix",
-        default=env_default("control_prefix", "recsys:"),
-        help="Redis key prefix (default: $RECSYS_CONTROL_PREFIX or recsys:)",
-    )
+    common = control_plane_arguments()
     writes = argparse.ArgumentParser(add_help=False)
     writes.add_argument("--dry-run", action="store_true", help="validate and diff, write nothing")
     writes.add_argument(

@@ -18,32 +18,14 @@ from typing import Any
 
 from ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
 from recsys.artifacts import ArtifactRoot
-from recsys.cli import CliError
+from recsys.cli import CliError, control_plane_arguments
 from recsys.control.store import Document, StoreError, open_store
-from recsys.settings import env_default
 
 DEFAULT_NAME = "ranker"
 
 
 def add_parser(subparsers: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", "artifacts")),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
-    common.add_argument(
-        "--control",
-        default=env_default("control", ""),
-        help="control plane: '' = file in the artifact root, or redis://HOST:PORT/DB "
-        "(default: $RECSYS_CONTROL)",
-    )
-    common.add_argument(
-        "--control-prefix",
-        default=env_default("control_prefix", "recsys:"),
-        help="Redis key prefix (default: $RECSYS_CONTROL_PREFIX or recsys:)",
-    )
+    common = control_plane_arguments()
     common.add_argument(
         "--author",
         default=os.environ.get("USER") or "ops",

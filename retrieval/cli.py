@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
+from recsys.cli import control_plane_arguments
 from recsys.control.store import Document, DocumentStore, StoreError, open_store
 from recsys.settings import env_default
 from recsys.world import Catalogue, load_world
@@ -25,24 +26,7 @@ DOC = "availability"
 
 
 def add_parser(subparsers: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", "artifacts")),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
-    common.add_argument(
-        "--control",
-        default=env_default("control", ""),
-        help="control plane: '' = file in the artifact root, or redis://HOST:PORT/DB "
-        "(default: $RECSYS_CONTROL)",
-    )
-    common.add_argument(
-        "--control-prefix",
-        default=env_default("control_prefix", "recsys:"),
-        help="key prefix in Redis (default: $RECSYS_CONTROL_PREFIX or recsys:)",
-    )
+    common = control_plane_arguments()
     targets = argparse.ArgumentParser(add_help=False)
     targets.add_argument("--sku", type=int, action="append", default=[], help="SKU id (repeatable)")
     targets.add_argument(

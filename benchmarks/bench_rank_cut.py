@@ -6,8 +6,11 @@ a click are replayed as requests (their user, delivery location and hour) throug
 (the index default, or every list: exact) and the rank cut. Each served top-20 is scored with
 NDCG@20 against the session's labels (2 ordered, 1 clicked); positives the list missed count in
 the ideal DCG, so missing them costs. The reference configuration is exact top-500 retrieval,
-all 500 scored by the full model. Also reported: the batch function's CPU per request, with
-``--batch`` requests per batch (1: no micro-batching).
+all 500 scored by the full model. Where few clicked items are retrieved at all (a large
+catalogue), NDCG has little resolution; the share of the reference's top 20 that each
+configuration also serves (overlap@20) then says how close it stays to the reference.
+Also reported: the batch function's CPU per request, with ``--batch`` requests per batch (1: no
+micro-batching).
 
     python -m benchmarks.bench_rank_cut --artifacts /tmp/art100 [--sessions 1000] [--batch 32]
 """
@@ -81,8 +84,9 @@ def evaluate(
     labels: list[dict[int, int]],
     params: PipelineParams,
     batch: int = BATCH,
-) -> tuple[dict[str, float], np.ndarray]:
-    """Mean NDCG@20 and CPU per request, and the per-session NDCG (for paired comparisons)."""
+) -> tuple[dict[str, float], np.ndarray, list[np.ndarray]]:
+    """Mean NDCG@20 and CPU per request, the per-session NDCG (for paired comparisons) and
+    the served lists."""
     cost = RankCost()
     served = []
     cpu = 0.0
@@ -110,7 +114,15 @@ def evaluate(
         "ndcg@20": float(np.nanmean(ndcg)),
         "batch_cpu_us_per_request": cpu / len(requests) * 1e6,
     }
-    return summary, ndcg
+    return summary, ndcg, served
+
+
+def overlap(served: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Mean share of the reference's top 20 that the served top 20 also holds."""
+    shares = [
+        np.intersect1d(s, r).size / max(r.size, 1) for s, r in zip(served, reference, strict=True)
+    ]
+    return float(np.mean(shares))
 
 
 def main() -> None:
@@ -127,7 +139,7 @@ def main() -> None:
     state = load_state(args.artifacts)
     requests, labels = heldout_sessions(state, args.artifacts, args.sessions, args.seed)
     exact = max(state.index.nlist, 1)
-    reference, ref_ndcg = evaluate(
+    reference, ref_ndcg, ref_lists = evaluate(
         state, requests, labels, PipelineParams(retrieval_k=500, nprobe=exact, rank_cut=0)
     )
     print(
@@ -140,7 +152,7 @@ def main() -> None:
             if cut >= k:
                 continue
             params = PipelineParams(retrieval_k=k, rank_cut=cut)
-            result, ndcg = evaluate(state, requests, labels, params, args.batch)
+            result, ndcg, lists = evaluate(state, requests, labels, params, args.batch)
             # Paired over the same sessions: the standard error of the ratio's numerator.
             diff = ndcg - ref_ndcg
             row = {
@@ -148,6 +160,7 @@ def main() -> None:
                 **result,
                 "ndcg_vs_reference": result["ndcg@20"] / reference["ndcg@20"],
                 "ratio_stderr": float(diff.std(ddof=1) / np.sqrt(diff.size)) / reference["ndcg@20"],
+                "overlap@20_with_reference": overlap(lists, ref_lists),
             }
             print(
                 json.dumps(

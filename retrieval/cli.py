@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
 from recsys.cli import control_plane_arguments
 from recsys.control.store import Document, DocumentStore, StoreError, open_store
@@ -47,6 +49,23 @@ def add_parser(subparsers: Any) -> None:
     on.set_defaults(func=cmd_on)
     show = sub.add_parser("show", parents=[common], help="print the current document")
     show.set_defaults(func=cmd_show)
+
+    features = subparsers.add_parser(
+        "features",
+        help="the online feature store (Redis) that a fleet's servers read user vectors from",
+    )
+    fsub = features.add_subparsers(dest="action", required=True, metavar="ACTION")
+    publish = fsub.add_parser(
+        "publish",
+        parents=[common],
+        help="write the user vectors of the served features version to the online store",
+    )
+    publish.add_argument(
+        "--feature-store",
+        required=True,
+        help="redis://HOST:PORT/DB; keys go under --control-prefix, as `recsys serve` reads them",
+    )
+    publish.set_defaults(func=cmd_features_publish)
 
 
 def _store(args: argparse.Namespace) -> DocumentStore:
@@ -160,4 +179,38 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(json.dumps(current.body, sort_keys=True))
     skus, restaurants = (len(current.body.get(name, [])) for name in DOCUMENT_FIELDS)
     print(f"{skus} SKUs and {restaurants} restaurants off")
+    return 0
+
+
+def cmd_features_publish(args: argparse.Namespace) -> int:
+    """Publish the vectors the routed index was built with, keyed by their features version."""
+    import redis
+
+    from recsys.cli import CliError
+    from retrieval.feature_store import publish_user_vectors
+
+    store = _store(args)
+    try:
+        routing = store.read("routing")
+    finally:
+        store.close()
+    if routing is None or not isinstance(routing.body.get("index"), str):
+        raise CliError("control plane has no routing document naming an index; build first")
+    root = ArtifactRoot(args.artifacts)
+    try:
+        index_manifest = read_manifest(root.indexes / routing.body["index"])
+        features_version = str(index_manifest["features_version"])
+    except (ArtifactError, KeyError) as e:
+        raise CliError(f"index {routing.body['index']}: cannot find its features: {e}") from e
+    directory = root.features / features_version
+    user_ids = np.load(directory / "user_ids.npy", mmap_mode="r")
+    vectors = np.load(directory / "user_vectors.npy", mmap_mode="r")
+    try:
+        client = redis.Redis.from_url(args.feature_store, socket_connect_timeout=5)
+        written = publish_user_vectors(
+            client, args.control_prefix, features_version, np.asarray(user_ids), vectors
+        )
+    except (redis.RedisError, ValueError) as e:
+        raise CliError(f"--feature-store {args.feature_store}: {e}") from e
+    print(f"published {written:,} user vectors of features {features_version}")
     return 0

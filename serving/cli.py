@@ -43,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="control plane: empty for files in the artifact root, or redis://HOST:PORT/DB",
     )
     serve.add_argument(
+        "--feature-store",
+        default=env_default("feature_store", defaults.feature_store),
+        help="where user vectors are read: empty for the memory-mapped tables, or "
+        "redis://HOST:PORT/DB (publish with `recsys features publish`)",
+    )
+    serve.add_argument(
         "--control-prefix",
         default=env_default("control_prefix", defaults.control_prefix),
         help="key prefix in Redis (default %(default)s)",
@@ -142,6 +148,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         metrics_port=args.metrics_port,
         control=args.control,
         control_prefix=args.control_prefix,
+        feature_store=args.feature_store,
         workers=args.workers,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 UNKNOWN_USER = "unknown user: popular items near the location"
+STALE_USER_VECTOR = "feature store unavailable: user vector from the local copy"
 DEADLINE = DEADLINE_UNRANKED
 RANK_SECONDS_PER_ROW = 12e-6
 """Starting estimate of features + model time per candidate row, before any batch measured it."""
@@ -186,6 +187,7 @@ def _recommend_same_state(
             exposures=job.assignment.exposures,
             degraded_reasons=(
                 *((UNKNOWN_USER,) if cand.fallback else ()),
+                *((STALE_USER_VECTOR,) if cand.stale_user_vector else ()),
                 *((DEADLINE,) if is_late else ()),
             ),
             stage_seconds=timings,
@@ -303,7 +305,7 @@ class Pipeline:
                     stage_seconds=(("assign", assigned - start), ("cache", 0.0)),
                 )
         rec = await self._batcher.submit(Job(request, assignment, state, deadline))
-        if key is not None and DEADLINE not in rec.degraded_reasons:
+        if key is not None and not _transient(rec):
             cache.put(state, key, rec)
         return replace(rec, stage_seconds=(("assign", assigned - start), *rec.stage_seconds))
 
@@ -316,6 +318,11 @@ class Pipeline:
         await self._batcher.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
+
+
+def _transient(rec: Recommendation) -> bool:
+    """Degraded by a passing condition (a deadline, the feature store down): not to be cached."""
+    return DEADLINE in rec.degraded_reasons or STALE_USER_VECTOR in rec.degraded_reasons
 
 
 def warm_up(state: ServingState) -> None:
@@ -359,6 +366,8 @@ async def open_pipeline(settings: ServeSettings, metrics: ServingMetrics) -> Pip
         loader.initial,
         {name: doc.body for name, doc in docs.items()},
         str(docs[EXPERIMENTS].version) if EXPERIMENTS in docs else "0",
+        feature_store=settings.feature_store,
+        feature_store_prefix=settings.control_prefix,
     )
     await asyncio.to_thread(warm_up, state)
     cost = RankCost()

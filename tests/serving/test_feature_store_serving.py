@@ -1,0 +1,90 @@
+"""Serving user vectors from the online feature store (Redis), and serving on when it is down."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from recsys.build import BuildReport
+from recsys.cli import main
+from recsys.settings import ServeSettings
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from serving.pipeline import STALE_USER_VECTOR, open_pipeline
+from serving.server import RunningServer
+from tests.control.redis_helpers import REDIS_URL, redis_answers
+
+KNOWN_USER = "user-0000001"
+NOTHING_LISTENS = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    if not redis_answers(REDIS_URL):
+        pytest.skip(f"no Redis answers at {REDIS_URL} (CI starts one; locally: redis-server)")
+    name = f"recsys-test-{uuid.uuid4().hex}:"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{name}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def artifacts(built_world: tuple[Path, BuildReport], tmp_path: Path) -> Path:
+    out = tmp_path / "artifacts"
+    shutil.copytree(built_world[0], out, ignore=shutil.ignore_patterns("exposures"))
+    return out
+
+
+async def _recommend(settings: ServeSettings) -> recommender_pb2.RecommendResponse:
+    running = await RunningServer.start(settings, open_pipeline)
+    try:
+        await running.wait_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub: recommender_pb2_grpc.RecommenderAsyncStub = recommender_pb2_grpc.RecommenderStub(
+                channel
+            )
+            return await stub.Recommend(recommender_pb2.RecommendRequest(user_id=KNOWN_USER))
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+def settings(artifacts: Path) -> ServeSettings:
+    return ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+
+
+async def test_published_vectors_serve_the_same_feed_as_the_local_tables(
+    settings: ServeSettings, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["features", "publish", "--artifacts", str(settings.artifacts),
+         "--feature-store", REDIS_URL, "--control-prefix", prefix]
+    )  # fmt: skip
+    assert code == 0
+    assert "published 1,500 user vectors" in capsys.readouterr().out
+
+    local = await _recommend(settings)
+    online = await _recommend(
+        ServeSettings(**{**settings.__dict__, "feature_store": REDIS_URL, "control_prefix": prefix})
+    )
+    assert not online.degraded, online.degraded_reason
+    assert [i.sku_id for i in online.items] == [i.sku_id for i in local.items]
+
+
+async def test_an_unreachable_feature_store_degrades_but_still_answers(
+    settings: ServeSettings,
+) -> None:
+    reply = await _recommend(
+        ServeSettings(**{**settings.__dict__, "feature_store": NOTHING_LISTENS})
+    )
+    assert len(reply.items) == 20
+    assert reply.degraded
+    assert STALE_USER_VECTOR in reply.degraded_reason

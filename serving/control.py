@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class ControlFollower:
                 artifacts=artifacts,
                 prefix=prefix,
                 poll_seconds=poll_seconds,
-                on_health=metrics.set_control_connected,
+                on_health=partial(metrics.set_control_connected, name),
                 after_version=versions.get(name, 0),
             )
             for name in DOCUMENTS

@@ -208,7 +208,8 @@ class ServingMetrics:
         )
         self._control_connected = Gauge(
             "recsys_control_plane_connected",
-            "1 while the control-plane backend is reachable.",
+            "1 while the control-plane backend answers the watcher of this document.",
+            ["document"],
             registry=r,
         )
         self._control_rejected = Counter(
@@ -316,8 +317,8 @@ class ServingMetrics:
 
     # Control plane (the pipeline).
 
-    def set_control_connected(self, connected: bool) -> None:
-        self._control_connected.set(1 if connected else 0)
+    def set_control_connected(self, document: str, connected: bool) -> None:
+        self._control_connected.labels(document).set(1 if connected else 0)
 
     def control_document_rejected(self, document: str) -> None:
         self._control_rejected.labels(document).inc()

@@ -12,7 +12,7 @@ thread.
 Usage::
 
     watcher = watch(settings.control, "experiments", artifacts=settings.artifacts,
-                    on_health=metrics.set_control_connected)
+                    on_health=partial(metrics.set_control_connected, "experiments"))
     async for document in watcher:   # the current document first, then each new version
         ...
     await watcher.aclose()

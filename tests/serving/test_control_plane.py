@@ -148,7 +148,7 @@ async def test_a_redis_outage_keeps_the_last_good_config_serving_and_reconnects(
 ) -> None:
     prefix = "recsys-test:"
     running, stub = await start_server(stack, artifacts, throwaway_redis.url, prefix)
-    connected = "recsys_control_plane_connected"
+    connected = 'recsys_control_plane_connected{document="experiments"}'
     assert await config_version(stub) == "1"
     await eventually(partial(_metric_is, running.metrics_port, connected, 1.0))
 

@@ -149,7 +149,8 @@ def test_batches_exposure_sink_and_control_plane() -> None:
     metrics.observe_batch(BatchStats("rank", 3, (0.001, 0.002, 0.0005), 0.01))
     metrics.exposures_written(5)
     metrics.exposures_dropped(2)
-    metrics.set_control_connected(True)
+    metrics.set_control_connected("routing", True)
+    metrics.set_control_connected("experiments", False)
     metrics.control_document_rejected("routing")
     value = metrics.registry.get_sample_value
     assert value("recsys_batch_size_sum", {"batcher": "rank"}) == 3
@@ -157,7 +158,8 @@ def test_batches_exposure_sink_and_control_plane() -> None:
     assert value("recsys_batch_run_seconds_count", {"batcher": "rank"}) == 1
     assert value("recsys_exposure_records_written_total") == 5
     assert value("recsys_exposure_records_dropped_total") == 2
-    assert value("recsys_control_plane_connected") == 1
+    assert value("recsys_control_plane_connected", {"document": "routing"}) == 1
+    assert value("recsys_control_plane_connected", {"document": "experiments"}) == 0
     assert value("recsys_control_rejected_documents_total", {"document": "routing"}) == 1
 
 

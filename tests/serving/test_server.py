@@ -276,7 +276,7 @@ async def test_the_metrics_endpoint_has_the_recsys_series(
         "recsys_exposure_records_dropped_total 0.0",
         'recsys_experiment_exposures_total{arm="',
         f'recsys_live_score_bucket{{le="+Inf",model_version="{MODEL_VERSION}"}} 60.0',
-        "recsys_control_plane_connected 1.0",
+        'recsys_control_plane_connected{document="experiments"} 1.0',
         "# TYPE recsys_control_rejected_documents_total counter",
     ):
         assert series in text, series

@@ -110,7 +110,7 @@ class ToyOpener:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
-        metrics.set_control_connected(True)
+        metrics.set_control_connected("experiments", True)
         self.pipeline = ToyPipeline(metrics, settings.batch_max_size, settings.batch_max_delay_ms)
         return self.pipeline
 

@@ -105,6 +105,15 @@ def _read(store: DocumentStore) -> Document | None:
         raise CliError(str(e)) from e
 
 
+def _stored_document(args: argparse.Namespace) -> Document:
+    """The stored experiments document (a CliError when there is none)."""
+    store = _store(args)
+    try:
+        return _require(store)
+    finally:
+        store.close()
+
+
 def _require(store: DocumentStore) -> Document:
     document = _read(store)
     if document is None:
@@ -209,11 +218,7 @@ def _edit(
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
-        document = _require(store)
-    finally:
-        store.close()
+    document = _stored_document(args)
     config = _validate(document.body, args.artifacts, f"stored version {document.version}")
     holdout = config.holdout.bucket_count / config.num_buckets
     print(
@@ -235,11 +240,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
-        document = _require(store)
-    finally:
-        store.close()
+    document = _stored_document(args)
     if args.experiment:
         try:
             layer, exp = changes.find_experiment(document.body, args.experiment)
@@ -307,11 +308,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_srm(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
-        document = _require(store)
-    finally:
-        store.close()
+    document = _stored_document(args)
     config = _validate(document.body, args.artifacts, f"stored version {document.version}")
     found = config.find(args.experiment)
     if found is None:
@@ -374,11 +371,7 @@ def _user_ids(source: str) -> Iterator[str]:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    store = _store(args)
-    try:
-        document = _require(store)
-    finally:
-        store.close()
+    document = _stored_document(args)
     try:
         assigner = compile_config(document.body, version=str(document.version))
     except ConfigError as e:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,13 @@ import grpc
 
 from recsys.cli import CliError
 from recsys.settings import ServeSettings, env_default
+
+SETTING_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "Path": Path,
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -21,78 +30,43 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="serve Recommend over gRPC (health, reflection, Prometheus metrics)",
         description="Serve the recommender. Flags default to RECSYS_<FLAG> variables.",
     )
-    serve.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", str(defaults.artifacts))),
-        help="artifact root (RECSYS_ARTIFACTS; default %(default)s)",
-    )
-    serve.add_argument("--host", default=env_default("host", defaults.host))
-    serve.add_argument(
-        "--port", type=int, default=int(env_default("port", str(defaults.port))), help="0: any"
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env_default("metrics_port", str(defaults.metrics_port))),
-        help="Prometheus /metrics port (0: any)",
-    )
-    serve.add_argument(
-        "--control",
-        default=env_default("control", defaults.control),
-        help="control plane: empty for files in the artifact root, or redis://HOST:PORT/DB",
-    )
-    serve.add_argument(
-        "--feature-store",
-        default=env_default("feature_store", defaults.feature_store),
-        help="where user vectors are read: empty for the memory-mapped tables, or "
+
+    annotations = {f.name: f.type for f in fields(ServeSettings)}
+
+    def flag(field: str, text: str | None = None) -> None:
+        """--FIELD, typed like the ServeSettings field, defaulting to RECSYS_FIELD or the field."""
+        kind = SETTING_TYPES[str(annotations[field])]
+        serve.add_argument(
+            f"--{field.replace('_', '-')}",
+            type=kind,
+            default=kind(env_default(field, str(getattr(defaults, field)))),
+            help=text,
+        )
+
+    flag("artifacts", "artifact root (RECSYS_ARTIFACTS; default %(default)s)")
+    flag("host")
+    flag("port", "0: any")
+    flag("metrics_port", "Prometheus /metrics port (0: any)")
+    flag("control", "control plane: empty for files in the artifact root, or redis://HOST:PORT/DB")
+    flag(
+        "feature_store",
+        "where user vectors are read: empty for the memory-mapped tables, or "
         "redis://HOST:PORT/DB (publish with `recsys features publish`)",
     )
-    serve.add_argument(
-        "--control-prefix",
-        default=env_default("control_prefix", defaults.control_prefix),
-        help="key prefix in Redis (default %(default)s)",
+    flag("control_prefix", "key prefix in Redis (default %(default)s)")
+    flag("batch_max_size")
+    flag("batch_max_delay_ms")
+    flag("workers", "server processes sharing the port (SO_REUSEPORT) and one metrics endpoint")
+    flag(
+        "cache_entries",
+        "result cache size in recommendations per worker (0: off; default %(default)s)",
     )
-    serve.add_argument(
-        "--batch-max-size",
-        type=int,
-        default=int(env_default("batch_max_size", str(defaults.batch_max_size))),
+    flag(
+        "max_in_flight",
+        "calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
     )
-    serve.add_argument(
-        "--batch-max-delay-ms",
-        type=float,
-        default=float(env_default("batch_max_delay_ms", str(defaults.batch_max_delay_ms))),
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=int(env_default("workers", str(defaults.workers))),
-        help="server processes sharing the port (SO_REUSEPORT) and one metrics endpoint",
-    )
-    serve.add_argument(
-        "--cache-entries",
-        type=int,
-        default=int(env_default("cache_entries", str(defaults.cache_entries))),
-        help="result cache size in recommendations per worker (0: off; default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=int(env_default("max_in_flight", str(defaults.max_in_flight))),
-        help="calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
-    )
-    serve.add_argument(
-        "--max-queue-delay-ms",
-        type=float,
-        default=float(env_default("max_queue_delay_ms", str(defaults.max_queue_delay_ms))),
-        help="when the oldest queued request has waited this long, shed new ones",
-    )
-    serve.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=float(env_default("drain_seconds", str(defaults.drain_seconds))),
-        help="how long in-flight calls may take to finish after SIGTERM",
-    )
+    flag("max_queue_delay_ms", "when the oldest queued request has waited this long, shed new ones")
+    flag("drain_seconds", "how long in-flight calls may take to finish after SIGTERM")
     serve.set_defaults(func=run_serve)
 
     recommend = subparsers.add_parser(

@@ -38,10 +38,10 @@ from ranking.routing import ModelRoute, RoutingError, RoutingTable, arm_pins, pa
 from ranking.training import (
     RankerParams,
     TrainedRanker,
-    _offline_metrics,
+    offline_metrics,
     train_ranker,
+    training_splits,
 )
-from ranking.training import _training_splits as training_splits
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
 from recsys.control.store import Document, DocumentStore, StoreError
 from recsys.world import load_world
@@ -282,7 +282,7 @@ class ModelRegistry:
             raise RegistryError(f"--model-file {model_file}: the model scores NaN on served data")
         trained = TrainedRanker(
             booster=booster,
-            metrics=_offline_metrics(booster, splits["eval"], params),
+            metrics=offline_metrics(booster, splits["eval"], params),
             feature_importance={},
             train_fingerprint="external:" + hashlib.sha256(text.encode()).hexdigest(),
             golden_features=np.ascontiguousarray(golden),

@@ -116,7 +116,7 @@ class TrainedRanker:
 
 
 @dataclass(frozen=True)
-class _Split:
+class Split:
     features: npt.NDArray[np.float32]
     labels: npt.NDArray[np.int32]
     group_sizes: npt.NDArray[np.int64]
@@ -126,14 +126,14 @@ class _Split:
     def rows(self) -> int:
         return int(self.labels.shape[0])
 
-    def only_groups_with_positives(self) -> _Split:
+    def only_groups_with_positives(self) -> Split:
         """Drop sessions without a click: they carry no pairwise signal for lambdarank."""
         if self.rows == 0:
             return self
         starts = np.cumsum(self.group_sizes) - self.group_sizes
         has_positive = np.maximum.reduceat(self.labels, starts) > 0
         keep_rows = np.repeat(has_positive, self.group_sizes)
-        return _Split(
+        return Split(
             self.features[keep_rows],
             self.labels[keep_rows],
             self.group_sizes[has_positive],
@@ -158,9 +158,7 @@ def _fingerprint(*arrays: npt.NDArray[Any]) -> str:
     return digest.hexdigest()
 
 
-def _training_splits(
-    world: World, tables: FeatureTables, params: RankerParams
-) -> dict[str, _Split]:
+def training_splits(world: World, tables: FeatureTables, params: RankerParams) -> dict[str, Split]:
     log = world.log
     if log.n_rows and bool((np.diff(log.session) < 0).any()):
         raise ValueError("world.log.session must be non-decreasing (a session's rows contiguous)")
@@ -186,7 +184,7 @@ def _training_splits(
     splits = {}
     for code, name in enumerate(("train", "validation", "eval")):
         rows = role == code
-        splits[name] = _Split(
+        splits[name] = Split(
             features[rows], labels[rows], _group_sizes(session[rows]), position[rows]
         )
     return splits
@@ -209,7 +207,7 @@ def train_ranker(
     say = progress or (lambda _message: None)
 
     say("ranker: assembling features for the recent window")
-    splits = _training_splits(world, tables, params)
+    splits = training_splits(world, tables, params)
     train = splits["train"].only_groups_with_positives()
     valid = splits["validation"].only_groups_with_positives()
     held_out = splits["eval"]
@@ -246,7 +244,7 @@ def train_ranker(
     final = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
 
     say("ranker: evaluating on held-out users")
-    metrics = _offline_metrics(final, held_out, params)
+    metrics = offline_metrics(final, held_out, params)
     metrics.update(
         {
             "train_rows": float(train.rows),
@@ -290,8 +288,8 @@ def train_ranker(
     )
 
 
-def _offline_metrics(
-    booster: lgb.Booster, held_out: _Split, params: RankerParams
+def offline_metrics(
+    booster: lgb.Booster, held_out: Split, params: RankerParams
 ) -> dict[str, float]:
     k = params.eval_at
     x = held_out.features

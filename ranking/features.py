@@ -120,6 +120,25 @@ class FeatureTables:
         return np.fromiter((get(u, -1) for u in user_ids), dtype=np.int32, count=len(user_ids))
 
 
+def user_row_width(dim: int) -> int:
+    """Columns of a user's feature row: vector, cuisine affinity, price mean, activity, home."""
+    return dim + len(CUISINES) + 4
+
+
+def user_feature_rows(tables: FeatureTables, rows: npt.NDArray[np.integer[Any]]) -> F64:
+    """Every per-user input of :func:`assemble_features` for ``rows`` (>= 0), one float64 row
+    each (float64 holds the float32 columns exactly): what the online feature store serves."""
+    d, c = tables.dim, len(CUISINES)
+    out = np.empty((rows.shape[0], user_row_width(d)), dtype=np.float64)
+    out[:, :d] = tables.user_vectors[rows]
+    out[:, d : d + c] = tables.user_cuisine_affinity[rows]
+    out[:, d + c] = tables.user_price_mean[rows]
+    out[:, d + c + 1] = tables.user_activity[rows]
+    out[:, d + c + 2] = tables.user_home_lat[rows]
+    out[:, d + c + 3] = tables.user_home_lon[rows]
+    return out
+
+
 def _check_shapes(t: FeatureTables) -> None:
     n_users = t.user_ids.shape[0]
     n_items = t.catalogue.n_items
@@ -268,8 +287,13 @@ def assemble_features(
     lat: npt.NDArray[np.floating[Any]],
     lon: npt.NDArray[np.floating[Any]],
     hour: npt.NDArray[np.integer[Any]],
+    user_rows_features: F64 | None = None,
 ) -> F32:
     """The ``[M, len(FEATURE_NAMES)]`` float32 feature matrix of M (user, item, context) rows.
+
+    ``user_rows_features`` ([M, user_row_width(d)], see :func:`user_feature_rows`) supplies the
+    per-user inputs from elsewhere (the online feature store); by default they come from
+    ``tables``. Both give the same features for the same values.
 
     ``user_rows`` come from :meth:`FeatureTables.user_rows` (``-1``: unknown user); ``items``
     are sku ids; ``lat``/``lon`` the delivery address in degrees (``NaN``: none given);
@@ -303,16 +327,17 @@ def assemble_features(
     known = user_rows >= 0
     row = np.where(known, user_rows, 0)
     restaurant = cat.item_restaurant[items]
+    user = _UserColumns.of(tables, row, user_rows_features)
 
-    mf = np.einsum("ij,ij->i", tables.user_vectors[row], tables.item_vectors[items])
+    mf = np.einsum("ij,ij->i", user.vectors, tables.item_vectors[items])
     out[:, col["mf_score"]] = np.where(known, mf, 0.0)
 
     lat = lat.astype(np.float64, copy=False)
     lon = lon.astype(np.float64, copy=False)
     no_location = np.isnan(lat) | np.isnan(lon)
     if no_location.any():
-        lat = np.where(no_location & known, tables.user_home_lat[row], lat)
-        lon = np.where(no_location & known, tables.user_home_lon[row], lon)
+        lat = np.where(no_location & known, user.home_lat, lat)
+        lon = np.where(no_location & known, user.home_lon, lon)
     out[:, col["distance_km"]] = haversine_km(
         lat, lon, cat.restaurant_lat[restaurant], cat.restaurant_lon[restaurant]
     )
@@ -333,15 +358,67 @@ def assemble_features(
     cuisine = cat.restaurant_cuisine[restaurant]
     out[:, col["user_cuisine_affinity"]] = np.where(
         known,
-        tables.user_cuisine_affinity[row, cuisine],
+        user.affinity(cuisine),
         tables.population_cuisine_affinity[cuisine],
     )
-    price_mean = np.where(known, tables.user_price_mean[row], tables.population_price_mean)
+    price_mean = np.where(known, user.price_mean, tables.population_price_mean)
     out[:, col["price_ratio"]] = price / price_mean
-    out[:, col["user_activity"]] = np.where(known, tables.user_activity[row], 0.0)
+    out[:, col["user_activity"]] = np.where(known, user.activity, 0.0)
     out[:, col["cuisine"]] = cuisine
     out[:, col["category"]] = cat.item_category[items]
     return out
+
+
+@dataclass(frozen=True)
+class _UserColumns:
+    """The per-user inputs of M feature rows, from the tables or from user feature rows."""
+
+    vectors: F32
+    price_mean: F32
+    activity: F32
+    home_lat: F64
+    home_lon: F64
+    _affinity: F32
+    _by_row: bool
+    """True: ``_affinity`` is [M, C] (one row per feature row); False: the [U, C] table."""
+    _row: npt.NDArray[np.integer[Any]]
+
+    def affinity(self, cuisine: npt.NDArray[np.integer[Any]]) -> F32:
+        rows = np.arange(cuisine.shape[0]) if self._by_row else self._row
+        return np.asarray(self._affinity[rows, cuisine], dtype=np.float32)
+
+    @classmethod
+    def of(
+        cls, tables: FeatureTables, row: npt.NDArray[np.integer[Any]], rows_features: F64 | None
+    ) -> _UserColumns:
+        if rows_features is None:
+            return cls(
+                tables.user_vectors[row],
+                tables.user_price_mean[row],
+                tables.user_activity[row],
+                tables.user_home_lat[row],
+                tables.user_home_lon[row],
+                tables.user_cuisine_affinity,
+                False,
+                row,
+            )
+        d, c = tables.dim, len(CUISINES)
+        if rows_features.shape != (row.shape[0], user_row_width(d)):
+            raise ValueError(
+                f"user_rows_features has shape {rows_features.shape}, expected "
+                f"({row.shape[0]}, {user_row_width(d)}): one user row per feature row"
+            )
+        # The float32 columns are cast back before use, so the arithmetic is the tables' own.
+        return cls(
+            rows_features[:, :d].astype(np.float32),
+            rows_features[:, d + c].astype(np.float32),
+            rows_features[:, d + c + 1].astype(np.float32),
+            rows_features[:, d + c + 2],
+            rows_features[:, d + c + 3],
+            rows_features[:, d : d + c].astype(np.float32),
+            True,
+            row,
+        )
 
 
 def feature_types() -> dict[str, str]:

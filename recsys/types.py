@@ -96,6 +96,9 @@ class Candidates:
     stale_user_vector: bool = False
     """True when the online feature store was slow or down (or lacked the user) and the user
     vector came from the local memory-mapped copy."""
+    user_features: Float64Array | None = None
+    """The user's feature row as the feature store served it (ranking.features
+    user_feature_rows), for ranking to use; None when ranking reads the local tables."""
 
 
 @dataclass(frozen=True, slots=True)

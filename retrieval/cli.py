@@ -58,7 +58,8 @@ def add_parser(subparsers: Any) -> None:
     publish = fsub.add_parser(
         "publish",
         parents=[common],
-        help="write the user vectors of the served features version to the online store",
+        help="write the user feature rows (vector and ranking inputs) of the served features "
+        "version to the online store",
     )
     publish.add_argument(
         "--feature-store",
@@ -186,6 +187,7 @@ def cmd_features_publish(args: argparse.Namespace) -> int:
     """Publish the vectors the routed index was built with, keyed by their features version."""
     import redis
 
+    from ranking.features import load_feature_tables, user_feature_rows
     from recsys.cli import CliError
     from retrieval.feature_store import publish_user_vectors
 
@@ -203,14 +205,19 @@ def cmd_features_publish(args: argparse.Namespace) -> int:
     except (ArtifactError, KeyError) as e:
         raise CliError(f"index {routing.body['index']}: cannot find its features: {e}") from e
     directory = root.features / features_version
-    user_ids = np.load(directory / "user_ids.npy", mmap_mode="r")
-    vectors = np.load(directory / "user_vectors.npy", mmap_mode="r")
+    try:
+        world_version = str(read_manifest(directory)["world_version"])
+        catalogue = load_world(root.world / world_version).catalogue
+    except (ArtifactError, KeyError, FileNotFoundError) as e:
+        raise CliError(f"features {features_version}: cannot load its world: {e}") from e
+    tables = load_feature_tables(directory, catalogue)
+    rows = user_feature_rows(tables, np.arange(tables.n_users))
     try:
         client = redis.Redis.from_url(args.feature_store, socket_connect_timeout=5)
         written = publish_user_vectors(
-            client, args.control_prefix, features_version, np.asarray(user_ids), vectors
+            client, args.control_prefix, features_version, tables.user_ids, rows
         )
     except (redis.RedisError, ValueError) as e:
         raise CliError(f"--feature-store {args.feature_store}: {e}") from e
-    print(f"published {written:,} user vectors of features {features_version}")
+    print(f"published {written:,} user feature rows of features {features_version}")
     return 0

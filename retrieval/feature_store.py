@@ -1,10 +1,15 @@
-"""Where the retrieve stage reads user vectors: one interface, two stores.
+"""Where serving reads per-user data: one interface, two stores.
+
+A store serves one row per user. In serving that row is the user's whole feature row
+(ranking.features.user_feature_rows: the vector the search uses, then the per-user ranking
+inputs), so one read per batch gives both stages what they need; the stores themselves are
+generic over the row's width and dtype (the local copy's).
 
 - :class:`MmapUserStore` (the default): the features version's ``user_vectors.npy``,
   memory-mapped, so worker processes share one copy in the page cache. A read is one fancy
   index into the array: what serving did before there was an interface.
 - :class:`RedisUserStore` (a fleet): one key per user, ``{prefix}{features_version}:uv:{user_id}``
-  holding the float32 vector's bytes, read for a whole batch with one ``MGET`` (a single round
+  holding the row's bytes, read for a whole batch with one ``MGET`` (a single round
   trip). When Redis is slow (the socket timeout passes), down, or lacks a user, those rows come
   from the local memory-mapped copy and the read is flagged ``degraded``; after a failure the
   store stops asking Redis for ``retry_seconds`` so an outage does not add a timeout to every
@@ -26,7 +31,10 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from recsys.types import Float32Array, Int64Array
+from recsys.types import Int64Array
+
+Rows = npt.NDArray[np.floating]
+"""[users, width] rows of any float dtype: vectors, or whole user feature rows."""
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +44,8 @@ PUBLISH_CHUNK = 2_000
 
 @dataclass(frozen=True)
 class UserVectors:
-    vectors: Float32Array
-    """[B, d] one row per requested user row."""
+    vectors: npt.NDArray[np.floating]
+    """[B, width] one row per requested user row (the store's rows: vectors or feature rows)."""
     degraded: bool = False
     """True when some rows came from the local fallback copy instead of the online store."""
 
@@ -53,7 +61,7 @@ class UserStore(Protocol):
 class MmapUserStore:
     """The features version's user vectors, memory-mapped (or any array)."""
 
-    def __init__(self, user_vectors: Float32Array) -> None:
+    def __init__(self, user_vectors: Rows) -> None:
         self._vectors = user_vectors
 
     def read(self, rows: Int64Array) -> UserVectors:
@@ -72,10 +80,10 @@ def publish_user_vectors(
     prefix: str,
     features_version: str,
     user_ids: npt.NDArray[np.str_],
-    user_vectors: Float32Array,
+    user_vectors: Rows,
 ) -> int:
     """Write every user's vector to Redis (pipelined in chunks); returns the keys written."""
-    vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
+    vectors = np.ascontiguousarray(user_vectors)
     if vectors.ndim != 2 or vectors.shape[0] != user_ids.shape[0]:
         raise ValueError(
             f"user_vectors: expected shape [{user_ids.shape[0]}, d] (one row per user id), "
@@ -99,7 +107,7 @@ class RedisUserStore:
         prefix: str,
         features_version: str,
         user_ids: npt.NDArray[np.str_],
-        fallback: Float32Array,
+        fallback: Rows,
         *,
         retry_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
@@ -115,7 +123,7 @@ class RedisUserStore:
             [user_key(prefix, features_version, u) for u in user_ids.tolist()], dtype=object
         )
         self._fallback = fallback
-        self._row_bytes = int(fallback.shape[1]) * 4
+        self._row_bytes = int(fallback.shape[1]) * fallback.dtype.itemsize
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -127,7 +135,7 @@ class RedisUserStore:
 
     def read(self, rows: Int64Array) -> UserVectors:
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.ascontiguousarray(self._fallback[rows], dtype=np.float32)
+        out = np.ascontiguousarray(self._fallback[rows])
         if rows.size == 0:
             return UserVectors(out)
         with self._lock:
@@ -146,7 +154,7 @@ class RedisUserStore:
         found = [i for i, v in enumerate(good) if v is not None]
         if found:
             joined = b"".join(v for v in good if v is not None)  # one buffer, one numpy view
-            out[found] = np.frombuffer(joined, dtype=np.float32).reshape(len(found), -1)
+            out[found] = np.frombuffer(joined, dtype=out.dtype).reshape(len(found), -1)
         missing = len(values) - len(found)
         if missing:
             with self._lock:
@@ -154,7 +162,7 @@ class RedisUserStore:
         return UserVectors(out, degraded=missing > 0)
 
     def for_version(
-        self, features_version: str, user_ids: npt.NDArray[np.str_], fallback: Float32Array
+        self, features_version: str, user_ids: npt.NDArray[np.str_], fallback: Rows
     ) -> RedisUserStore:
         """The same Redis (client, prefix, retry policy) for another features version."""
         return RedisUserStore(
@@ -177,7 +185,7 @@ def open_user_store(
     prefix: str,
     features_version: str,
     user_ids: npt.NDArray[np.str_],
-    user_vectors: Float32Array,
+    user_vectors: Rows,
     timeout_seconds: float = 0.005,
 ) -> UserStore:
     """``""``: the memory-mapped store; ``redis://...``: the online store with that fallback."""

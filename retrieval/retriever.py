@@ -229,8 +229,12 @@ class Retriever:
             fetch = [self._fetch(queries[i]) for i in positions]
             rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
             users = self._read_users(rows)
+            dim = self._user_vectors.shape[1]
+            vectors = np.ascontiguousarray(users.vectors[:, :dim], dtype=np.float32)
+            # A store serving whole feature rows: ranking takes the rest of each row from here.
+            feature_rows = users.vectors if users.vectors.shape[1] > dim else None
             scores, ids = self._index.search(
-                users.vectors,
+                vectors,
                 max(fetch),
                 nprobe=nprobe,
                 allowed=self.availability.selector,
@@ -239,11 +243,17 @@ class Retriever:
             for n, i in enumerate(positions):
                 f = fetch[n]
                 candidates = self._personal(
-                    queries[i], users.vectors[n], ids[n, :f], scores[n, :f], usable[n, :f]
+                    queries[i], vectors[n], ids[n, :f], scores[n, :f], usable[n, :f]
                 )
-                out[i] = (
-                    replace(candidates, stale_user_vector=True) if users.degraded else candidates
-                )
+                if users.degraded or feature_rows is not None:
+                    candidates = replace(
+                        candidates,
+                        stale_user_vector=users.degraded,
+                        user_features=(
+                            None if feature_rows is None else feature_rows[n].astype(np.float64)
+                        ),
+                    )
+                out[i] = candidates
         return [c for c in out if c is not None]
 
     def _read_users(self, rows: Int64Array) -> UserVectors:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from experiments.assignment import RequestAttributes
-from ranking.features import assemble_features
+from ranking.features import assemble_features, user_feature_rows
 from ranking.first_phase import combine, survivors
 from recsys.control.store import DocumentStore, open_store
 from recsys.settings import ServeSettings
@@ -213,7 +213,8 @@ def _score(
         if len(candidates)
         else np.empty(0, np.int64)
     )
-    lat, lon = _request_points(state, jobs, user_rows)
+    served_rows = _served_user_rows(state, user_rows, candidates)
+    lat, lon = _request_points(state, jobs, user_rows, served_rows)
     features = assemble_features(
         state.tables,
         np.repeat(user_rows, counts).astype(np.int32)[scored],
@@ -221,6 +222,7 @@ def _score(
         np.repeat(lat, counts)[scored],
         np.repeat(lon, counts)[scored],
         np.repeat(np.array([j.request.hour for j in jobs], dtype=np.int8), counts)[scored],
+        None if served_rows is None else np.repeat(served_rows, counts, axis=0)[scored],
     )
     versions = [
         state.routing.resolve(
@@ -238,14 +240,36 @@ def _score(
     return scores, versions
 
 
+def _served_user_rows(
+    state: ServingState, user_rows: np.ndarray, candidates: Sequence[Candidates]
+) -> npt.NDArray[np.float64] | None:
+    """[B, width] each request's user feature row as the online feature store served it
+    (None when no request's came from a store: ranking then reads the local tables)."""
+    if all(c.user_features is None for c in candidates):
+        return None
+    rows = user_feature_rows(state.tables, np.maximum(user_rows, 0))
+    for n, c in enumerate(candidates):
+        if c.user_features is not None:
+            rows[n] = c.user_features
+    return rows
+
+
 def _request_points(
-    state: ServingState, jobs: Sequence[Job], user_rows: np.ndarray
+    state: ServingState,
+    jobs: Sequence[Job],
+    user_rows: np.ndarray,
+    served_rows: npt.NDArray[np.float64] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where each request delivers to: its location, else the user's home, else the centre."""
     known = user_rows >= 0
     safe_rows = np.where(known, user_rows, 0)
-    lat = np.where(known, state.tables.user_home_lat[safe_rows], state.centre[0])
-    lon = np.where(known, state.tables.user_home_lon[safe_rows], state.centre[1])
+    if served_rows is None:
+        home_lat = state.tables.user_home_lat[safe_rows]
+        home_lon = state.tables.user_home_lon[safe_rows]
+    else:  # the last two columns of a user feature row
+        home_lat, home_lon = served_rows[:, -2], served_rows[:, -1]
+    lat = np.where(known, home_lat, state.centre[0])
+    lon = np.where(known, home_lon, state.centre[1])
     for n, job in enumerate(jobs):
         if job.request.location is not None:
             lat[n], lon[n] = job.request.location.lat, job.request.location.lon

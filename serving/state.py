@@ -16,8 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from experiments.assignment import Assigner, compile_config
-from ranking.features import FeatureTables, load_feature_tables
+from ranking.features import FeatureTables, load_feature_tables, user_feature_rows
 from ranking.model import ModelValidationError, RankingModel
 from ranking.registry import LATENCY_BUDGET_US_PER_ROW, load_for_serving
 from ranking.routing import RoutingTable, arm_pins, parse_routing
@@ -169,7 +172,7 @@ class StateLoader:
                     prefix=feature_store_prefix,
                     features_version=loaded.features_version,
                     user_ids=tables.user_ids,
-                    user_vectors=tables.user_vectors,
+                    user_vectors=all_user_rows(tables),
                 )
             except ValueError as e:
                 raise StateError(f"feature store: {e}") from e
@@ -255,7 +258,7 @@ class StateLoader:
             store = state.retriever.user_store
             if isinstance(store, RedisUserStore):
                 store = store.for_version(
-                    loaded.features_version, loaded.tables.user_ids, loaded.tables.user_vectors
+                    loaded.features_version, loaded.tables.user_ids, all_user_rows(loaded.tables)
                 )
             retriever = Retriever(
                 loaded.index,
@@ -388,6 +391,12 @@ def rejection_reason(message: str) -> str:
         if needle in lowered:
             return reason
     return "other"
+
+
+def all_user_rows(tables: FeatureTables) -> npt.NDArray[np.float64]:
+    """Every user's feature row: the local copy behind the online feature store (its fallback).
+    10,000 users x 52 columns is 4 MB; a catalogue of millions of users would map a file."""
+    return user_feature_rows(tables, np.arange(tables.n_users))
 
 
 def artifact_root(path: Path) -> ArtifactRoot:

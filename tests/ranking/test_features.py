@@ -19,9 +19,11 @@ from ranking.features import (
     build_feature_tables,
     load_feature_tables,
     save_feature_tables,
+    user_feature_rows,
 )
+from recsys.build import BuildReport
 from recsys.geo import haversine_km
-from recsys.world import CUISINES, World
+from recsys.world import CUISINES, World, load_world
 from tests.ranking.conftest import PlantedWorld
 
 Batch = tuple[
@@ -274,3 +276,25 @@ def test_vector_dimensions_must_agree(planted: PlantedWorld) -> None:
         build_feature_tables(planted.world, planted.user_vectors, planted.item_vectors[:, :4])
     with pytest.raises(FeatureTablesError, match="expected"):
         build_feature_tables(planted.world, planted.user_vectors[:-1], planted.item_vectors)
+
+
+def test_user_feature_rows_give_the_same_features_as_the_tables(
+    built_world: tuple[Path, BuildReport],
+) -> None:
+    """The online feature store serves user_feature_rows; ranking must not see a difference."""
+    root, report = built_world
+    catalogue = load_world(root / "world" / report.world_version).catalogue
+    tables = load_feature_tables(root / "features" / report.features_version, catalogue)
+    rng = np.random.default_rng(0)
+    m = 3_000
+    rows = rng.integers(-1, tables.n_users, m).astype(np.int32)
+    items = rng.integers(0, catalogue.n_items, m)
+    lat = np.where(rng.random(m) < 0.5, np.nan, 52.5)
+    lon = np.where(np.isnan(lat), np.nan, 13.4)
+    hour = rng.integers(0, 24, m)
+    from_tables = assemble_features(tables, rows, items, lat, lon, hour)
+    served = user_feature_rows(tables, np.maximum(rows, 0))
+    from_rows = assemble_features(tables, rows, items, lat, lon, hour, served)
+    np.testing.assert_array_equal(from_rows, from_tables)
+    with pytest.raises(ValueError, match="user_rows_features has shape"):
+        assemble_features(tables, rows, items, lat, lon, hour, served[:-1])

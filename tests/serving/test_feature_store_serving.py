@@ -8,13 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 
+from ranking.features import load_feature_tables, user_feature_rows
+from recsys.artifacts import ArtifactRoot, read_manifest
 from recsys.build import BuildReport
 from recsys.cli import main
+from recsys.control.store import open_store
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from recsys.world import CUISINES, load_world
+from retrieval.feature_store import publish_user_vectors
 from serving.pipeline import STALE_USER_VECTOR, open_pipeline
 from serving.server import RunningServer
 from tests.control.redis_helpers import REDIS_URL, redis_answers
@@ -69,7 +75,7 @@ async def test_published_vectors_serve_the_same_feed_as_the_local_tables(
          "--feature-store", REDIS_URL, "--control-prefix", prefix]
     )  # fmt: skip
     assert code == 0
-    assert "published 1,500 user vectors" in capsys.readouterr().out
+    assert "published 1,500 user feature rows" in capsys.readouterr().out
 
     local = await _recommend(settings)
     online = await _recommend(
@@ -88,3 +94,32 @@ async def test_an_unreachable_feature_store_degrades_but_still_answers(
     assert len(reply.items) == 20
     assert reply.degraded
     assert STALE_USER_VECTOR in reply.degraded_reason
+
+
+async def test_ranking_reads_the_per_user_features_the_store_serves(
+    settings: ServeSettings, prefix: str
+) -> None:
+    """Rows whose vector part is the local one but whose ranking inputs differ: retrieval finds
+    the same candidates, and the scores move, so ranking took its user inputs from the store."""
+    root = ArtifactRoot(settings.artifacts)
+    routing = open_store("", settings.artifacts).read("routing")
+    assert routing is not None
+    index = read_manifest(root.indexes / str(routing.body["index"]))
+    features_version = str(index["features_version"])
+    directory = root.features / features_version
+    catalogue = load_world(root.world / str(read_manifest(directory)["world_version"])).catalogue
+    tables = load_feature_tables(directory, catalogue)
+    rows = user_feature_rows(tables, np.arange(tables.n_users))
+    d, c = tables.dim, len(CUISINES)
+    rows[:, d : d + c] = rows[:, d : d + c][:, ::-1]  # another cuisine taste
+    rows[:, d + c] *= 3.0  # another price level
+    client = redis.Redis.from_url(REDIS_URL)
+    publish_user_vectors(client, prefix, features_version, tables.user_ids, rows)
+    client.close()
+
+    local = await _recommend(settings)
+    online = await _recommend(
+        ServeSettings(**{**settings.__dict__, "feature_store": REDIS_URL, "control_prefix": prefix})
+    )
+    assert not online.degraded, online.degraded_reason
+    assert [i.score for i in online.items] != [i.score for i in local.items]

@@ -41,7 +41,7 @@ from benchmarks.bench_latency import free_port, make_requests, wait_serving_for
 from ranking.registry import ModelRegistry
 from ranking.routing import parse_routing
 from recsys.artifacts import ArtifactRoot, versions
-from recsys.control.store import DocumentStore, open_store
+from recsys.control.store import ROUTING, DocumentStore, open_store
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 NAME = "ranker"
@@ -91,11 +91,11 @@ class Load:
 
 
 def write_route(store: DocumentStore, production: str, previous: str) -> None:
-    document = store.read("routing")
+    document = store.read(ROUTING)
     assert document is not None
     body = {**document.body, "models": {NAME: {"production": production, "previous": previous}}}
     parse_routing(body)
-    store.write("routing", body, expected_version=document.version, author="bench_swap")
+    store.write(ROUTING, body, expected_version=document.version, author="bench_swap")
 
 
 async def storm(args: argparse.Namespace, root: Path, pid: int, target: str) -> dict[str, object]:

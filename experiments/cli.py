@@ -21,14 +21,13 @@ from typing import Any, TextIO
 from experiments import changes
 from experiments.assignment import RequestAttributes, compile_config
 from experiments.config import ConfigError, ExperimentConfig, parse_config
-from experiments.live import EXPERIMENTS_DOCUMENT
 from experiments.srm import MISMATCH_P_VALUE, count_exposures, srm_test
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.cli import CliError, control_plane_arguments
-from recsys.control.store import Document, DocumentStore, StoreError, open_store
+from recsys.control.store import EXPERIMENTS, Document, DocumentStore, StoreError, open_store
 from recsys.types import DEFAULT_SURFACE
 
-DOC = EXPERIMENTS_DOCUMENT
+DOC = EXPERIMENTS
 
 
 def add_parser(subparsers: Any) -> None:

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable, Collection
 
 from experiments.assignment import Assigner, compile_config
 from experiments.config import ConfigError
-from recsys.control.store import Document
+from recsys.control.store import EXPERIMENTS, Document
 
-EXPERIMENTS_DOCUMENT = "experiments"
+EXPERIMENTS_DOCUMENT = EXPERIMENTS
 
 
 class LiveAssigner:

@@ -19,7 +19,7 @@ from typing import Any
 from ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
 from recsys.artifacts import ArtifactRoot
 from recsys.cli import CliError, control_plane_arguments
-from recsys.control.store import Document, StoreError, open_store
+from recsys.control.store import ROUTING, Document, StoreError, open_store
 
 DEFAULT_NAME = "ranker"
 
@@ -219,7 +219,7 @@ def cmd_retire(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         try:
-            entries = registry.store.history("routing", limit=args.limit)
+            entries = registry.store.history(ROUTING, limit=args.limit)
         except StoreError as e:
             raise RegistryError(str(e)) from e
         for entry in entries:

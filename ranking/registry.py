@@ -43,10 +43,9 @@ from ranking.training import (
     training_splits,
 )
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
-from recsys.control.store import Document, DocumentStore, StoreError
+from recsys.control.store import ROUTING, Document, DocumentStore, StoreError
 from recsys.world import load_world
 
-ROUTING = "routing"
 EXPERIMENTS = "experiments"
 WARMUP_ROWS = 500
 LATENCY_BUDGET_US_PER_ROW = 200.0

@@ -188,24 +188,24 @@ def _build_stages(
 def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
     """Route serving to the new versions; create default experiments and availability once."""
     from experiments.assignment import default_config
-    from recsys.control.store import open_store
+    from recsys.control.store import AVAILABILITY, EXPERIMENTS, ROUTING, open_store
 
     store = open_store("", root.path)
     try:
-        routing = store.read("routing")
+        routing = store.read(ROUTING)
         body: dict[str, Any] = {
             "index": report.index_version,
             "models": {"ranker": {"production": report.model_version}},
         }
         if routing is None or routing.body != body:
             store.write(
-                "routing", body, expected_version=routing.version if routing else 0, author="build"
+                ROUTING, body, expected_version=routing.version if routing else 0, author="build"
             )
-        if store.read("experiments") is None:
-            store.write("experiments", default_config(), expected_version=0, author="build")
-        if store.read("availability") is None:
+        if store.read(EXPERIMENTS) is None:
+            store.write(EXPERIMENTS, default_config(), expected_version=0, author="build")
+        if store.read(AVAILABILITY) is None:
             store.write(
-                "availability",
+                AVAILABILITY,
                 {"skus_off": [], "restaurants_off": []},
                 expected_version=0,
                 author="build",

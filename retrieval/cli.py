@@ -19,12 +19,19 @@ import numpy as np
 
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
 from recsys.cli import control_plane_arguments
-from recsys.control.store import Document, DocumentStore, StoreError, open_store
+from recsys.control.store import (
+    AVAILABILITY,
+    ROUTING,
+    Document,
+    DocumentStore,
+    StoreError,
+    open_store,
+)
 from recsys.settings import env_default
 from recsys.world import Catalogue, load_world
 from retrieval.availability import DOCUMENT_FIELDS, Availability
 
-DOC = "availability"
+DOC = AVAILABILITY
 
 
 def add_parser(subparsers: Any) -> None:
@@ -117,7 +124,7 @@ def _change(args: argparse.Namespace, *, off: bool) -> int:
     try:
         try:
             current = store.read(DOC)
-            routing = store.read("routing")
+            routing = store.read(ROUTING)
         except StoreError as e:
             raise CliError(str(e)) from e
         body = change_document(
@@ -193,7 +200,7 @@ def cmd_features_publish(args: argparse.Namespace) -> int:
 
     store = _store(args)
     try:
-        routing = store.read("routing")
+        routing = store.read(ROUTING)
     finally:
         store.close()
     if routing is None or not isinstance(routing.body.get("index"), str):

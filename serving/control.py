@@ -16,11 +16,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from recsys.control.store import Document, DocumentStore, VersionConflict
+from recsys.control.store import (
+    AVAILABILITY,
+    DOCUMENTS,
+    EXPERIMENTS,
+    ROUTING,
+    Document,
+    DocumentStore,
+    VersionConflict,
+)
 from recsys.control.watch import DocumentWatcher, watch
 
 from .metrics import ServingMetrics
-from .state import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING, ServingState, StateLoader
+from .state import ServingState, StateLoader
 
 log = logging.getLogger(__name__)
 

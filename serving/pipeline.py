@@ -18,7 +18,7 @@ import numpy.typing as npt
 from experiments.assignment import RequestAttributes
 from ranking.features import assemble_features, user_feature_rows
 from ranking.first_phase import combine, survivors
-from recsys.control.store import DocumentStore, open_store
+from recsys.control.store import EXPERIMENTS, DocumentStore, open_store
 from recsys.settings import ServeSettings
 from recsys.types import (
     Assignment,
@@ -35,7 +35,7 @@ from .batching import DEADLINE_UNRANKED, DeadlineExceeded, MicroBatcher
 from .cache import ResultCache, cache_key
 from .control import ControlFollower, read_documents
 from .metrics import ServingMetrics
-from .state import EXPERIMENTS, ServingState, StateLoader, artifact_root
+from .state import ServingState, StateLoader, artifact_root
 
 __all__ = [
     "DeadlineExceeded",

@@ -25,6 +25,7 @@ from ranking.model import ModelValidationError, RankingModel
 from ranking.registry import LATENCY_BUDGET_US_PER_ROW, load_for_serving
 from ranking.routing import RoutingTable, arm_pins, parse_routing
 from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
+from recsys.control.store import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING
 from recsys.types import Location, ServingVersions
 from recsys.world import Catalogue, World, load_world
 from retrieval.availability import Availability
@@ -34,10 +35,6 @@ from retrieval.retriever import RetrievalQuery, Retriever
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = "experiments"
-ROUTING = "routing"
-AVAILABILITY = "availability"
-DOCUMENTS = (ROUTING, EXPERIMENTS, AVAILABILITY)
 UNLOAD_GRACE_SECONDS = 30.0
 """How long a version no route or arm needs stays loaded before it is unloaded."""
 

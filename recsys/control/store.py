@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+EXPERIMENTS = "experiments"
+ROUTING = "routing"
+AVAILABILITY = "availability"
+DOCUMENTS = (ROUTING, EXPERIMENTS, AVAILABILITY)
+"""The documents every server follows (routing first: the snapshot's artifacts hang off it)."""
+
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 HISTORY_LIMIT = 1000
 """History entries kept per document (oldest dropped first)."""

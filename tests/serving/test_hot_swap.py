@@ -23,13 +23,13 @@ from ranking.registry import ModelRegistry
 from ranking.routing import RoutingTable
 from recsys.artifacts import ArtifactRoot
 from recsys.build import BuildReport
-from recsys.control.store import DocumentStore, open_store
+from recsys.control.store import ROUTING, DocumentStore, open_store
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.metrics import ServingMetrics
 from serving.pipeline import Pipeline, open_pipeline
 from serving.server import RunningServer
-from serving.state import ROUTING, ServingState, StateLoader
+from serving.state import ServingState, StateLoader
 
 NAME = "ranker"
 SWAPS = 50

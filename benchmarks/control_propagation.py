@@ -2,9 +2,8 @@
 
     .venv/bin/python benchmarks/control_propagation.py [--artifacts /tmp/art100] [--servers 4]
         [--writes 20] [--control redis://127.0.0.1:6379/0] [--layers 100 --experiments 1200]
-    .venv/bin/python benchmarks/control_propagation.py --mode followers [...]
 
-``--mode servers`` (the default) starts ``--servers`` real ``recsys serve`` processes on a copy
+It starts ``--servers`` real ``recsys serve`` processes on a copy
 of ``--artifacts`` (the copy takes their exposure logs; the original is only read), all
 following one Redis under a fresh key prefix (the first server seeds it from the copy's control
 documents). It polls Recommend on every server (one call in flight per server, the next
@@ -15,9 +14,6 @@ response that carries the new ``config_version``: an upper bound on when that se
 the version in (it adds up to one poll interval and one call's round trip). Every response is
 checked: a server never answers with an older version after a newer one (a swap is atomic and
 final), and every server reaches every version.
-
-``--mode followers`` measures the control plane alone: separate processes each running only
-watch -> compile_config -> swap (experiments.live.LiveAssigner), reporting the swap time.
 
 With ``--layers``/``--experiments`` the document is the synthetic one of bench_assignment.py (a
 bigger document to parse and compile), applied once before the timed writes. Keys live under a
@@ -30,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import queue
 import re
 import shutil
 import statistics
@@ -42,18 +37,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import grpc
 import redis
 
 from experiments import changes
-from experiments.assignment import compile_config
-from experiments.config import default_config, parse_config
-from experiments.live import EXPERIMENTS_DOCUMENT, LiveAssigner
+from experiments.config import parse_config
 from experiments.synthetic import synthetic_config
 from recsys.control.redis_store import RedisStore
-from recsys.control.watch import watch
+from recsys.control.store import EXPERIMENTS
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 LISTENING = re.compile(r"recsys listening on [^ ]+:(\d+) \(metrics on :(\d+)\)")
@@ -74,7 +67,7 @@ def _document(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _ramped(store: RedisStore, experiment: str, i: int) -> tuple[int, dict[str, Any]]:
     """The stored version and the next document: ``experiment`` ramped to 10% or 15%."""
-    current = store.read(EXPERIMENTS_DOCUMENT)
+    current = store.read(EXPERIMENTS)
     assert current is not None, "the experiments document disappeared"
     edited = changes.ramp(current.body, experiment, 10 + (i % 2) * 5)
     prepared = changes.prepare_write(current.body, edited)
@@ -216,7 +209,7 @@ async def _measure_servers(
             await asyncio.sleep(0.002)
 
     try:
-        current = await asyncio.to_thread(store.read, EXPERIMENTS_DOCUMENT)
+        current = await asyncio.to_thread(store.read, EXPERIMENTS)
         assert current is not None, "the servers did not seed the experiments document"
         await all_reach(current.version, within=30)
         experiment = "restaurant-cap"
@@ -225,7 +218,7 @@ async def _measure_servers(
             prepared = changes.prepare_write(current.body, start_doc)
             parse_config(prepared.doc)
             written = await asyncio.to_thread(
-                store.write, EXPERIMENTS_DOCUMENT, prepared.doc,
+                store.write, EXPERIMENTS, prepared.doc,
                 expected_version=current.version, author="bench",
             )  # fmt: skip
             await all_reach(written.version, within=60)
@@ -237,7 +230,7 @@ async def _measure_servers(
             size = len(json.dumps(doc))
             started[version + 1] = (time.monotonic(), time.time())
             await asyncio.to_thread(
-                store.write, EXPERIMENTS_DOCUMENT, doc, expected_version=version, author="bench"
+                store.write, EXPERIMENTS, doc, expected_version=version, author="bench"
             )
             await all_reach(version + 1, within=30)
             await asyncio.sleep(args.interval)
@@ -309,101 +302,13 @@ def run_servers(args: argparse.Namespace) -> None:
     )
 
 
-# -- control-plane followers only ----------------------------------------------------------------
-
-
-def follower(url: str, prefix: str, poll_seconds: float) -> None:
-    """One 'server' without the data plane: apply every version, print when it was swapped in."""
-
-    def report(assigner: Any) -> None:
-        line = {"pid": os.getpid(), "version": int(assigner.version), "applied_at": time.time()}
-        print(json.dumps(line), flush=True)
-
-    async def run() -> None:
-        live = LiveAssigner(compile_config(default_config(), version="0"), on_applied=report)
-        watcher = watch(url, EXPERIMENTS_DOCUMENT, prefix=prefix, poll_seconds=poll_seconds)
-        try:
-            await live.follow(watcher)
-        finally:
-            await watcher.aclose()
-
-    asyncio.run(run())
-
-
-def _reader(stream: TextIO, out: queue.Queue[dict[str, Any]]) -> None:
-    for line in stream:
-        out.put(json.loads(line))
-
-
-def run_followers(args: argparse.Namespace) -> None:
-    prefix = f"recsys-bench-{uuid.uuid4().hex[:12]}:"
-    store = RedisStore(args.control, prefix=prefix)
-    doc = _document(args) or default_config()
-    parse_config(doc)
-    store.write(EXPERIMENTS_DOCUMENT, doc, expected_version=0, author="bench")
-    reports: queue.Queue[dict[str, Any]] = queue.Queue()
-    procs = []
-    for _ in range(args.servers):
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--follower", "--control", args.control, "--prefix",
-             prefix, "--poll-seconds", str(args.poll_seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        threading.Thread(target=_reader, args=(proc.stdout, reports), daemon=True).start()
-        procs.append(proc)
-    try:
-        applied: dict[int, dict[int, float]] = {}
-
-        def wait_for(version: int, timeout: float) -> None:
-            deadline = time.monotonic() + timeout
-            while len(applied.get(version, {})) < args.servers:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    got = len(applied.get(version, {}))
-                    raise SystemExit(f"version {version}: {got}/{args.servers} servers in time")
-                try:
-                    r = reports.get(timeout=remaining)
-                except queue.Empty:
-                    continue
-                applied.setdefault(r["version"], {})[r["pid"]] = r["applied_at"]
-
-        wait_for(1, timeout=60)  # every follower up, following, on version 1
-        started: dict[int, float] = {}
-        experiment = "exp-1-0" if args.layers else "restaurant-cap"
-        for i in range(args.writes):
-            version, edited = _ramped(store, experiment, i)
-            started[version + 1] = time.time()
-            store.write(EXPERIMENTS_DOCUMENT, edited, expected_version=version, author="bench")
-            wait_for(version + 1, timeout=30)
-            time.sleep(args.interval)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-        _delete_prefix(args.control, prefix)
-        store.close()
-
-    per_server = [(applied[v][pid] - t0) * 1e3 for v, t0 in started.items() for pid in applied[v]]
-    all_servers = [(max(applied[v].values()) - t0) * 1e3 for v, t0 in started.items()]
-    size = len(json.dumps(doc))
-    print(
-        f"{args.servers} follower processes, {args.writes} writes, one Redis ({args.control}); "
-        f"document {size / 1024:.0f} KiB; poll fallback {args.poll_seconds}s"
-    )
-    _print_table([("each follower", per_server), ("slowest follower of each write", all_servers)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["servers", "followers"], default="servers")
     parser.add_argument(
         "--control", default=os.environ.get("RECSYS_CONTROL") or "redis://127.0.0.1:6379/0"
     )
     parser.add_argument(
-        "--artifacts", type=Path, default=Path("/tmp/art100"), help="built root (servers mode)"
+        "--artifacts", type=Path, default=Path("/tmp/art100"), help="a built artifact root"
     )
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--writes", type=int, default=20)
@@ -411,18 +316,10 @@ def main() -> None:
     parser.add_argument(
         "--poll-interval", type=float, default=0.02, help="seconds between Recommend polls"
     )
-    parser.add_argument("--poll-seconds", type=float, default=1.0, help="followers mode")
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--experiments", type=int, default=0)
-    parser.add_argument("--follower", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.follower:
-        follower(args.control, args.prefix, args.poll_seconds)
-    elif args.mode == "followers":
-        run_followers(args)
-    else:
-        run_servers(args)
+    run_servers(args)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import pytest
 
 from experiments import changes
 from experiments.config import parse_config
-from experiments.live import EXPERIMENTS_DOCUMENT
 from recsys.build import BuildReport
 from recsys.control.redis_store import RedisStore
+from recsys.control.store import EXPERIMENTS
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.pipeline import open_pipeline
@@ -89,13 +89,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
 def write_ramp(store: RedisStore, percent: int, base: dict[str, Any] | None = None) -> int:
     """What `recsys experiments ramp restaurant-cap PERCENT` writes (over ``base`` if given, else
     over the stored document); returns the new version."""
-    current = store.read(EXPERIMENTS_DOCUMENT)
+    current = store.read(EXPERIMENTS)
     assert current is not None
     start = current.body if base is None else base
     prepared = changes.prepare_write(current.body, changes.ramp(start, "restaurant-cap", percent))
     parse_config(prepared.doc)
     return store.write(
-        EXPERIMENTS_DOCUMENT, prepared.doc, expected_version=current.version, author="test"
+        EXPERIMENTS, prepared.doc, expected_version=current.version, author="test"
     ).version
 
 
@@ -112,7 +112,7 @@ async def test_every_server_applies_each_valid_version_and_no_server_an_invalid_
     store = RedisStore(redis_url, prefix=redis_prefix)
     stack.callback(store.close)
     # the first server seeded Redis from the artifact root; the second found it there
-    seeded = store.read(EXPERIMENTS_DOCUMENT)
+    seeded = store.read(EXPERIMENTS)
     assert seeded is not None
     assert seeded.version == 1
     assert seeded.author.startswith("seed:")
@@ -125,12 +125,12 @@ async def test_every_server_applies_each_valid_version_and_no_server_an_invalid_
 
     # A document that skips the ops write path (the store checks only that it is JSON): an arm
     # parameter the pipeline does not know. Every server rejects it and keeps version 2.
-    bad = store.read(EXPERIMENTS_DOCUMENT)
+    bad = store.read(EXPERIMENTS)
     assert bad is not None
     good = copy.deepcopy(bad.body)
     body = bad.body
     body["layers"][1]["experiments"][0]["arms"][0]["params"] = {"retrieval_depth": 5}
-    store.write(EXPERIMENTS_DOCUMENT, body, expected_version=bad.version, author="test")
+    store.write(EXPERIMENTS, body, expected_version=bad.version, author="test")
     rejected = 'recsys_control_rejected_documents_total{document="experiments"}'
     for running, _ in servers:
         await eventually(partial(_metric_is, running.metrics_port, rejected, 1.0))
@@ -183,7 +183,7 @@ async def test_arm_parameters_drive_the_pipeline_and_a_forced_arm_says_so(
     before = await stub.Recommend(request, timeout=10)
     assert len(before.items) == 30  # retrieval depth 200 or 400 by default
 
-    current = store.read(EXPERIMENTS_DOCUMENT)
+    current = store.read(EXPERIMENTS)
     assert current is not None
     doc = copy.deepcopy(current.body)
     retrieval = doc["layers"][0]["experiments"][0]
@@ -196,7 +196,7 @@ async def test_arm_parameters_drive_the_pipeline_and_a_forced_arm_says_so(
     prepared = changes.prepare_write(current.body, doc)
     parse_config(prepared.doc)
     written = store.write(
-        EXPERIMENTS_DOCUMENT, prepared.doc, expected_version=current.version, author="test"
+        EXPERIMENTS, prepared.doc, expected_version=current.version, author="test"
     )
     await eventually(partial(_serves, stub, str(written.version)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,12 @@ def built_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildRe
 @pytest.fixture(scope="session")
 def artifacts_dir(built_world: tuple[Path, BuildReport]) -> Path:
     return built_world[0]
+
+
+@pytest.fixture
+def artifacts(artifacts_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the built root, for tests that change control documents or write
+    exposure logs (the session's root stays as built)."""
+    out = tmp_path / "artifacts"
+    shutil.copytree(artifacts_dir, out, ignore=shutil.ignore_patterns("exposures"))
+    return out

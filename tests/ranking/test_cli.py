@@ -17,13 +17,6 @@ __all__ = ["redis_prefix", "redis_url"]
 NAME = "ranker"
 
 
-@pytest.fixture
-def artifacts(artifacts_dir: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "artifacts"
-    shutil.copytree(artifacts_dir, copy, ignore=shutil.ignore_patterns("exposures"))
-    return copy
-
-
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()

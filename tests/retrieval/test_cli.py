@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from retrieval.cli import change_document
 from tests.control.redis_helpers import redis_prefix, redis_url
 
 __all__ = ["redis_prefix", "redis_url"]
-
-
-@pytest.fixture
-def artifacts(artifacts_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the session's built world: these tests write control documents."""
-    copy = tmp_path / "artifacts"
-    shutil.copytree(artifacts_dir, copy)
-    return copy
 
 
 def _body(artifacts: Path, url: str = "", prefix: str = "recsys:") -> dict[str, object]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import shutil
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -19,7 +17,6 @@ import pytest
 
 from experiments import changes
 from experiments.config import parse_config
-from recsys.build import BuildReport
 from recsys.control.redis_store import RedisStore
 from recsys.control.store import EXPERIMENTS
 from recsys.settings import ServeSettings
@@ -27,18 +24,11 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.pipeline import open_pipeline
 from serving.server import RunningServer
 from tests.control.redis_helpers import ThrowawayRedis, redis_prefix, redis_url, throwaway_redis
+from tests.serving.metrics_page import fetch_metrics
 
 __all__ = ["redis_prefix", "redis_url", "throwaway_redis"]
 
 KNOWN_USER = "user-0000001"
-
-
-@pytest.fixture
-def artifacts(built_world: tuple[Path, BuildReport], tmp_path: Path) -> Path:
-    """A private copy of the built root (the servers write their exposure logs into it)."""
-    out = tmp_path / "artifacts"
-    shutil.copytree(built_world[0], out, ignore=shutil.ignore_patterns("exposures"))
-    return out
 
 
 async def start_server(stack: AsyncExitStack, artifacts: Path, control: str, prefix: str) -> Any:
@@ -70,9 +60,7 @@ async def config_version(stub: Any) -> str:
 
 def scrape(metrics_port: int, sample: str) -> float | None:
     """The value of ``sample`` (name with labels, as exposed) on a server's /metrics page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
-        text = page.read().decode()
-    for line in text.splitlines():
+    for line in fetch_metrics(metrics_port).splitlines():
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,16 +20,9 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 from serving.pipeline import open_pipeline
 from serving.server import RunningServer
+from tests.serving.metrics_page import fetch_metrics
 
 KNOWN_USER = "user-0000001"
-
-
-@pytest.fixture
-def artifacts(built_world: tuple[Path, BuildReport], tmp_path: Path) -> Path:
-    """A private copy of the built root: these tests change control documents."""
-    out = tmp_path / "artifacts"
-    shutil.copytree(built_world[0], out, ignore=shutil.ignore_patterns("exposures"))
-    return out
 
 
 @pytest.fixture
@@ -195,10 +187,9 @@ async def test_an_invalid_control_document_is_rejected_and_the_last_good_one_ser
     bad = {"index": doc.body["index"], "models": {"ranker": {"production": "no-such-version"}}}
     store.write("routing", bad, expected_version=doc.version, author="test")
     store.close()
-    metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
 
     async def rejected() -> bool:
-        text = await asyncio.to_thread(_fetch, metrics_url)
+        text = await asyncio.to_thread(fetch_metrics, server.metrics_port)
         return 'recsys_control_rejected_documents_total{document="routing"} 1.0' in text
 
     await _until(rejected)
@@ -221,23 +212,3 @@ async def test_exposure_log_records_what_each_customer_saw(
     assert record["sku_ids"] == [i.sku_id for i in reply.items]
     assert record["model_version"] == reply.model_version
     assert {e["layer"] for e in record["exposures"]} == {e.layer for e in reply.experiments}
-
-
-def _fetch(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body: bytes = response.read()
-    return body.decode()
-
-
-async def test_the_health_command_answers_for_the_dockerfile_healthcheck(
-    server: RunningServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from recsys.cli import main
-
-    target = f"127.0.0.1:{server.port}"
-    assert await asyncio.to_thread(main, ["health", "--target", target]) == 0
-    assert "SERVING" in capsys.readouterr().out
-    await server.stop()
-    assert await asyncio.to_thread(main, ["health", "--target", target, "--timeout", "1"]) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,6 @@ import redis
 
 from ranking.features import load_feature_tables, user_feature_rows
 from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.build import BuildReport
 from recsys.cli import main
 from recsys.control.store import open_store
 from recsys.settings import ServeSettings
@@ -40,13 +38,6 @@ def prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-@pytest.fixture
-def artifacts(built_world: tuple[Path, BuildReport], tmp_path: Path) -> Path:
-    out = tmp_path / "artifacts"
-    shutil.copytree(built_world[0], out, ignore=shutil.ignore_patterns("exposures"))
-    return out
 
 
 async def _recommend(settings: ServeSettings) -> recommender_pb2.RecommendResponse:

@@ -4,7 +4,6 @@ it off the loop, then answers with it; a version that fails validation never ser
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,13 +26,6 @@ from tests.control.redis_helpers import redis_prefix, redis_url
 __all__ = ["redis_prefix", "redis_url"]
 
 KNOWN_USER = "user-0000001"
-
-
-@pytest.fixture
-def artifacts(built_world: tuple[Path, BuildReport], tmp_path: Path) -> Path:
-    out = tmp_path / "artifacts"
-    shutil.copytree(built_world[0], out, ignore=shutil.ignore_patterns("exposures"))
-    return out
 
 
 def publish_another_index(artifacts: Path, report: BuildReport, nlist: int) -> str:

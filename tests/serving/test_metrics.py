@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +9,7 @@ from hypothesis.extra import numpy as hnp
 from recsys.types import Exposure, Recommendation, ScoredItems, ServingVersions
 from serving.batching import BatchStats
 from serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
+from tests.serving.metrics_page import fetch_metrics
 
 
 def recommendation(
@@ -178,8 +177,7 @@ def test_the_http_endpoint_serves_the_registry_on_a_free_port() -> None:
         assert port > 0
         metrics.request_started()
         metrics.request_finished("INVALID_ARGUMENT", 0.002)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        text = fetch_metrics(port)
     finally:
         metrics.stop_http()
     assert 'recsys_requests_total{code="INVALID_ARGUMENT"} 1.0' in text

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.client import build_request, recommend
 from serving.exposure import JsonlFileWriter
 from serving.server import RECOMMENDER_SERVICE, RunningServer
+from tests.serving.metrics_page import fetch_metrics
 from tests.serving.test_exposure import GatedWriter
 from tests.serving.toy_pipeline import (
     CONFIG_VERSION,
@@ -112,12 +112,6 @@ def exposure_lines(artifacts: Path) -> list[dict[str, object]]:
         for path in sorted((artifacts / "exposures").glob("exposures-*.jsonl"))
         for line in path.read_text().splitlines()
     ]
-
-
-def fetch_metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-        text: str = response.read().decode()
-    return text
 
 
 async def test_a_good_call(client: Client) -> None:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.workers import free_port, merge_families
+from tests.serving.metrics_page import fetch_metrics
 
 WORKER_A = """# HELP recsys_requests Recommend calls.
 # TYPE recsys_requests counter
@@ -57,8 +57,7 @@ def test_merging_sums_counters_and_histograms_and_keeps_info_series_once() -> No
 
 
 def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return _samples(reply.read().decode())
+    return _samples(fetch_metrics(port))
 
 
 def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(

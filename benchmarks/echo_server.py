@@ -45,17 +45,25 @@ class EchoRecommender(recommender_pb2_grpc.RecommenderServicer):
         return response
 
 
-async def serve(host: str, port: int) -> None:
+async def serve_until_signal(
+    servicer: recommender_pb2_grpc.RecommenderServicer, host: str, port: int
+) -> None:
+    """Serve ``servicer`` on ``host:port`` until SIGTERM or SIGINT (prints "serving" once up)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(EchoRecommender(), server)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    print("serving", flush=True)
     await stop.wait()
     await server.stop(1)
+
+
+async def serve(host: str, port: int) -> None:
+    await serve_until_signal(EchoRecommender(), host, port)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import grpc
 import uvloop
 
+from benchmarks.echo_server import serve_until_signal
 from experiments.assignment import RequestAttributes
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.pipeline import Job, recommend_batch
@@ -62,17 +62,7 @@ async def serve(artifacts: Path, host: str, port: int, threads: int) -> None:
     from benchmarks.bench_rank_cut import load_state
 
     state = await asyncio.to_thread(load_state, artifacts)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(NaiveRecommender(state, threads), server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("serving", flush=True)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signal(NaiveRecommender(state, threads), host, port)
 
 
 def main() -> None:

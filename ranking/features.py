@@ -139,6 +139,11 @@ def user_feature_rows(tables: FeatureTables, rows: npt.NDArray[np.integer[Any]])
     return out
 
 
+def user_row_home(rows: F64) -> tuple[F64, F64]:
+    """Home latitude and longitude columns of user feature rows (the last two)."""
+    return rows[:, -2], rows[:, -1]
+
+
 def _check_shapes(t: FeatureTables) -> None:
     n_users = t.user_ids.shape[0]
     n_items = t.catalogue.n_items
@@ -413,8 +418,7 @@ class _UserColumns:
             rows_features[:, :d].astype(np.float32),
             rows_features[:, d + c].astype(np.float32),
             rows_features[:, d + c + 1].astype(np.float32),
-            rows_features[:, d + c + 2],
-            rows_features[:, d + c + 3],
+            *user_row_home(rows_features),
             rows_features[:, d : d + c].astype(np.float32),
             True,
             row,

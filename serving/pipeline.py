@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from experiments.assignment import RequestAttributes
-from ranking.features import assemble_features, user_feature_rows
+from ranking.features import assemble_features, user_feature_rows, user_row_home
 from ranking.first_phase import combine, survivors
 from recsys.control.store import EXPERIMENTS, DocumentStore, open_store
 from recsys.settings import ServeSettings
@@ -266,8 +266,8 @@ def _request_points(
     if served_rows is None:
         home_lat = state.tables.user_home_lat[safe_rows]
         home_lon = state.tables.user_home_lon[safe_rows]
-    else:  # the last two columns of a user feature row
-        home_lat, home_lon = served_rows[:, -2], served_rows[:, -1]
+    else:
+        home_lat, home_lon = user_row_home(served_rows)
     lat = np.where(known, home_lat, state.centre[0])
     lon = np.where(known, home_lon, state.centre[1])
     for n, job in enumerate(jobs):

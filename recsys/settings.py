@@ -35,7 +35,9 @@ class ServeSettings:
     batch_max_size: int = 32
     batch_max_delay_ms: float = 0.0
     """0: natural batching (a batch is whatever queued while the executor was busy). Measured
-    at low load on the default world: p50 5.4 ms at 0 against 8.5 ms at 2 ms."""
+    at low load on the default world, before compiled scoring (`python -m
+    benchmarks.bench_latency --artifacts DIR --serve-arg=--batch-max-delay-ms=N`): p50 5.4 ms
+    at 0 against 8.5 ms at 2."""
     executor_threads: int = 2
     cache_entries: int = 50_000
     """Result cache size in recommendations (0: off; about 1.5 KB each at 20 results, so the

@@ -10,10 +10,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY recsys/ recsys/
-COPY serving/ serving/
-COPY ranking/ ranking/
-COPY retrieval/ retrieval/
-COPY experiments/ experiments/
 RUN pip install --no-cache-dir .
 
 FROM python:3.11-slim-bookworm AS runtime

@@ -19,8 +19,8 @@ import argparse
 import statistics
 import time
 
-from experiments.assignment import Assigner, RequestAttributes, compile_config
-from experiments.synthetic import synthetic_config
+from recsys.experiments.assignment import Assigner, RequestAttributes, compile_config
+from recsys.experiments.synthetic import synthetic_config
 
 
 def time_single(

@@ -76,7 +76,7 @@ def main() -> None:
     port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "recsys.cli", "serve", "--artifacts", str(args.artifacts),
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(args.artifacts),
         "--port", str(port), "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     if args.workers > 1:

@@ -36,16 +36,16 @@ import faiss
 import numpy as np
 
 from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.types import Float32Array, Int64Array, Location
-from recsys.world import load_world
-from retrieval.availability import Availability
-from retrieval.index import (
+from recsys.retrieval.availability import Availability
+from recsys.retrieval.index import (
     TRAIN_POINTS_PER_LIST,
     augment_items,
     default_nlist,
     exact_neighbours,
     recall_at_k,
 )
+from recsys.types import Float32Array, Int64Array, Location
+from recsys.world import load_world
 
 KS = (100, 500)
 NPROBES = (16, 32, 64, 128, 256)
@@ -253,9 +253,9 @@ def radius_rows(
 ) -> Iterator[Row]:
     """The whole retrieve stage (serving's Retriever on the served index) with a delivery
     radius around each user's home, against brute force over the eligible items."""
-    from ranking.features import load_feature_tables
-    from retrieval.index import ItemIndex
-    from retrieval.retriever import RetrievalQuery, Retriever
+    from recsys.ranking.features import load_feature_tables
+    from recsys.retrieval.index import ItemIndex
+    from recsys.retrieval.retriever import RetrievalQuery, Retriever
 
     root = ArtifactRoot(artifacts)
     index_dir = root.latest(root.indexes)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ranking.evaluation import ndcg_per_group
-from recsys.control.store import open_store
+from recsys.control.backends import open_store
+from recsys.ranking.evaluation import ndcg_per_group
+from recsys.serving.control import read_documents
+from recsys.serving.pipeline import Job, RankCost, recommend_batch
+from recsys.serving.state import ServingState, StateLoader, artifact_root
 from recsys.types import Assignment, Location, PipelineParams, Request
-from serving.control import read_documents
-from serving.pipeline import Job, RankCost, recommend_batch
-from serving.state import ServingState, StateLoader, artifact_root
 
 BATCH = 32
 NUM_RESULTS = 20

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ranking import compiled as compiled_module
-from ranking.features import assemble_features, load_feature_tables
-from ranking.model import RankingModel, load_model_version
-from ranking.routing import parse_routing
 from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.control.store import open_store
+from recsys.control.backends import open_store
+from recsys.ranking import compiled as compiled_module
+from recsys.ranking.features import assemble_features, load_feature_tables
+from recsys.ranking.model import RankingModel, load_model_version
+from recsys.ranking.routing import parse_routing
 from recsys.world import load_world
 
 SIZES = (1, 100, 500)

@@ -38,10 +38,11 @@ import numpy as np
 import redis
 
 from benchmarks.bench_latency import free_port, make_requests, wait_serving_for
-from ranking.registry import ModelRegistry
-from ranking.routing import parse_routing
 from recsys.artifacts import ArtifactRoot, versions
-from recsys.control.store import ROUTING, DocumentStore, open_store
+from recsys.control.backends import open_store
+from recsys.control.store import ROUTING, DocumentStore
+from recsys.ranking.registry import ModelRegistry
+from recsys.ranking.routing import parse_routing
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 NAME = "ranker"
@@ -188,7 +189,7 @@ def main() -> None:
             store.close()
         port, metrics_port = free_port(), free_port()
         cmd = [
-            sys.executable, "-m", "recsys.cli", "serve", "--artifacts", str(root),
+            sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(root),
             "--port", str(port), "--metrics-port", str(metrics_port),
             "--control", args.control, "--control-prefix", args.prefix,
         ]  # fmt: skip

@@ -268,7 +268,7 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
     py = sys.executable
     art = str(args.artifacts)
-    serve = [py, "-m", "recsys.cli", "serve", "--artifacts", art, "--port", str(port)]
+    serve = [py, "-m", "recsys.cli.main", "serve", "--artifacts", art, "--port", str(port)]
     serve += ["--metrics-port", str(free_port()), *args.serve_arg]
     return [
         Server("echo", [py, "-m", "benchmarks.echo_server", "--port", str(port)], "distinct"),

@@ -42,16 +42,16 @@ from typing import Any
 import grpc
 import redis
 
-from experiments import changes
-from experiments.config import parse_config
-from experiments.synthetic import synthetic_config
 from recsys.control.redis_store import RedisStore
 from recsys.control.store import EXPERIMENTS
+from recsys.experiments import changes
+from recsys.experiments.config import parse_config
+from recsys.experiments.synthetic import synthetic_config
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 LISTENING = re.compile(r"recsys listening on [^ ]+:(\d+) \(metrics on :(\d+)\)")
 APPLIED = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO serving.control "
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO recsys.serving.control "
     r"control plane: experiments version (\d+) applied"
 )
 SERVING = "recsys serving on"

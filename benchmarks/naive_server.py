@@ -20,12 +20,12 @@ import grpc
 import uvloop
 
 from benchmarks.echo_server import serve_until_signal
-from experiments.assignment import RequestAttributes
+from recsys.experiments.assignment import RequestAttributes
+from recsys.serving.pipeline import Job, recommend_batch
+from recsys.serving.servicer import local_hour, to_response
+from recsys.serving.state import ServingState
+from recsys.serving.validation import new_request_id, validate_request
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.pipeline import Job, recommend_batch
-from serving.servicer import local_hour, to_response
-from serving.state import ServingState
-from serving.validation import new_request_id, validate_request
 
 REFERENCE_K = 500
 

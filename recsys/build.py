@@ -7,14 +7,12 @@ is a content-addressed version with a manifest, so the same seed gives the same 
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import numpy as np
 
 from recsys import artifacts
 from recsys.artifacts import ArtifactRoot
-from recsys.settings import DEFAULT_ARTIFACTS, BuildSettings, env_default
+from recsys.settings import BuildSettings
 
 Progress = Callable[[str], None]
 INDEX_TARGET_RECALL = 0.95
@@ -102,14 +100,14 @@ def _build_stages(
     bar: Any,
 ) -> None:
     # Imported here: the CLI's --help must not pay for FAISS and LightGBM.
-    from ranking.features import build_feature_tables, save_feature_tables
-    from ranking.model import save_model_version
-    from ranking.registry import load_for_serving
-    from ranking.training import RankerParams, train_ranker
+    from recsys.ranking.features import build_feature_tables, save_feature_tables
+    from recsys.ranking.model import save_model_version
+    from recsys.ranking.registry import load_for_serving
+    from recsys.ranking.training import RankerParams, train_ranker
+    from recsys.retrieval.embeddings import learn_embeddings
+    from recsys.retrieval.index import build_index, save_index_version
     from recsys.world import save_world
     from recsys.worldgen import generate_world
-    from retrieval.embeddings import learn_embeddings
-    from retrieval.index import build_index, save_index_version
 
     with _stage("world", report, say, bar):
         world = generate_world(settings.skus, settings.users, settings.seed, progress=progress)
@@ -187,8 +185,9 @@ def _build_stages(
 
 def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
     """Route serving to the new versions; create default experiments and availability once."""
-    from experiments.assignment import default_config
-    from recsys.control.store import AVAILABILITY, EXPERIMENTS, ROUTING, open_store
+    from recsys.control.backends import open_store
+    from recsys.control.store import AVAILABILITY, EXPERIMENTS, ROUTING
+    from recsys.experiments.assignment import default_config
 
     store = open_store("", root.path)
     try:
@@ -216,63 +215,3 @@ def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
 
 def is_built(root: Path) -> bool:
     return (root / "control").is_dir() and bool(artifacts.versions(root / "indexes"))
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "build",
-        help="build the demo world, vectors, index and ranker into an artifact root",
-        description="Build the demo world and every serving artifact (deterministic from --seed).",
-    )
-    d = BuildSettings()
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
-        help="artifact root to write (env RECSYS_ARTIFACTS; default %(default)s)",
-    )
-    p.add_argument("--skus", type=int, default=d.skus, help="catalogue size (default %(default)s)")
-    p.add_argument("--users", type=int, default=d.users, help="users (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
-    p.add_argument("--dim", type=int, default=d.dim, help="vector dimension (default %(default)s)")
-    p.add_argument(
-        "--if-missing",
-        action="store_true",
-        help="do nothing when --out already holds a built world",
-    )
-    p.add_argument("--json", action="store_true", help="print the build report as JSON at the end")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from recsys.cli import CliError
-
-    for name, minimum in (("skus", 100), ("users", 50), ("dim", 4)):
-        if getattr(args, name) < minimum:
-            raise CliError(f"--{name}: expected at least {minimum}, got {getattr(args, name)}")
-    if args.if_missing and is_built(args.out):
-        print(f"recsys build: {args.out} already built; skipping (drop --if-missing to rebuild)")
-        return 0
-    settings = BuildSettings(
-        out=args.out, skus=args.skus, users=args.users, seed=args.seed, dim=args.dim
-    )
-    from tqdm import tqdm
-
-    # tqdm.write prints above the progress bars instead of through them.
-    report = build(settings, say=lambda msg: tqdm.write(msg, file=sys.stderr))
-    print(f"world     {report.world_version}")
-    print(f"features  {report.features_version}")
-    print(
-        f"index     {report.index_version}  (nlist {report.index_nlist}, default nprobe "
-        f"{report.index_nprobe}: recall@{INDEX_RECALL_K} vs exact {report.index_recall:.3f})"
-    )
-    print(f"ranker    {report.model_version}")
-    for key, value in sorted(report.offline_metrics.items()):
-        print(f"  {key:28s} {value:.4f}")
-    print(
-        f"took {report.seconds['total']:.1f}s, {report.bytes_on_disk / 1e6:.1f} MB on disk, "
-        f"peak RSS {report.peak_rss_mb:.0f} MB"
-    )
-    if args.json:
-        print(json.dumps(asdict(report), sort_keys=True))
-    return 0

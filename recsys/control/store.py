@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 EXPERIMENTS = "experiments"
@@ -250,25 +249,3 @@ def _diff(before: Any, after: Any, path: str, out: list[str]) -> None:
 
 def _format_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def open_store(url: str, artifacts: Path, *, prefix: str = "recsys:") -> DocumentStore:
-    """``""`` or ``file:`` -> the file in ``artifacts/control``; ``redis://HOST:PORT/DB`` -> Redis.
-
-    ``file:PATH`` names another directory for the file backend.
-    """
-    if url in ("", "file:"):
-        from recsys.control.file_store import FileStore
-
-        return FileStore(artifacts / "control")
-    if url.startswith("file:"):
-        from recsys.control.file_store import FileStore
-
-        return FileStore(Path(url.removeprefix("file:")))
-    if url.startswith(("redis://", "rediss://")):
-        from recsys.control.redis_store import RedisStore
-
-        return RedisStore(url, prefix=prefix)
-    raise StoreError(
-        f"control URL {url!r}: expected '' or 'file:' (the artifact root) or redis://HOST:PORT/DB"
-    )

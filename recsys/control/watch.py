@@ -29,9 +29,10 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from recsys.control.backends import open_store
 from recsys.control.file_store import FileStore
 from recsys.control.redis_store import DocumentKeys, redacted
-from recsys.control.store import Document, StoreError, check_name, open_store
+from recsys.control.store import Document, StoreError, check_name
 from recsys.settings import DEFAULT_ARTIFACTS
 
 HealthCallback = Callable[[bool], None]

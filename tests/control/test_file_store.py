@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from recsys.control.backends import open_store
 from recsys.control.file_store import FileStore
-from recsys.control.store import StoreError, VersionConflict, open_store
+from recsys.control.store import StoreError, VersionConflict
 
 
 def test_default_location_is_the_artifact_roots_control_dir(tmp_path: Path) -> None:

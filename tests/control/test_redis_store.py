@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from recsys.control.backends import open_store
 from recsys.control.redis_store import RedisStore
-from recsys.control.store import StoreUnavailable, open_store
+from recsys.control.store import StoreUnavailable
 from tests.control.redis_helpers import free_port
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from recsys.control.backends import open_store
 from recsys.control.store import (
     Document,
     DocumentStore,
     StoreError,
     VersionConflict,
-    open_store,
     summarize_changes,
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from experiments.config import default_config
+from recsys.experiments.config import default_config
 
 
 def two_layer_doc() -> dict[str, Any]:

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import hashing
-from experiments.assignment import (
+from recsys.experiments import hashing
+from recsys.experiments.assignment import (
     HOLDOUT_ARM,
     HOLDOUT_EXPERIMENT,
     RequestAttributes,
     _slot_twin,
     compile_config,
 )
-from experiments.config import ExperimentConfig, parse_config
+from recsys.experiments.config import ExperimentConfig, parse_config
 from recsys.types import Assignment, Exposure, PipelineParams
 from tests.experiments.docs import two_layer_doc
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import changes
-from experiments.assignment import Assigner, RequestAttributes, compile_config
-from experiments.config import ConfigError
+from recsys.experiments import changes
+from recsys.experiments.assignment import Assigner, RequestAttributes, compile_config
+from recsys.experiments.config import ConfigError
 from tests.experiments.docs import single_experiment_doc, two_layer_doc
 
 USERS = [f"user-{i}" for i in range(3000)]

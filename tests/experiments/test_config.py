@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiments.config import ConfigError, default_config, parse_config
+from recsys.experiments.config import ConfigError, default_config, parse_config
 from recsys.types import PipelineParams
 from tests.experiments.docs import two_layer_doc
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from experiments import hashing
-from experiments.vectors import build_vectors
+from recsys.experiments import hashing
+from recsys.experiments.vectors import build_vectors
 
-VECTORS = Path(__file__).resolve().parents[2] / "experiments" / "hash_vectors.json"
+VECTORS = Path(__file__).resolve().parents[2] / "recsys" / "experiments" / "hash_vectors.json"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def spec_arm(user_id: str, salt: str, epoch: int, weights: list[float]) -> tuple
 
 
 def test_file_is_in_sync_with_the_code(vectors: dict[str, Any]) -> None:
-    assert vectors == build_vectors(), "regenerate: python -m experiments.vectors > " + str(VECTORS)
+    assert vectors == build_vectors(), "regenerate: python -m recsys.experiments.vectors > " + str(
+        VECTORS
+    )
 
 
 def test_mix64_is_the_published_splitmix64_finaliser() -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from experiments import hashing
+from recsys.experiments import hashing
 
 N_USERS = 100_000
 UNIFORMITY_P = 1e-6
@@ -53,7 +53,7 @@ def test_buckets_are_the_same_in_another_process_with_another_hash_seed() -> Non
     ids = [f"user-{i}" for i in range(50)] + ["ユーザー", "🍕"]
     here = [hashing.bucket(u, hashing.layer_key("retrieval"), 10_000) for u in ids]
     code = (
-        "import json, sys; from experiments import hashing; "
+        "import json, sys; from recsys.experiments import hashing; "
         "ids = json.load(sys.stdin); "
         "print(json.dumps([hashing.bucket(u, hashing.layer_key('retrieval'), 10000) for u in ids]))"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.srm import count_exposures, srm_test
+from recsys.experiments.srm import count_exposures, srm_test
 
 
 def test_counts_matching_the_weights_pass() -> None:

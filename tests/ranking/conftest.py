@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from ranking.features import FeatureTables, build_feature_tables
-from ranking.training import RankerParams, TrainedRanker, train_ranker
+from recsys.ranking.features import FeatureTables, build_feature_tables
+from recsys.ranking.training import RankerParams, TrainedRanker, train_ranker
 from recsys.world import (
     CATEGORIES,
     CUISINES,

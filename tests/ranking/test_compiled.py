@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranking.compiled import (
+from recsys.artifacts import ArtifactRoot, read_manifest
+from recsys.build import BuildReport
+from recsys.ranking.compiled import (
     ENGINE_LIGHTGBM,
     ENGINE_LLEAVES,
     CompileError,
@@ -16,11 +18,9 @@ from ranking.compiled import (
     compile_model,
     library_versions,
 )
-from ranking.features import FEATURE_NAMES, assemble_features, load_feature_tables
-from ranking.model import MODEL_FILE, RankingModel, load_model_version
-from ranking.registry import load_for_serving
-from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.build import BuildReport
+from recsys.ranking.features import FEATURE_NAMES, assemble_features, load_feature_tables
+from recsys.ranking.model import MODEL_FILE, RankingModel, load_model_version
+from recsys.ranking.registry import load_for_serving
 from recsys.world import load_world
 
 NAME = "ranker"

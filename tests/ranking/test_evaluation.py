@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking.evaluation import (
+from recsys.ranking.evaluation import (
     bin_counts,
     categorical_distribution,
     distribution_baseline,

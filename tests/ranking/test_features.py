@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking.features import (
+from recsys.build import BuildReport
+from recsys.geo import haversine_km
+from recsys.ranking.features import (
     CATEGORICAL_FEATURES,
     FEATURE_INDEX,
     FEATURE_NAMES,
@@ -21,8 +23,6 @@ from ranking.features import (
     save_feature_tables,
     user_feature_rows,
 )
-from recsys.build import BuildReport
-from recsys.geo import haversine_km
 from recsys.world import CUISINES, World, load_world
 from tests.ranking.conftest import PlantedWorld
 

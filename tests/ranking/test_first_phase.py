@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ranking.first_phase import combine, positions_in_segments, survivors
+from recsys.ranking.first_phase import combine, positions_in_segments, survivors
 
 
 def test_positions_restart_in_every_request() -> None:

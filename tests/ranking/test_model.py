@@ -12,8 +12,9 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from ranking.features import FEATURE_NAMES, FeatureTables, assemble_features
-from ranking.model import (
+from recsys.artifacts import MANIFEST, ArtifactRoot, file_hashes
+from recsys.ranking.features import FEATURE_NAMES, FeatureTables, assemble_features
+from recsys.ranking.model import (
     MODEL_FILE,
     ModelValidationError,
     RankingModel,
@@ -21,8 +22,7 @@ from ranking.model import (
     load_model_version,
     save_model_version,
 )
-from ranking.training import TrainedRanker
-from recsys.artifacts import MANIFEST, ArtifactRoot, file_hashes
+from recsys.ranking.training import TrainedRanker
 from tests.ranking.conftest import SMALL_PARAMS
 from tests.ranking.test_features import serving_batch
 

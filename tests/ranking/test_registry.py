@@ -14,12 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking.features import FEATURE_NAMES
-from ranking.registry import ModelRegistry, RegistryError, load_for_serving
-from ranking.routing import RoutingTable, arm_pins, parse_routing
 from recsys.artifacts import ArtifactRoot
 from recsys.build import BuildReport
-from recsys.control.store import DocumentStore, open_store
+from recsys.control.backends import open_store
+from recsys.control.store import DocumentStore
+from recsys.ranking.features import FEATURE_NAMES
+from recsys.ranking.registry import ModelRegistry, RegistryError, load_for_serving
+from recsys.ranking.routing import RoutingTable, arm_pins, parse_routing
 
 NAME = "ranker"
 

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ranking.features import FEATURE_NAMES, FeatureTables, build_feature_tables
-from ranking.training import RankerParams, TrainedRanker, train_ranker
+from recsys.ranking.features import FEATURE_NAMES, FeatureTables, build_feature_tables
+from recsys.ranking.training import RankerParams, TrainedRanker, train_ranker
 from recsys.world import World
 from tests.ranking.conftest import SMALL_PARAMS
 
@@ -115,12 +115,12 @@ def test_params_are_validated(change: dict[str, Any], message: str) -> None:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("recsys.worldgen") is None
-    or importlib.util.find_spec("retrieval.embeddings") is None,
-    reason="needs recsys.worldgen and retrieval.embeddings",
+    or importlib.util.find_spec("recsys.retrieval.embeddings") is None,
+    reason="needs recsys.worldgen and recsys.retrieval.embeddings",
 )
 def test_ranker_beats_baselines_on_a_generated_world() -> None:
+    from recsys.retrieval.embeddings import learn_embeddings
     from recsys.worldgen import generate_world
-    from retrieval.embeddings import learn_embeddings
 
     world = generate_world(4_000, 1_500, seed=5)
     emb = learn_embeddings(world, dim=16, seed=5)

@@ -8,7 +8,7 @@ import pytest
 
 from recsys.artifacts import read_manifest, verify
 from recsys.build import BuildReport, build
-from recsys.cli import main
+from recsys.cli.main import main
 from tests.conftest import SMALL_WORLD
 
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.world import Catalogue
-from retrieval.availability import Availability, AvailabilitySelector
 
 N_RESTAURANTS = 50
 PER_RESTAURANT = 7  # 350 items: not a multiple of 8, so the bitmap's last byte is partial

@@ -8,9 +8,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from recsys.retrieval.embeddings import Embeddings, learn_embeddings
 from recsys.world import World
 from recsys.worldgen import generate_world
-from retrieval.embeddings import Embeddings, learn_embeddings
 
 DIM = 16
 

@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.types import Float32Array
-from retrieval.availability import AvailabilitySelector
-from retrieval.index import (
+from recsys.retrieval.availability import AvailabilitySelector
+from recsys.retrieval.index import (
     EXACT_BELOW,
     MAX_NLIST,
     MIN_POINTS_PER_LIST,
@@ -26,6 +25,7 @@ from retrieval.index import (
     recall_at_k,
     save_index_version,
 )
+from recsys.types import Float32Array
 
 N_ITEMS = 5_000
 DIM = 16

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import retrieval.retriever as retriever_module
+import recsys.retrieval.retriever as retriever_module
 from recsys.artifacts import ArtifactRoot
 from recsys.geo import haversine_km
+from recsys.retrieval.availability import Availability, AvailabilitySelector
+from recsys.retrieval.index import ItemIndex, build_index, save_index_version
+from recsys.retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
-from retrieval.availability import Availability, AvailabilitySelector
-from retrieval.index import ItemIndex, build_index, save_index_version
-from retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever
 
 N_RESTAURANTS = 200
 PER_RESTAURANT = 20

@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
+from recsys.serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
+from recsys.serving.metrics import ServingMetrics
+from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
 from recsys.types import Recommendation, Request, ScoredItems, ServingVersions
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.batching import DeadlineExceeded, MicroBatcher, Overloaded
-from serving.metrics import ServingMetrics
-from serving.server import RunningServer
 
 
 async def test_the_batcher_sheds_new_items_once_the_oldest_waited_too_long() -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.batching import BatcherClosed, BatchStats, MicroBatcher, Overloaded
+from recsys.serving.batching import BatcherClosed, BatchStats, MicroBatcher, Overloaded
 
 
 def square_all(items: list[int]) -> list[int | Exception]:

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from recsys.serving.cache import ResultCache, cache_key
 from recsys.types import Assignment, Location, PipelineParams, Recommendation, Request, ScoredItems
-from serving.cache import ResultCache, cache_key
 
 REQUEST = Request(request_id="r", user_id="u1", num_results=20, location=Location(52.5, 13.4))
 ASSIGNMENT = Assignment(exposures=(), params=PipelineParams(), config_version="1")

@@ -15,14 +15,14 @@ from typing import Any
 import grpc
 import pytest
 
-from experiments import changes
-from experiments.config import parse_config
 from recsys.control.redis_store import RedisStore
 from recsys.control.store import EXPERIMENTS
+from recsys.experiments import changes
+from recsys.experiments.config import parse_config
+from recsys.serving.pipeline import open_pipeline
+from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.pipeline import open_pipeline
-from serving.server import RunningServer
 from tests.control.redis_helpers import ThrowawayRedis, redis_prefix, redis_url, throwaway_redis
 from tests.serving.metrics_page import fetch_metrics
 

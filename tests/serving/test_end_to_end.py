@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.build import BuildReport
-from recsys.control.store import open_store
+from recsys.control.backends import open_store
 from recsys.geo import haversine_km
+from recsys.serving.pipeline import open_pipeline
+from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
-from serving.pipeline import open_pipeline
-from serving.server import RunningServer
 from tests.serving.metrics_page import fetch_metrics
 
 KNOWN_USER = "user-0000001"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys.serving.exposure import ExposureSink, JsonlFileWriter, exposure_log_path
 from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
-from serving.exposure import ExposureSink, JsonlFileWriter, exposure_log_path
 
 LINE_KEYS = {
     "ts", "request_id", "user_id", "surface", "platform", "has_location", "model_version",

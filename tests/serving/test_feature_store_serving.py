@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import redis
 
-from ranking.features import load_feature_tables, user_feature_rows
 from recsys.artifacts import ArtifactRoot, read_manifest
-from recsys.cli import main
-from recsys.control.store import open_store
+from recsys.cli.main import main
+from recsys.control.backends import open_store
+from recsys.ranking.feature_store import publish_user_vectors
+from recsys.ranking.features import load_feature_tables, user_feature_rows
+from recsys.serving.pipeline import STALE_USER_VECTOR, open_pipeline
+from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import CUISINES, load_world
-from retrieval.feature_store import publish_user_vectors
-from serving.pipeline import STALE_USER_VECTOR, open_pipeline
-from serving.server import RunningServer
 from tests.control.redis_helpers import REDIS_URL, redis_answers
 
 KNOWN_USER = "user-0000001"

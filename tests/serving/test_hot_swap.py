@@ -19,17 +19,18 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ranking.registry import ModelRegistry
-from ranking.routing import RoutingTable
 from recsys.artifacts import ArtifactRoot
 from recsys.build import BuildReport
-from recsys.control.store import ROUTING, DocumentStore, open_store
+from recsys.control.backends import open_store
+from recsys.control.store import ROUTING, DocumentStore
+from recsys.ranking.registry import ModelRegistry
+from recsys.ranking.routing import RoutingTable
+from recsys.serving.metrics import ServingMetrics
+from recsys.serving.pipeline import Pipeline, open_pipeline
+from recsys.serving.server import RunningServer
+from recsys.serving.state import ServingState, StateLoader
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.metrics import ServingMetrics
-from serving.pipeline import Pipeline, open_pipeline
-from serving.server import RunningServer
-from serving.state import ServingState, StateLoader
 
 NAME = "ranker"
 SWAPS = 50

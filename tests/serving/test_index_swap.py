@@ -13,14 +13,14 @@ import pytest
 
 from recsys.artifacts import ArtifactRoot, read_manifest
 from recsys.build import BuildReport
-from recsys.control.store import open_store
+from recsys.control.backends import open_store
+from recsys.ranking.feature_store import RedisUserStore
+from recsys.retrieval.index import build_index, save_index_version
+from recsys.serving.pipeline import open_pipeline
+from recsys.serving.server import RunningServer
+from recsys.serving.state import StateError, StateLoader
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from retrieval.feature_store import RedisUserStore
-from retrieval.index import build_index, save_index_version
-from serving.pipeline import open_pipeline
-from serving.server import RunningServer
-from serving.state import StateError, StateLoader
 from tests.control.redis_helpers import redis_prefix, redis_url
 
 __all__ = ["redis_prefix", "redis_url"]

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from recsys.serving.batching import BatchStats
+from recsys.serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
 from recsys.types import Exposure, Recommendation, ScoredItems, ServingVersions
-from serving.batching import BatchStats
-from serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
 from tests.serving.metrics_page import fetch_metrics
 
 

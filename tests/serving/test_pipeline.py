@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.control.store import open_store
+from recsys.control.backends import open_store
+from recsys.retrieval.retriever import RetrievalQuery
+from recsys.serving.batching import DeadlineExceeded, MicroBatcher
+from recsys.serving.cache import ResultCache
+from recsys.serving.control import read_documents
+from recsys.serving.pipeline import DEADLINE, Job, Pipeline, RankCost, recommend_batch
+from recsys.serving.state import ServingState, StateLoader, artifact_root
 from recsys.types import Assignment, PipelineParams, Recommendation, Request
-from retrieval.retriever import RetrievalQuery
-from serving.batching import DeadlineExceeded, MicroBatcher
-from serving.cache import ResultCache
-from serving.control import read_documents
-from serving.pipeline import DEADLINE, Job, Pipeline, RankCost, recommend_batch
-from serving.state import ServingState, StateLoader, artifact_root
 
 KNOWN_USER = "user-0000001"
 
@@ -104,7 +104,7 @@ async def test_a_repeated_request_is_served_from_the_cache_until_the_snapshot_ch
 
 
 def test_unranked_answers_stay_out_of_the_live_score_histograms(state: ServingState) -> None:
-    from serving.metrics import ServingMetrics
+    from recsys.serving.metrics import ServingMetrics
 
     metrics = ServingMetrics()
     slow = RankCost(seconds_per_row=10.0)

@@ -21,12 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recsys.artifacts import ArtifactError
+from recsys.serving.client import build_request, recommend
+from recsys.serving.exposure import JsonlFileWriter
+from recsys.serving.server import RECOMMENDER_SERVICE, RunningServer
 from recsys.settings import ServeSettings
 from recsys.types import Request
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.client import build_request, recommend
-from serving.exposure import JsonlFileWriter
-from serving.server import RECOMMENDER_SERVICE, RunningServer
 from tests.serving.metrics_page import fetch_metrics
 from tests.serving.test_exposure import GatedWriter
 from tests.serving.toy_pipeline import (
@@ -364,7 +364,7 @@ SERVE_SCRIPT = """
 import asyncio, logging, sys
 from pathlib import Path
 from recsys.settings import ServeSettings
-from serving.server import run
+from recsys.serving.server import run
 from tests.serving.toy_pipeline import open_toy
 
 async def opener(settings, metrics):

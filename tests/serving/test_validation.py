@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recsys.serving.validation import MAX_EXCLUDE_SKU_IDS, InvalidRequest, validate_request
 from recsys.types import Location
 from recsys.v1 import recommender_pb2
-from serving.validation import MAX_EXCLUDE_SKU_IDS, InvalidRequest, validate_request
 
 
 def test_defaults_are_filled() -> None:

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsys.serving.workers import free_port, merge_families
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.workers import free_port, merge_families
 from tests.serving.metrics_page import fetch_metrics
 
 WORKER_A = """# HELP recsys_requests Recommend calls.
@@ -66,7 +66,7 @@ def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
     log = tmp_path / "serve.log"
     port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     command = [
-        sys.executable, "-m", "recsys.cli", "serve", "--artifacts", str(artifacts_dir),
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts_dir),
         "--port", str(port), "--metrics-port", str(metrics_port), "--workers", "2",
     ]  # fmt: skip
     with log.open("wb") as out:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recsys.serving.batching import MicroBatcher, Overloaded
+from recsys.serving.metrics import ServingMetrics
 from recsys.settings import ServeSettings
 from recsys.types import Exposure, Recommendation, Request, ScoredItems, ServingVersions
-from serving.batching import MicroBatcher, Overloaded
-from serving.metrics import ServingMetrics
 
 FAILING_USER = "boom"
 OVERLOADED_USER = "full"

@@ -1,0 +1,1 @@
+"""The `recsys` console script: the composition root of every command (see main.py)."""

@@ -1,0 +1,233 @@
+"""`recsys models`: list, show, train, register, promote, canary, rollback, retire, history.
+
+Routing changes are validated (the version loads, fits the feature schema, reproduces its golden
+scores, scores no NaN, fits the latency budget) before they are written; a refusal prints why and
+exits 2, and the routing document is left as it was. Servers follow the document (serving/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recsys.artifacts import ArtifactRoot
+from recsys.cli.common import CliError, control_plane_arguments
+from recsys.control.backends import open_store
+from recsys.control.store import ROUTING, Document, StoreError
+from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
+
+DEFAULT_NAME = "ranker"
+
+
+def add_parser(subparsers: Any) -> None:
+    common = control_plane_arguments()
+    common.add_argument(
+        "--author",
+        default=os.environ.get("USER") or "ops",
+        help="who makes the change, for the routing history (default: $USER or ops)",
+    )
+    common.add_argument(
+        "--latency-budget-us",
+        type=float,
+        default=LATENCY_BUDGET_US_PER_ROW,
+        help="validation: max µs per row on a warm-up batch (default %(default)s)",
+    )
+    common.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="validate with LightGBM only (skip compiling with lleaves)",
+    )
+
+    parser = subparsers.add_parser(
+        "models", help="model versions and their routing", description=__doc__
+    )
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> Any:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add("list", cmd_list, "versions of a model with their roles and offline NDCG")
+    p.add_argument("name", nargs="?", default=None, help="model name (default: all)")
+    p = add("show", cmd_show, "a version's manifest (JSON; golden rows and baseline summarised)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--full", action="store_true", help="the whole manifest")
+    p = add("train", cmd_train, "train a version on the world's logs and register it")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--seed", type=int, default=None)
+    p = add("register", cmd_register, "validate and register a LightGBM model trained elsewhere")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--model-file", type=Path, required=True)
+    p = add("promote", cmd_promote, "route all traffic to VERSION (old production kept loaded)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = add("canary", cmd_canary, "route PERCENT of users (by hash) to VERSION; 0 ends it")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--percent", type=float, required=True)
+    p = add("rollback", cmd_rollback, "production back to the previous version")
+    p.add_argument("name")
+    p = add("retire", cmd_retire, "delete a version no route or experiment arm uses")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = add("history", cmd_history, "routing changes, newest first")
+    p.add_argument("--limit", type=int, default=20)
+
+
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    if not args.artifacts.is_dir():
+        raise CliError(f"--artifacts {args.artifacts}: no such directory; run `recsys build`")
+    try:
+        store = open_store(args.control, args.artifacts, prefix=args.control_prefix)
+    except StoreError as e:
+        raise CliError(str(e)) from e
+    return ModelRegistry(
+        ArtifactRoot(args.artifacts),
+        store,
+        author=args.author,
+        latency_budget_us=args.latency_budget_us,
+        compile_models=not args.no_compile,
+    )
+
+
+def _run(args: argparse.Namespace, action: Callable[[ModelRegistry], int]) -> int:
+    registry = _registry(args)
+    try:
+        return action(registry)
+    except RegistryError as e:
+        raise CliError(str(e)) from e
+    finally:
+        registry.store.close()
+
+
+def _routed(document: Document, name: str) -> str:
+    route = document.body["models"][name]
+    parts = [f"production {route['production']}"]
+    if route.get("canary"):
+        parts.append(f"canary {route['canary']['version']} {route['canary']['percent']:g}%")
+    if route.get("previous"):
+        parts.append(f"previous {route['previous']}")
+    return f"routing version {document.version}: {name} " + ", ".join(parts)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        names = [args.name] if args.name else registry.names()
+        for name in names:
+            print(f"{name}:")
+            for info in registry.list(name):
+                ndcg = next(
+                    (v for k, v in info.metrics.items() if k.endswith(".ranker")), float("nan")
+                )
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.created_at))
+                roles = ", ".join(info.roles) or "-"
+                print(
+                    f"  {info.version}  {created}  trees {info.num_trees:4d}  "
+                    f"ndcg {ndcg:.4f}  {roles}"
+                )
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        manifest = registry.manifest(args.name, args.version)
+        if not args.full:
+            golden = manifest.get("golden", {})
+            manifest["golden"] = {
+                "rows": len(golden.get("features", [])),
+                "tolerance": golden.get("tolerance"),
+            }
+            baseline = manifest.get("baseline", {})
+            manifest["baseline"] = {"features": sorted(baseline.get("features", {}))}
+        manifest["roles"] = registry.roles(args.name).get(args.version, [])
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        print(f"training {args.name} on {args.artifacts} ...", file=sys.stderr, flush=True)
+        version = registry.train(args.name, args.seed)
+        _print_version(registry, args.name, version)
+        print(version)
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        version = registry.register(args.name, args.model_file)
+        _print_version(registry, args.name, version)
+        print(version)
+        return 0
+
+    return _run(args, action)
+
+
+def _print_version(registry: ModelRegistry, name: str, version: str) -> None:
+    model, engine = registry.validate(name, version)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(model.metrics.items()) if "@" in k)
+    print(f"registered {name}/{version}: {model.booster.num_trees()} trees; {metrics}")
+    print(f"validated: schema, golden scores, no NaN, latency; engine {engine}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        print(_routed(registry.promote(args.name, args.version), args.name))
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        print(_routed(registry.canary(args.name, args.version, args.percent), args.name))
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        print(_routed(registry.rollback(args.name), args.name))
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        registry.retire(args.name, args.version)
+        print(f"retired {args.name}/{args.version}")
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        try:
+            entries = registry.store.history(ROUTING, limit=args.limit)
+        except StoreError as e:
+            raise RegistryError(str(e)) from e
+        for entry in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.updated_at))
+            print(f"v{entry.version}  {when}  {entry.author}")
+            for change in entry.changes:
+                print(f"    {change}")
+        return 0
+
+    return _run(args, action)

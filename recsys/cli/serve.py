@@ -1,0 +1,191 @@
+"""``recsys serve`` (run the gRPC server) and ``recsys recommend`` (call one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from recsys.cli.common import CliError
+from recsys.settings import ServeSettings, env_default
+
+SETTING_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "Path": Path,
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
+    defaults = ServeSettings()
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve Recommend over gRPC (health, reflection, Prometheus metrics)",
+        description="Serve the recommender. Flags default to RECSYS_<FLAG> variables.",
+    )
+
+    annotations = {f.name: f.type for f in fields(ServeSettings)}
+
+    def flag(field: str, text: str | None = None) -> None:
+        """--FIELD, typed like the ServeSettings field, defaulting to RECSYS_FIELD or the field."""
+        kind = SETTING_TYPES[str(annotations[field])]
+        serve.add_argument(
+            f"--{field.replace('_', '-')}",
+            type=kind,
+            default=kind(env_default(field, str(getattr(defaults, field)))),
+            help=text,
+        )
+
+    flag("artifacts", "artifact root (RECSYS_ARTIFACTS; default %(default)s)")
+    flag("host")
+    flag("port", "0: any")
+    flag("metrics_port", "Prometheus /metrics port (0: any)")
+    flag("control", "control plane: empty for files in the artifact root, or redis://HOST:PORT/DB")
+    flag(
+        "feature_store",
+        "where user vectors are read: empty for the memory-mapped tables, or "
+        "redis://HOST:PORT/DB (publish with `recsys features publish`)",
+    )
+    flag("control_prefix", "key prefix in Redis (default %(default)s)")
+    flag("batch_max_size")
+    flag("batch_max_delay_ms")
+    flag("workers", "server processes sharing the port (SO_REUSEPORT) and one metrics endpoint")
+    flag(
+        "cache_entries",
+        "result cache size in recommendations per worker (0: off; default %(default)s)",
+    )
+    flag(
+        "max_in_flight",
+        "calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
+    )
+    flag("max_queue_delay_ms", "when the oldest queued request has waited this long, shed new ones")
+    flag("drain_seconds", "how long in-flight calls may take to finish after SIGTERM")
+    serve.set_defaults(func=run_serve)
+
+    recommend = subparsers.add_parser(
+        "recommend", help="call Recommend on a running server and print the response as JSON"
+    )
+    recommend.add_argument("--target", default=env_default("target", "127.0.0.1:50051"))
+    recommend.add_argument("--user-id", required=True)
+    recommend.add_argument("--num-results", type=int, default=0, help="0: the server default")
+    recommend.add_argument("--lat", type=float)
+    recommend.add_argument("--lon", type=float)
+    recommend.add_argument("--surface", default="")
+    recommend.add_argument("--platform", default="")
+    recommend.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    recommend.set_defaults(func=run_recommend)
+
+    health = subparsers.add_parser(
+        "health",
+        help="check a server's standard gRPC health service (exit 0 only when SERVING)",
+    )
+    health.add_argument("--target", default=env_default("target", "127.0.0.1:50051"))
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(func=run_health)
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """Check the flags and freeze them into settings; bad values raise :class:`CliError`."""
+    if args.workers < 1:
+        raise CliError(f"--workers is {args.workers}; expected >= 1")
+    if args.workers > 1 and args.metrics_port == 0:
+        raise CliError("--metrics-port 0 with --workers > 1: give the merged endpoint a port")
+    if args.cache_entries < 0:
+        raise CliError(f"--cache-entries is {args.cache_entries}; expected >= 0 (0: off)")
+    if args.max_in_flight < 0:
+        raise CliError(f"--max-in-flight is {args.max_in_flight}; expected >= 0 (0: no bound)")
+    if args.max_queue_delay_ms <= 0:
+        raise CliError(f"--max-queue-delay-ms is {args.max_queue_delay_ms}; expected > 0")
+    for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= value <= 65535:
+            raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
+    if args.batch_max_size < 1:
+        raise CliError(f"--batch-max-size is {args.batch_max_size}; expected >= 1")
+    if args.batch_max_delay_ms < 0:
+        raise CliError(f"--batch-max-delay-ms is {args.batch_max_delay_ms}; expected >= 0")
+    if args.drain_seconds < 0:
+        raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
+    if not args.artifacts.is_dir():
+        raise CliError(f"--artifacts {args.artifacts}: no such directory (build one first)")
+    return ServeSettings(
+        artifacts=args.artifacts,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        control=args.control,
+        control_prefix=args.control_prefix,
+        feature_store=args.feature_store,
+        workers=args.workers,
+        batch_max_size=args.batch_max_size,
+        batch_max_delay_ms=args.batch_max_delay_ms,
+        drain_seconds=args.drain_seconds,
+        cache_entries=args.cache_entries,
+        max_in_flight=args.max_in_flight,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from recsys.artifacts import ArtifactError
+
+    if settings.workers > 1:
+        from recsys.serving.workers import run_workers
+
+        return run_workers(settings)
+    from recsys.serving.pipeline import open_pipeline  # loads FAISS and LightGBM: not for --help
+    from recsys.serving.server import run
+
+    try:
+        run(settings, open_pipeline)
+    except ArtifactError as e:
+        raise CliError(f"cannot serve {settings.artifacts}: {e}") from e
+    return 0
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from recsys.serving.client import build_request, recommend, response_to_dict
+
+    try:
+        request = build_request(
+            args.user_id,
+            num_results=args.num_results,
+            lat=args.lat,
+            lon=args.lon,
+            surface=args.surface,
+            platform=args.platform,
+        )
+    except ValueError as e:
+        raise CliError(f"--lat/--lon: {e}") from e
+    try:
+        response = recommend(args.target, request, timeout=args.timeout)
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        name = code.name if code is not None else "ERROR"
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        raise CliError(f"Recommend on {args.target} failed: {name}: {details}") from e
+    print(json.dumps(response_to_dict(response), indent=2))
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Used by the Dockerfile HEALTHCHECK and by people: prints the status, 0 iff SERVING."""
+    from recsys.serving.client import health_status
+
+    try:
+        status = health_status(args.target, service=args.service, timeout=args.timeout)
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        print(f"{args.target}: {code.name if code is not None else 'UNREACHABLE'}")
+        return 1
+    print(f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1

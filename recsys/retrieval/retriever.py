@@ -1,0 +1,389 @@
+"""The retrieve stage: candidates for a batch of requests from one FAISS search.
+
+Known users get their nearest items by inner product, with unavailable items filtered inside the
+search and items beyond the delivery radius or excluded by the request dropped afterwards.
+Whenever fewer than ``k`` survive, the most popular eligible items top the list up, so a tight
+radius or a heavy availability filter never starves the ranker. Unknown users (and users without
+a learned vector) get popular eligible items near their location, flagged ``fallback``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.geo import EARTH_RADIUS_KM, haversine_km
+from recsys.ranking.feature_store import UserStore, UserVectors
+from recsys.retrieval.availability import Availability
+from recsys.retrieval.index import ItemIndex
+from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
+from recsys.world import Catalogue
+
+RADIUS_OVERFETCH = 8
+"""With a delivery radius, search this many times the candidates wanted: the radius drops some."""
+TOPUP_FIRST_SCAN = 1024
+TOPUP_SCAN_GROWTH = 4
+TOPUP_SCAN_LIMIT = 4_096
+"""The popular top-up scans a growing prefix of the popularity order; past this many items with
+few eligible ones found, it reads the items of the restaurants near the location instead."""
+
+GRID_ROW_DEG = 0.1
+"""Height of a latitude row of the restaurant grid (~11 km)."""
+MAX_GRID_ROWS = 64
+"""A radius spanning more rows than this measures every restaurant instead."""
+
+_NO_IDS: Int64Array = np.zeros(0, dtype=np.int64)
+Int32Array = npt.NDArray[np.int32]
+
+
+def _isin_sorted(ids: npt.NDArray[np.integer], sorted_ids: Int64Array) -> BoolArray:
+    """``np.isin(ids, sorted_ids)`` for a small sorted set: a binary search, no hashing."""
+    if sorted_ids.size == 0:
+        return np.zeros(ids.shape, dtype=np.bool_)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
+    return np.asarray(sorted_ids[pos] == ids)
+
+
+@dataclass(frozen=True)
+class RetrievalQuery:
+    """One request's retrieval: who, where, how many, how hard to search, what to leave out."""
+
+    user_row: int
+    """Row in the user vectors; -1 for an unknown user. A row whose vector is all zeros (no
+    history) is served like an unknown user."""
+    location: Location | None
+    k: int
+    """Candidates wanted."""
+    nprobe: int
+    """IVF lists to search; 0 = the index version's default (the nprobe its recall was
+    measured at when it was published)."""
+    radius_km: float
+    exclude: tuple[int, ...] = ()
+
+
+class CatalogueGeo:
+    """Where the catalogue's items are: built once per catalogue, shared by every snapshot.
+
+    Restaurants sit in a grid of latitude rows (:data:`GRID_ROW_DEG` high), sorted by longitude
+    within a row, so "restaurants within r km" measures only those in the bounding box of the
+    circle, not every restaurant in the country. Items are grouped by restaurant, most popular
+    first, to list the items of the restaurants found.
+    """
+
+    def __init__(self, catalogue: Catalogue, popularity_rank: Int32Array) -> None:
+        self.catalogue = catalogue
+        lat = np.asarray(catalogue.restaurant_lat, dtype=np.float64)
+        lon = np.asarray(catalogue.restaurant_lon, dtype=np.float64)
+        row = np.floor(lat / GRID_ROW_DEG).astype(np.int64)
+        self._by_row: Int64Array = np.lexsort((lon, row)).astype(np.int64)
+        self._rows: Int64Array = row[self._by_row]
+        self._lons = lon[self._by_row]
+        restaurant = catalogue.item_restaurant
+        self._items: Int32Array = np.lexsort((popularity_rank, restaurant)).astype(np.int32)
+        counts = np.bincount(restaurant, minlength=catalogue.n_restaurants)
+        self._offsets: Int64Array = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def within(
+        self,
+        lat: float | npt.NDArray[np.float64],
+        lon: float | npt.NDArray[np.float64],
+        radius_km: float | npt.NDArray[np.float64],
+        ids: npt.NDArray[np.integer],
+    ) -> BoolArray:
+        """Whether each item's restaurant is within ``radius_km`` of (lat, lon); broadcasts,
+        so one call covers a whole batch (one location per row of ``ids``)."""
+        c = self.catalogue
+        restaurants = c.item_restaurant[ids]
+        km = haversine_km(lat, lon, c.restaurant_lat[restaurants], c.restaurant_lon[restaurants])
+        return np.asarray(km <= radius_km)
+
+    def restaurants_near(self, location: Location, radius_km: float) -> Int64Array:
+        """Restaurants within ``radius_km`` of ``location`` (exact: haversine on the box)."""
+        c = self.catalogue
+        angle = radius_km / EARTH_RADIUS_KM  # radians of arc
+        dlat = math.degrees(angle) * (1 + 1e-9) + 1e-9
+        first = math.floor((location.lat - dlat) / GRID_ROW_DEG)
+        last = math.floor((location.lat + dlat) / GRID_ROW_DEG)
+        if last - first >= MAX_GRID_ROWS:
+            candidates = np.arange(c.n_restaurants, dtype=np.int64)
+        else:
+            # Half-width in longitude of a circle of that radius (none near a pole or past the
+            # antimeridian: the whole row is read there).
+            dlon: float | None = None
+            if abs(location.lat) + math.degrees(angle) < 89.0:
+                ratio = math.sin(angle) / math.cos(math.radians(location.lat))
+                dlon = math.degrees(math.asin(min(1.0, ratio))) * (1 + 1e-9) + 1e-9
+                if abs(location.lon) + dlon >= 180.0:
+                    dlon = None
+            spans = []
+            for row in range(first, last + 1):  # a few rows: 2 r / 11 km + 1
+                lo = int(np.searchsorted(self._rows, row, side="left"))
+                hi = int(np.searchsorted(self._rows, row, side="right"))
+                if dlon is not None:
+                    lons = self._lons[lo:hi]
+                    lo, hi = (
+                        lo + int(np.searchsorted(lons, location.lon - dlon, side="left")),
+                        lo + int(np.searchsorted(lons, location.lon + dlon, side="right")),
+                    )
+                spans.append(self._by_row[lo:hi])
+            candidates = np.concatenate(spans)
+        km = haversine_km(
+            location.lat, location.lon, c.restaurant_lat[candidates], c.restaurant_lon[candidates]
+        )
+        return candidates[km <= radius_km]
+
+    def items_near(self, location: Location, radius_km: float) -> Int32Array:
+        """Items of every restaurant within ``radius_km`` of ``location``."""
+        near = self.restaurants_near(location, radius_km)
+        starts = self._offsets[near]
+        lengths = self._offsets[near + 1] - starts
+        total = int(lengths.sum())
+        # Concatenate the item ranges of the near restaurants without a loop over them.
+        positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+        return self._items[positions]
+
+
+class Retriever:
+    """Batched candidate retrieval over one index version and one availability snapshot."""
+
+    def __init__(
+        self,
+        index: ItemIndex,
+        user_vectors: Float32Array,
+        catalogue: Catalogue,
+        item_popularity: Float32Array,
+        availability: Availability,
+        user_store: UserStore | None = None,
+    ) -> None:
+        """``user_store`` (default: ``user_vectors`` itself) is where searches read the user
+        vectors; ``user_vectors`` stays the local copy that says which users have one."""
+        users = np.ascontiguousarray(user_vectors, dtype=np.float32)
+        popularity = np.asarray(item_popularity, dtype=np.float32)
+        if users.ndim != 2 or users.shape[1] != index.dimension:
+            raise ValueError(
+                f"user_vectors: expected shape [users, {index.dimension}], got {users.shape}"
+            )
+        for name, size in (
+            ("catalogue items", catalogue.n_items),
+            ("item_popularity", popularity.shape[0] if popularity.ndim == 1 else -1),
+            ("availability.item_mask", availability.item_mask.shape[0]),
+        ):
+            if size != index.count:
+                raise ValueError(f"{name}: expected {index.count} items (the index), got {size}")
+        self._index = index
+        self._user_vectors = users
+        self._user_store = user_store
+        self._has_vector: BoolArray = np.any(users != 0, axis=1)
+        self._popularity = popularity
+        # Computed once per catalogue (int32 halves the memory at 4M items); each availability
+        # snapshot then filters the popularity order once.
+        self._popular_order: Int32Array = np.argsort(-popularity, kind="stable").astype(np.int32)
+        self._popularity_rank: Int32Array = np.empty(index.count, dtype=np.int32)
+        self._popularity_rank[self._popular_order] = np.arange(index.count, dtype=np.int32)
+        self._geo = CatalogueGeo(catalogue, self._popularity_rank)
+        self._set_availability(availability)
+
+    @property
+    def user_store(self) -> UserStore | None:
+        """Where searches read user vectors (None: the ``user_vectors`` array itself)."""
+        return self._user_store
+
+    def _set_availability(self, availability: Availability) -> None:
+        self.availability = availability
+        order = self._popular_order
+        self._popular_available: Int32Array = order[availability.item_mask[order]]
+
+    def with_availability(self, availability: Availability) -> Retriever:
+        """A retriever for a new availability snapshot, sharing everything else."""
+        if availability.item_mask.shape[0] != self._index.count:
+            raise ValueError(
+                f"availability.item_mask: expected {self._index.count} items, "
+                f"got {availability.item_mask.shape[0]}"
+            )
+        clone = copy.copy(self)
+        clone._set_availability(availability)
+        return clone
+
+    def retrieve_batch(self, queries: Sequence[RetrievalQuery]) -> list[Candidates]:
+        """Candidates for every query, in order: one FAISS search per distinct ``nprobe``.
+
+        A batch normally shares one ``nprobe``; when experiment arms differ, each keeps its own
+        rather than the batch silently searching with another arm's setting. Each query uses
+        only its own share of the search, so a batch answers exactly as the queries one by one.
+        """
+        for q in queries:
+            self._check(q)
+        out: list[Candidates | None] = [None] * len(queries)
+        by_nprobe: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            if self._is_known(q):
+                by_nprobe.setdefault(q.nprobe or self._index.default_nprobe, []).append(i)
+            else:
+                out[i] = self._popular_fallback(q)
+        for nprobe, positions in by_nprobe.items():
+            fetch = [self._fetch(queries[i]) for i in positions]
+            rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
+            users = self._read_users(rows)
+            dim = self._user_vectors.shape[1]
+            vectors = np.ascontiguousarray(users.vectors[:, :dim], dtype=np.float32)
+            # A store serving whole feature rows: ranking takes the rest of each row from here.
+            feature_rows = users.vectors if users.vectors.shape[1] > dim else None
+            scores, ids = self._index.search(
+                vectors,
+                max(fetch),
+                nprobe=nprobe,
+                allowed=self.availability.selector,
+            )
+            usable = (ids >= 0) & self._within_rows([queries[i] for i in positions], ids)
+            for n, i in enumerate(positions):
+                f = fetch[n]
+                candidates = self._personal(
+                    queries[i], vectors[n], ids[n, :f], scores[n, :f], usable[n, :f]
+                )
+                if users.degraded or feature_rows is not None:
+                    candidates = replace(
+                        candidates,
+                        stale_user_vector=users.degraded,
+                        user_features=(
+                            None if feature_rows is None else feature_rows[n].astype(np.float64)
+                        ),
+                    )
+                out[i] = candidates
+        return [c for c in out if c is not None]
+
+    def _read_users(self, rows: Int64Array) -> UserVectors:
+        if self._user_store is None:
+            return UserVectors(self._user_vectors[rows])
+        return self._user_store.read(rows)
+
+    def _check(self, q: RetrievalQuery) -> None:
+        if not -1 <= q.user_row < self._user_vectors.shape[0]:
+            raise ValueError(
+                f"user_row: expected -1 (unknown) or 0..{self._user_vectors.shape[0] - 1}, "
+                f"got {q.user_row}"
+            )
+        if q.k < 1:
+            raise ValueError(f"k: expected >= 1 candidates, got {q.k}")
+        if q.nprobe < 0:
+            raise ValueError(f"nprobe: expected >= 1, or 0 for the index default, got {q.nprobe}")
+        if q.location is not None and not (math.isfinite(q.radius_km) and q.radius_km > 0):
+            raise ValueError(f"radius_km: expected a positive distance, got {q.radius_km}")
+
+    def _is_known(self, q: RetrievalQuery) -> bool:
+        return q.user_row >= 0 and bool(self._has_vector[q.user_row])
+
+    def _fetch(self, q: RetrievalQuery) -> int:
+        """How many search results a query needs so its filters still leave ``k``."""
+        wanted = q.k + len(q.exclude)  # each exclusion removes at most one result
+        if q.location is not None:
+            wanted *= RADIUS_OVERFETCH
+        return min(wanted, self._index.count)
+
+    def _within_rows(self, queries: Sequence[RetrievalQuery], ids: Int64Array) -> BoolArray:
+        """[B, F] whether each search result is within its query's radius (True if no location),
+        in one vectorised call for the whole batch."""
+        located = np.array([q.location is not None for q in queries])
+        if not located.any():
+            return np.ones(ids.shape, dtype=np.bool_)
+        lat = np.array([q.location.lat if q.location else 0.0 for q in queries])[:, None]
+        lon = np.array([q.location.lon if q.location else 0.0 for q in queries])[:, None]
+        radius = np.array([q.radius_km for q in queries])[:, None]
+        near = self._geo.within(lat, lon, radius, np.maximum(ids, 0))
+        return np.asarray(near | ~located[:, None])
+
+    def _personal(
+        self,
+        q: RetrievalQuery,
+        user: Float32Array,
+        ids: Int64Array,
+        scores: Float32Array,
+        usable: BoolArray,
+    ) -> Candidates:
+        """A known user's candidates from their share of the search (``usable``: returned and
+        within the radius), topped up with popular eligible items if too few remain."""
+        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        keep = usable.copy()
+        if exclude.size:
+            keep &= ~_isin_sorted(ids, exclude)
+        ids, scores = ids[keep][: q.k], scores[keep][: q.k]
+        if ids.size < q.k:
+            extra = self._popular_eligible(q, q.k - ids.size, exclude, np.sort(ids))
+            if extra.size:
+                ids = np.concatenate([ids, extra])
+                scores = np.concatenate([scores, self._index.reconstruct(extra) @ user])
+                order = np.argsort(-scores, kind="stable")
+                ids, scores = ids[order], scores[order]
+        return Candidates(sku_ids=ids, retrieval_scores=scores.astype(np.float32, copy=False))
+
+    def _popular_fallback(self, q: RetrievalQuery) -> Candidates:
+        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        ids = self._popular_eligible(q, q.k, exclude, _NO_IDS)
+        return Candidates(sku_ids=ids, retrieval_scores=self._popularity[ids], fallback=True)
+
+    def _popular_eligible(
+        self, q: RetrievalQuery, need: int, exclude: Int64Array, present: Int64Array
+    ) -> Int64Array:
+        """The ``need`` most popular available items near ``q``, not excluded or ``present``.
+
+        ``exclude`` and ``present`` are sorted. The scan reads a geometrically growing prefix of
+        the popularity order: a few thousand items in the usual case. With a location, if the
+        first :data:`TOPUP_SCAN_LIMIT` items hold too few near ones, few items are near at all,
+        so the rest comes from the items of the nearby restaurants (cheap exactly then).
+        """
+        order = self._popular_available
+        limit = order.size if q.location is None else min(order.size, TOPUP_SCAN_LIMIT)
+        found: list[npt.NDArray[np.integer]] = []
+        n_found = 0
+        start, size = 0, max(TOPUP_FIRST_SCAN, 4 * need)
+        while n_found < need and start < limit:
+            ids = order[start : min(start + size, limit)]
+            keep = np.ones(ids.size, dtype=np.bool_)
+            if exclude.size:
+                keep &= ~_isin_sorted(ids, exclude)
+            if present.size:
+                keep &= ~_isin_sorted(ids, present)
+            if q.location is not None:
+                loc = q.location
+                keep[keep] = self._geo.within(loc.lat, loc.lon, q.radius_km, ids[keep])
+            got = ids[keep][: need - n_found]
+            found.append(got)
+            n_found += got.size
+            start += ids.size
+            size *= TOPUP_SCAN_GROWTH
+        if n_found < need and q.location is not None and start < order.size:
+            min_rank = int(self._popularity_rank[order[start]])
+            found.append(
+                self._popular_near(
+                    q.location, q.radius_km, need - n_found, exclude, present, min_rank
+                )
+            )
+        return np.concatenate(found).astype(np.int64) if found else _NO_IDS
+
+    def _popular_near(
+        self,
+        location: Location,
+        radius_km: float,
+        need: int,
+        exclude: Int64Array,
+        present: Int64Array,
+        min_rank: int,
+    ) -> Int32Array:
+        """The ``need`` most popular eligible items of the restaurants near ``location`` whose
+        popularity rank is at least ``min_rank`` (the part of the order not yet scanned)."""
+        ids = self._geo.items_near(location, radius_km)
+        rank = self._popularity_rank[ids]
+        keep = self.availability.item_mask[ids] & (rank >= min_rank)
+        if exclude.size:
+            keep &= ~_isin_sorted(ids, exclude)
+        if present.size:
+            keep &= ~_isin_sorted(ids, present)
+        ids, rank = ids[keep], rank[keep]
+        if ids.size > need:
+            best = np.argpartition(rank, need - 1)[:need]
+            ids, rank = ids[best], rank[best]
+        return np.asarray(ids[np.argsort(rank)], dtype=np.int32)

@@ -1,0 +1,348 @@
+"""Prometheus metrics of one server, in a registry the server owns (never the global one).
+
+:class:`ServingMetrics` is the only place that knows Prometheus. The servicer, the exposure sink
+and the micro-batchers report through plain methods, and the pipeline receives the same object
+at open time so it can report the control plane's health and the live score distribution.
+Every name starts with ``recsys_``. Label sets that come from data (experiments, degraded
+reasons, model versions) are capped; what does not fit is counted under ``other``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+
+from recsys.serving.batching import DEADLINE_UNRANKED, BatchStats
+from recsys.types import Recommendation, ServingVersions
+
+OTHER = "other"
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+QUEUE_DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DEFAULT_SCORE_BUCKETS: tuple[float, ...] = (
+    *(-5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5),
+    *(round(0.05 * i, 2) for i in range(21)),
+    *(1.5, 2.0, 3.0, 4.0, 5.0),
+)
+"""Fine steps over [0, 1] (probabilities) and coarse ones out to +-5 (raw ranking scores).
+A model version whose training baseline uses other edges registers them with
+:meth:`ServingMetrics.set_score_buckets`, so live and baseline histograms compare bin by bin."""
+
+
+class CappedLabels:
+    """Admit at most ``cap`` distinct label tuples; later new ones map to ``("other", ...)``."""
+
+    def __init__(self, cap: int, width: int) -> None:
+        if cap < 1:
+            raise ValueError(f"label cap is {cap}; expected >= 1")
+        self._cap = cap
+        self._other = (OTHER,) * width
+        self._seen: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if labels in self._seen:
+            return labels
+        with self._lock:
+            if len(self._seen) < self._cap:
+                self._seen.add(labels)
+                return labels
+        return self._other
+
+
+def _check_edges(edges: Sequence[float]) -> npt.NDArray[np.float64]:
+    array = np.asarray(edges, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"score buckets are {edges!r}; expected a non-empty list of numbers")
+    if not np.isfinite(array).all() or (np.diff(array) <= 0).any():
+        raise ValueError(f"score buckets are {edges!r}; expected finite, strictly increasing")
+    return array
+
+
+class ScoreHistograms:
+    """A histogram family per model version, filled a whole score array at a time.
+
+    prometheus_client's Histogram observes one value per call; scores arrive as arrays, so this
+    collector keeps numpy bucket counts and renders them at scrape time.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, edges: Sequence[float], max_versions: int
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._default_edges = _check_edges(edges)
+        self._edges: dict[str, npt.NDArray[np.float64]] = {}
+        self._counts: dict[str, npt.NDArray[np.int64]] = {}
+        self._sums: dict[str, float] = {}
+        self._versions = CappedLabels(max_versions, 1)
+        self._lock = threading.Lock()
+
+    def set_edges(self, version: str, edges: Sequence[float]) -> None:
+        checked = _check_edges(edges)
+        with self._lock:
+            self._edges[version] = checked
+            self._counts.pop(version, None)
+            self._sums.pop(version, None)
+
+    def observe(self, version: str, scores: npt.ArrayLike) -> None:
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        (key,) = self._versions.admit((version,))
+        with self._lock:
+            edges = self._edges.get(key, self._default_edges)
+            # searchsorted "left": bounds[i-1] < x <= bounds[i], Prometheus' "le" semantics.
+            counts = np.bincount(
+                np.searchsorted(edges, values, side="left"), minlength=edges.size + 1
+            )
+            if key in self._counts:
+                self._counts[key] += counts
+                self._sums[key] += float(values.sum())
+            else:
+                self._counts[key] = counts.astype(np.int64)
+                self._sums[key] = float(values.sum())
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=["model_version"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=["model_version"])
+        with self._lock:
+            snapshot = [
+                (v, self._edges.get(v, self._default_edges), c.copy(), self._sums[v])
+                for v, c in self._counts.items()
+            ]
+        for version, edges, counts, total in snapshot:
+            cumulative = np.cumsum(counts).tolist()
+            bounds = [repr(e) for e in edges.tolist()] + ["+Inf"]
+            family.add_metric([version], list(zip(bounds, cumulative, strict=True)), total)
+        yield family
+
+
+class ServingMetrics:
+    """All recsys_ series of one server process, and the HTTP endpoint that serves them."""
+
+    def __init__(
+        self,
+        *,
+        max_exposure_label_sets: int = 5_000,
+        max_degraded_reasons: int = 100,
+        max_model_versions: int = 200,
+        score_buckets: Sequence[float] = DEFAULT_SCORE_BUCKETS,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "recsys_requests", "Recommend calls by gRPC status code.", ["code"], registry=r
+        )
+        self._latency = Histogram(
+            "recsys_request_duration_seconds",
+            "Recommend wall time in the servicer, any outcome.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._stage_latency = Histogram(
+            "recsys_stage_duration_seconds",
+            "Wall time of each pipeline stage (a batched stage counts its whole batch).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._in_flight = Gauge(
+            "recsys_requests_in_flight", "Recommend calls being served now.", registry=r
+        )
+        self._model_info = Info(
+            "recsys_model", "Production version serving per model name.", ["name"], registry=r
+        )
+        self._index_info = Info("recsys_index", "FAISS index version serving.", registry=r)
+        self._config_info = Info("recsys_config", "Control-plane config version.", registry=r)
+        self._degraded = Counter(
+            "recsys_degraded_responses",
+            "Responses served in a degraded mode, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._batch_size = Histogram(
+            "recsys_batch_size",
+            "Items per micro-batch.",
+            ["batcher"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self._batch_delay = Histogram(
+            "recsys_batch_queue_delay_seconds",
+            "Time an item waited between submit and the start of its batch.",
+            ["batcher"],
+            buckets=QUEUE_DELAY_BUCKETS,
+            registry=r,
+        )
+        self._batch_run = Histogram(
+            "recsys_batch_run_seconds",
+            "Wall time of the batch function.",
+            ["batcher"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._exposures_written = Counter(
+            "recsys_exposure_records_written", "Exposure log lines written.", registry=r
+        )
+        self._exposures_dropped = Counter(
+            "recsys_exposure_records_dropped",
+            "Exposure records dropped (queue full or write failed).",
+            registry=r,
+        )
+        self._exposures = Counter(
+            "recsys_experiment_exposures",
+            "Responses per experiment arm (label sets capped; overflow under 'other').",
+            ["layer", "experiment", "arm"],
+            registry=r,
+        )
+        self._control_connected = Gauge(
+            "recsys_control_plane_connected",
+            "1 while the control-plane backend answers the watcher of this document.",
+            ["document"],
+            registry=r,
+        )
+        self._control_rejected = Counter(
+            "recsys_control_rejected_documents",
+            "Control-plane documents rejected by validation (last good snapshot kept).",
+            ["document"],
+            registry=r,
+        )
+        self._model_rejected = Counter(
+            "recsys_model_rejected",
+            "Model versions refused before serving, by reason (schema, golden, nan, latency, "
+            "corrupt, other); label sets capped, overflow under 'other'.",
+            ["name", "version", "reason"],
+            registry=r,
+        )
+        self._model_rejected_labels = CappedLabels(max_model_versions, 3)
+        self._cache_lookups = Counter(
+            "recsys_result_cache_lookups",
+            "Result cache lookups by result (hit rate: hit / (hit + miss)).",
+            ["result"],
+            registry=r,
+        )
+        self._cache_entries = Gauge(
+            "recsys_result_cache_entries", "Recommendations held in the result cache.", registry=r
+        )
+        self._scores = ScoreHistograms(
+            "recsys_live_score",
+            "Scores served, per model version (compare with the training baseline).",
+            score_buckets,
+            max_model_versions,
+        )
+        r.register(self._scores)
+        self._exposure_labels = CappedLabels(max_exposure_label_sets, 3)
+        self._degraded_labels = CappedLabels(max_degraded_reasons, 1)
+        self._versions: ServingVersions | None = None
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    # Request path (the servicer).
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_finished(self, code: str, seconds: float) -> None:
+        self._in_flight.dec()
+        self._requests.labels(code).inc()
+        self._latency.observe(seconds)
+
+    def observe_recommendation(self, recommendation: Recommendation) -> None:
+        """Stage timings, degraded reasons, experiment exposures and scores of one response."""
+        for stage, seconds in recommendation.stage_seconds:
+            self._stage_latency.labels(stage).observe(seconds)
+        for reason in recommendation.degraded_reasons:
+            self._degraded.labels(*self._degraded_labels.admit((reason,))).inc()
+        for e in recommendation.exposures:
+            labels = self._exposure_labels.admit((e.layer, e.experiment, e.arm))
+            self._exposures.labels(*labels).inc()
+        unranked = DEADLINE_UNRANKED in recommendation.degraded_reasons
+        if len(recommendation.items) and not unranked:
+            self.observe_scores(recommendation.model_version, recommendation.items.scores)
+
+    def observe_versions(self, versions: ServingVersions) -> None:
+        """Refresh the info metrics; cheap when nothing changed (call it per request)."""
+        if versions == self._versions:
+            return
+        previous = self._versions.model_versions if self._versions else {}
+        for name in previous.keys() - versions.model_versions.keys():
+            self._model_info.remove(name)
+        for name, version in versions.model_versions.items():
+            self._model_info.labels(name).info({"version": version})
+        self._index_info.info({"version": versions.index_version})
+        self._config_info.info({"version": versions.config_version})
+        self._versions = versions
+
+    # Drift (the servicer for served items; the pipeline may register baseline edges).
+
+    def observe_scores(self, model_version: str, scores: npt.ArrayLike) -> None:
+        self._scores.observe(model_version, scores)
+
+    def set_score_buckets(self, model_version: str, edges: Sequence[float]) -> None:
+        """Use the training baseline's bin edges for this model version's live histogram."""
+        self._scores.set_edges(model_version, edges)
+
+    # Result cache (the pipeline).
+
+    def observe_cache(self, hit: bool, entries: int) -> None:
+        self._cache_lookups.labels("hit" if hit else "miss").inc()
+        self._cache_entries.set(entries)
+
+    # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self._batch_size.labels(stats.name).observe(stats.size)
+        self._batch_run.labels(stats.name).observe(stats.run_seconds)
+        delay = self._batch_delay.labels(stats.name)
+        for seconds in stats.queue_delays:
+            delay.observe(seconds)
+
+    # Exposure sink.
+
+    def exposures_written(self, count: int) -> None:
+        self._exposures_written.inc(count)
+
+    def exposures_dropped(self, count: int) -> None:
+        self._exposures_dropped.inc(count)
+
+    # Control plane (the pipeline).
+
+    def set_control_connected(self, document: str, connected: bool) -> None:
+        self._control_connected.labels(document).set(1 if connected else 0)
+
+    def control_document_rejected(self, document: str) -> None:
+        self._control_rejected.labels(document).inc()
+
+    def model_rejected(self, name: str, version: str, reason: str) -> None:
+        labels = self._model_rejected_labels.admit((name, version, reason))
+        self._model_rejected.labels(*labels).inc()
+
+    # HTTP endpoint.
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics on ``host:port`` (0 picks a free port); returns the bound port."""
+        if self._http is not None:
+            raise RuntimeError("metrics HTTP endpoint is already started")
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        """Stop the endpoint (blocks up to half a second: run it off the event loop)."""
+        if self._http is None:
+            return
+        server, thread = self._http
+        self._http = None
+        server.shutdown()
+        server.server_close()
+        thread.join()

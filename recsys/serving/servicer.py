@@ -1,0 +1,198 @@
+"""The Recommender gRPC service: protobuf <-> recsys.types, status codes, metrics, exposures.
+
+This is the one place where errors become gRPC status codes:
+
+- :class:`~recsys.serving.validation.InvalidRequest` -> INVALID_ARGUMENT, naming the field;
+- no pipeline yet (still loading) -> UNAVAILABLE;
+- more than ``max_in_flight`` calls at once, or
+  :class:`~recsys.serving.batching.Overloaded` (the batch
+  queue is full or behind) -> RESOURCE_EXHAUSTED, at once;
+- the client's deadline passed before its batch started -> DEADLINE_EXCEEDED (a deadline too
+  close to rank in time is answered in retrieval order, flagged degraded, by the pipeline);
+- anything else -> INTERNAL with the request id, logged once with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+
+from recsys.serving.batching import DeadlineExceeded, Overloaded
+from recsys.serving.exposure import ExposureSink
+from recsys.serving.metrics import ServingMetrics
+from recsys.serving.validation import InvalidRequest, new_request_id, validate_request
+from recsys.types import Recommendation, Request
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+
+if TYPE_CHECKING:
+    from recsys.serving.pipeline import RecommendPipeline
+
+log = logging.getLogger(__name__)
+
+
+def local_hour() -> int:
+    return time.localtime().tm_hour
+
+
+def to_response(recommendation: Recommendation) -> recommender_pb2.RecommendResponse:
+    response = recommender_pb2.RecommendResponse(
+        request_id=recommendation.request_id,
+        model_version=recommendation.model_version,
+        index_version=recommendation.index_version,
+        config_version=recommendation.config_version,
+        experiments=[
+            recommender_pb2.Exposure(
+                layer=e.layer, experiment=e.experiment, arm=e.arm, bucket=e.bucket, forced=e.forced
+            )
+            for e in recommendation.exposures
+        ],
+        degraded=recommendation.degraded,
+        degraded_reason=recommendation.degraded_reason,
+    )
+    # The contract's repeated ScoredItem needs one message per item (at most 200). Measured on
+    # this machine, a numpy protobuf wire encoder took 65 us for 20 items against 17 us for this
+    # loop (161 vs 208 us at 200), so the loop stays; the columns convert to Python in bulk.
+    items = recommendation.items
+    add = response.items.add
+    for sku_id, restaurant_id, score in zip(
+        items.sku_ids.tolist(), items.restaurant_ids.tolist(), items.scores.tolist(), strict=True
+    ):
+        add(sku_id=sku_id, restaurant_id=restaurant_id, score=score)
+    return response
+
+
+class _Failure(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+    """Serves Recommend once :meth:`attach` has handed it an open pipeline."""
+
+    def __init__(
+        self,
+        metrics: ServingMetrics,
+        exposures: ExposureSink,
+        *,
+        hour: Callable[[], int] = local_hour,
+        make_request_id: Callable[[], str] = new_request_id,
+        max_in_flight: int = 0,
+    ) -> None:
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight is {max_in_flight}; expected >= 0 (0: no bound)")
+        self._max_in_flight = max_in_flight
+        self._metrics = metrics
+        self._exposures = exposures
+        self._hour = hour
+        self._make_request_id = make_request_id
+        self._pipeline: RecommendPipeline | None = None
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, pipeline: RecommendPipeline) -> None:
+        self._pipeline = pipeline
+        self._metrics.observe_versions(pipeline.versions())
+
+    def start_draining(self) -> None:
+        """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
+        self._draining = True
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Return once no Recommend call is in progress."""
+        await self._idle.wait()
+
+    async def Recommend(
+        self,
+        request: recommender_pb2.RecommendRequest,
+        context: grpc.aio.ServicerContext[
+            recommender_pb2.RecommendRequest, recommender_pb2.RecommendResponse
+        ],
+    ) -> recommender_pb2.RecommendResponse:
+        started = time.perf_counter()
+        self._in_flight += 1
+        self._idle.clear()
+        self._metrics.request_started()
+        code = grpc.StatusCode.OK
+        details = ""
+        response: recommender_pb2.RecommendResponse | None = None
+        try:
+            response = await self._recommend(request, context.time_remaining())
+        except _Failure as failure:
+            code, details = failure.code, failure.details
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:  # a bug outside the pipeline call: still one clean INTERNAL
+            log.exception("Recommend failed, request_id=%s", request.request_id or "(none)")
+            code = grpc.StatusCode.INTERNAL
+            details = f"internal error, request_id={request.request_id or '(none)'}"
+        finally:
+            # Counted before the status leaves: a client that saw it can rely on the metric.
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            self._metrics.request_finished(code.name, time.perf_counter() - started)
+        if response is None:
+            await context.abort(code, details)
+        return response
+
+    async def _recommend(
+        self, message: recommender_pb2.RecommendRequest, time_remaining: float | None
+    ) -> recommender_pb2.RecommendResponse:
+        deadline = None if time_remaining is None else time.perf_counter() + time_remaining
+        try:
+            request = validate_request(
+                message, hour=self._hour(), make_request_id=self._make_request_id
+            )
+        except InvalidRequest as e:
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        pipeline = self._pipeline
+        if self._draining:
+            raise _Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry")
+        if pipeline is None:
+            raise _Failure(
+                grpc.StatusCode.UNAVAILABLE, "the recommender is still loading; retry shortly"
+            )
+        if 0 < self._max_in_flight < self._in_flight:
+            raise _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded, request_id={request.request_id}: more than "
+                f"{self._max_in_flight} calls in flight",
+            )
+        try:
+            recommendation = await pipeline.recommend(request, deadline)
+            response = to_response(recommendation)
+            self._record(pipeline, request, recommendation)
+        except DeadlineExceeded as e:
+            raise _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except Overloaded as e:
+            raise _Failure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded, request_id={request.request_id}: {e}",
+            ) from None
+        except Exception:
+            log.exception("Recommend failed, request_id=%s", request.request_id)
+            raise _Failure(
+                grpc.StatusCode.INTERNAL, f"internal error, request_id={request.request_id}"
+            ) from None
+        return response
+
+    def _record(
+        self, pipeline: RecommendPipeline, request: Request, recommendation: Recommendation
+    ) -> None:
+        self._metrics.observe_versions(pipeline.versions())
+        self._metrics.observe_recommendation(recommendation)
+        self._exposures.record(request, recommendation)

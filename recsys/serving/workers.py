@@ -1,0 +1,189 @@
+"""``recsys serve --workers N``: N server processes on one port, one metrics endpoint.
+
+The parent starts N worker processes (``spawn``: gRPC must not be forked). Each worker is a
+complete single-process server (serving/server.py) bound with SO_REUSEPORT, so the kernel
+spreads incoming connections over them; each loads the same artifact root, whose world,
+feature tables and vectors are memory-mapped read-only and so shared through the page cache.
+
+Metrics: each worker serves its own registry on a private port on the loopback; the parent's
+``/metrics`` on the configured port scrapes them all and merges the samples (sums for counters,
+histograms and gauges, so in-flight calls and cache entries add up; the highest value for info
+series), plus ``recsys_workers`` (how many answered the scrape).
+
+SIGTERM or SIGINT to the parent is forwarded to every worker, each drains as one server does,
+and the parent exits once all have. If a worker dies on its own, the parent stops the others and
+exits non-zero, so the supervisor (Kubernetes) restarts the pod as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from recsys.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+WORKER_METRICS_HOST = "127.0.0.1"
+SCRAPE_TIMEOUT_SECONDS = 2.0
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket: fixes the port number for the workers when
+    ``port`` is 0, and keeps another program from taking it while they start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+def merge_families(texts: Iterable[str]) -> list[Metric]:
+    """Merge Prometheus text expositions of several processes into one set of families."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            merged = values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # a creation time: no meaning summed across processes
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if family.type == "info" or family.name.endswith("_info"):  # text: gauges
+                    merged[key] = max(merged.get(key, 0.0), sample.value)
+                else:
+                    merged[key] = merged.get(key, 0.0) + sample.value
+    out = []
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+        out.append(family)
+    return out
+
+
+class WorkerMetrics:
+    """A collector that scrapes the workers' endpoints and merges them at each parent scrape."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self._ports = ports
+
+    def _scrape(self, port: int) -> str | None:
+        url = f"http://{WORKER_METRICS_HOST}:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_SECONDS) as reply:
+                body: bytes = reply.read()
+                return body.decode()
+        except OSError:
+            return None  # a worker still starting or gone: counted by recsys_workers
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        texts = [t for t in (self._scrape(p) for p in self._ports) if t is not None]
+        up = GaugeMetricFamily("recsys_workers", "Worker processes that answered this scrape.")
+        up.add_metric([], len(texts))
+        yield up
+        yield from merge_families(texts)
+
+
+def _worker_main(settings: ServeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from recsys.serving.pipeline import open_pipeline
+    from recsys.serving.server import run
+
+    run(settings, open_pipeline)
+
+
+def run_workers(settings: ServeSettings) -> int:
+    """Serve with ``settings.workers`` processes until SIGTERM/SIGINT; returns the exit code."""
+    if settings.workers < 2:
+        raise ValueError(f"workers is {settings.workers}; expected >= 2 (1 runs in-process)")
+    reserved = reserve_port(settings.host, settings.port)
+    port = int(reserved.getsockname()[1])
+    metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(metric_ports))
+    http, http_thread = start_http_server(
+        settings.metrics_port, addr=settings.host, registry=registry
+    )
+    context = multiprocessing.get_context("spawn")
+    workers: list[BaseProcess] = []
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: the worker drains like a single server
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for n, metrics_port in enumerate(metric_ports):
+            worker_settings = replace(
+                settings,
+                port=port,
+                metrics_port=metrics_port,
+                metrics_host=WORKER_METRICS_HOST,
+                workers=1,
+                reuse_port=True,
+            )
+            process = context.Process(
+                target=_worker_main, args=(worker_settings,), name=f"recsys-worker-{n}"
+            )
+            process.start()
+            workers.append(process)
+        log.info(
+            "recsys: %d workers on %s:%d (metrics on :%d)",
+            len(workers),
+            settings.host,
+            port,
+            int(http.server_port),
+        )
+        exit_code = 0
+        while workers and any(w.is_alive() for w in workers):
+            for worker in workers:
+                worker.join(timeout=0.5)
+                if not worker.is_alive() and not stopping.is_set():
+                    log.error(
+                        "%s exited with %s; stopping the others", worker.name, worker.exitcode
+                    )
+                    exit_code = 1
+                    forward(signal.SIGTERM, None)
+        if any(w.exitcode for w in workers):
+            exit_code = 1
+        return exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        http.shutdown()
+        http.server_close()
+        http_thread.join()
+        reserved.close()

@@ -23,6 +23,7 @@ lint: $(BIN)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
 proto: $(BIN)/.dev ## regenerate the Python code from protos/

@@ -1,16 +1,15 @@
 """Offline quality and batch CPU of each two-phase cut, through the serving code path.
 
-Held-out users' recent sessions (users ``world.heldout_user_mask()`` kept out of training) with
-a click are replayed as requests (their user, delivery location and hour) through
-``serving.pipeline.recommend_batch`` under several configurations: retrieval depth K, IVF nprobe
-(the index default, or every list: exact) and the rank cut. Each served top-20 is scored with
-NDCG@20 against the session's labels (2 ordered, 1 clicked); positives the list missed count in
-the ideal DCG, so missing them costs. The reference configuration is exact top-500 retrieval,
-all 500 scored by the full model. Where few clicked items are retrieved at all (a large
-catalogue), NDCG has little resolution; the share of the reference's top 20 that each
-configuration also serves (overlap@20) then says how close it stays to the reference.
-Also reported: the batch function's CPU per request, with ``--batch`` requests per batch (1: no
-micro-batching).
+Held-out users' recent sessions (users ``world.heldout_user_mask()`` kept out of training) with a
+click are replayed as requests (their user, delivery location and hour) through
+``recsys.serving.pipeline.recommend_batch`` under several configurations: retrieval depth K, IVF
+nprobe (the index default, or every list: exact) and the rank cut. Each served top-20 is scored with
+NDCG@20 against the session's labels (2 ordered, 1 clicked); positives the list missed count in the
+ideal DCG, so missing them costs. The reference configuration is exact top-500 retrieval, all 500
+scored by the full model. Where few clicked items are retrieved at all (a large catalogue), NDCG has
+little resolution; the share of the reference's top 20 that each configuration also serves
+(overlap@20) then says how close it stays to the reference. Also reported: the batch function's CPU
+per request, with ``--batch`` requests per batch (1: no micro-batching).
 
     python -m benchmarks.bench_rank_cut --artifacts /tmp/art100 [--sessions 1000] [--batch 32]
 """
@@ -25,28 +24,33 @@ from pathlib import Path
 import numpy as np
 
 from recsys.control.backends import open_store
+from recsys.pipeline.loading import SnapshotCompiler, artifact_root
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
 from recsys.ranking.evaluation import ndcg_per_group
+from recsys.ranking.model_cache import ModelCache
 from recsys.serving.control import read_documents
-from recsys.serving.pipeline import Job, RankCost, recommend_batch
-from recsys.serving.state import ServingState, StateLoader, artifact_root
+from recsys.serving.pipeline import Job, recommend_batch
 from recsys.types import Assignment, Location, PipelineParams, Request
 
 BATCH = 32
 NUM_RESULTS = 20
 
 
-def load_state(artifacts: Path) -> ServingState:
+def load_state(artifacts: Path) -> ServingSnapshot:
     store = open_store("", artifacts)
     try:
         docs = read_documents(store, None)
     finally:
         store.close()
-    loader = StateLoader(artifact_root(artifacts))
-    return loader.initial({name: doc.body for name, doc in docs.items()}, "0")
+    root = artifact_root(artifacts)
+    return SnapshotCompiler(root, ModelCache(root)).initial(
+        {name: doc.body for name, doc in docs.items()}, "0"
+    )
 
 
 def heldout_sessions(
-    state: ServingState, artifacts: Path, n: int, seed: int
+    state: ServingSnapshot, artifacts: Path, n: int, seed: int
 ) -> tuple[list[Request], list[dict[int, int]]]:
     """Requests replaying ``n`` held-out clicked sessions, and each session's labels by sku."""
     from recsys.world import load_world
@@ -79,7 +83,7 @@ def heldout_sessions(
 
 
 def evaluate(
-    state: ServingState,
+    state: ServingSnapshot,
     requests: list[Request],
     labels: list[dict[int, int]],
     params: PipelineParams,
@@ -87,7 +91,7 @@ def evaluate(
 ) -> tuple[dict[str, float], np.ndarray, list[np.ndarray]]:
     """Mean NDCG@20 and CPU per request, the per-session NDCG (for paired comparisons) and
     the served lists."""
-    cost = RankCost()
+    stages = build_stages().batched  # a fresh rank stage: its own cost account
     served = []
     cpu = 0.0
     for start in range(0, len(requests), batch):
@@ -95,7 +99,7 @@ def evaluate(
             Job(r, Assignment((), params, "bench"), state) for r in requests[start : start + batch]
         ]
         t = time.process_time()
-        out = recommend_batch(jobs, cost)
+        out = recommend_batch(jobs, stages)
         cpu += time.process_time() - t
         for rec in out:
             assert not isinstance(rec, Exception)

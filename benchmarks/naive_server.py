@@ -21,9 +21,10 @@ import uvloop
 
 from benchmarks.echo_server import serve_until_signal
 from recsys.experiments.assignment import RequestAttributes
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
 from recsys.serving.pipeline import Job, recommend_batch
 from recsys.serving.servicer import local_hour, to_response
-from recsys.serving.state import ServingState
 from recsys.serving.validation import new_request_id, validate_request
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
@@ -31,10 +32,11 @@ REFERENCE_K = 500
 
 
 class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, state: ServingState, threads: int) -> None:
+    def __init__(self, state: ServingSnapshot, threads: int) -> None:
         self._state = state
         self._pool = ThreadPoolExecutor(max_workers=threads)
         self._exact = max(state.index.nlist, 1)
+        self._stages = build_stages().batched
 
     async def Recommend(
         self,
@@ -52,7 +54,7 @@ class NaiveRecommender(recommender_pb2_grpc.RecommenderServicer):
         params = replace(assignment.params, retrieval_k=REFERENCE_K, nprobe=self._exact, rank_cut=0)
         job = Job(valid, replace(assignment, params=params), state)
         loop = asyncio.get_running_loop()
-        (result,) = await loop.run_in_executor(self._pool, recommend_batch, [job])
+        (result,) = await loop.run_in_executor(self._pool, recommend_batch, [job], self._stages)
         if isinstance(result, Exception):
             raise result
         return to_response(result)

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,48 @@ class ArtifactRoot:
         if not found:
             raise ArtifactError(f"{parent}: no published version; run `recsys build` first")
         return parent / found[-1]
+
+    def model_versions(self) -> dict[str, list[str]]:
+        """Every model name in the registry with its published versions, oldest first."""
+        parent = self.path / "models"
+        if not parent.is_dir():
+            return {}
+        return {p.name: versions(p) for p in sorted(parent.iterdir()) if p.is_dir()}
+
+    def lineage(self, index_version: str) -> Lineage:
+        """The chain an index version was built from: its features version and their world.
+
+        Raises :class:`ArtifactError` naming the link that is missing or unreadable.
+        """
+        index_dir = self.indexes / index_version
+        features_version = _manifest_field(index_dir, "features_version")
+        features_dir = self.features / features_version
+        world_version = _manifest_field(features_dir, "world_version")
+        return Lineage(
+            index_version=index_version,
+            features_version=features_version,
+            world_version=world_version,
+            index_dir=index_dir,
+            features_dir=features_dir,
+            world_dir=self.world / world_version,
+        )
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """One index version with the features and world versions it was built from."""
+
+    index_version: str
+    features_version: str
+    world_version: str
+    index_dir: Path
+    features_dir: Path
+    world_dir: Path
+
+
+def _manifest_field(directory: Path, key: str) -> str:
+    manifest = read_manifest(directory)
+    value = manifest.get(key)
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"{directory / MANIFEST}: expected a {key!r} string, got {value!r}")
+    return value

@@ -56,9 +56,12 @@ class ServeSettings:
     control_prefix: str = "recsys:"
     """Key prefix in Redis, so several deployments (or tests) can share one server."""
     feature_store: str = ""
-    """Where retrieval reads user vectors: empty for the memory-mapped feature tables, or
+    """Where user feature rows are read: empty for the memory-mapped feature tables, or
     redis://HOST:PORT/DB for the online store (keys under ``control_prefix``), falling back to
-    the tables when Redis is slow or down (retrieval/feature_store.py)."""
+    the tables when Redis is slow or down (ranking/feature_store.py)."""
+    feature_store_timeout_ms: float = 5.0
+    """How long a batch waits for the online feature store before it serves the local copy,
+    flagged degraded. Part of every uncached request's latency budget."""
 
 
 def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:

@@ -1,7 +1,7 @@
 """Request-scoped types every stage speaks: assign -> retrieve -> rank -> arrange -> respond.
 
-Stages are plain functions over these values plus an immutable snapshot of the state they read.
-Nothing here knows about gRPC or Prometheus; the server adapts to and from these types.
+The stages themselves pass these values inside a :class:`recsys.stage.Batch`. Nothing here knows
+about gRPC or Prometheus; the server adapts to and from these types.
 """
 
 from __future__ import annotations
@@ -93,12 +93,6 @@ class Candidates:
     retrieval_scores: Float32Array
     fallback: bool = False
     """True when the user was unknown and candidates are popular items near the location."""
-    stale_user_vector: bool = False
-    """True when the online feature store was slow or down (or lacked the user) and the user
-    vector came from the local memory-mapped copy."""
-    user_features: Float64Array | None = None
-    """The user's feature row as the feature store served it (ranking.features
-    user_feature_rows), for ranking to use; None when ranking reads the local tables."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "where user vectors are read: empty for the memory-mapped tables, or "
         "redis://HOST:PORT/DB (publish with `recsys features publish`)",
     )
+    flag(
+        "feature_store_timeout_ms",
+        "how long a batch waits for the online feature store before serving the local copy",
+    )
     flag("control_prefix", "key prefix in Redis (default %(default)s)")
     flag("batch_max_size")
     flag("batch_max_delay_ms")
@@ -111,6 +115,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--batch-max-size is {args.batch_max_size}; expected >= 1")
     if args.batch_max_delay_ms < 0:
         raise CliError(f"--batch-max-delay-ms is {args.batch_max_delay_ms}; expected >= 0")
+    if args.feature_store_timeout_ms <= 0:
+        raise CliError(
+            f"--feature-store-timeout-ms is {args.feature_store_timeout_ms}; expected > 0"
+        )
     if args.drain_seconds < 0:
         raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
     if not args.artifacts.is_dir():
@@ -123,6 +131,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         control=args.control,
         control_prefix=args.control_prefix,
         feature_store=args.feature_store,
+        feature_store_timeout_ms=args.feature_store_timeout_ms,
         workers=args.workers,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,

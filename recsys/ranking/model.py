@@ -5,7 +5,7 @@ manifest: feature schema, training-data fingerprint, params, code version, the f
 versions it was trained on, offline metrics, golden inputs with their expected scores, and the
 training distribution of every feature and of the score (the drift monitor's baseline).
 
-:func:`load_model` refuses a version, with :class:`ModelValidationError` saying why, if its files
+:func:`load_model` refuses a version, with :class:`ModelRejected` saying why, if its files
 do not match their hashes, its schema is not this code's ``FEATURE_NAMES``, it scores NaN, or it
 does not reproduce its golden scores.
 
@@ -49,8 +49,19 @@ _CODE_FILES = ("features.py", "training.py", "model.py")
 _TREE_SIZES = re.compile(r"^tree_sizes=.*\n", re.MULTILINE)
 
 
-class ModelValidationError(Exception):
-    """A model version is corrupt or does not fit this code; the message says what is wrong."""
+REJECTION_REASONS = ("corrupt", "schema", "golden", "nan", "latency", "missing")
+"""Why a model version can be refused: a bounded label for metrics (the message says more)."""
+
+
+class ModelRejected(Exception):
+    """A model version is corrupt or does not fit this code; the message says what is wrong and
+    ``reason`` (one of :data:`REJECTION_REASONS`) says which check refused it."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"reason: expected one of {REJECTION_REASONS}, got {reason!r}")
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,29 +209,33 @@ def save_model_version(
 def load_model(directory: Path) -> RankingModel:
     """Load and validate the model version in ``directory``.
 
-    Raises :class:`ModelValidationError` naming the problem: files that do not match the
+    Raises :class:`ModelRejected` naming the problem: files that do not match the
     manifest, a manifest of another kind, a feature schema other than ``FEATURE_NAMES``, a model
     LightGBM cannot parse, NaN scores, or golden scores that do not reproduce.
     """
     try:
         manifest = artifacts.verify(directory)
     except ArtifactError as e:
-        raise ModelValidationError(str(e)) from e
+        raise ModelRejected(str(e), reason="corrupt") from e
     where = str(directory)
     if manifest.get("kind") != MODEL_KIND or manifest.get("format") != MODEL_FORMAT:
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}: manifest kind/format is {manifest.get('kind')!r}/{manifest.get('format')!r},"
-            f" expected {MODEL_KIND!r}/{MODEL_FORMAT!r}"
+            f" expected {MODEL_KIND!r}/{MODEL_FORMAT!r}",
+            reason="corrupt",
         )
     _check_schema(where, manifest.get("feature_schema"))
     try:
         booster = parse_booster((directory / MODEL_FILE).read_text())
     except (lgb.basic.LightGBMError, OSError, UnicodeDecodeError) as e:
-        raise ModelValidationError(f"{where}/{MODEL_FILE}: not a LightGBM model: {e}") from e
+        raise ModelRejected(
+            f"{where}/{MODEL_FILE}: not a LightGBM model: {e}", reason="corrupt"
+        ) from e
     if list(booster.feature_name()) != list(FEATURE_NAMES):
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}/{MODEL_FILE}: the trees use features {booster.feature_name()}, "
-            f"expected {list(FEATURE_NAMES)}"
+            f"expected {list(FEATURE_NAMES)}",
+            reason="schema",
         )
     _check_golden(where, booster, manifest.get("golden"))
     return RankingModel(
@@ -246,13 +261,13 @@ def load_model_version(root: ArtifactRoot, name: str, version: str) -> RankingMo
     """:func:`load_model` of ``models/<name>/<version>`` in ``root``."""
     directory = root.models(name) / version
     if not directory.is_dir():
-        raise ModelValidationError(f"{directory}: no such model version of {name!r}")
+        raise ModelRejected(f"{directory}: no such model version of {name!r}", reason="missing")
     return load_model(directory)
 
 
 def _check_schema(where: str, schema: Any) -> None:
     if not isinstance(schema, dict):
-        raise ModelValidationError(f"{where}: manifest has no feature_schema")
+        raise ModelRejected(f"{where}: manifest has no feature_schema", reason="schema")
     names = schema.get("names")
     if names != list(FEATURE_NAMES):
         names = names if isinstance(names, list) else []
@@ -263,47 +278,53 @@ def _check_schema(where: str, schema: Any) -> None:
             if missing or unexpected
             else "same names in another order"
         )
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}: feature schema does not match this code's FEATURE_NAMES ({detail}); "
-            f"model has {names}, code expects {list(FEATURE_NAMES)}"
+            f"model has {names}, code expects {list(FEATURE_NAMES)}",
+            reason="schema",
         )
     if schema.get("categorical") != list(CATEGORICAL_FEATURES):
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}: categorical features {schema.get('categorical')} do not match this "
-            f"code's {list(CATEGORICAL_FEATURES)}"
+            f"code's {list(CATEGORICAL_FEATURES)}",
+            reason="schema",
         )
     if schema.get("dtype") != "float32":
-        raise ModelValidationError(
-            f"{where}: feature dtype {schema.get('dtype')!r}, expected 'float32'"
+        raise ModelRejected(
+            f"{where}: feature dtype {schema.get('dtype')!r}, expected 'float32'", reason="schema"
         )
 
 
 def _check_golden(where: str, booster: lgb.Booster, golden: Any) -> None:
     if not isinstance(golden, dict) or not golden.get("features"):
-        raise ModelValidationError(f"{where}: manifest has no golden inputs")
+        raise ModelRejected(f"{where}: manifest has no golden inputs", reason="golden")
     try:
         features = np.asarray(golden["features"], dtype=np.float32)
         expected = np.asarray(golden["scores"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelValidationError(f"{where}: golden inputs are malformed: {e}") from e
+        raise ModelRejected(f"{where}: golden inputs are malformed: {e}", reason="golden") from e
     if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES):
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}: golden features have shape {features.shape}, "
-            f"expected (rows, {len(FEATURE_NAMES)})"
+            f"expected (rows, {len(FEATURE_NAMES)})",
+            reason="golden",
         )
     if expected.shape != (features.shape[0],):
-        raise ModelValidationError(
-            f"{where}: {expected.shape[0]} golden scores for {features.shape[0]} golden rows"
+        raise ModelRejected(
+            f"{where}: {expected.shape[0]} golden scores for {features.shape[0]} golden rows",
+            reason="golden",
         )
     actual = np.asarray(booster.predict(features, num_threads=1), dtype=np.float64)
     if np.isnan(actual).any():
-        raise ModelValidationError(
-            f"{where}: the model scores NaN on {int(np.isnan(actual).sum())} golden rows"
+        raise ModelRejected(
+            f"{where}: the model scores NaN on {int(np.isnan(actual).sum())} golden rows",
+            reason="nan",
         )
     error = np.abs(actual - expected)
     if not (error <= GOLDEN_TOLERANCE).all():
         row = int(np.argmax(np.where(np.isnan(error), np.inf, error)))
-        raise ModelValidationError(
+        raise ModelRejected(
             f"{where}: golden scores do not reproduce (row {row}: expected {expected[row]!r}, "
-            f"got {actual[row]!r}; tolerance {GOLDEN_TOLERANCE})"
+            f"got {actual[row]!r}; tolerance {GOLDEN_TOLERANCE})",
+            reason="golden",
         )

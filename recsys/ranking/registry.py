@@ -30,7 +30,7 @@ from recsys.ranking.compiled import CompileError
 from recsys.ranking.evaluation import distribution_baseline
 from recsys.ranking.features import CATEGORICAL_FEATURES, FEATURE_NAMES, load_feature_tables
 from recsys.ranking.model import (
-    ModelValidationError,
+    ModelRejected,
     RankingModel,
     load_model_version,
     parse_booster,
@@ -71,7 +71,7 @@ def load_for_serving(
     """Load, validate, compile (or fall back to LightGBM) and warm up one version.
 
     Returns the model and a note on its engine (why it fell back, if it did). Raises
-    :class:`ModelValidationError` naming the reason when the version must not serve.
+    :class:`ModelRejected` naming the reason when the version must not serve.
     """
     model = load_model_version(root, name, version)
     note = "lightgbm (compilation off)"
@@ -99,14 +99,15 @@ def check_latency(model: RankingModel, budget_us_per_row: float) -> float:
         scores = model.predict(batch)
         best = min(best, time.perf_counter() - start)
         if np.isnan(scores).any():
-            raise ModelValidationError(
-                f"model {model.name}/{model.version}: scores NaN on the warm-up batch"
+            raise ModelRejected(
+                f"model {model.name}/{model.version}: scores NaN on the warm-up batch", reason="nan"
             )
     per_row = float(best / batch.shape[0] * 1e6)
     if per_row > budget_us_per_row:
-        raise ModelValidationError(
+        raise ModelRejected(
             f"model {model.name}/{model.version}: {per_row:.1f} µs per row on a warm-up batch of "
-            f"{batch.shape[0]} rows ({model.engine}), over the budget of {budget_us_per_row:g} µs"
+            f"{batch.shape[0]} rows ({model.engine}), over the budget of {budget_us_per_row:g} µs",
+            reason="latency",
         )
     return per_row
 
@@ -221,7 +222,7 @@ class ModelRegistry:
                 compile_models=self.compile_models,
                 latency_budget_us=self.latency_budget_us,
             )
-        except ModelValidationError as e:
+        except ModelRejected as e:
             raise RegistryError(
                 f"{name}/{version} failed validation and will not serve: {e}"
             ) from e

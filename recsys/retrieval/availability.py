@@ -110,3 +110,10 @@ class Availability:
     @property
     def n_available(self) -> int:
         return int(np.count_nonzero(self.item_mask))
+
+    def document(self) -> dict[str, list[int]]:
+        """The switches as an availability document (to carry them over to another catalogue)."""
+        return {
+            "skus_off": self.skus_off.tolist(),
+            "restaurants_off": self.restaurants_off.tolist(),
+        }

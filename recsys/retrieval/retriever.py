@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys.geo import EARTH_RADIUS_KM, haversine_km
-from recsys.ranking.feature_store import UserStore, UserVectors
 from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import ItemIndex
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
@@ -158,10 +157,9 @@ class Retriever:
         catalogue: Catalogue,
         item_popularity: Float32Array,
         availability: Availability,
-        user_store: UserStore | None = None,
     ) -> None:
-        """``user_store`` (default: ``user_vectors`` itself) is where searches read the user
-        vectors; ``user_vectors`` stays the local copy that says which users have one."""
+        """``user_vectors`` is the local copy: it says which users have a vector, and it is what
+        a search reads when the batch brings no vectors of its own (an online store's)."""
         users = np.ascontiguousarray(user_vectors, dtype=np.float32)
         popularity = np.asarray(item_popularity, dtype=np.float32)
         if users.ndim != 2 or users.shape[1] != index.dimension:
@@ -177,7 +175,6 @@ class Retriever:
                 raise ValueError(f"{name}: expected {index.count} items (the index), got {size}")
         self._index = index
         self._user_vectors = users
-        self._user_store = user_store
         self._has_vector: BoolArray = np.any(users != 0, axis=1)
         self._popularity = popularity
         # Computed once per catalogue (int32 halves the memory at 4M items); each availability
@@ -187,11 +184,6 @@ class Retriever:
         self._popularity_rank[self._popular_order] = np.arange(index.count, dtype=np.int32)
         self._geo = CatalogueGeo(catalogue, self._popularity_rank)
         self._set_availability(availability)
-
-    @property
-    def user_store(self) -> UserStore | None:
-        """Where searches read user vectors (None: the ``user_vectors`` array itself)."""
-        return self._user_store
 
     def _set_availability(self, availability: Availability) -> None:
         self.availability = availability
@@ -209,8 +201,13 @@ class Retriever:
         clone._set_availability(availability)
         return clone
 
-    def retrieve_batch(self, queries: Sequence[RetrievalQuery]) -> list[Candidates]:
+    def retrieve_batch(
+        self, queries: Sequence[RetrievalQuery], vectors: Float32Array | None = None
+    ) -> list[Candidates]:
         """Candidates for every query, in order: one FAISS search per distinct ``nprobe``.
+
+        ``vectors`` ([len(queries), dim], optional): the user vectors to search with, as an
+        online feature store served them; by default each known user's local vector.
 
         A batch normally shares one ``nprobe``; when experiment arms differ, each keeps its own
         rather than the batch silently searching with another arm's setting. Each query uses
@@ -227,14 +224,13 @@ class Retriever:
                 out[i] = self._popular_fallback(q)
         for nprobe, positions in by_nprobe.items():
             fetch = [self._fetch(queries[i]) for i in positions]
-            rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
-            users = self._read_users(rows)
-            dim = self._user_vectors.shape[1]
-            vectors = np.ascontiguousarray(users.vectors[:, :dim], dtype=np.float32)
-            # A store serving whole feature rows: ranking takes the rest of each row from here.
-            feature_rows = users.vectors if users.vectors.shape[1] > dim else None
+            if vectors is None:
+                rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
+                searched = self._user_vectors[rows]
+            else:
+                searched = np.ascontiguousarray(vectors[positions], dtype=np.float32)
             scores, ids = self._index.search(
-                vectors,
+                searched,
                 max(fetch),
                 nprobe=nprobe,
                 allowed=self.availability.selector,
@@ -242,24 +238,10 @@ class Retriever:
             usable = (ids >= 0) & self._within_rows([queries[i] for i in positions], ids)
             for n, i in enumerate(positions):
                 f = fetch[n]
-                candidates = self._personal(
-                    queries[i], vectors[n], ids[n, :f], scores[n, :f], usable[n, :f]
+                out[i] = self._personal(
+                    queries[i], searched[n], ids[n, :f], scores[n, :f], usable[n, :f]
                 )
-                if users.degraded or feature_rows is not None:
-                    candidates = replace(
-                        candidates,
-                        stale_user_vector=users.degraded,
-                        user_features=(
-                            None if feature_rows is None else feature_rows[n].astype(np.float64)
-                        ),
-                    )
-                out[i] = candidates
         return [c for c in out if c is not None]
-
-    def _read_users(self, rows: Int64Array) -> UserVectors:
-        if self._user_store is None:
-            return UserVectors(self._user_vectors[rows])
-        return self._user_store.read(rows)
 
     def _check(self, q: RetrievalQuery) -> None:
         if not -1 <= q.user_row < self._user_vectors.shape[0]:

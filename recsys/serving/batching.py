@@ -34,11 +34,6 @@ class DeadlineExceeded(Exception):
     """The item's deadline passed before its batch started; nothing was computed for it."""
 
 
-DEADLINE_UNRANKED = "deadline: retrieval order, not ranked"
-"""Degraded reason of an answer whose deadline left no time to rank: its scores are retrieval
-scores, not the model's (the live score histograms skip it)."""
-
-
 class BatcherClosed(Overloaded):
     """The batcher is shutting down and accepts no new items."""
 

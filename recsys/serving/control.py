@@ -26,9 +26,10 @@ from recsys.control.store import (
     VersionConflict,
 )
 from recsys.control.watch import DocumentWatcher, watch
+from recsys.pipeline.loading import SnapshotCompiler
+from recsys.pipeline.snapshot import ServingSnapshot
 
 from .metrics import ServingMetrics
-from .state import ServingState, StateLoader
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,15 @@ class ControlFollower:
         artifacts: Path,
         prefix: str,
         poll_seconds: float,
-        loader: StateLoader,
-        get_state: Callable[[], ServingState],
-        set_state: Callable[[ServingState], None],
+        compiler: SnapshotCompiler,
+        get_snapshot: Callable[[], ServingSnapshot],
+        set_snapshot: Callable[[ServingSnapshot], None],
         metrics: ServingMetrics,
         versions: Mapping[str, int],
     ) -> None:
-        self._loader = loader
-        self._get_state = get_state
-        self._set_state = set_state
+        self._compiler = compiler
+        self._get_snapshot = get_snapshot
+        self._set_snapshot = set_snapshot
         self._metrics = metrics
         self._apply_lock = asyncio.Lock()
         self.applied: dict[str, int] = dict(versions)
@@ -110,23 +111,25 @@ class ControlFollower:
 
         Documents already trigger this when they change; this covers a quiet control plane.
         """
-        interval = max(0.05, self._loader.unload_grace_seconds / 4)
+        interval = max(0.05, self._compiler.grace.seconds / 4)
         while True:
             await asyncio.sleep(interval)
             async with self._apply_lock:
                 try:
-                    state = await asyncio.to_thread(self._loader.unload_expired, self._get_state())
+                    state = await asyncio.to_thread(
+                        self._compiler.unload_expired, self._get_snapshot()
+                    )
                 except Exception:  # keep serving what is loaded; try again next round
                     log.exception("model unload check failed")
                     continue
                 if state is not None:
-                    self._set_state(state)
+                    self._set_snapshot(state)
                     log.info("unloaded model versions past their grace period")
 
     async def apply(self, document: Document) -> bool:
         """Build and swap in the snapshot for ``document``; False if it was rejected."""
         async with self._apply_lock:
-            current = self._get_state()
+            current = self._get_snapshot()
             try:
                 state = await asyncio.to_thread(self._compile, current, document)
             except Exception as e:  # any failure keeps the last good snapshot serving
@@ -136,17 +139,17 @@ class ControlFollower:
                     document.name, document.version, e,
                 )  # fmt: skip
                 return False
-            self._set_state(state)
+            self._set_snapshot(state)
             self.applied[document.name] = document.version
             log.info("control plane: %s version %d applied", document.name, document.version)
             return True
 
-    def _compile(self, state: ServingState, document: Document) -> ServingState:
+    def _compile(self, snapshot: ServingSnapshot, document: Document) -> ServingSnapshot:
         body: Mapping[str, Any] = document.body
         if document.name == EXPERIMENTS:
-            return self._loader.with_experiments(state, body, str(document.version))
+            return self._compiler.with_experiments(snapshot, body, str(document.version))
         if document.name == ROUTING:
-            return self._loader.with_routing(state, body)
+            return self._compiler.with_routing(snapshot, body)
         if document.name == AVAILABILITY:
-            return self._loader.with_availability(state, body)
+            return self._compiler.with_availability(snapshot, body)
         raise ValueError(f"{document.name}: not a document the server follows")

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
-from recsys.serving.batching import DEADLINE_UNRANKED, BatchStats
+from recsys.ranking.stages import DEADLINE_UNRANKED
+from recsys.serving.batching import BatchStats
 from recsys.types import Recommendation, ServingVersions
 
 OTHER = "other"

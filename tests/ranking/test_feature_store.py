@@ -126,7 +126,7 @@ def test_open_user_store_rejects_an_unknown_url(vectors: Float32Array) -> None:
         )
 
 
-def test_the_retriever_searches_with_the_store_vectors(
+def test_the_retriever_searches_with_the_vectors_the_store_served(
     world: World, flat_index: ItemIndex, redis_url: str, redis_prefix: str
 ) -> None:
     ids = np.array([f"u{i}" for i in range(world.users.shape[0])])
@@ -135,18 +135,17 @@ def test_the_retriever_searches_with_the_store_vectors(
     publish_user_vectors(client, redis_prefix, VERSION, ids, online)
     store = RedisUserStore(client, redis_prefix, VERSION, ids, world.users)
     availability = Availability.from_document(world.catalogue)
-    local = Retriever(flat_index, world.users, world.catalogue, world.popularity, availability)
-    remote = Retriever(
-        flat_index, world.users, world.catalogue, world.popularity, availability, store
-    )
+    retriever = Retriever(flat_index, world.users, world.catalogue, world.popularity, availability)
     n = world.users.shape[0]
-    got = remote.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)])[0]
-    want = local.retrieve_batch([RetrievalQuery(n - 1 - 3, None, 20, 0, 8.0)])[0]
+    served = store.read(np.array([3]))
+    assert not served.degraded
+    got = retriever.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)], served.vectors)[0]
+    want = retriever.retrieve_batch([RetrievalQuery(n - 1 - 3, None, 20, 0, 8.0)])[0]
     np.testing.assert_array_equal(got.sku_ids, want.sku_ids)
-    assert not got.stale_user_vector
     client.delete(user_key(redis_prefix, VERSION, "u3"))
-    fallback = remote.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)])[0]
-    same = local.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)])[0]
-    np.testing.assert_array_equal(fallback.sku_ids, same.sku_ids)
-    assert fallback.stale_user_vector
+    fallback = store.read(np.array([3]))
+    assert fallback.degraded
+    local = retriever.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)], fallback.vectors)[0]
+    same = retriever.retrieve_batch([RetrievalQuery(3, None, 20, 0, 8.0)])[0]
+    np.testing.assert_array_equal(local.sku_ids, same.sku_ids)
     store.close()

@@ -16,7 +16,7 @@ from recsys.artifacts import MANIFEST, ArtifactRoot, file_hashes
 from recsys.ranking.features import FEATURE_NAMES, FeatureTables, assemble_features
 from recsys.ranking.model import (
     MODEL_FILE,
-    ModelValidationError,
+    ModelRejected,
     RankingModel,
     load_model,
     load_model_version,
@@ -132,38 +132,38 @@ def test_predict_is_thread_safe(model: RankingModel, tables: FeatureTables) -> N
 
 
 def test_refuses_a_directory_without_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ModelValidationError, match="no manifest"):
+    with pytest.raises(ModelRejected, match="no manifest"):
         load_model(tmp_path)
 
 
 def test_refuses_an_unknown_version(published: Path) -> None:
     root = ArtifactRoot(published.parents[2])
-    with pytest.raises(ModelValidationError, match="no such model version of 'ranker'"):
+    with pytest.raises(ModelRejected, match="no such model version of 'ranker'"):
         load_model_version(root, "ranker", "000000000000")
 
 
 def test_refuses_a_changed_model_file(copy: Path) -> None:
     with (copy / MODEL_FILE).open("a") as f:
         f.write("\n")
-    with pytest.raises(ModelValidationError, match=r"changed \['model.txt'\]"):
+    with pytest.raises(ModelRejected, match=r"changed \['model.txt'\]"):
         load_model(copy)
 
 
 def test_refuses_a_missing_model_file(copy: Path) -> None:
     (copy / MODEL_FILE).unlink()
-    with pytest.raises(ModelValidationError, match=r"missing \['model.txt'\]"):
+    with pytest.raises(ModelRejected, match=r"missing \['model.txt'\]"):
         load_model(copy)
 
 
 def test_refuses_unexpected_files(copy: Path) -> None:
     (copy / "notes.txt").write_text("hi")
-    with pytest.raises(ModelValidationError, match=r"unexpected \['notes.txt'\]"):
+    with pytest.raises(ModelRejected, match=r"unexpected \['notes.txt'\]"):
         load_model(copy)
 
 
 def test_refuses_another_kind_of_artifact(copy: Path) -> None:
     edit_manifest(copy, lambda m: m.update(kind="faiss-index"))
-    with pytest.raises(ModelValidationError, match="kind/format is 'faiss-index'"):
+    with pytest.raises(ModelRejected, match="kind/format is 'faiss-index'"):
         load_model(copy)
 
 
@@ -173,7 +173,7 @@ def test_refuses_a_schema_with_other_features(copy: Path) -> None:
 
     edit_manifest(copy, drop_last)
     with pytest.raises(
-        ModelValidationError, match=r"missing \['category'\], unexpected \['dish_colour'\]"
+        ModelRejected, match=r"missing \['category'\], unexpected \['dish_colour'\]"
     ):
         load_model(copy)
 
@@ -185,13 +185,13 @@ def test_refuses_a_schema_in_another_order(copy: Path) -> None:
         m["feature_schema"]["names"] = names
 
     edit_manifest(copy, swap)
-    with pytest.raises(ModelValidationError, match="same names in another order"):
+    with pytest.raises(ModelRejected, match="same names in another order"):
         load_model(copy)
 
 
 def test_refuses_other_categorical_features(copy: Path) -> None:
     edit_manifest(copy, lambda m: m["feature_schema"].update(categorical=["cuisine"]))
-    with pytest.raises(ModelValidationError, match=r"categorical features \['cuisine'\]"):
+    with pytest.raises(ModelRejected, match=r"categorical features \['cuisine'\]"):
         load_model(copy)
 
 
@@ -200,7 +200,7 @@ def test_refuses_golden_scores_that_do_not_reproduce(copy: Path) -> None:
         m["golden"]["scores"][5] += 1e-3
 
     edit_manifest(copy, nudge)
-    with pytest.raises(ModelValidationError, match="golden scores do not reproduce \\(row 5"):
+    with pytest.raises(ModelRejected, match="golden scores do not reproduce \\(row 5"):
         load_model(copy)
 
 
@@ -210,7 +210,7 @@ def test_refuses_a_model_whose_trees_changed(copy: Path) -> None:
     assert first_leaf_values is not None
     shifted = " ".join(str(float(v) + 0.5) for v in first_leaf_values.group(1).split())
     replace_model_text(copy, text.replace(first_leaf_values.group(0), f"leaf_value={shifted}", 1))
-    with pytest.raises(ModelValidationError, match="golden scores do not reproduce"):
+    with pytest.raises(ModelRejected, match="golden scores do not reproduce"):
         load_model(copy)
 
 
@@ -223,13 +223,13 @@ def test_refuses_a_model_that_scores_nan(copy: Path) -> None:
         count=1,
     )
     replace_model_text(copy, nan_leaves)
-    with pytest.raises(ModelValidationError, match="scores NaN on 64 golden rows"):
+    with pytest.raises(ModelRejected, match="scores NaN on 64 golden rows"):
         load_model(copy)
 
 
 def test_refuses_text_that_is_not_a_model(copy: Path) -> None:
     replace_model_text(copy, "this is not a model\n")
-    with pytest.raises(ModelValidationError, match=r"model\.txt: not a LightGBM model"):
+    with pytest.raises(ModelRejected, match=r"model\.txt: not a LightGBM model"):
         load_model(copy)
 
 
@@ -237,13 +237,13 @@ def test_refuses_trees_over_other_features(copy: Path) -> None:
     text = (copy / MODEL_FILE).read_text()
     renamed = text.replace("feature_names=mf_score ", "feature_names=random_score ", 1)
     replace_model_text(copy, renamed)
-    with pytest.raises(ModelValidationError, match=r"the trees use features \['random_score'"):
+    with pytest.raises(ModelRejected, match=r"the trees use features \['random_score'"):
         load_model(copy)
 
 
 def test_refuses_malformed_golden_inputs(copy: Path) -> None:
     edit_manifest(copy, lambda m: m["golden"].update(scores=m["golden"]["scores"][:10]))
-    with pytest.raises(ModelValidationError, match="10 golden scores for 64 golden rows"):
+    with pytest.raises(ModelRejected, match="10 golden scores for 64 golden rows"):
         load_model(copy)
 
 

@@ -16,7 +16,8 @@ from recsys.cli.main import main
 from recsys.control.backends import open_store
 from recsys.ranking.feature_store import publish_user_vectors
 from recsys.ranking.features import load_feature_tables, user_feature_rows
-from recsys.serving.pipeline import STALE_USER_VECTOR, open_pipeline
+from recsys.ranking.stages import STALE_USER_VECTOR
+from recsys.serving.pipeline import open_pipeline
 from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
@@ -55,7 +56,15 @@ async def _recommend(settings: ServeSettings) -> recommender_pb2.RecommendRespon
 
 @pytest.fixture
 def settings(artifacts: Path) -> ServeSettings:
-    return ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+    # A busy test machine can take longer than the served 5 ms to answer a local Redis: the
+    # tests that expect the online rows give the store all the time it needs.
+    return ServeSettings(
+        artifacts=artifacts,
+        port=0,
+        metrics_port=0,
+        drain_seconds=2,
+        feature_store_timeout_ms=5_000,
+    )
 
 
 async def test_published_vectors_serve_the_same_feed_as_the_local_tables(

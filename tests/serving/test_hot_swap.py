@@ -23,12 +23,14 @@ from recsys.artifacts import ArtifactRoot
 from recsys.build import BuildReport
 from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, DocumentStore
+from recsys.pipeline.loading import SnapshotCompiler
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.ranking.model_cache import ModelCache, UnloadGrace
 from recsys.ranking.registry import ModelRegistry
 from recsys.ranking.routing import RoutingTable
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import Pipeline, open_pipeline
 from recsys.serving.server import RunningServer
-from recsys.serving.state import ServingState, StateLoader
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
@@ -58,13 +60,13 @@ class Served:
     pipeline: Pipeline
     store: DocumentStore
     registry: ModelRegistry
-    swaps: list[tuple[float, ServingState]] = field(default_factory=list)
+    swaps: list[tuple[float, ServingSnapshot]] = field(default_factory=list)
     """(monotonic time, snapshot) of every snapshot the server swapped in, oldest first."""
 
     def routing(self) -> RoutingTable:
-        return self.pipeline.state.routing
+        return self.pipeline.snapshot.routing
 
-    def snapshots_during(self, start: float, end: float) -> list[ServingState]:
+    def snapshots_during(self, start: float, end: float) -> list[ServingSnapshot]:
         """Snapshots current at some moment of [start, end]."""
         out = []
         for (since, state), following in itertools.zip_longest(self.swaps, self.swaps[1:]):
@@ -100,18 +102,18 @@ async def served(two_versions: tuple[Path, str, str], tmp_path: Path) -> AsyncIt
     pipeline = opened[0]
     store = open_store("", artifacts)
     result = Served(running, pipeline, store, ModelRegistry(ArtifactRoot(artifacts), store))
-    result.swaps.append((float("-inf"), pipeline.state))
+    result.swaps.append((float("-inf"), pipeline.snapshot))
     follower = pipeline._follower
     assert follower is not None
-    swap_in: Callable[[ServingState], None] = follower._set_state
+    swap_in: Callable[[ServingSnapshot], None] = follower._set_snapshot
 
-    def recording_swap(state: ServingState) -> None:
+    def recording_swap(state: ServingSnapshot) -> None:
         # Recorded before the swap: a call that read the old snapshot just before still
         # overlaps the old one's interval.
         result.swaps.append((time.monotonic(), state))
         swap_in(state)
 
-    follower._set_state = recording_swap
+    follower._set_snapshot = recording_swap
     yield result
     store.close()
     await running.stop()
@@ -191,10 +193,10 @@ async def test_swap_storm_fails_no_request_and_every_response_names_a_routed_ver
             wrong.append((call, allowed))
     assert wrong == []
     # Both versions stay loaded (production and previous); nothing else accumulates.
-    assert set(served.pipeline.state.models) == {first, second}
+    assert set(served.pipeline.snapshot.models) == {first, second}
     follower = served.pipeline._follower
     assert follower is not None
-    assert {v for _, v in follower._loader.loaded_model_versions()} == {first, second}
+    assert {v for _, v in follower._compiler.models.loaded()} == {first, second}
 
 
 async def test_a_version_that_fails_validation_never_serves(
@@ -250,7 +252,7 @@ async def test_an_arm_pinned_version_is_loaded_before_its_arm_serves(
     served.store.write(
         "experiments", body, expected_version=experiments.version, author="test: pin"
     )
-    await _until(lambda: second in served.pipeline.state.models, "the pinned version to load")
+    await _until(lambda: second in served.pipeline.snapshot.models, "the pinned version to load")
     assert served.routing().models[NAME].production == first  # routing unchanged
     async with grpc.aio.insecure_channel(f"127.0.0.1:{served.server.port}") as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
@@ -273,7 +275,11 @@ def test_versions_no_longer_needed_are_unloaded_after_the_grace_period(
     finally:
         store.close()
     now = [1000.0]
-    loader = StateLoader(ArtifactRoot(artifacts), unload_grace_seconds=30, clock=lambda: now[0])
+    loader = SnapshotCompiler(
+        ArtifactRoot(artifacts),
+        ModelCache(ArtifactRoot(artifacts)),
+        UnloadGrace(30, clock=lambda: now[0]),
+    )
     state = loader.initial(docs, "1")
     assert set(state.models) == {first}
     index = docs["routing"]["index"]
@@ -291,5 +297,5 @@ def test_versions_no_longer_needed_are_unloaded_after_the_grace_period(
     unloaded = loader.unload_expired(state)
     assert unloaded is not None
     assert set(unloaded.models) == {second}
-    assert loader.loaded_model_versions() == {(NAME, second)}
+    assert loader.models.loaded() == {(NAME, second)}
     assert loader.unload_expired(unloaded) is None

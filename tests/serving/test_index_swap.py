@@ -14,11 +14,12 @@ import pytest
 from recsys.artifacts import ArtifactRoot, read_manifest
 from recsys.build import BuildReport
 from recsys.control.backends import open_store
+from recsys.pipeline.loading import SnapshotCompiler, SnapshotError
 from recsys.ranking.feature_store import RedisUserStore
+from recsys.ranking.model_cache import ModelCache
 from recsys.retrieval.index import build_index, save_index_version
 from recsys.serving.pipeline import open_pipeline
 from recsys.serving.server import RunningServer
-from recsys.serving.state import StateError, StateLoader
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.control.redis_helpers import redis_prefix, redis_url
@@ -97,7 +98,7 @@ def test_loader_swaps_in_a_validated_index_keeping_availability(
     artifacts: Path, built_world: tuple[Path, BuildReport]
 ) -> None:
     report = built_world[1]
-    loader = StateLoader(ArtifactRoot(artifacts))
+    loader = SnapshotCompiler(ArtifactRoot(artifacts), ModelCache(ArtifactRoot(artifacts)))
     store = open_store("", artifacts)
     try:
         docs = {name: store.read(name) for name in ("routing", "experiments", "availability")}
@@ -127,9 +128,9 @@ def test_an_index_that_fails_validation_is_refused(
     data = bytearray(index_file.read_bytes())
     data[-10] ^= 0xFF
     index_file.write_bytes(bytes(data))
-    loader = StateLoader(ArtifactRoot(artifacts))
-    with pytest.raises(StateError, match=new):
-        loader.load_index(new)
+    loader = SnapshotCompiler(ArtifactRoot(artifacts), ModelCache(ArtifactRoot(artifacts)))
+    with pytest.raises(SnapshotError, match=new):
+        loader.indexes.load(new)
     assert read_manifest(ArtifactRoot(artifacts).indexes / report.index_version)
 
 
@@ -137,7 +138,7 @@ def test_an_online_feature_store_follows_the_index_swap(
     artifacts: Path, built_world: tuple[Path, BuildReport], redis_url: str, redis_prefix: str
 ) -> None:
     report = built_world[1]
-    loader = StateLoader(ArtifactRoot(artifacts))
+    loader = SnapshotCompiler(ArtifactRoot(artifacts), ModelCache(ArtifactRoot(artifacts)))
     store = open_store("", artifacts)
     try:
         bodies = {
@@ -148,10 +149,10 @@ def test_an_online_feature_store_follows_the_index_swap(
     finally:
         store.close()
     state = loader.initial(bodies, "1", feature_store=redis_url, feature_store_prefix=redis_prefix)
-    assert isinstance(state.retriever.user_store, RedisUserStore)
+    assert isinstance(state.user_store, RedisUserStore)
     new = publish_another_index(artifacts, report, 32)
     swapped = loader.with_routing(state, {**bodies["routing"], "index": new})
-    assert isinstance(swapped.retriever.user_store, RedisUserStore)
-    assert swapped.retriever.user_store is not state.retriever.user_store
-    with pytest.raises(StateError, match="feature store"):
+    assert isinstance(swapped.user_store, RedisUserStore)
+    assert swapped.user_store is not state.user_store
+    with pytest.raises(SnapshotError, match="feature store"):
         loader.initial(bodies, "1", feature_store="http://nowhere")

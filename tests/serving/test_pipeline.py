@@ -10,29 +10,44 @@ import numpy as np
 import pytest
 
 from recsys.control.backends import open_store
+from recsys.pipeline.loading import SnapshotCompiler, artifact_root
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
+from recsys.ranking.model_cache import ModelCache
+from recsys.ranking.stages import DEADLINE_UNRANKED, Rank, RankCost
 from recsys.retrieval.retriever import RetrievalQuery
 from recsys.serving.batching import DeadlineExceeded, MicroBatcher
 from recsys.serving.cache import ResultCache
 from recsys.serving.control import read_documents
-from recsys.serving.pipeline import DEADLINE, Job, Pipeline, RankCost, recommend_batch
-from recsys.serving.state import ServingState, StateLoader, artifact_root
+from recsys.serving.pipeline import Job, Pipeline, recommend_batch
+from recsys.stage import Stage
 from recsys.types import Assignment, PipelineParams, Recommendation, Request
 
 KNOWN_USER = "user-0000001"
 
 
 @pytest.fixture(scope="module")
-def state(artifacts_dir: Path) -> ServingState:
+def state(artifacts_dir: Path) -> ServingSnapshot:
     store = open_store("", artifacts_dir)
     try:
         docs = read_documents(store, None)
     finally:
         store.close()
-    loader = StateLoader(artifact_root(artifacts_dir))
-    return loader.initial({name: doc.body for name, doc in docs.items()}, "1")
+    root = artifact_root(artifacts_dir)
+    compiler = SnapshotCompiler(root, ModelCache(root))
+    return compiler.initial({name: doc.body for name, doc in docs.items()}, "1")
 
 
-def _job(state: ServingState, deadline: float | None = None, **params: object) -> Job:
+PLAN = build_stages()
+STAGES = PLAN.batched
+
+
+def _with_cost(cost: RankCost) -> tuple[Stage[ServingSnapshot], ...]:
+    """The batched stages with a rank stage that believes ranking costs ``cost``."""
+    return tuple(Rank(cost) if isinstance(s, Rank) else s for s in STAGES)
+
+
+def _job(state: ServingSnapshot, deadline: float | None = None, **params: object) -> Job:
     request = Request(request_id="r", user_id=KNOWN_USER, num_results=10)
     assignment = Assignment((), PipelineParams(max_per_restaurant=100, **params), "1")  # type: ignore[arg-type]
     return Job(request, assignment, state, deadline)
@@ -43,7 +58,7 @@ def _served(result: Recommendation | Exception) -> Recommendation:
     return result
 
 
-def _retrieved(state: ServingState, k: int) -> np.ndarray:
+def _retrieved(state: ServingSnapshot, k: int) -> np.ndarray:
     row = int(state.tables.user_rows([KNOWN_USER])[0])
     (cand,) = state.retriever.retrieve_batch(
         [RetrievalQuery(user_row=row, location=None, k=k, nprobe=0, radius_km=8.0)]
@@ -51,10 +66,10 @@ def _retrieved(state: ServingState, k: int) -> np.ndarray:
     return cand.sku_ids
 
 
-def test_a_cut_ranks_only_the_first_phase_best_and_no_cut_ranks_all(state: ServingState) -> None:
+def test_a_cut_ranks_only_the_first_phase_best_and_no_cut_ranks_all(state: ServingSnapshot) -> None:
     full, cut = (
         _served(r)
-        for r in recommend_batch([_job(state, retrieval_k=200), _job(state, rank_cut=15)])
+        for r in recommend_batch([_job(state, retrieval_k=200), _job(state, rank_cut=15)], STAGES)
     )
     assert set(cut.items.sku_ids.tolist()) <= set(_retrieved(state, 200)[:15].tolist())
     assert not cut.degraded
@@ -63,34 +78,38 @@ def test_a_cut_ranks_only_the_first_phase_best_and_no_cut_ranks_all(state: Servi
 
 
 def test_too_little_time_to_rank_answers_in_retrieval_order_flagged_degraded(
-    state: ServingState,
+    state: ServingSnapshot,
 ) -> None:
     slow = RankCost(seconds_per_row=10.0)  # as if ranking took 10 s a row
-    (rec,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], slow)
+    (rec,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], _with_cost(slow))
     served = _served(rec)
-    assert DEADLINE in served.degraded_reasons
+    assert DEADLINE_UNRANKED in served.degraded_reasons
     assert served.items.sku_ids.tolist() == _retrieved(state, 200)[:10].tolist()
-    (relaxed,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)])
+    (relaxed,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], STAGES)
     assert not _served(relaxed).degraded
 
 
-def test_a_deadline_that_passed_in_the_queue_fails_only_that_request(state: ServingState) -> None:
-    late, fine = recommend_batch([_job(state, deadline=time.perf_counter() - 1), _job(state)])
+def test_a_deadline_that_passed_in_the_queue_fails_only_that_request(
+    state: ServingSnapshot,
+) -> None:
+    late, fine = recommend_batch(
+        [_job(state, deadline=time.perf_counter() - 1), _job(state)], STAGES
+    )
     assert isinstance(late, DeadlineExceeded)
     assert len(_served(fine).items) == 10
 
 
 async def test_a_repeated_request_is_served_from_the_cache_until_the_snapshot_changes(
-    state: ServingState,
+    state: ServingSnapshot,
 ) -> None:
     calls: list[int] = []
 
     def counting(jobs: list[Job]) -> list[Recommendation | Exception]:
         calls.append(len(jobs))
-        return recommend_batch(jobs)
+        return recommend_batch(jobs, STAGES)
 
     async with MicroBatcher(counting, max_delay=0) as batcher:
-        pipeline = Pipeline(state, batcher, cache=ResultCache(100))
+        pipeline = Pipeline(state, batcher, PLAN, cache=ResultCache(100))
         request = Request(request_id="a", user_id=KNOWN_USER, num_results=10)
         first = await pipeline.recommend(request)
         again = await pipeline.recommend(replace(request, request_id="b"))
@@ -103,13 +122,13 @@ async def test_a_repeated_request_is_served_from_the_cache_until_the_snapshot_ch
         assert len(calls) == 2
 
 
-def test_unranked_answers_stay_out_of_the_live_score_histograms(state: ServingState) -> None:
+def test_unranked_answers_stay_out_of_the_live_score_histograms(state: ServingSnapshot) -> None:
     from recsys.serving.metrics import ServingMetrics
 
     metrics = ServingMetrics()
     slow = RankCost(seconds_per_row=10.0)
-    (late,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], slow)
-    (ranked,) = recommend_batch([_job(state)])
+    (late,) = recommend_batch([_job(state, deadline=time.perf_counter() + 30)], _with_cost(slow))
+    (ranked,) = recommend_batch([_job(state)], STAGES)
     metrics.observe_recommendation(_served(late))
     assert (
         metrics.registry.get_sample_value(

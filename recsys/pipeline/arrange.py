@@ -1,10 +1,18 @@
-"""Arrange: business rules over scored candidates, then top-N. Vectorised, no per-item loop."""
+"""The arrange stage: the feed's business rules over scored candidates, then top-N.
+
+Vectorised per request, no per-item loop.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Protocol
+
 import numpy as np
 
+from recsys.stage import Batch
 from recsys.types import Float32Array, Int64Array, ScoredItems
+from recsys.world import Catalogue
 
 
 def rank_within_group(groups: Int64Array) -> Int64Array:
@@ -44,3 +52,38 @@ def arrange(
     keep = rank_within_group(rest) < max_per_restaurant
     sku, rest, score = sku[keep][:num_results], rest[keep][:num_results], score[keep][:num_results]
     return ScoredItems(sku_ids=sku, restaurant_ids=rest, scores=score.astype(np.float32))
+
+
+class ArrangeSnapshot(Protocol):
+    """The part of the serving snapshot the arrange stage reads."""
+
+    @property
+    def catalogue(self) -> Catalogue: ...
+
+
+class Arrange:
+    """The feed's rules over each request's scored candidates; sets ``items``."""
+
+    name = "arrange"
+
+    def run(self, batch: Batch, snapshot: ArrangeSnapshot) -> Batch:
+        if batch.scores is None:
+            raise ValueError("arrange: the batch has no scores (the rank stage runs first)")
+        counts = batch.candidate_counts
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        restaurants = snapshot.catalogue.item_restaurant
+        items = []
+        for n, (request, assignment, candidates) in enumerate(  # one per request
+            zip(batch.requests, batch.assignments, batch.candidates, strict=True)
+        ):
+            items.append(
+                arrange(
+                    candidates.sku_ids,
+                    restaurants[candidates.sku_ids].astype(np.int64),
+                    batch.scores[offsets[n] : offsets[n + 1]],
+                    num_results=request.num_results,
+                    max_per_restaurant=assignment.params.max_per_restaurant,
+                    exclude=np.asarray(request.exclude_sku_ids, dtype=np.int64),
+                )
+            )
+        return replace(batch, items=tuple(items))

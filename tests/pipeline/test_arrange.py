@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.serving.arrange import arrange, rank_within_group
+from recsys.pipeline.arrange import arrange, rank_within_group
 
 
 def test_rank_within_group_counts_in_display_order() -> None:

@@ -1,0 +1,40 @@
+"""The request path, built in one place: which stages run, in which order, and where.
+
+Two lists of the same shape (:class:`recsys.stage.Stage`):
+
+- ``per_request`` runs on the event loop for each request as it arrives, before the result
+  cache (whose key depends on the experiment arms): cheap, O(layers) work only;
+- ``batched`` runs in an executor thread over a micro-batch of requests: one feature-store
+  read, one FAISS search, one predict per model version.
+
+A new concern (a monitoring tap, a candidate logger) is one more object in one of these lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recsys.experiments.stage import Assign
+from recsys.pipeline.arrange import Arrange
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.ranking.stages import Rank, UserFeatures
+from recsys.retrieval.stage import Retrieve
+from recsys.stage import Stage
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    per_request: tuple[Stage[ServingSnapshot], ...]
+    batched: tuple[Stage[ServingSnapshot], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in (*self.per_request, *self.batched))
+
+
+def build_stages() -> StagePlan:
+    """assign -> (batch) features -> retrieve -> rank -> arrange."""
+    return StagePlan(
+        per_request=(Assign(),),
+        batched=(UserFeatures(), Retrieve(), Rank(), Arrange()),
+    )

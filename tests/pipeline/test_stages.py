@@ -1,0 +1,67 @@
+"""The stage list: its order, and a new stage added with one class and one line, seen in /metrics
+through a real server and a real gRPC call."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import grpc
+
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
+from recsys.serving.pipeline import open_pipeline
+from recsys.serving.server import RunningServer
+from recsys.settings import ServeSettings
+from recsys.stage import Batch
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.serving.metrics_page import fetch_metrics
+
+
+class CountCandidates:
+    """A stage that only looks: how many candidates the batch carries after ranking."""
+
+    name = "count_candidates"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def run(self, batch: Batch, snapshot: ServingSnapshot) -> Batch:
+        self.seen.append(int(batch.candidate_counts.sum()))
+        return batch
+
+
+def test_the_request_path_is_assign_then_features_retrieve_rank_arrange() -> None:
+    plan = build_stages()
+    assert plan.names == ("assign", "features", "retrieve", "rank", "arrange")
+
+
+async def test_a_new_stage_is_one_object_in_the_list_and_its_timing_reaches_metrics(
+    artifacts: Path,
+) -> None:
+    plan = build_stages()
+    tap = CountCandidates()
+    plan = replace(plan, batched=(*plan.batched[:-1], tap, plan.batched[-1]))  # the one line
+    settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+    server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
+    try:
+        await server.wait_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            reply = await stub.Recommend(
+                recommender_pb2.RecommendRequest(user_id="user-0000001", num_results=10)
+            )
+        assert len(reply.items) == 10
+        assert tap.seen, "the stage never ran"
+        assert tap.seen[-1] >= 10  # it ran on the served batch, after ranking
+        page = fetch_metrics(server.metrics_port)
+    finally:
+        await server.stop()
+    counts = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("recsys_stage_duration_seconds_count{")
+    }
+    assert counts['stage="count_candidates"'] >= 1
+    assert {'stage="assign"', 'stage="features"', 'stage="retrieve"', 'stage="rank"'} <= set(counts)

@@ -5,28 +5,22 @@ drops and counts it when the queue is full. A background task takes records in b
 hands them to a :class:`LineWriter` in a dedicated thread (JSON encoding and file writes both
 happen there). :meth:`ExposureSink.close` writes everything still queued before returning.
 
-One JSON object per line, in ``<artifacts>/exposures/exposures-<pid>-<start>.jsonl``::
-
-    {"ts", "request_id", "user_id", "surface", "platform", "has_location", "model_version",
-     "index_version", "config_version", "exposures": [{"layer", "experiment", "arm", "bucket",
-     "forced"}], "degraded", "degraded_reason", "sku_ids": [...], "scores": [...]}
+One JSON object per line (:class:`recsys.serving.record.ExposureRecord`), in
+``<artifacts>/exposures/exposures-<pid>-<start>.jsonl``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
-import numpy as np
-
+from recsys.serving.record import ExposureRecord
 from recsys.types import Recommendation, Request
 
 log = logging.getLogger(__name__)
@@ -75,44 +69,6 @@ def exposure_log_path(
     pid = os.getpid() if pid is None else pid
     start_ms = int((time.time() if start is None else start) * 1000)
     return artifacts / EXPOSURES_DIR / f"exposures-{pid}-{start_ms}.jsonl"
-
-
-@dataclass(frozen=True, slots=True)
-class ExposureRecord:
-    """One response, captured on the request path; encoded later, in the writer thread."""
-
-    ts: float
-    request: Request
-    recommendation: Recommendation
-
-    def to_json(self) -> str:
-        rec = self.recommendation
-        line: dict[str, Any] = {
-            "ts": round(self.ts, 6),
-            "request_id": rec.request_id,
-            "user_id": self.request.user_id,
-            "surface": self.request.surface,
-            "platform": self.request.platform,
-            "has_location": self.request.location is not None,
-            "model_version": rec.model_version,
-            "index_version": rec.index_version,
-            "config_version": rec.config_version,
-            "exposures": [
-                {
-                    "layer": e.layer,
-                    "experiment": e.experiment,
-                    "arm": e.arm,
-                    "bucket": e.bucket,
-                    "forced": e.forced,
-                }
-                for e in rec.exposures
-            ],
-            "degraded": rec.degraded,
-            "degraded_reason": rec.degraded_reason,
-            "sku_ids": rec.items.sku_ids.tolist(),
-            "scores": np.round(rec.items.scores.astype(np.float64), 6).tolist(),
-        }
-        return json.dumps(line, separators=(",", ":")) + "\n"
 
 
 class _NullObserver:

@@ -51,6 +51,12 @@ class ServeSettings:
     reuse_port: bool = False
     """Share the port with sibling worker processes (SO_REUSEPORT; set by ``--workers N``)."""
     exposure_queue_size: int = 10_000
+    exposure_dir: Path | None = None
+    """The exposure log's own directory, outside the artifact root (which pods mount read-only):
+    the records, and ``snapshots/`` with the manifest of every snapshot that served. None:
+    ``exposures/`` beside the artifact root (see :attr:`exposure_path`)."""
+    exposure_candidates_share: float = 0.01
+    """Share of requests (by request id hash) whose record keeps every ranked candidate."""
     drain_seconds: float = 10.0
     control_poll_seconds: float = 1.0
     control_prefix: str = "recsys:"
@@ -62,6 +68,16 @@ class ServeSettings:
     feature_store_timeout_ms: float = 5.0
     """How long a batch waits for the online feature store before it serves the local copy,
     flagged degraded. Part of every uncached request's latency budget."""
+
+    @property
+    def exposure_path(self) -> Path:
+        """Where exposure records and snapshot manifests go."""
+        return self.exposure_dir or default_exposure_dir(self.artifacts)
+
+
+def default_exposure_dir(artifacts: Path) -> Path:
+    """``exposures/`` beside the artifact root: its own directory, outside the root."""
+    return artifacts.absolute().parent / "exposures"
 
 
 def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:

@@ -65,6 +65,12 @@ class Batch:
     """The model version that scored each request (the rank stage)."""
     items: tuple[ScoredItems, ...] = ()
     """What each request is answered with (the arrange stage)."""
+    served_features: Float64Array | None = None
+    """[B, width] each user's feature row as the ranker used it, for the record (the capture
+    stage); rows of unknown users are not meaningful (they are not recorded)."""
+    logged_candidates: tuple[ScoredItems | None, ...] = ()
+    """For the sampled requests, every ranked candidate with its final score (the capture
+    stage); None for the others."""
     degraded: tuple[tuple[str, ...], ...] = ()
     """Why each answer is degraded (empty: it is not), as the stages found it."""
     stage_seconds: tuple[tuple[str, float], ...] = ()

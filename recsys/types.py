@@ -118,6 +118,14 @@ class Recommendation:
     degraded_reasons: tuple[str, ...] = field(default=())
     stage_seconds: tuple[tuple[str, float], ...] = ()
     """Wall time of each stage this request went through (a batched stage counts its batch)."""
+    snapshot_id: str = ""
+    """The serving snapshot that produced the answer: a content hash over every version it
+    depended on (documents, index, features, models, code); its manifest names them all."""
+    user_features: Float64Array | None = None
+    """The user's feature row as the ranker used it (None for an unknown user)."""
+    candidates: ScoredItems | None = None
+    """Every ranked candidate with its final score, for the sampled share of requests whose
+    record keeps the candidates the user did not see; None otherwise."""
 
     @property
     def degraded(self) -> bool:

@@ -14,14 +14,21 @@ import sys
 from collections.abc import Sequence
 
 from recsys.artifacts import ArtifactError
-from recsys.cli import availability, build, experiments, models, serve
+from recsys.cli import availability, build, experiments, models, replay, serve
 from recsys.cli.common import CliError
 from recsys.control.store import StoreError
 from recsys.ranking.registry import RegistryError
+from recsys.replay import ReplayError
 
-COMMANDS = (build, serve, experiments, models, availability)
+COMMANDS = (build, serve, experiments, models, availability, replay)
 
-USER_ERRORS: tuple[type[Exception], ...] = (CliError, StoreError, ArtifactError, RegistryError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CliError,
+    StoreError,
+    ArtifactError,
+    RegistryError,
+    ReplayError,
+)
 """Domain errors whose message is written for the person at the terminal."""
 
 

@@ -27,7 +27,8 @@ import numpy.typing as npt
 from recsys.artifacts import ArtifactError, ArtifactRoot, Lineage
 from recsys.control.store import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING
 from recsys.experiments.assignment import Assigner, compile_config
-from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.archive import SnapshotArchive
+from recsys.pipeline.snapshot import ControlDocument, ServingSnapshot, snapshot_id
 from recsys.ranking.feature_store import RedisUserStore, UserStore, open_user_store
 from recsys.ranking.features import FeatureTables, load_feature_tables, user_feature_rows
 from recsys.ranking.model import ModelRejected, RankingModel
@@ -80,12 +81,28 @@ class SnapshotCompiler:
     """Builds the first snapshot and every later one from a changed document."""
 
     def __init__(
-        self, root: ArtifactRoot, models: ModelCache, grace: UnloadGrace | None = None
+        self,
+        root: ArtifactRoot,
+        models: ModelCache,
+        grace: UnloadGrace | None = None,
+        archive: SnapshotArchive | None = None,
     ) -> None:
+        """``archive``: where every snapshot's manifest is written once (None: nowhere)."""
         self.root = root
         self.indexes = IndexLoader(root)
         self.models = models
         self.grace = grace or UnloadGrace()
+        self.archive = archive
+
+    def _sealed(self, snapshot: ServingSnapshot) -> ServingSnapshot:
+        """``snapshot`` with its id, its manifest archived."""
+        sealed = replace(snapshot, snapshot_id=snapshot_id(snapshot.manifest()))
+        if self.archive is not None:
+            try:
+                self.archive.write(sealed)
+            except OSError as e:
+                raise SnapshotError(f"snapshot {sealed.snapshot_id}: cannot archive it: {e}") from e
+        return sealed
 
     def initial(
         self,
@@ -95,8 +112,11 @@ class SnapshotCompiler:
         feature_store: str = "",
         feature_store_prefix: str = "recsys:",
         feature_store_timeout_seconds: float = 0.005,
+        versions: Mapping[str, int] | None = None,
     ) -> ServingSnapshot:
         """Load everything named by the routing document and compile the other documents.
+
+        ``versions``: each document's store version (recorded in the snapshot's manifest).
 
         ``feature_store``: where user feature rows are served from: "" the memory-mapped tables
         (the default, nothing in between), or redis://... the online store with the tables as
@@ -124,49 +144,78 @@ class SnapshotCompiler:
             except ValueError as e:
                 raise SnapshotError(f"feature store: {e}") from e
         tables = loaded.tables
-        return ServingSnapshot(
-            catalogue=catalogue,
-            tables=tables,
-            index=loaded.index,
-            retriever=Retriever(
-                loaded.index, tables.user_vectors, catalogue, tables.item_popularity, availability
-            ),
-            models=self._models_for(routing, pins),
-            routing=routing,
-            assigner=self._assigner(docs[EXPERIMENTS], config_version),
-            availability=availability,
-            centre=(loaded.world.meta.center_lat, loaded.world.meta.center_lon),
-            features_version=loaded.lineage.features_version,
-            user_store=user_store,
-            pins=pins,
+        known = versions or {}
+        return self._sealed(
+            ServingSnapshot(
+                catalogue=catalogue,
+                tables=tables,
+                index=loaded.index,
+                retriever=Retriever(
+                    loaded.index,
+                    tables.user_vectors,
+                    catalogue,
+                    tables.item_popularity,
+                    availability,
+                ),
+                models=self._models_for(routing, pins),
+                routing=routing,
+                assigner=self._assigner(docs[EXPERIMENTS], config_version),
+                availability=availability,
+                centre=(loaded.world.meta.center_lat, loaded.world.meta.center_lon),
+                features_version=loaded.lineage.features_version,
+                user_store=user_store,
+                pins=pins,
+                documents={
+                    name: ControlDocument(int(known.get(name, 0)), docs[name]) for name in DOCUMENTS
+                },
+                world_version=loaded.lineage.world_version,
+            )
         )
 
     def with_experiments(
-        self, snapshot: ServingSnapshot, doc: Mapping[str, Any], version: str
+        self, snapshot: ServingSnapshot, doc: Mapping[str, Any], version: int
     ) -> ServingSnapshot:
-        assigner = self._assigner(doc, version)
-        changed = replace(snapshot, assigner=assigner, pins=_pinned(doc))
-        return self._with_models(changed, snapshot.routing)
+        assigner = self._assigner(doc, str(version))
+        changed = replace(
+            snapshot,
+            assigner=assigner,
+            pins=_pinned(doc),
+            documents=_with_document(snapshot, EXPERIMENTS, version, doc),
+        )
+        return self._sealed(self._with_models(changed, snapshot.routing))
 
     def with_availability(
-        self, snapshot: ServingSnapshot, doc: Mapping[str, Any]
+        self, snapshot: ServingSnapshot, doc: Mapping[str, Any], version: int = 0
     ) -> ServingSnapshot:
         try:
             availability = Availability.from_document(snapshot.catalogue, doc)
             retriever = snapshot.retriever.with_availability(availability)
         except ValueError as e:
             raise SnapshotError(f"availability: {e}") from e
-        return replace(snapshot, availability=availability, retriever=retriever)
+        return self._sealed(
+            replace(
+                snapshot,
+                availability=availability,
+                retriever=retriever,
+                documents=_with_document(snapshot, AVAILABILITY, version, doc),
+            )
+        )
 
-    def with_routing(self, snapshot: ServingSnapshot, doc: Mapping[str, Any]) -> ServingSnapshot:
+    def with_routing(
+        self, snapshot: ServingSnapshot, doc: Mapping[str, Any], version: int = 0
+    ) -> ServingSnapshot:
         routing = self._routing(doc)
-        return self._with_models(self._with_index(snapshot, routing.index_version), routing)
+        changed = replace(
+            self._with_index(snapshot, routing.index_version),
+            documents=_with_document(snapshot, ROUTING, version, doc),
+        )
+        return self._sealed(self._with_models(changed, routing))
 
     def unload_expired(self, snapshot: ServingSnapshot) -> ServingSnapshot | None:
         """A snapshot without the versions whose grace has run out, or None if there are none."""
         if not self.grace.any_expired():
             return None
-        return self._with_models(snapshot, snapshot.routing)
+        return self._sealed(self._with_models(snapshot, snapshot.routing))
 
     def _with_index(self, snapshot: ServingSnapshot, index_version: str) -> ServingSnapshot:
         """The snapshot serving ``index_version`` (unchanged when it already does).
@@ -204,6 +253,7 @@ class SnapshotCompiler:
             availability=availability,
             centre=centre,
             features_version=loaded.lineage.features_version,
+            world_version=loaded.lineage.world_version,
             user_store=store,
         )
 
@@ -244,6 +294,12 @@ class SnapshotCompiler:
     def _assigner(self, doc: Mapping[str, Any], version: str) -> Assigner:
         known = {v for vs in self.root.model_versions().values() for v in vs}
         return compile_config(doc, version=version, known_model_versions=known)
+
+
+def _with_document(
+    snapshot: ServingSnapshot, name: str, version: int, body: Mapping[str, Any]
+) -> dict[str, ControlDocument]:
+    return {**snapshot.documents, name: ControlDocument(version, body)}
 
 
 def warm_retriever(retriever: Retriever, centre: tuple[float, float]) -> None:

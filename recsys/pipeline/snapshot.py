@@ -7,8 +7,11 @@ the server swaps in by reference; requests already running keep the one they sta
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from recsys.experiments.assignment import Assigner
 from recsys.ranking.feature_store import UserStore
@@ -19,7 +22,22 @@ from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import ItemIndex
 from recsys.retrieval.retriever import Retriever
 from recsys.types import ServingVersions
+from recsys.version import code_version
 from recsys.world import Catalogue
+
+
+@dataclass(frozen=True)
+class ControlDocument:
+    """One control document as compiled: its store version and its body."""
+
+    version: int
+    body: Mapping[str, Any]
+
+
+def snapshot_id(manifest: Mapping[str, Any]) -> str:
+    """16 hex digits of the sha256 over the manifest's canonical JSON."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,27 @@ class ServingSnapshot:
     pins: Mapping[str, frozenset[str]] = field(default_factory=dict)
     """Model name -> versions pinned by the arms of the serving experiments document (they stay
     loaded whatever the routing says)."""
+    documents: Mapping[str, ControlDocument] = field(default_factory=dict)
+    """The control documents compiled into this snapshot, by name."""
+    world_version: str = ""
+    snapshot_id: str = ""
+    """Content hash of :meth:`manifest` (set by the compiler once the snapshot is complete)."""
+
+    def manifest(self) -> dict[str, Any]:
+        """Everything the answers of this snapshot depended on, enough to rebuild it: the
+        control documents (version and body), the index, features and world versions, every
+        loaded model version, and the code version."""
+        return {
+            "documents": {
+                name: {"version": doc.version, "body": doc.body}
+                for name, doc in sorted(self.documents.items())
+            },
+            "index_version": self.index.version,
+            "features_version": self.features_version,
+            "world_version": self.world_version,
+            "models": {version: model.name for version, model in sorted(self.models.items())},
+            "code_version": code_version(),
+        }
 
     def versions(self) -> ServingVersions:
         return ServingVersions(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from recsys.experiments.stage import Assign
 from recsys.pipeline.arrange import Arrange
+from recsys.pipeline.capture import Capture
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.ranking.stages import Rank, UserFeatures
 from recsys.retrieval.stage import Retrieve
@@ -32,9 +33,13 @@ class StagePlan:
         return tuple(s.name for s in (*self.per_request, *self.batched))
 
 
-def build_stages() -> StagePlan:
-    """assign -> (batch) features -> retrieve -> rank -> arrange."""
+def build_stages(candidate_share: float = 0.0) -> StagePlan:
+    """assign -> (batch) features -> retrieve -> rank -> arrange -> capture.
+
+    ``candidate_share``: the share of requests whose exposure record keeps every ranked
+    candidate (``--exposure-candidates-share``).
+    """
     return StagePlan(
         per_request=(Assign(),),
-        batched=(UserFeatures(), Retrieve(), Rank(), Arrange()),
+        batched=(UserFeatures(), Retrieve(), Rank(), Arrange(), Capture(candidate_share)),
     )

@@ -147,9 +147,9 @@ class ControlFollower:
     def _compile(self, snapshot: ServingSnapshot, document: Document) -> ServingSnapshot:
         body: Mapping[str, Any] = document.body
         if document.name == EXPERIMENTS:
-            return self._compiler.with_experiments(snapshot, body, str(document.version))
+            return self._compiler.with_experiments(snapshot, body, document.version)
         if document.name == ROUTING:
-            return self._compiler.with_routing(snapshot, body)
+            return self._compiler.with_routing(snapshot, body, document.version)
         if document.name == AVAILABILITY:
-            return self._compiler.with_availability(snapshot, body)
+            return self._compiler.with_availability(snapshot, body, document.version)
         raise ValueError(f"{document.name}: not a document the server follows")

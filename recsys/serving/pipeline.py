@@ -19,6 +19,7 @@ from typing import Protocol
 
 from recsys.control.backends import open_store
 from recsys.control.store import EXPERIMENTS, DocumentStore
+from recsys.pipeline.archive import SnapshotArchive, snapshot_directory
 from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import StagePlan, build_stages
@@ -110,6 +111,8 @@ def _recommendations(
     jobs: Sequence[Job], batch: Batch, snapshot: ServingSnapshot
 ) -> list[Recommendation]:
     degraded = batch.degraded or tuple(() for _ in jobs)
+    features = batch.served_features
+    logged = batch.logged_candidates or (None,) * len(jobs)
     return [
         Recommendation(
             request_id=job.request.request_id,
@@ -120,9 +123,20 @@ def _recommendations(
             exposures=job.assignment.exposures,
             degraded_reasons=reasons,
             stage_seconds=(*job.stage_seconds, *batch.stage_seconds),
+            snapshot_id=snapshot.snapshot_id,
+            user_features=None if features is None or row < 0 else features[n],
+            candidates=candidates,
         )
-        for job, items, version, reasons in zip(
-            jobs, batch.items, batch.model_versions, degraded, strict=True
+        for n, (job, items, version, reasons, row, candidates) in enumerate(
+            zip(
+                jobs,
+                batch.items,
+                batch.model_versions,
+                degraded,
+                batch.user_rows.tolist(),
+                logged,
+                strict=True,
+            )
         )
     ]
 
@@ -218,7 +232,7 @@ async def open_pipeline(
 
     ``stages``: the request path (default :func:`~recsys.pipeline.stages.build_stages`).
     """
-    plan = stages or build_stages()
+    plan = stages or build_stages(settings.exposure_candidates_share)
     root = artifact_root(settings.artifacts)
     store = open_store(settings.control, settings.artifacts, prefix=settings.control_prefix)
     seed = open_store("", settings.artifacts) if settings.control else None
@@ -227,11 +241,16 @@ async def open_pipeline(
     finally:
         if seed is not None:
             seed.close()
-    compiler = SnapshotCompiler(root, ModelCache(root, on_rejected=metrics.model_rejected))
+    compiler = SnapshotCompiler(
+        root,
+        ModelCache(root, on_rejected=metrics.model_rejected),
+        archive=SnapshotArchive(snapshot_directory(settings.exposure_path)),
+    )
     snapshot = await asyncio.to_thread(
         compiler.initial,
         {name: doc.body for name, doc in docs.items()},
         str(docs[EXPERIMENTS].version) if EXPERIMENTS in docs else "0",
+        versions={name: doc.version for name, doc in docs.items()},
         feature_store=settings.feature_store,
         feature_store_prefix=settings.control_prefix,
         feature_store_timeout_seconds=settings.feature_store_timeout_ms / 1000,

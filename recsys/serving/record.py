@@ -1,11 +1,21 @@
 """The exposure record: what one response showed one user, and everything that produced it.
 
 Captured on the request path as references (no copying, no encoding); encoded to one JSON line
-later, in the sink's writer thread::
+later, in the sink's writer thread. Fields (``RECORD_VERSION`` 2)::
 
-    {"ts", "request_id", "user_id", "surface", "platform", "has_location", "model_version",
-     "index_version", "config_version", "exposures": [{"layer", "experiment", "arm", "bucket",
-     "forced"}], "degraded", "degraded_reason", "sku_ids": [...], "scores": [...]}
+    record, ts, request_id, snapshot_id            which serving snapshot answered (its manifest
+                                                   names every version: see pipeline/archive.py)
+    user_id, surface, platform, has_location,
+    location [lat, lon] | null, num_results, exclude_sku_ids, hour      the request as validated
+    model_version, index_version, config_version  as in the response
+    exposures [{layer, experiment, arm, bucket, forced}]
+    degraded, degraded_reasons [...], degraded_reason
+    sku_ids, restaurant_ids, scores               the served items, best first (rank = position)
+    user_features [...] | null                    the user's feature row as the ranker used it
+    candidates {sku_ids, restaurant_ids, scores} | null   every ranked candidate (sampled share)
+
+Scores and features are written at full precision (float32 scores round-trip exactly), so a
+replay can check them for equality.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import numpy as np
 
 from recsys.types import Recommendation, Request
 
+RECORD_VERSION = 2
+
 
 @dataclass(frozen=True, slots=True)
 class ExposureRecord:
@@ -29,13 +41,22 @@ class ExposureRecord:
 
     def to_json(self) -> str:
         rec = self.recommendation
+        request = self.request
+        location = request.location
+        items = rec.items
         line: dict[str, Any] = {
+            "record": RECORD_VERSION,
             "ts": round(self.ts, 6),
             "request_id": rec.request_id,
-            "user_id": self.request.user_id,
-            "surface": self.request.surface,
-            "platform": self.request.platform,
-            "has_location": self.request.location is not None,
+            "snapshot_id": rec.snapshot_id,
+            "user_id": request.user_id,
+            "surface": request.surface,
+            "platform": request.platform,
+            "has_location": location is not None,
+            "location": None if location is None else [location.lat, location.lon],
+            "num_results": request.num_results,
+            "exclude_sku_ids": list(request.exclude_sku_ids),
+            "hour": request.hour,
             "model_version": rec.model_version,
             "index_version": rec.index_version,
             "config_version": rec.config_version,
@@ -50,8 +71,18 @@ class ExposureRecord:
                 for e in rec.exposures
             ],
             "degraded": rec.degraded,
+            "degraded_reasons": list(rec.degraded_reasons),
             "degraded_reason": rec.degraded_reason,
-            "sku_ids": rec.items.sku_ids.tolist(),
-            "scores": np.round(rec.items.scores.astype(np.float64), 6).tolist(),
+            "sku_ids": items.sku_ids.tolist(),
+            "restaurant_ids": items.restaurant_ids.tolist(),
+            "scores": items.scores.astype(np.float64).tolist(),
+            "user_features": None if rec.user_features is None else rec.user_features.tolist(),
+            "candidates": None
+            if rec.candidates is None
+            else {
+                "sku_ids": rec.candidates.sku_ids.tolist(),
+                "restaurant_ids": rec.candidates.restaurant_ids.tolist(),
+                "scores": rec.candidates.scores.astype(np.float64).tolist(),
+            },
         }
         return json.dumps(line, separators=(",", ":")) + "\n"

@@ -161,12 +161,18 @@ class RecommendResponse(_message.Message):
     EXPERIMENTS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model_version: _builtins.str
     index_version: _builtins.str
     config_version: _builtins.str
     degraded: _builtins.bool
     degraded_reason: _builtins.str
+    snapshot_id: _builtins.str
+    """The serving snapshot that produced this answer: a content hash over the control documents'
+    versions, the index, feature and model versions and the code version. Its manifest (written
+    once beside the exposure log) names them all; `recsys replay` rebuilds it.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredItem]: ...
     @_builtins.property
@@ -182,10 +188,11 @@ class RecommendResponse(_message.Message):
         experiments: _abc.Iterable[Global___Exposure] | None = ...,
         degraded: _builtins.bool = ...,
         degraded_reason: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_version", b"config_version", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "experiments", b"experiments", "index_version", b"index_version", "items", b"items", "model_version", b"model_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_version", b"config_version", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "experiments", b"experiments", "index_version", b"index_version", "items", b"items", "model_version", b"model_version", "request_id", b"request_id", "snapshot_id", b"snapshot_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,9 +13,10 @@ from recsys.serving.exposure import ExposureSink, JsonlFileWriter, exposure_log_
 from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
 
 LINE_KEYS = {
-    "ts", "request_id", "user_id", "surface", "platform", "has_location", "model_version",
-    "index_version", "config_version", "exposures", "degraded", "degraded_reason", "sku_ids",
-    "scores",
+    "record", "ts", "request_id", "snapshot_id", "user_id", "surface", "platform",
+    "has_location", "location", "num_results", "exclude_sku_ids", "hour", "model_version",
+    "index_version", "config_version", "exposures", "degraded", "degraded_reasons",
+    "degraded_reason", "sku_ids", "restaurant_ids", "scores", "user_features", "candidates",
 }  # fmt: skip
 
 
@@ -124,7 +125,7 @@ async def test_every_record_is_written_as_one_json_line_and_flushed_on_close(
     assert first["degraded_reason"] == "a; b"
     assert second["degraded"] is False
     assert first["sku_ids"] == [0, 1, 2]
-    assert first["scores"] == [0.9, 0.5, 0.25]
+    assert first["scores"] == [float(np.float32(0.9)), 0.5, 0.25]  # float32, exactly
     assert isinstance(first["ts"], float)
 
 

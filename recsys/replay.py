@@ -120,7 +120,8 @@ class LoggedRequest:
                 snapshot_id=str(record["snapshot_id"]),
                 model_version=str(record["model_version"]),
                 sku_ids=tuple(int(s) for s in record["sku_ids"]),
-                scores=tuple(float(s) for s in record["scores"]),
+                # float32, as served: the record holds the shortest decimal of each float32
+                scores=tuple(np.asarray(record["scores"], dtype=np.float32).astype(float).tolist()),
                 user_features=None if features is None else tuple(float(v) for v in features),
                 degraded_reasons=tuple(str(r) for r in record.get("degraded_reasons", ())),
             )

@@ -33,7 +33,7 @@ from recsys.ranking.feature_store import RedisUserStore, UserStore, open_user_st
 from recsys.ranking.features import FeatureTables, load_feature_tables, user_feature_rows
 from recsys.ranking.model import ModelRejected, RankingModel
 from recsys.ranking.model_cache import ModelCache, UnloadGrace
-from recsys.ranking.routing import RoutingTable, arm_pins, parse_routing
+from recsys.ranking.routing import RoutingError, RoutingTable, arm_pins, parse_routing
 from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import ItemIndex
 from recsys.retrieval.retriever import RetrievalQuery, Retriever
@@ -271,7 +271,10 @@ class SnapshotCompiler:
         return replace(snapshot, routing=routing, models={**kept, **models})
 
     def _routing(self, doc: Mapping[str, Any]) -> RoutingTable:
-        return parse_routing(doc, known_versions=self.root.model_versions())
+        try:
+            return parse_routing(doc, known_versions=self.root.model_versions())
+        except RoutingError as e:
+            raise SnapshotError(f"routing: {e}") from e
 
     def _models_for(
         self, routing: RoutingTable, pins: Mapping[str, frozenset[str]]

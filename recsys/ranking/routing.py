@@ -93,18 +93,21 @@ def arm_pins(experiments: Mapping[str, Any]) -> dict[str, dict[str, set[str]]]:
     defaults = experiments.get("defaults")
     default_name = _param(defaults, "model_name") or DEFAULT_MODEL_NAME
 
-    def add(params: Any, label: str) -> None:
+    def add(params: Any, label: str, fallback_name: str) -> None:
         version = _param(params, "model_version")
         if version:
-            name = _param(params, "model_name") or default_name
+            name = _param(params, "model_name") or fallback_name
             pins.setdefault(name, {}).setdefault(version, set()).add(label)
 
-    add(defaults, "defaults")
+    add(defaults, "defaults", default_name)
     for layer in _objects(experiments.get("layers")):
-        add(layer.get("launch_defaults"), f"{layer.get('name', '?')}/launch_defaults")
+        launch = layer.get("launch_defaults")
+        layer_name = _param(launch, "model_name") or default_name
+        add(launch, f"{layer.get('name', '?')}/launch_defaults", default_name)
         for experiment in _objects(layer.get("experiments")):
             for arm in _objects(experiment.get("arms")):
-                add(arm.get("params"), f"{experiment.get('name', '?')}/{arm.get('name', '?')}")
+                label = f"{experiment.get('name', '?')}/{arm.get('name', '?')}"
+                add(arm.get("params"), label, layer_name)
     return pins
 
 

@@ -121,9 +121,10 @@ def _routed(document: Document, name: str) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         names = [args.name] if args.name else registry.names()
-        for name in names:
+        listed = [(name, registry.list(name)) for name in names]  # refuses a bad name first
+        for name, infos in listed:
             print(f"{name}:")
-            for info in registry.list(name):
+            for info in infos:
                 ndcg = next(
                     (v for k, v in info.metrics.items() if k.endswith(".ranker")), float("nan")
                 )
@@ -158,6 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
+        registry.check_registrable(args.name)  # before minutes of training
         print(f"training {args.name} on {args.artifacts} ...", file=sys.stderr, flush=True)
         version = registry.train(args.name, args.seed)
         _print_version(registry, args.name, version)

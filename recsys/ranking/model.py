@@ -31,7 +31,13 @@ import numpy.typing as npt
 
 from recsys import artifacts
 from recsys.artifacts import ArtifactError, ArtifactRoot
-from recsys.ranking.compiled import ENGINE_LIGHTGBM, ENGINE_LLEAVES, CompiledModel, compile_model
+from recsys.ranking.compiled import (
+    ENGINE_LIGHTGBM,
+    ENGINE_LLEAVES,
+    CompiledModel,
+    CompileError,
+    compile_model,
+)
 from recsys.ranking.features import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
@@ -85,22 +91,33 @@ class RankingModel:
         return str(self.manifest.get("content_hash", self.version))
 
     def with_compiled(self, cache_root: Path) -> RankingModel:
-        """This model scoring with compiled code cached under ``cache_root`` (``compiled/``).
+        """This model scoring with compiled code cached under ``cache_root`` (an artifact
+        root's ``compiled/``).
 
         Compiles when no binary for this model, CPU and library versions is cached (seconds to
-        a minute: call it off the request path). Raises ``CompileError`` on any failure; the
-        caller keeps this LightGBM-backed model.
+        a minute: call it off the request path). Raises ``CompileError`` on any failure, which
+        includes an artifact root, cache directory or binary that group or others can write
+        (``compile_model``); the caller keeps this LightGBM-backed model.
         """
         if self.directory is None:
             raise ValueError(f"model {self.name}/{self.version}: loaded without a directory")
+        try:
+            artifacts.check_id(self.name, "model name")
+            artifacts.check_id(self.version, "model version")
+            cache_dir = ArtifactRoot(cache_root).inside(
+                cache_root / self.name / self.version, "compiled model"
+            )
+        except ArtifactError as e:
+            raise CompileError(str(e)) from e
         golden = self.manifest["golden"]
         compiled = compile_model(
             self.directory / MODEL_FILE,
-            cache_root / self.name / self.version,
+            cache_dir,
             self.content_hash,
             np.asarray(golden["features"], dtype=np.float32),
             np.asarray(golden["scores"], dtype=np.float64),
             float(golden.get("tolerance", GOLDEN_TOLERANCE)),
+            root=cache_root.parent,
         )
         return replace(self, compiled=compiled)
 
@@ -161,10 +178,17 @@ def save_model_version(
 
     ``tables`` are the feature tables it was trained on (their shape goes in the manifest).
     ``params`` None: trained elsewhere (its LightGBM parameters are in the model text).
-    Saving the same model again returns the same version.
+    Saving the same model again returns the same version. Raises ValueError for a name that is
+    not an id (``artifacts.check_id``) or a root (``models/``, ``models/<name>``) that group or
+    others can write.
     """
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"model name {name!r}: expected a non-empty name without '/'")
+    try:
+        parent = root.models(name)
+        artifacts.check_not_shared_writable(
+            artifacts.chain(root.path, "models", name), "register a model into it"
+        )
+    except ArtifactError as e:
+        raise ValueError(str(e)) from e
     golden = trained.golden_features
     manifest: dict[str, Any] = {
         "kind": MODEL_KIND,
@@ -199,7 +223,6 @@ def save_model_version(
         },
         "baseline": trained.baseline,
     }
-    parent = root.models(name)
     with artifacts.staging(parent) as tmp:
         (tmp / MODEL_FILE).write_text(trained.booster.model_to_string())
         version, _ = artifacts.publish(tmp, parent, manifest)
@@ -224,6 +247,13 @@ def load_model(directory: Path) -> RankingModel:
             f" expected {MODEL_KIND!r}/{MODEL_FORMAT!r}",
             reason="corrupt",
         )
+    # The manifest is not covered by its own hashes, and its name and version name the
+    # compiled cache directory: both must be plain ids.
+    try:
+        name = artifacts.check_id(manifest.get("name", directory.parent.name), "model name")
+        version = artifacts.check_id(manifest.get("version", ""), "model version")
+    except ArtifactError as e:
+        raise ModelRejected(f"{where}/{artifacts.MANIFEST}: {e}", reason="corrupt") from e
     _check_schema(where, manifest.get("feature_schema"))
     try:
         booster = parse_booster((directory / MODEL_FILE).read_text())
@@ -239,8 +269,8 @@ def load_model(directory: Path) -> RankingModel:
         )
     _check_golden(where, booster, manifest.get("golden"))
     return RankingModel(
-        name=str(manifest.get("name", directory.parent.name)),
-        version=str(manifest["version"]),
+        name=name,
+        version=version,
         manifest=manifest,
         booster=booster,
         directory=directory,
@@ -258,8 +288,12 @@ def parse_booster(text: str) -> lgb.Booster:
 
 
 def load_model_version(root: ArtifactRoot, name: str, version: str) -> RankingModel:
-    """:func:`load_model` of ``models/<name>/<version>`` in ``root``."""
-    directory = root.models(name) / version
+    """:func:`load_model` of ``models/<name>/<version>`` in ``root``; a name or version that is
+    not an id is refused as missing (it cannot name a version)."""
+    try:
+        directory = root.model_dir(name, version)
+    except ArtifactError as e:
+        raise ModelRejected(str(e), reason="missing") from e
     if not directory.is_dir():
         raise ModelRejected(f"{directory}: no such model version of {name!r}", reason="missing")
     return load_model(directory)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from recsys.artifacts import ArtifactRoot
+from recsys.artifacts import ArtifactError, ArtifactRoot
 from recsys.ranking.model import ModelRejected, RankingModel
 from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, load_for_serving
 
@@ -57,7 +57,10 @@ class ModelCache:
             cached = self._models.get((name, version))
         if cached is not None:
             return cached
-        directory = self.root.models(name) / version
+        try:
+            directory = self.root.model_dir(name, version)
+        except ArtifactError as e:  # a name that cannot be in the registry
+            raise ModelRejected(str(e), reason="missing") from e
         if not directory.is_dir():  # not a bad model, so not counted as a rejection
             raise ModelRejected(f"not in the registry ({directory})", reason="missing")
         try:

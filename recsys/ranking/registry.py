@@ -11,20 +11,34 @@ Roles of a version: ``production``, ``canary`` (a share of users by hash), ``pre
 production before the last promotion, kept loaded for an instant rollback) and ``pinned`` by an
 experiment arm (``model_version`` in the experiments document). A version with any role cannot be
 retired.
+
+Every name and version an operation is given is checked (``artifacts.check_id``, the resolved
+path inside the root) before it touches the disk, and models are registered only into a root
+that group and others cannot write (docs/security.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
+from recsys.artifacts import (
+    ArtifactError,
+    ArtifactRoot,
+    chain,
+    check_not_shared_writable,
+    read_manifest,
+    verify,
+    versions,
+)
 from recsys.control.store import ROUTING, Document, DocumentStore, StoreError
 from recsys.ranking.compiled import CompileError
 from recsys.ranking.evaluation import distribution_baseline
@@ -45,6 +59,8 @@ from recsys.ranking.training import (
     training_splits,
 )
 from recsys.world import load_world
+
+log = logging.getLogger(__name__)
 
 EXPERIMENTS = "experiments"
 WARMUP_ROWS = 500
@@ -71,16 +87,19 @@ def load_for_serving(
     """Load, validate, compile (or fall back to LightGBM) and warm up one version.
 
     Returns the model and a note on its engine (why it fell back, if it did). Raises
-    :class:`ModelRejected` naming the reason when the version must not serve.
+    :class:`ModelRejected` naming the reason when the version must not serve. A fallback to
+    LightGBM (the compiled engine unavailable, a cache others can write, a damaged binary) is
+    logged as a WARNING saying why.
     """
     model = load_model_version(root, name, version)
     note = "lightgbm (compilation off)"
     if compile_models:
         try:
-            model = model.with_compiled(root.path / "compiled")
+            model = model.with_compiled(root.compiled)
             note = f"lleaves ({model.compiled.binary.name if model.compiled else ''})"
         except CompileError as e:
             note = f"lightgbm (compiled engine unavailable: {e})"
+            log.warning("model %s/%s scores with LightGBM: %s", name, version, e)
     check_latency(model, latency_budget_us)
     return model, note
 
@@ -146,11 +165,10 @@ class ModelRegistry:
     # reading
 
     def names(self) -> list[str]:
-        parent = self.root.path / "models"
-        return sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        return sorted(self.root.model_versions())
 
     def known_versions(self) -> dict[str, list[str]]:
-        return {name: versions(self.root.models(name)) for name in self.names()}
+        return self.root.model_versions()
 
     def routing(self) -> tuple[RoutingTable, int]:
         document = self._read(ROUTING)
@@ -185,10 +203,11 @@ class ModelRegistry:
         return found
 
     def list(self, name: str) -> list[VersionInfo]:
+        parent = self._model_parent(name)
         roles = self.roles(name)
         out = []
-        for version in versions(self.root.models(name)):
-            directory = self.root.models(name) / version
+        for version in versions(parent):
+            directory = parent / version
             manifest = read_manifest(directory)
             out.append(
                 VersionInfo(
@@ -229,6 +248,7 @@ class ModelRegistry:
 
     def train(self, name: str, seed: int | None = None) -> str:
         """Train a version on the world behind the served index, register and validate it."""
+        self.check_registrable(name)
         world, tables, features_version, world_version = self._serving_inputs()
         params = RankerParams() if seed is None else RankerParams(seed=seed)
         trained = train_ranker(world, tables, params)
@@ -251,6 +271,7 @@ class ModelRegistry:
         served index (the data the model will score); the training-data fingerprint records that
         the training data is unknown here.
         """
+        self.check_registrable(name)
         try:
             text = model_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -301,10 +322,21 @@ class ModelRegistry:
                 world_version=world_version,
                 params=None,
             )
-        except ValueError as e:
+        except (ValueError, ArtifactError) as e:
             raise RegistryError(str(e)) from e
         self.validate(name, version)
         return version
+
+    def check_registrable(self, name: str) -> None:
+        """Refuse a model name that is not an id, or a root (``models/``, ``models/<name>``)
+        that group or others can write: whoever can write there could swap the model."""
+        parent = self._model_parent(name)
+        try:
+            check_not_shared_writable(
+                chain(self.root.path, "models", parent.name), "register a model into it"
+            )
+        except ArtifactError as e:
+            raise RegistryError(str(e)) from e
 
     def retire(self, name: str, version: str) -> None:
         """Delete a version no route or arm uses (and its compiled binaries)."""
@@ -316,10 +348,11 @@ class ModelRegistry:
                 "unpin it first"
             )
         # Rename first: listings never see a half-deleted version.
+        compiled = self._checked(lambda: self.root.compiled_dir(name, version))
         doomed = directory.with_name(f".retired-{version}-{time.time_ns()}")
         directory.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-        shutil.rmtree(self.root.path / "compiled" / name / version, ignore_errors=True)
+        shutil.rmtree(compiled, ignore_errors=True)
 
     # writing routing
 
@@ -346,6 +379,9 @@ class ModelRegistry:
         """Send ``percent`` of users (by hash) to ``version``; 0 ends the canary."""
         if not 0 <= percent <= 100:
             raise RegistryError(f"--percent {percent}: expected a number in [0, 100]")
+        self._model_parent(name)
+        if percent != 0:
+            self._checked(lambda: self.root.model_dir(name, version))
         table, _ = self.routing()
         route = table.models.get(name)
         if route is None:
@@ -362,11 +398,14 @@ class ModelRegistry:
 
     def rollback(self, name: str) -> Document:
         """Production back to the previous version (already loaded: a pointer flip)."""
+        self._model_parent(name)
         table, _ = self.routing()
         route = table.models.get(name)
         if route is None or not route.previous:
             raise RegistryError(f"{name}: no previous production version to roll back to")
-        if not (self.root.models(name) / route.previous).is_dir():
+        previous_version = route.previous
+        previous = self._checked(lambda: self.root.model_dir(name, previous_version))
+        if not previous.is_dir():
             raise RegistryError(f"{name}/{route.previous}: the previous version is not on disk")
         canary = route.canary if route.canary != route.previous else ""
         new = ModelRoute(
@@ -379,10 +418,21 @@ class ModelRegistry:
 
     # plumbing
 
+    @staticmethod
+    def _checked(path: Callable[[], Path]) -> Path:
+        """``path()``, its ArtifactError (a name or version that is not an id) a RegistryError."""
+        try:
+            return path()
+        except ArtifactError as e:
+            raise RegistryError(str(e)) from e
+
+    def _model_parent(self, name: str) -> Path:
+        return self._checked(lambda: self.root.models(name))
+
     def _version_dir(self, name: str, version: str) -> Path:
-        directory = self.root.models(name) / version
-        if not version or "/" in version or not (directory / "manifest.json").is_file():
-            known = versions(self.root.models(name))
+        directory = self._checked(lambda: self.root.model_dir(name, version))
+        if not (directory / "manifest.json").is_file():
+            known = versions(directory.parent)
             raise RegistryError(f"{name}/{version}: no such version (known: {known or 'none'})")
         return directory
 
@@ -405,17 +455,24 @@ class ModelRegistry:
             raise RegistryError(f"{what}: {e}") from e
 
     def _serving_inputs(self) -> tuple[Any, Any, str, str]:
-        """World, feature tables and their versions behind the served index (else the latest)."""
+        """World, feature tables and their versions behind the served index (else the latest),
+        their files checked against their manifests."""
         try:
             try:
                 table, _ = self.routing()
-                index_manifest = read_manifest(self.root.indexes / table.index_version)
-                features_version = str(index_manifest["features_version"])
             except RegistryError:
-                features_version = self.root.latest(self.root.features).name
-            features_dir = self.root.features / features_version
-            world_version = str(read_manifest(features_dir)["world_version"])
-            world = load_world(self.root.world / world_version)
+                table = None
+            if table is not None:
+                lineage = self.root.lineage(table.index_version)
+                features_version, features_dir = lineage.features_version, lineage.features_dir
+                world_version, world_dir = lineage.world_version, lineage.world_dir
+            else:
+                features_dir = self.root.latest(self.root.features)
+                features_version = features_dir.name
+                world_version = str(verify(features_dir)["world_version"])
+                world_dir = self.root.world_dir(world_version, "world_version")
+                verify(world_dir)
+            world = load_world(world_dir)
             tables = load_feature_tables(features_dir, world.catalogue)
         except (ArtifactError, KeyError, FileNotFoundError) as e:
             raise RegistryError(f"{self.root.path}: no world and features to train on ({e})") from e

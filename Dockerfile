@@ -21,14 +21,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 recsys \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin recsys \
- && mkdir -p /data/artifacts && chown recsys:recsys /data/artifacts
+ && mkdir -p /data/artifacts /data/exposures \
+ && chown recsys:recsys /data/artifacts /data/exposures && chmod 0700 /data/exposures
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RECSYS_ARTIFACTS=/data/artifacts
 USER 10001:10001
 WORKDIR /home/recsys
-VOLUME ["/data/artifacts"]
+VOLUME ["/data/artifacts", "/data/exposures"]
 EXPOSE 50051 9100
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
   CMD ["recsys", "health", "--target", "127.0.0.1:50051"]

@@ -68,6 +68,20 @@ class ServeSettings:
     feature_store_timeout_ms: float = 5.0
     """How long a batch waits for the online feature store before it serves the local copy,
     flagged degraded. Part of every uncached request's latency budget."""
+    exposure_sink: str = ""
+    """Where exposure records go: empty for rotating files in :attr:`exposure_path`, or
+    redis://HOST:PORT/DB for a Redis Stream (``exposure_stream``), which ``recsys exposures
+    archive`` moves into files (docs/exposures.md)."""
+    exposure_stream: str = "recsys:exposures"
+    exposure_stream_maxlen: int = 1_000_000
+    """Entries the stream keeps (``XADD MAXLEN ~``), archived or not. Measured at about 2.8 KB
+    of Redis memory an entry (20 items and the feature row): 2.8 GB at the default, so use a
+    Redis of its own; the archiver may be down for maxlen / (records per second) before
+    unread entries are trimmed (the archiver counts and logs them)."""
+    exposure_max_bytes: int = 64 * 1024 * 1024
+    """Rotate an exposure file once it holds this much (about 30,000 records of 2.2 kB)."""
+    exposure_max_age_seconds: float = 3600.0
+    """Rotate an exposure file open this long, at its next write."""
 
     @property
     def exposure_path(self) -> Path:

@@ -20,12 +20,14 @@ from typing import Any, TextIO
 
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.cli.common import CliError, control_plane_arguments
+from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import EXPERIMENTS, Document, DocumentStore, StoreError
 from recsys.experiments import changes
 from recsys.experiments.assignment import RequestAttributes, compile_config
 from recsys.experiments.config import ConfigError, ExperimentConfig, parse_config
-from recsys.experiments.srm import MISMATCH_P_VALUE, count_exposures, srm_test
+from recsys.experiments.srm import MISMATCH_P_VALUE, ExposureCounts, count_records, srm_test
+from recsys.serving.exposure import ExposureReadStats, iter_exposure_lines
 from recsys.types import DEFAULT_SURFACE
 
 DOC = EXPERIMENTS
@@ -77,7 +79,12 @@ def add_parser(subparsers: Any) -> None:
     p = add("srm", cmd_srm, "sample-ratio-mismatch test of an experiment's exposure counts")
     p.add_argument("experiment")
     p.add_argument("--counts", type=Path, help='JSON {"arm": count} instead of the exposure log')
-    p.add_argument("--exposures", type=Path, help="exposure log dir (default ARTIFACTS/exposures)")
+    p.add_argument(
+        "--exposures",
+        type=Path,
+        help="exposure log dir (default: $RECSYS_EXPOSURE_DIR, else exposures/ beside the "
+        "artifact root, where recsys serve writes); plain and rotated .jsonl.gz files",
+    )
     p.add_argument("--requests", action="store_true", help="count requests, not distinct users")
     p.add_argument("--since-version", type=int, help="only records served by this version or later")
     p = add("assign", cmd_assign, "the bucket, experiment and arm of user ids in every layer")
@@ -321,19 +328,20 @@ def cmd_srm(args: argparse.Namespace) -> int:
         counts: dict[str, int] = {str(k): v for k, v in raw.items()}
         source = str(args.counts)
     else:
-        log_dir = args.exposures or args.artifacts / "exposures"
-        paths = sorted(log_dir.glob("*.jsonl"))
-        if not paths:
-            raise CliError(f"{log_dir}: no exposure logs (*.jsonl); pass --counts FILE instead")
-        tally = count_exposures(
-            paths,
+        log_dir = log_directory(args.exposures, args.artifacts)
+        tally, files = _count_logged_exposures(
+            log_dir,
             args.experiment,
             unique_users=not args.requests,
             since_version=args.since_version,
         )
+        if not files:
+            raise CliError(
+                f"{log_dir}: no exposure logs (*.jsonl, *.jsonl.gz); pass --counts FILE instead"
+            )
         counts = tally.counts
         unit = "requests" if args.requests else "distinct users"
-        source = f"{len(paths)} files in {log_dir}, {tally.lines} lines ({unit})"
+        source = f"{files} files in {log_dir}, {tally.lines} lines ({unit})"
         if tally.skipped:
             source += f", {tally.skipped} unreadable lines skipped"
     try:
@@ -356,6 +364,24 @@ def cmd_srm(args: argparse.Namespace) -> int:
     )
     print(f"chi-square {result.statistic:.3f}, p-value {result.p_value:.6g}: {verdict}")
     return 1 if result.mismatch else 0
+
+
+def _count_logged_exposures(
+    directory: Path, experiment: str, *, unique_users: bool, since_version: int | None
+) -> tuple[ExposureCounts, int]:
+    """:func:`~recsys.experiments.srm.count_records` over the exposure log
+    reader (plain and rotated, compressed files alike); also returns the number of files."""
+    read = ExposureReadStats()
+    counts, unusable = count_records(
+        (record for _path, _number, record in iter_exposure_lines(directory, read)),
+        experiment,
+        unique_users=unique_users,
+        since_version=since_version,
+    )
+    tally = ExposureCounts(
+        counts=counts, lines=read.records + read.skipped, skipped=read.skipped + unusable
+    )
+    return tally, read.files
 
 
 def _user_ids(source: str) -> Iterator[str]:

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from recsys.artifacts import ArtifactError
-from recsys.cli import availability, build, experiments, models, replay, serve
+from recsys.cli import availability, build, experiments, exposures, models, replay, serve
 from recsys.cli.common import CliError
 from recsys.control.store import StoreError
 from recsys.ranking.registry import RegistryError
 from recsys.replay import ReplayError
 
-COMMANDS = (build, serve, experiments, models, availability, replay)
+COMMANDS = (build, serve, experiments, models, availability, replay, exposures)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CliError,

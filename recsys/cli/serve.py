@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 
 from recsys.cli.common import CliError
-from recsys.settings import ServeSettings, env_default
+from recsys.settings import ServeSettings, default_exposure_dir, env_default
 
 SETTING_TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
@@ -71,6 +72,27 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     flag("max_queue_delay_ms", "when the oldest queued request has waited this long, shed new ones")
     flag("drain_seconds", "how long in-flight calls may take to finish after SIGTERM")
+    exposure_dir = env_default("exposure_dir", "")
+    serve.add_argument(
+        "--exposure-dir",
+        type=Path,
+        default=Path(exposure_dir) if exposure_dir else None,
+        help="the exposure log's own directory, outside the artifact root (RECSYS_EXPOSURE_DIR; "
+        "default: exposures/ beside the artifact root); snapshot manifests go to its snapshots/",
+    )
+    flag(
+        "exposure_sink",
+        "where exposure records go: empty for rotating files in --exposure-dir, or "
+        "redis://HOST:PORT/DB for a Redis Stream (move it to files: recsys exposures archive)",
+    )
+    flag("exposure_stream", "the Redis Stream key of --exposure-sink (default %(default)s)")
+    flag("exposure_stream_maxlen", "entries the stream keeps, archived or not (XADD MAXLEN ~)")
+    flag("exposure_max_bytes", "rotate an exposure file at this size (default %(default)s)")
+    flag("exposure_max_age_seconds", "rotate an exposure file open this long (default %(default)s)")
+    flag(
+        "exposure_queue_size",
+        "exposure records waiting for the writer per worker; more are dropped and counted",
+    )
     serve.set_defaults(func=run_serve)
 
     recommend = subparsers.add_parser(
@@ -123,6 +145,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
     if not args.artifacts.is_dir():
         raise CliError(f"--artifacts {args.artifacts}: no such directory (build one first)")
+    check_exposure_flags(args)
     return ServeSettings(
         artifacts=args.artifacts,
         host=args.host,
@@ -139,7 +162,50 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         cache_entries=args.cache_entries,
         max_in_flight=args.max_in_flight,
         max_queue_delay_ms=args.max_queue_delay_ms,
+        exposure_dir=args.exposure_dir,
+        exposure_sink=args.exposure_sink,
+        exposure_stream=args.exposure_stream,
+        exposure_stream_maxlen=args.exposure_stream_maxlen,
+        exposure_max_bytes=args.exposure_max_bytes,
+        exposure_max_age_seconds=args.exposure_max_age_seconds,
+        exposure_queue_size=args.exposure_queue_size,
     )
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_exposure_flags(args: argparse.Namespace) -> None:
+    """The exposure flags; the directory must be (or be creatable as) a writable directory,
+    which the artifact root need not be."""
+    if args.exposure_sink and not args.exposure_sink.startswith(REDIS_SCHEMES):
+        raise CliError(
+            f"--exposure-sink {args.exposure_sink!r}: expected empty (files in --exposure-dir) "
+            "or redis://HOST:PORT/DB"
+        )
+    if not args.exposure_stream:
+        raise CliError("--exposure-stream is empty; expected a Redis key")
+    if args.exposure_stream_maxlen < 1:
+        raise CliError(f"--exposure-stream-maxlen is {args.exposure_stream_maxlen}; expected >= 1")
+    if args.exposure_max_bytes < 1:
+        raise CliError(f"--exposure-max-bytes is {args.exposure_max_bytes}; expected >= 1")
+    if not args.exposure_max_age_seconds > 0:
+        raise CliError(
+            f"--exposure-max-age-seconds is {args.exposure_max_age_seconds}; expected > 0"
+        )
+    if args.exposure_queue_size < 1:
+        raise CliError(f"--exposure-queue-size is {args.exposure_queue_size}; expected >= 1")
+    directory: Path = args.exposure_dir or default_exposure_dir(args.artifacts)
+    if directory.exists() and not directory.is_dir():
+        raise CliError(f"--exposure-dir {directory}: not a directory")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(
+            f"--exposure-dir {directory}: {existing} is not writable (the exposure log needs a "
+            "writable directory of its own, outside the artifact root)"
+        )
 
 
 def run_serve(args: argparse.Namespace) -> int:

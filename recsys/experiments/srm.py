@@ -8,9 +8,10 @@ By default each user counts once per arm (a heavy user is one sample, not a thou
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scipy import stats
 
@@ -38,6 +39,39 @@ class SrmResult:
         return self.p_value < MISMATCH_P_VALUE
 
 
+def count_records(
+    records: Iterable[Mapping[str, Any]],
+    experiment: str,
+    *,
+    unique_users: bool = True,
+    since_version: int | None = None,
+) -> tuple[dict[str, int], int]:
+    """Exposures of ``experiment`` per arm in parsed exposure records, and how many records
+    could not be used (fields missing or of the wrong type). Forced exposures (QA overrides)
+    do not count.
+
+    ``since_version``: only records served by config version >= this (e.g. since the last
+    re-salt, when users moved between arms).
+    """
+    users: dict[str, set[str]] = {}
+    requests: dict[str, int] = {}
+    unusable = 0
+    for record in records:
+        try:
+            if since_version is not None and int(record["config_version"]) < since_version:
+                continue
+            for e in record["exposures"]:
+                if e["experiment"] != experiment or e.get("forced", False):
+                    continue
+                arm = str(e["arm"])
+                requests[arm] = requests.get(arm, 0) + 1
+                users.setdefault(arm, set()).add(str(record["user_id"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            unusable += 1
+    counts = {arm: len(u) for arm, u in users.items()} if unique_users else requests
+    return counts, unusable
+
+
 def count_exposures(
     paths: Iterable[Path],
     experiment: str,
@@ -45,34 +79,27 @@ def count_exposures(
     unique_users: bool = True,
     since_version: int | None = None,
 ) -> ExposureCounts:
-    """Exposures of ``experiment`` per arm in the given JSON-lines files.
+    """:func:`count_records` over the given JSON-lines files (a line that is not JSON is
+    skipped and counted)."""
+    lines = malformed = 0
 
-    ``since_version``: only records served by config version >= this (e.g. since the last
-    re-salt, when users moved between arms).
-    """
-    users: dict[str, set[str]] = {}
-    requests: dict[str, int] = {}
-    lines = skipped = 0
-    for path in paths:
-        with path.open() as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                lines += 1
-                try:
-                    record = json.loads(line)
-                    if since_version is not None and int(record["config_version"]) < since_version:
+    def records() -> Iterator[Mapping[str, Any]]:
+        nonlocal lines, malformed
+        for path in paths:
+            with path.open() as f:
+                for line in f:
+                    if not line.strip():
                         continue
-                    for e in record["exposures"]:
-                        if e["experiment"] != experiment or e.get("forced", False):
-                            continue
-                        arm = str(e["arm"])
-                        requests[arm] = requests.get(arm, 0) + 1
-                        users.setdefault(arm, set()).add(str(record["user_id"]))
-                except (ValueError, KeyError, TypeError):
-                    skipped += 1
-    counts = {arm: len(u) for arm, u in users.items()} if unique_users else requests
-    return ExposureCounts(counts=counts, lines=lines, skipped=skipped)
+                    lines += 1
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        malformed += 1
+
+    counts, unusable = count_records(
+        records(), experiment, unique_users=unique_users, since_version=since_version
+    )
+    return ExposureCounts(counts=counts, lines=lines, skipped=malformed + unusable)
 
 
 def srm_test(counts: Mapping[str, int], weights: Mapping[str, float]) -> SrmResult:

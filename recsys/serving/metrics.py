@@ -201,6 +201,12 @@ class ServingMetrics:
             "Exposure records dropped (queue full or write failed).",
             registry=r,
         )
+        self._exposure_sink_errors = Counter(
+            "recsys_exposure_sink_errors",
+            "Exposure sink failures: batches whose write raised (their records count as "
+            "dropped) and failed closes.",
+            registry=r,
+        )
         self._exposures = Counter(
             "recsys_experiment_exposures",
             "Responses per experiment arm (label sets capped; overflow under 'other').",
@@ -315,6 +321,9 @@ class ServingMetrics:
 
     def exposures_dropped(self, count: int) -> None:
         self._exposures_dropped.inc(count)
+
+    def exposure_sink_errors(self, count: int) -> None:
+        self._exposure_sink_errors.inc(count)
 
     # Control plane (the pipeline).
 

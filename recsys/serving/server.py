@@ -24,7 +24,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recsys.serving.exposure import ExposureSink, JsonlFileWriter, LineWriter, exposure_log_path
+from recsys.serving.exposure import ExposureSink, LineWriter, open_exposure_writer
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.servicer import RecommenderService
 from recsys.settings import ServeSettings
@@ -80,17 +80,20 @@ class RunningServer:
     ) -> RunningServer:
         """Bind both ports (NOT_SERVING) and begin opening the pipeline in the background.
 
-        The exposure log goes to ``<artifacts>/exposures/`` unless ``exposure_writer`` is given.
+        The exposure log goes where the settings say (rotating files in the exposure directory,
+        or a Redis Stream: :func:`~recsys.serving.exposure.open_exposure_writer`) unless
+        ``exposure_writer`` is given.
         """
+        writer = exposure_writer or open_exposure_writer(settings)
         metrics = ServingMetrics()
-        metrics_port = metrics.start_http(
-            settings.metrics_host or settings.host, settings.metrics_port
-        )
-        exposures = ExposureSink(
-            exposure_writer or JsonlFileWriter(exposure_log_path(settings.artifacts)),
-            queue_size=settings.exposure_queue_size,
-            observer=metrics,
-        )
+        try:
+            metrics_port = metrics.start_http(
+                settings.metrics_host or settings.host, settings.metrics_port
+            )
+        except Exception:
+            writer.close()
+            raise
+        exposures = ExposureSink(writer, queue_size=settings.exposure_queue_size, observer=metrics)
         exposures.start()
         service = RecommenderService(metrics, exposures, max_in_flight=settings.max_in_flight)
         # One process owns the port: SO_REUSEPORT would let a stale server share it silently.

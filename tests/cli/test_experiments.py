@@ -165,7 +165,7 @@ def test_assign_prints_every_layer_for_each_user_id(
 def test_srm_from_counts_and_from_the_exposure_log(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    flags = ["--artifacts", str(tmp_path)]
+    flags = ["--artifacts", str(tmp_path / "artifacts")]  # the log is beside the root
     assert run(capsys, "apply", doc_file(tmp_path, default_config()), *flags)[0] == 0
     counts = tmp_path / "counts.json"
     counts.write_text(json.dumps({"k200": 5000, "k400": 5600}))

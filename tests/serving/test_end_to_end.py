@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,9 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys.build import BuildReport
 from recsys.control.backends import open_store
 from recsys.geo import haversine_km
+from recsys.serving.exposure import iter_exposure_lines
 from recsys.serving.pipeline import open_pipeline
 from recsys.serving.server import RunningServer
-from recsys.settings import ServeSettings
+from recsys.settings import ServeSettings, default_exposure_dir
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 from tests.serving.metrics_page import fetch_metrics
@@ -203,11 +203,7 @@ async def test_exposure_log_records_what_each_customer_saw(
 ) -> None:
     reply = await stub.Recommend(_request(user_id=KNOWN_USER, request_id="seen-1"))
     await server.stop()
-    lines = [
-        json.loads(line)
-        for path in (artifacts / "exposures").glob("*.jsonl")
-        for line in path.read_text().splitlines()
-    ]
+    lines = [record for _, _, record in iter_exposure_lines(default_exposure_dir(artifacts))]
     record = next(r for r in lines if r["request_id"] == "seen-1")
     assert record["sku_ids"] == [i.sku_id for i in reply.items]
     assert record["model_version"] == reply.model_version

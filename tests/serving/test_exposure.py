@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.serving.exposure import ExposureSink, JsonlFileWriter, exposure_log_path
+from recsys.serving.exposure import (
+    ExposureReadStats,
+    ExposureSink,
+    LineWriter,
+    RotatingFileWriter,
+    iter_exposure_lines,
+)
 from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
 
 LINE_KEYS = {
@@ -24,6 +30,7 @@ class Counts:
     def __init__(self) -> None:
         self.written = 0
         self.dropped = 0
+        self.errors = 0
 
     def exposures_written(self, count: int) -> None:
         self.written += count
@@ -31,11 +38,14 @@ class Counts:
     def exposures_dropped(self, count: int) -> None:
         self.dropped += count
 
+    def exposure_sink_errors(self, count: int) -> None:
+        self.errors += count
+
 
 class GatedWriter:
     """A slow sink: writes only once the test opens the gate."""
 
-    def __init__(self, inner: JsonlFileWriter) -> None:
+    def __init__(self, inner: LineWriter) -> None:
         self.inner = inner
         self.gate = threading.Event()
         self.entered = threading.Event()
@@ -50,15 +60,23 @@ class GatedWriter:
 
 
 class FailingWriter:
-    def __init__(self) -> None:
+    """Fails its first ``failures`` batches (all of them by default), then writes to memory."""
+
+    def __init__(self, failures: int = 1_000_000, *, close_fails: bool = False) -> None:
         self.calls = 0
+        self.failures = failures
+        self.close_fails = close_fails
+        self.lines: list[str] = []
 
     def write_lines(self, lines: list[str]) -> None:
         self.calls += 1
-        raise OSError("disk full")
+        if self.calls <= self.failures:
+            raise OSError("disk full")
+        self.lines.extend(lines)
 
     def close(self) -> None:
-        return None
+        if self.close_fails:
+            raise OSError("EIO on close")
 
 
 def response(n: int) -> tuple[Request, Recommendation]:
@@ -85,26 +103,34 @@ def response(n: int) -> tuple[Request, Recommendation]:
     return request, recommendation
 
 
-def read_lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def read_lines(directory: Path) -> list[dict[str, object]]:
+    """Every record in the directory, oldest file first; fails on any line that did not parse."""
+    stats = ExposureReadStats()
+    records = [record for _, _, record in iter_exposure_lines(directory, stats)]
+    assert stats.skipped == 0
+    return records
 
 
-def test_the_log_file_is_named_by_pid_and_start(tmp_path: Path) -> None:
-    path = exposure_log_path(tmp_path, start=1_700_000_000.5)
-    assert path == tmp_path / "exposures" / f"exposures-{os.getpid()}-1700000000500.jsonl"
+def test_the_log_file_is_named_by_pid_start_and_sequence(tmp_path: Path) -> None:
+    writer = RotatingFileWriter(tmp_path / "exposures", start=1_700_000_000.5)
+    writer.write_lines(['{"n": 1}\n'])
+    assert writer.active_path == (
+        tmp_path / "exposures" / f"exposures-{os.getpid()}-1700000000500-0.jsonl"
+    )
+    writer.close()
 
 
 async def test_every_record_is_written_as_one_json_line_and_flushed_on_close(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "exposures" / "x.jsonl"
+    directory = tmp_path / "exposures"
     counts = Counts()
-    sink = ExposureSink(JsonlFileWriter(path), queue_size=100, max_batch=7, observer=counts)
+    sink = ExposureSink(RotatingFileWriter(directory), queue_size=100, max_batch=7, observer=counts)
     sink.start()
     for n in range(25):
         assert sink.record(*response(n))
     await sink.close()
-    lines = read_lines(path)
+    lines = read_lines(directory)
     assert [line["request_id"] for line in lines] == [f"r{n}" for n in range(25)]
     assert counts.written == 25
     assert counts.dropped == 0
@@ -130,8 +156,7 @@ async def test_every_record_is_written_as_one_json_line_and_flushed_on_close(
 
 
 async def test_a_slow_sink_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
-    path = tmp_path / "slow.jsonl"
-    writer = GatedWriter(JsonlFileWriter(path))
+    writer = GatedWriter(RotatingFileWriter(tmp_path))
     counts = Counts()
     sink = ExposureSink(writer, queue_size=3, max_batch=1, observer=counts)
     sink.start()
@@ -143,7 +168,7 @@ async def test_a_slow_sink_drops_and_counts_instead_of_blocking(tmp_path: Path) 
     writer.gate.set()
     await sink.close()
     assert counts.written == 4
-    assert [line["request_id"] for line in read_lines(path)] == ["r0", "r1", "r2", "r3"]
+    assert [line["request_id"] for line in read_lines(tmp_path)] == ["r0", "r1", "r2", "r3"]
 
 
 async def test_a_failing_write_is_logged_counted_and_the_sink_keeps_going(
@@ -159,12 +184,42 @@ async def test_a_failing_write_is_logged_counted_and_the_sink_keeps_going(
     assert counts.dropped == 2
     assert counts.written == 0
     assert writer.calls >= 1
+    assert counts.errors == writer.calls
     assert "exposure log write failed" in caplog.text
+
+
+async def test_an_outage_logs_one_traceback_counts_every_batch_and_recovery_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    counts = Counts()
+    writer = FailingWriter(failures=6)
+    sink = ExposureSink(writer, queue_size=100, max_batch=1, observer=counts)
+    sink.start()
+    for n in range(8):
+        sink.record(*response(n))
+    await sink.close()
+    assert (counts.errors, counts.dropped, counts.written) == (6, 6, 2)
+    assert [json.loads(line)["request_id"] for line in writer.lines] == ["r6", "r7"]
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1  # one traceback for the outage, not one per batch
+    assert "5 more times (5 records dropped); writes succeed again" in caplog.text
+
+
+async def test_a_failing_close_is_logged_and_counted_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    counts = Counts()
+    sink = ExposureSink(FailingWriter(failures=0, close_fails=True), observer=counts)
+    sink.start()
+    sink.record(*response(0))
+    await sink.close()
+    assert (counts.written, counts.errors) == (1, 1)
+    assert "closing the writer failed" in caplog.text
 
 
 async def test_records_after_close_are_dropped_and_counted(tmp_path: Path) -> None:
     counts = Counts()
-    sink = ExposureSink(JsonlFileWriter(tmp_path / "x.jsonl"), observer=counts)
+    sink = ExposureSink(RotatingFileWriter(tmp_path), observer=counts)
     sink.start()
     await sink.close()
     assert sink.record(*response(0)) is False

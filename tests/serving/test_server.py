@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import socket
@@ -22,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recsys.artifacts import ArtifactError
 from recsys.serving.client import build_request, recommend
-from recsys.serving.exposure import JsonlFileWriter
+from recsys.serving.exposure import JsonlFileWriter, iter_exposure_lines
 from recsys.serving.server import RECOMMENDER_SERVICE, RunningServer
 from recsys.settings import ServeSettings
 from recsys.types import Request
@@ -55,6 +54,7 @@ def settings(tmp_path: Path) -> ServeSettings:
         batch_max_size=8,
         batch_max_delay_ms=1.0,
         drain_seconds=30.0,
+        exposure_dir=tmp_path / "exposures",
     )
 
 
@@ -106,12 +106,8 @@ def pipeline_of(opener: ToyOpener) -> ToyPipeline:
     return opener.pipeline
 
 
-def exposure_lines(artifacts: Path) -> list[dict[str, object]]:
-    return [
-        json.loads(line)
-        for path in sorted((artifacts / "exposures").glob("exposures-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
+def exposure_lines(directory: Path) -> list[dict[str, object]]:
+    return [record for _, _, record in iter_exposure_lines(directory)]
 
 
 async def test_a_good_call(client: Client) -> None:
@@ -286,7 +282,7 @@ async def test_exposure_lines_are_flushed_on_shutdown(settings: ServeSettings) -
     )
     await client.close()
     await running.stop()
-    lines = exposure_lines(settings.artifacts)
+    lines = exposure_lines(settings.exposure_path)
     assert sorted(str(line["request_id"]) for line in lines) == sorted(ids)
     assert all(line["model_version"] == MODEL_VERSION for line in lines)
     assert running.metrics.registry.get_sample_value("recsys_exposure_records_written_total") == 12
@@ -341,7 +337,7 @@ async def test_graceful_stop_finishes_the_in_flight_call(
     await stopping
     await client.close()
     assert pipeline.closed
-    assert [line["request_id"] for line in exposure_lines(settings.artifacts)] == ["held"]
+    assert [line["request_id"] for line in exposure_lines(settings.exposure_path)] == ["held"]
 
 
 async def test_a_call_still_running_after_the_drain_period_is_cancelled(
@@ -372,7 +368,8 @@ async def opener(settings, metrics):
     return await open_toy(settings, metrics)
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-run(ServeSettings(artifacts=Path(sys.argv[1]), port=0, metrics_port=0), opener)
+root = Path(sys.argv[1])
+run(ServeSettings(artifacts=root, port=0, metrics_port=0, exposure_dir=root / "exposures"), opener)
 """
 
 
@@ -404,7 +401,7 @@ def test_serve_runs_on_uvloop_and_exits_0_on_sigterm_after_flushing(tmp_path: Pa
             watchdog.cancel()
             process.kill()
     assert "recsys stopped" in rest
-    lines = exposure_lines(tmp_path)
+    lines = exposure_lines(tmp_path / "exposures")
     assert [line["request_id"] for line in lines] == ["from-subprocess-test"]
 
 

@@ -11,8 +11,6 @@ requests through a challenger model version and reports how its answers would di
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from recsys.artifacts import ArtifactRoot
+from recsys.artifacts import ArtifactError, ArtifactRoot
 from recsys.pipeline.archive import SnapshotArchive, SnapshotArchiveError
 from recsys.pipeline.capture import Capture
 from recsys.pipeline.loading import SnapshotCompiler, SnapshotError
@@ -33,6 +31,7 @@ from recsys.ranking.features import FEATURE_NAMES, assemble_features, user_row_h
 from recsys.ranking.model import ModelRejected
 from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.stages import DEADLINE_UNRANKED, Rank, RankCost, UserFeatures
+from recsys.serving.exposure import iter_exposure_lines
 from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Exposure, Location, Request
 
@@ -47,22 +46,10 @@ class ReplayError(Exception):
 
 
 def iter_records(directory: Path) -> Iterator[dict[str, Any]]:
-    """Every exposure record in ``directory`` (``*.jsonl``, and ``*.jsonl.gz`` once rotated),
-    oldest file first; a line that does not parse (a crash mid-line) is skipped."""
-    paths = sorted(
-        [*directory.glob("*.jsonl"), *directory.glob("*.jsonl.gz")],
-        key=lambda p: (p.stat().st_mtime, p.name),
-    )
-    for path in paths:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+    """Every exposure record in ``directory``, oldest file first (the log's own reader: plain
+    and rotated files, a line cut short by a crash skipped)."""
+    for _path, _number, record in iter_exposure_lines(directory):
+        yield record
 
 
 def find_record(directory: Path, request_id: str) -> dict[str, Any]:
@@ -234,15 +221,18 @@ class Replayer:
 
     def _check_artifacts(self, snapshot_id: str, manifest: Mapping[str, Any]) -> None:
         root = self.root
-        needed = [
-            ("index", root.indexes / str(manifest["index_version"])),
-            ("features", root.features / str(manifest["features_version"])),
-            ("world", root.world / str(manifest["world_version"])),
-            *(
-                (f"model {name}", root.models(str(name)) / str(version))
-                for version, name in manifest["models"].items()
-            ),
-        ]
+        try:
+            needed = [
+                ("index", root.index_dir(str(manifest["index_version"]))),
+                ("features", root.features_dir(str(manifest["features_version"]))),
+                ("world", root.world_dir(str(manifest["world_version"]))),
+                *(
+                    (f"model {name}", root.model_dir(str(name), str(version)))
+                    for version, name in manifest["models"].items()
+                ),
+            ]
+        except (ArtifactError, KeyError, AttributeError) as e:
+            raise ReplayError(f"snapshot {snapshot_id}: its manifest is not usable: {e}") from e
         retired = [f"{what} {path.name}" for what, path in needed if not path.is_dir()]
         if retired:
             raise ReplayError(

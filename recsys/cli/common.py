@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from pathlib import Path
 
 from recsys.settings import DEFAULT_ARTIFACTS, env_default
@@ -36,3 +37,17 @@ def control_plane_arguments() -> argparse.ArgumentParser:
         help="key prefix in Redis (default: $RECSYS_CONTROL_PREFIX or recsys:)",
     )
     return common
+
+
+def parse_time(text: str, flag: str) -> float:
+    """Seconds since the epoch from an ISO 8601 time or a number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as e:
+        raise CliError(
+            f"{flag} {text!r}: expected an ISO time (2026-12-01T12:00) or epoch seconds"
+        ) from e

@@ -10,11 +10,11 @@ import argparse
 import json
 import math
 import random
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import CliError
+from recsys.cli.common import CliError, parse_time
+from recsys.cli.exposures import log_directory
 from recsys.pipeline.archive import snapshot_directory
 from recsys.replay import (
     SCORE_TOLERANCE,
@@ -24,7 +24,7 @@ from recsys.replay import (
     find_record,
     iter_records,
 )
-from recsys.settings import DEFAULT_ARTIFACTS, default_exposure_dir, env_default
+from recsys.settings import DEFAULT_ARTIFACTS, env_default
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,29 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=run_replay)
 
 
-def parse_time(text: str, flag: str) -> float:
-    """Seconds since the epoch from an ISO 8601 time or a number of seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError as e:
-        raise CliError(
-            f"{flag} {text!r}: expected an ISO time (2026-12-01T12:00) or epoch seconds"
-        ) from e
-
-
-def exposure_dir(args: argparse.Namespace) -> Path:
-    if args.exposures is not None:
-        return Path(args.exposures)
-    env = env_default("exposure_dir", "")
-    return Path(env) if env else default_exposure_dir(args.artifacts)
-
-
 def run_replay(args: argparse.Namespace) -> int:
-    directory = exposure_dir(args)
+    directory = log_directory(args.exposures, args.artifacts)
     replayer = Replayer(args.artifacts, snapshot_directory(directory))
     if args.sample or args.against:
         return _diff(args, directory, replayer)

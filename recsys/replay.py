@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from recsys.artifacts import ArtifactError, ArtifactRoot
+from recsys.geo import haversine_km
 from recsys.pipeline.archive import SnapshotArchive, SnapshotArchiveError
 from recsys.pipeline.capture import Capture
 from recsys.pipeline.loading import SnapshotCompiler, SnapshotError
@@ -376,7 +377,7 @@ def diff_against(
     1 - overlap is the share that would change), Kendall's tau between the two orders over the
     items either list holds, and the shift of the mean served score (challenger minus logged).
     Reported overall
-    and per slice (surface; each experiment layer's arm).
+    and per slice (surface; district of the delivery point; each experiment layer's arm).
     """
     slices: dict[str, dict[str, DiffSlice]] = defaultdict(lambda: defaultdict(DiffSlice))
     for entry in logged:
@@ -392,7 +393,7 @@ def diff_against(
             if (challenger.scores and entry.scores)
             else 0.0
         )
-        for group, key in _slices_of(entry):
+        for group, key in _slices_of(entry, snapshot):
             slices[group][key].add(overlap, tau, shift)
     return {
         group: {key: s.summary() for key, s in sorted(by_key.items())}
@@ -412,8 +413,24 @@ def _kendall(items: list[int], first: list[int], second: list[int]) -> float:
     return float(tau.statistic)
 
 
-def _slices_of(entry: LoggedRequest) -> Iterator[tuple[str, str]]:
+def _slices_of(entry: LoggedRequest, snapshot: ServingSnapshot) -> Iterator[tuple[str, str]]:
     yield "overall", "all"
     yield "surface", entry.request.surface
+    yield "district", _district(entry, snapshot)
     for e in entry.exposures:
         yield "arm", f"{e.layer}/{e.experiment}/{e.arm}"
+
+
+def _district(entry: LoggedRequest, snapshot: ServingSnapshot) -> str:
+    """The district of the delivery point: that of the nearest restaurant to the request's
+    location, else to the user's home (from the logged feature row); "unknown" without either."""
+    if entry.request.location is not None:
+        lat, lon = entry.request.location.lat, entry.request.location.lon
+    elif entry.user_features is not None:
+        home_lat, home_lon = user_row_home(np.array([entry.user_features]))
+        lat, lon = float(home_lat[0]), float(home_lon[0])
+    else:
+        return "unknown"
+    catalogue = snapshot.catalogue
+    km = haversine_km(lat, lon, catalogue.restaurant_lat, catalogue.restaurant_lon)
+    return f"d{int(catalogue.restaurant_district[int(np.argmin(km))])}"

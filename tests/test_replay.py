@@ -145,6 +145,8 @@ async def test_each_request_replays_exactly_with_the_versions_it_was_served_by(
     diff = json.loads(capsys.readouterr().out)["slices"]
     overall = diff["overall"]["all"]
     assert overall["requests"] == 4
+    assert sum(d["requests"] for d in diff["district"].values()) == 4  # every request placed
+    assert set(diff["surface"]) == {"home"}
     assert 0.0 <= overall["top_k_overlap"] <= 1.0
     assert main(["replay", "nope", *where]) == 2
     assert "no exposure record of request nope" in capsys.readouterr().err

@@ -13,18 +13,23 @@ class CliError(Exception):
     """A problem with the user's input or environment, reported as ``recsys: <message>``."""
 
 
+def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
+    """``--artifacts DIR``, defaulting to $RECSYS_ARTIFACTS or ./artifacts."""
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
+        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
+    )
+
+
 def control_plane_arguments() -> argparse.ArgumentParser:
     """The flags every ops command shares: where the artifacts and the control plane are.
 
     Use as a parent parser: ``add_parser(..., parents=[control_plane_arguments()])``.
     """
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
+    add_artifacts_argument(common)
     common.add_argument(
         "--control",
         default=env_default("control", ""),

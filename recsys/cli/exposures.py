@@ -29,8 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from recsys.cli.common import CliError
-from recsys.settings import DEFAULT_ARTIFACTS, ServeSettings, default_exposure_dir, env_default
+from recsys.cli.common import CliError, add_artifacts_argument
+from recsys.settings import ServeSettings, default_exposure_dir, env_default
 
 if TYPE_CHECKING:
     from recsys.serving.exposure import ArchiveStats, StreamArchiver
@@ -50,12 +50,7 @@ def log_directory(exposures: Path | None, artifacts: Path) -> Path:
 def log_directory_arguments() -> argparse.ArgumentParser:
     """``--artifacts`` and ``--exposures``, for subcommands that read a log directory."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
+    add_artifacts_argument(common)
     common.add_argument(
         "--exposures",
         type=Path,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.cli.common import CliError, parse_time
-from recsys.cli.exposures import log_directory
+from recsys.cli.exposures import log_directory, log_directory_arguments
 from recsys.pipeline.archive import snapshot_directory
 from recsys.replay import (
     SCORE_TOLERANCE,
@@ -24,30 +24,17 @@ from recsys.replay import (
     find_record,
     iter_records,
 )
-from recsys.settings import DEFAULT_ARTIFACTS, env_default
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "replay",
+        parents=[log_directory_arguments()],
         help="re-run a logged request exactly, or diff a challenger model over logged traffic",
         description="Rebuild a logged request's serving snapshot from the artifact root and the "
         "snapshot's manifest, re-run it with the logged feature row and compare.",
     )
     p.add_argument("request_id", nargs="?", help="the request to replay")
-    p.add_argument(
-        "--artifacts",
-        type=Path,
-        default=Path(env_default("artifacts", str(DEFAULT_ARTIFACTS))),
-        help="artifact root (default: $RECSYS_ARTIFACTS or ./artifacts)",
-    )
-    p.add_argument(
-        "--exposures",
-        type=Path,
-        default=None,
-        help="exposure log directory (default: $RECSYS_EXPOSURE_DIR or exposures/ beside the "
-        "artifact root)",
-    )
     p.add_argument(
         "--explain", action="store_true", help="each served item's feature contributions"
     )

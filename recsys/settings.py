@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -57,7 +58,14 @@ class ServeSettings:
     ``exposures/`` beside the artifact root (see :attr:`exposure_path`)."""
     exposure_candidates_share: float = 0.01
     """Share of requests (by request id hash) whose record keeps every ranked candidate."""
+    shutdown_grace_seconds: float = 5.0
+    """On SIGTERM/SIGINT, health turns NOT_SERVING at once but Recommend keeps being served this
+    long before the drain starts, so load balancers and Kubernetes endpoints notice and stop
+    sending (0: drain at once). The pod's terminationGracePeriodSeconds must cover it plus
+    ``drain_seconds``."""
     drain_seconds: float = 10.0
+    """After the grace, how long in-flight calls may take to finish; calls still running then
+    get UNAVAILABLE (never CANCELLED), so clients retry elsewhere."""
     control_poll_seconds: float = 1.0
     control_prefix: str = "recsys:"
     """Key prefix in Redis, so several deployments (or tests) can share one server."""
@@ -94,7 +102,45 @@ def default_exposure_dir(artifacts: Path) -> Path:
     return artifacts.absolute().parent / "exposures"
 
 
+KUBERNETES_SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://[^/]+:[0-9]+$")
+"""The form of ``<SERVICE>_PORT`` that Kubernetes injects for every Service in the namespace
+(``enableServiceLinks``): a Service named ``recsys`` sets ``RECSYS_PORT=tcp://10.0.0.1:50051``
+and one named ``recsys-metrics`` sets ``RECSYS_METRICS_PORT``. Such a value is never ours: an
+``env:`` entry of the pod spec overrides service links, so a value an operator set wins."""
+
+
+def is_service_link(value: str) -> bool:
+    """Whether ``value`` has the form Kubernetes gives ``<SERVICE>_PORT`` (``tcp://IP:PORT``)."""
+    return KUBERNETES_SERVICE_LINK.match(value) is not None
+
+
+class SettingError(ValueError):
+    """A ``RECSYS_*`` variable whose value does not fit its setting; the message names both."""
+
+
+NUMERIC_FIELDS: dict[str, tuple[type[int] | type[float], str]] = {
+    f.name: ((int, "an integer") if f.type == "int" else (float, "a number"))
+    for settings in (ServeSettings, BuildSettings)
+    for f in fields(settings)
+    if f.type in ("int", "float")
+}
+
+
 def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    """``RECSYS_<NAME>`` from the environment, else ``default`` (used for CLI flag defaults)."""
+    """``RECSYS_<NAME>`` from the environment, else ``default`` (used for CLI flag defaults).
+
+    A variable of a numeric setting that does not parse raises :class:`SettingError` (which
+    ``recsys`` prints as one line), rather than the caller's ``int()`` failing with a traceback.
+    """
     env = os.environ if environ is None else environ
-    return env.get(f"RECSYS_{name.upper()}", default)
+    variable = f"RECSYS_{name.upper()}"
+    value = env.get(variable)
+    if value is None:
+        return default
+    if name in NUMERIC_FIELDS:
+        kind, expected = NUMERIC_FIELDS[name]
+        try:
+            kind(value)
+        except ValueError:
+            raise SettingError(f"{variable}={value!r}: expected {expected}") from None
+    return value

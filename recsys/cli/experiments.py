@@ -22,7 +22,14 @@ from recsys.artifacts import ArtifactRoot, versions
 from recsys.cli.common import CliError, control_plane_arguments
 from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
-from recsys.control.store import EXPERIMENTS, Document, DocumentStore, StoreError
+from recsys.control.store import (
+    EXPERIMENTS,
+    CorruptDocument,
+    Document,
+    DocumentStore,
+    StoreError,
+    VersionConflict,
+)
 from recsys.experiments import changes
 from recsys.experiments.assignment import RequestAttributes, compile_config
 from recsys.experiments.config import ConfigError, ExperimentConfig, parse_config
@@ -58,8 +65,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("experiment", nargs="?")
     p = add("validate", cmd_validate, "check a document file without writing it")
     p.add_argument("file", help="JSON document, or - for stdin")
+    p = add("export", cmd_export, "the document as JSON with its version, to edit and apply")
+    p.add_argument("file", nargs="?", default="-", help="where to write it (default: stdout)")
     p = add("apply", cmd_apply, "replace the document with FILE (prints a diff)", writes)
     p.add_argument("file", help="JSON document, or - for stdin")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"write even if the store moved on from the file's {changes.VERSION_KEY}",
+    )
+    p.add_argument(
+        "--force-over-corrupt",
+        action="store_true",
+        help="replace a stored document that does not parse",
+    )
     p = add("ramp", cmd_ramp, "set an experiment's share of its layer's traffic", writes)
     p.add_argument("experiment")
     p.add_argument("percent", type=float, help="0..100 (0 stops the experiment)")
@@ -108,8 +127,19 @@ def _store(args: argparse.Namespace) -> DocumentStore:
 def _read(store: DocumentStore) -> Document | None:
     try:
         return store.read(DOC)
+    except CorruptDocument as e:
+        raise CliError(_corrupt_message(e)) from e
     except StoreError as e:
         raise CliError(str(e)) from e
+
+
+def _corrupt_message(e: CorruptDocument) -> str:
+    return (
+        f"{DOC}: the stored version {e.version} is corrupt and cannot be read "
+        f"({e.detail}); servers keep serving their last good version. Replace it "
+        f"with `recsys experiments apply FILE --force-over-corrupt` or "
+        f"`recsys control restore {DOC} VERSION` (see `recsys experiments history`)"
+    )
 
 
 def _stored_document(args: argparse.Namespace) -> Document:
@@ -163,12 +193,38 @@ def _pretty(doc: Any) -> list[str]:
 
 
 def _write(
-    args: argparse.Namespace, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+    args: argparse.Namespace,
+    change: Callable[[dict[str, Any] | None], dict[str, Any]],
+    *,
+    base_version: int | None = None,
+    over_corrupt: bool = False,
 ) -> int:
-    """Read, change, re-salt, validate, diff and (unless --dry-run) write with the read version."""
+    """Read, change, re-salt, validate, diff and (unless --dry-run) write with the read version.
+
+    ``base_version``: the version the change was made against (an exported file's
+    ``_version``); if the store has moved on, a VersionConflict. ``over_corrupt``: a stored
+    document that does not parse is replaced (its version counter is the expected version).
+    """
     store = _store(args)
     try:
-        current = _read(store)
+        corrupt_version: int | None = None
+        try:
+            current = store.read(DOC)
+        except CorruptDocument as e:
+            if not over_corrupt:
+                raise CliError(_corrupt_message(e)) from e
+            current, corrupt_version = None, e.version
+            print(f"note: replacing the corrupt stored version {e.version}")
+        except StoreError as e:
+            raise CliError(str(e)) from e
+        stored_version = (
+            corrupt_version if corrupt_version is not None else (current.version if current else 0)
+        )
+        if base_version is not None and base_version != stored_version:
+            raise CliError(
+                str(VersionConflict(DOC, base_version, current))
+                + " (or apply with --force to overwrite it)"
+            )
         previous = current.body if current else None
         try:
             prepared = changes.prepare_write(previous, change(previous))
@@ -179,7 +235,8 @@ def _write(
             difflib.unified_diff(
                 _pretty(previous) if previous is not None else [],
                 _pretty(prepared.doc),
-                fromfile=f"{DOC} v{current.version if current else 0}",
+                fromfile=f"{DOC} v{stored_version}"
+                + (" (corrupt)" if corrupt_version is not None else ""),
                 tofile=f"{DOC} (new)",
             )
         )
@@ -192,7 +249,7 @@ def _write(
         if args.dry_run:
             print("dry run: nothing written")
             return 0
-        expected = current.version if current else 0
+        expected = stored_version
         try:
             written = store.write(DOC, prepared.doc, expected_version=expected, author=args.author)
         except StoreError as e:
@@ -260,8 +317,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    document = _stored_document(args)
+    text = json.dumps({**document.body, changes.VERSION_KEY: document.version}, indent=2)
+    if args.file == "-":
+        print(text)
+    else:
+        try:
+            Path(args.file).write_text(text + "\n")
+        except OSError as e:
+            raise CliError(f"{args.file}: cannot write ({e.strerror})") from e
+        print(f"{DOC} version {document.version} written to {args.file}", file=sys.stderr)
+    return 0
+
+
+def _load_document(source: str) -> tuple[dict[str, Any], int | None]:
+    """A document file without its ``_version``, and that version (None if it has none)."""
+    doc = _load_json(source, sys.stdin)
+    if not isinstance(doc, dict):
+        raise CliError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+    try:
+        return changes.split_version(doc)
+    except ConfigError as e:
+        raise CliError(f"{source}: {e}") from e
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = _validate(_load_json(args.file, sys.stdin), args.artifacts, args.file)
+    config = _validate(_load_document(args.file)[0], args.artifacts, args.file)
     exps = [e for layer in config.layers for e in layer.experiments]
     running = sum(e.running for e in exps)
     print(
@@ -272,10 +354,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    doc = _load_json(args.file, sys.stdin)
-    if not isinstance(doc, dict):
-        raise CliError(f"{args.file}: expected a JSON object, got {type(doc).__name__}")
-    return _write(args, lambda _previous: doc)
+    doc, version = _load_document(args.file)
+    return _write(
+        args,
+        lambda _previous: doc,
+        base_version=None if args.force else version,
+        over_corrupt=args.force_over_corrupt,
+    )
 
 
 def cmd_ramp(args: argparse.Namespace) -> int:

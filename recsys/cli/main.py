@@ -14,13 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from recsys.artifacts import ArtifactError
-from recsys.cli import availability, build, experiments, exposures, models, replay, serve
+from recsys.cli import availability, build, control, experiments, exposures, models, replay, serve
 from recsys.cli.common import CliError
 from recsys.control.store import StoreError
 from recsys.ranking.registry import RegistryError
 from recsys.replay import ReplayError
+from recsys.settings import SettingError
 
-COMMANDS = (build, serve, experiments, models, availability, replay, exposures)
+COMMANDS = (build, serve, experiments, models, availability, replay, exposures, control)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CliError,
@@ -28,6 +29,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ArtifactError,
     RegistryError,
     ReplayError,
+    SettingError,
 )
 """Domain errors whose message is written for the person at the terminal."""
 
@@ -43,7 +45,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    try:
+        parser = make_parser()  # flag defaults read RECSYS_* variables
+    except SettingError as e:
+        print(f"recsys: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
     except USER_ERRORS as e:

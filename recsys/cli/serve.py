@@ -7,14 +7,16 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from recsys.cli.common import CliError
-from recsys.settings import ServeSettings, default_exposure_dir, env_default
+from recsys.settings import ServeSettings, default_exposure_dir, env_default, is_service_link
+
+log = logging.getLogger(__name__)
 
 SETTING_TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
@@ -22,6 +24,43 @@ SETTING_TYPES: dict[str, Callable[[str], Any]] = {
     "str": str,
     "Path": Path,
 }
+
+
+EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path"}
+
+
+@dataclass(frozen=True)
+class BadEnvValue:
+    """The default of a flag whose RECSYS_ variable does not convert; reported by
+    :func:`serve_settings` when the flag is not given."""
+
+    option: str
+    variable: str
+    raw: str
+    expected: str
+
+    def error(self) -> CliError:
+        return CliError(
+            f"{self.variable}={self.raw!r} (the default of {self.option}): expected {self.expected}"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.variable}={self.raw!r}, invalid"
+
+
+@dataclass(frozen=True)
+class IgnoredEnvValue:
+    """A port variable holding a Kubernetes service link (``tcp://IP:PORT``, injected for a
+    Service named like this setting): not meant for us, so the flag keeps its default and
+    :func:`serve_settings` logs one warning."""
+
+    option: str
+    variable: str
+    raw: str
+    default: int
+
+    def __str__(self) -> str:
+        return str(self.default)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -35,14 +74,27 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     annotations = {f.name: f.type for f in fields(ServeSettings)}
 
     def flag(field: str, text: str | None = None) -> None:
-        """--FIELD, typed like the ServeSettings field, defaulting to RECSYS_FIELD or the field."""
-        kind = SETTING_TYPES[str(annotations[field])]
-        serve.add_argument(
-            f"--{field.replace('_', '-')}",
-            type=kind,
-            default=kind(env_default(field, str(getattr(defaults, field)))),
-            help=text,
-        )
+        """--FIELD, typed like the ServeSettings field, defaulting to RECSYS_FIELD or the field.
+
+        A RECSYS_FIELD that does not convert does not fail here (every subcommand builds this
+        parser): the default becomes a :class:`BadEnvValue` that :func:`serve_settings` reports
+        as one line, unless the flag itself is given.
+        """
+        type_name = str(annotations[field])
+        kind = SETTING_TYPES[type_name]
+        option = f"--{field.replace('_', '-')}"
+        default: object = getattr(defaults, field)
+        variable = f"RECSYS_{field.upper()}"
+        raw = os.environ.get(variable)
+        if raw is not None:
+            if type_name == "int" and field.endswith("port") and is_service_link(raw):
+                default = IgnoredEnvValue(option, variable, raw, getattr(defaults, field))
+            else:
+                try:
+                    default = kind(raw)
+                except ValueError:
+                    default = BadEnvValue(option, variable, raw, EXPECTED[type_name])
+        serve.add_argument(option, type=kind, default=default, help=text)
 
     flag("artifacts", "artifact root (RECSYS_ARTIFACTS; default %(default)s)")
     flag("host")
@@ -71,7 +123,12 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
     )
     flag("max_queue_delay_ms", "when the oldest queued request has waited this long, shed new ones")
-    flag("drain_seconds", "how long in-flight calls may take to finish after SIGTERM")
+    flag(
+        "shutdown_grace_seconds",
+        "on SIGTERM, health is NOT_SERVING but calls are still served this long, so load "
+        "balancers notice, before the drain (default %(default)s)",
+    )
+    flag("drain_seconds", "after the grace, how long in-flight calls may take to finish")
     exposure_dir = env_default("exposure_dir", "")
     serve.add_argument(
         "--exposure-dir",
@@ -120,6 +177,20 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Check the flags and freeze them into settings; bad values raise :class:`CliError`."""
+    for name, value in vars(args).items():
+        if isinstance(value, BadEnvValue):
+            raise value.error()
+        if isinstance(value, IgnoredEnvValue):
+            log.warning(
+                "recsys: ignoring %s=%r: a Kubernetes service link, not a port (set %s or "
+                "enableServiceLinks: false to silence this); %s is %d",
+                value.variable,
+                value.raw,
+                value.option,
+                value.option,
+                value.default,
+            )
+            setattr(args, name, value.default)
     if args.workers < 1:
         raise CliError(f"--workers is {args.workers}; expected >= 1")
     if args.workers > 1 and args.metrics_port == 0:
@@ -143,6 +214,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         )
     if args.drain_seconds < 0:
         raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
+    if args.shutdown_grace_seconds < 0:
+        raise CliError(f"--shutdown-grace-seconds is {args.shutdown_grace_seconds}; expected >= 0")
     if not args.artifacts.is_dir():
         raise CliError(f"--artifacts {args.artifacts}: no such directory (build one first)")
     check_exposure_flags(args)
@@ -159,6 +232,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,
         drain_seconds=args.drain_seconds,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
         cache_entries=args.cache_entries,
         max_in_flight=args.max_in_flight,
         max_queue_delay_ms=args.max_queue_delay_ms,
@@ -209,9 +283,10 @@ def check_exposure_flags(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = serve_settings(args)
     from recsys.artifacts import ArtifactError
+    from recsys.serving.server import BindError
 
     if settings.workers > 1:
         from recsys.serving.workers import run_workers
@@ -224,6 +299,8 @@ def run_serve(args: argparse.Namespace) -> int:
         run(settings, open_pipeline)
     except ArtifactError as e:
         raise CliError(f"cannot serve {settings.artifacts}: {e}") from e
+    except BindError as e:
+        raise CliError(f"{e.option} {e.port}: {e.reason}") from e
     return 0
 
 

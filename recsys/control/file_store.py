@@ -24,6 +24,7 @@ from typing import Any
 
 from recsys.control.store import (
     HISTORY_LIMIT,
+    CorruptDocument,
     Document,
     HistoryEntry,
     StoreError,
@@ -65,14 +66,37 @@ class FileStore:
             return None
         except OSError as e:
             raise StoreError(f"{path}: cannot read ({e})") from e
-        return Document.from_json(text, str(path))
+        try:
+            return Document.from_json(text, str(path))
+        except StoreError as e:
+            version = self._version_file(name)
+            raise CorruptDocument(name, 0 if version is None else version, str(path), str(e)) from e
 
-    def read_version(self, name: str) -> int:
+    def _version_file(self, name: str) -> int | None:
         try:
             return int(self._path(name, ".version").read_text())
         except (FileNotFoundError, ValueError):
+            return None
+
+    def read_version(self, name: str) -> int:
+        version = self._version_file(name)
+        if version is not None:
+            return version
+        try:
             document = self.read(name)
-            return document.version if document else 0
+        except CorruptDocument as e:
+            return e.version
+        return document.version if document else 0
+
+    def read_raw(self, name: str) -> tuple[int, bytes | None]:
+        try:
+            raw: bytes | None = self._path(name, ".json").read_bytes()
+        except FileNotFoundError:
+            raw = None
+        except OSError as e:
+            raise StoreError(f"{self._path(name, '.json')}: cannot read ({e})") from e
+        version = self._version_file(name)
+        return (0 if version is None else version), raw
 
     def change_token(self, name: str) -> tuple[int, int, int, int] | None:
         """Changes whenever a write lands: (version, inode, mtime ns, size) of the document.
@@ -91,10 +115,18 @@ class FileStore:
     ) -> Document:
         copied = encode_body(name, body)
         with self._locked(name):
-            current = self.read(name)
-            version = current.version if current else 0
+            try:
+                current = self.read(name)
+                version = current.version if current else 0
+            except CorruptDocument as e:  # replaceable, with its version as the expected one
+                current, version = None, e.version
             if version != expected_version:
-                raise VersionConflict(name, expected_version, current)
+                raise VersionConflict(
+                    name,
+                    expected_version,
+                    current,
+                    corrupt_version=None if current else (version or None),
+                )
             document = new_document(name, copied, version + 1, author)
             self._replace(self._path(name, ".json"), document.to_json())
             self._replace(self._path(name, ".version"), str(document.version))

@@ -21,6 +21,7 @@ import redis
 
 from recsys.control.store import (
     HISTORY_LIMIT,
+    CorruptDocument,
     Document,
     HistoryEntry,
     StoreError,
@@ -103,20 +104,47 @@ class RedisStore:
         raw = self._call(f"read {name}", self._client.get, keys.document)
         if raw is None:
             return None
-        return Document.from_json(raw, f"{redacted(self.url)} {keys.document}")
+        try:
+            return Document.from_json(raw, f"{redacted(self.url)} {keys.document}")
+        except StoreError as e:
+            raise CorruptDocument(
+                name,
+                self._counter(name),
+                f"{redacted(self.url)} {keys.document}",
+                str(e),
+            ) from e
+
+    def _counter(self, name: str) -> int:
+        raw = self._call(f"read {name}", self._client.get, self.keys(name).version)
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError as e:
+            raise StoreError(f"{self.keys(name).version}: not a version counter ({raw!r})") from e
 
     def read_version(self, name: str) -> int:
-        raw = self._call(f"read {name}", self._client.get, self.keys(name).version)
-        return int(raw) if raw is not None else 0
+        return self._counter(name)
+
+    def read_raw(self, name: str) -> tuple[int, bytes | None]:
+        raw = self._call(f"read {name}", self._client.get, self.keys(name).document)
+        return self._counter(name), raw if raw is None else bytes(raw)
 
     def write(
         self, name: str, body: Mapping[str, Any], *, expected_version: int, author: str
     ) -> Document:
         copied = encode_body(name, body)
         keys = self.keys(name)
-        current = self.read(name)
-        if (current.version if current else 0) != expected_version:
-            raise VersionConflict(name, expected_version, current)
+        try:
+            current = self.read(name)
+            version = current.version if current else 0
+        except CorruptDocument as e:  # replaceable, with its version as the expected one
+            current, version = None, e.version
+        if version != expected_version:
+            raise VersionConflict(
+                name,
+                expected_version,
+                current,
+                corrupt_version=None if current else (version or None),
+            )
         document = new_document(name, copied, expected_version + 1, author)
         entry = history_entry(current, document)
         ok, version = self._call(
@@ -126,7 +154,11 @@ class RedisStore:
             [expected_version, document.to_json(), entry.to_json(), HISTORY_LIMIT, keys.channel],
         )
         if not ok:  # another writer landed between our read and the script
-            raise VersionConflict(name, expected_version, self.read(name))
+            try:
+                now = self.read(name)
+            except CorruptDocument:
+                now = None
+            raise VersionConflict(name, expected_version, now)
         assert int(version) == document.version
         return document
 

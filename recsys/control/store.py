@@ -38,19 +38,45 @@ class StoreUnavailable(StoreError):
     """The backend cannot be reached (e.g. Redis is down); callers keep their last good state."""
 
 
+class CorruptDocument(StoreError):
+    """The stored document does not parse; ``version`` is the store's version counter for it.
+
+    A write with ``expected_version=version`` replaces it (the compare-and-set still holds).
+    """
+
+    def __init__(self, name: str, version: int, source: str, detail: str) -> None:
+        self.name = name
+        self.version = version
+        self.source = source
+        self.detail = detail
+        super().__init__(
+            f"{name}: the stored version {version} is corrupt ({detail}); "
+            f"replace it with `recsys control restore {name} VERSION` or a forced write"
+        )
+
+
 class VersionConflict(StoreError):
     """A write expected a version the store no longer has."""
 
-    def __init__(self, name: str, expected: int, current: Document | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        expected: int,
+        current: Document | None,
+        *,
+        corrupt_version: int | None = None,
+    ) -> None:
         self.name = name
         self.expected = expected
         self.current = current
-        actual = current.version if current else 0
-        by = (
-            f" (written by {current.author} at {_format_time(current.updated_at)})"
-            if current
-            else " (the document does not exist)"
-        )
+        self._corrupt_version = corrupt_version
+        actual = self.actual
+        if current:
+            by = f" (written by {current.author} at {_format_time(current.updated_at)})"
+        elif corrupt_version is not None:
+            by = " (a corrupt document)"
+        else:
+            by = " (the document does not exist)"
         super().__init__(
             f"{name}: expected version {expected} but the store has {actual}{by}; "
             "read it again, re-apply your change and retry"
@@ -58,7 +84,9 @@ class VersionConflict(StoreError):
 
     @property
     def actual(self) -> int:
-        return self.current.version if self.current else 0
+        if self.current:
+            return self.current.version
+        return self._corrupt_version or 0
 
 
 @dataclass(frozen=True)
@@ -105,28 +133,33 @@ class HistoryEntry:
     updated_at: float
     changes: tuple[str, ...]
     """Paths that changed, e.g. ``~layers[retrieval].experiments[depth].buckets``."""
+    body: dict[str, Any] | None = None
+    """The full body of this version (None in entries written before bodies were kept), so
+    any of the last HISTORY_LIMIT versions can be restored."""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "name": self.name,
-                "version": self.version,
-                "author": self.author,
-                "updated_at": self.updated_at,
-                "changes": list(self.changes),
-            },
-            separators=(",", ":"),
-        )
+        raw: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "author": self.author,
+            "updated_at": self.updated_at,
+            "changes": list(self.changes),
+        }
+        if self.body is not None:
+            raw["body"] = self.body
+        return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> HistoryEntry:
         raw = json.loads(text)
+        body = raw.get("body")
         return cls(
             name=str(raw["name"]),
             version=int(raw["version"]),
             author=str(raw["author"]),
             updated_at=float(raw["updated_at"]),
             changes=tuple(str(c) for c in raw["changes"]),
+            body=dict(body) if isinstance(body, dict) else None,
         )
 
 
@@ -152,6 +185,10 @@ class DocumentStore(Protocol):
 
     def history(self, name: str, limit: int = 20) -> list[HistoryEntry]:
         """Newest first."""
+        ...
+
+    def read_raw(self, name: str) -> tuple[int, bytes | None]:
+        """The version counter and the stored bytes, unparsed (to inspect a corrupt one)."""
         ...
 
     def close(self) -> None: ...
@@ -190,6 +227,7 @@ def history_entry(previous: Document | None, document: Document) -> HistoryEntry
         author=document.author,
         updated_at=document.updated_at,
         changes=summarize_changes(before, document.body),
+        body=document.body,
     )
 
 

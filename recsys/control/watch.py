@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +33,12 @@ import redis.asyncio as aioredis
 from recsys.control.backends import open_store
 from recsys.control.file_store import FileStore
 from recsys.control.redis_store import DocumentKeys, redacted
-from recsys.control.store import Document, StoreError, check_name
+from recsys.control.store import CorruptDocument, Document, StoreError, check_name
 from recsys.settings import DEFAULT_ARTIFACTS
 
 HealthCallback = Callable[[bool], None]
+RejectedCallback = Callable[[CorruptDocument], None]
+"""Called once per corrupt stored version (the same bytes seen again are not reported again)."""
 INITIAL_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
 
@@ -54,6 +57,7 @@ class DocumentWatcher:
         on_health: HealthCallback | None,
         after_version: int,
         max_backoff_seconds: float,
+        on_rejected: RejectedCallback | None = None,
     ) -> None:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds: expected > 0, got {poll_seconds}")
@@ -67,6 +71,10 @@ class DocumentWatcher:
         self.outages = 0
         """How many times the backend went away (a counter for metrics)."""
         self._on_health = on_health
+        self._on_rejected = on_rejected
+        self._rejected: tuple[int, str] | None = None
+        self.rejected = 0
+        """How many corrupt stored versions were seen (each once)."""
         self._last_version = after_version
         self._max_backoff = max_backoff_seconds
         self._backoff = INITIAL_BACKOFF_SECONDS
@@ -98,6 +106,17 @@ class DocumentWatcher:
             self.connected = connected
             if self._on_health is not None:
                 self._on_health(connected)
+
+    def _reject(self, error: CorruptDocument, fingerprint: str) -> None:
+        """Report a corrupt stored document once; the last good version keeps serving."""
+        self.last_error = str(error)
+        key = (error.version, fingerprint)
+        if key == self._rejected:
+            return
+        self._rejected = key
+        self.rejected += 1
+        if self._on_rejected is not None:
+            self._on_rejected(error)
 
     def _is_news(self, version: int) -> bool:
         """A newer version; or an older one, which means the store was reset (e.g. a Redis that
@@ -153,9 +172,16 @@ class DocumentWatcher:
         try:
             token = await asyncio.to_thread(store.change_token, self.name)
             if token != self._file_token:
-                document = await asyncio.to_thread(store.read, self.name)
-                self._file_token = token
-                self._set_health(True)
+                try:
+                    document = await asyncio.to_thread(store.read, self.name)
+                except CorruptDocument as e:  # not an outage: the store answered
+                    self._file_token = token
+                    self._set_health(True)
+                    self._reject(e, repr(token))
+                    document = None
+                else:
+                    self._file_token = token
+                    self._set_health(True)
                 if document is not None and self._is_news(document.version):
                     return document
             else:
@@ -176,12 +202,28 @@ class DocumentWatcher:
             raw_version = await client.get(self._keys.version)
             self._set_health(True)
             self._backoff = INITIAL_BACKOFF_SECONDS
-            if int(raw_version or 0) != self._last_version:
+            version = int(raw_version or 0)
+            if version != self._last_version:
                 raw = await client.get(self._keys.document)
                 if raw is not None:
-                    document = Document.from_json(
-                        raw, f"{redacted(self.url)} {self._keys.document}"
-                    )
+                    try:
+                        document = Document.from_json(
+                            raw, f"{redacted(self.url)} {self._keys.document}"
+                        )
+                    except StoreError as e:
+                        corrupt = CorruptDocument(
+                            self.name,
+                            version,
+                            f"{redacted(self.url)} {self._keys.document}",
+                            str(e),
+                        )
+                        self._reject(
+                            corrupt,
+                            hashlib.sha256(
+                                raw if isinstance(raw, bytes) else raw.encode()
+                            ).hexdigest(),
+                        )
+                        raise corrupt from e
                     if self._is_news(document.version):
                         return document
             await self._wait_for_notification()
@@ -236,12 +278,15 @@ def watch(
     on_health: HealthCallback | None = None,
     after_version: int = 0,
     max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
+    on_rejected: RejectedCallback | None = None,
 ) -> DocumentWatcher:
     """Watch document ``name`` in the store at ``url`` ("" = the file in ``artifacts``).
 
     The first item is the current document (unless its version is ``after_version``), then
     each new version (a version lower than the last one means the store was reset, and is
-    yielded too). ``on_health(connected)`` is called when the backend goes away or returns.
+    yielded too). ``on_health(connected)`` is called when the backend goes away or returns;
+    ``on_rejected(error)`` once for each corrupt stored version (the watcher keeps the last
+    good one and looks again: a later write replaces the corrupt one).
     """
     return DocumentWatcher(
         url,
@@ -252,4 +297,5 @@ def watch(
         on_health=on_health,
         after_version=after_version,
         max_backoff_seconds=max_backoff_seconds,
+        on_rejected=on_rejected,
     )

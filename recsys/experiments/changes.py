@@ -181,3 +181,19 @@ def traffic_share(doc: Mapping[str, Any], experiment: str) -> float:
     layer, exp = find_experiment(doc, experiment)
     num_buckets = layer.get("num_buckets", doc.get("num_buckets", DEFAULT_NUM_BUCKETS))
     return float(len(bucket_set(exp.get("buckets"))) / num_buckets)
+
+
+VERSION_KEY = "_version"
+"""Top-level key `recsys experiments export` adds: the stored version the file was exported
+from. Not part of the document: `apply` strips it and writes with it as the expected version."""
+
+
+def split_version(doc: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """``doc`` without :data:`VERSION_KEY`, and that key's value (None if absent)."""
+    body = {k: v for k, v in doc.items() if k != VERSION_KEY}
+    if VERSION_KEY not in doc:
+        return body, None
+    version = doc[VERSION_KEY]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"{VERSION_KEY}: expected the exported version (an integer >= 0)")
+    return body, version

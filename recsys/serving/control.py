@@ -16,13 +16,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from recsys.control.last_good import LastGood
 from recsys.control.store import (
     AVAILABILITY,
     DOCUMENTS,
     EXPERIMENTS,
     ROUTING,
+    CorruptDocument,
     Document,
     DocumentStore,
+    StoreError,
+    StoreUnavailable,
     VersionConflict,
 )
 from recsys.control.watch import DocumentWatcher, watch
@@ -51,6 +55,85 @@ def read_documents(
     return docs
 
 
+def read_start_documents(
+    store: DocumentStore, seed_from: DocumentStore | None, last_good: LastGood | None
+) -> tuple[dict[str, Document], dict[str, str]]:
+    """:func:`read_documents`, falling back to the last good local copies.
+
+    If the store cannot be reached, every document comes from ``last_good``; a corrupt stored
+    document is replaced by its last good copy. Returns the documents and, per document taken
+    from a local copy, why (logged as a WARNING). With no copy to fall back on, the store's
+    error is raised (the server cannot start).
+    """
+    try:
+        return read_documents(store, seed_from), {}
+    except StoreUnavailable as e:
+        if last_good is None:
+            raise
+        docs: dict[str, Document] = {}
+        for name in DOCUMENTS:
+            if (copy := last_good.load(name)) is not None:
+                docs[name] = copy
+        if not docs:
+            raise
+        unreachable = {name: f"the store is unreachable ({e})" for name in docs}
+        _warn_fallback(docs, unreachable, last_good)
+        return docs, unreachable
+    except CorruptDocument:
+        if last_good is None:
+            raise
+    # A corrupt document: read the others one by one, and take its last good copy.
+    docs = {}
+    reasons: dict[str, str] = {}
+    for name in DOCUMENTS:
+        try:
+            doc = store.read(name)
+        except CorruptDocument as e:
+            if (copy := last_good.load(name)) is None:
+                raise
+            docs[name] = copy
+            reasons[name] = str(e)
+            continue
+        if doc is None and seed_from is not None and (seed := seed_from.read(name)) is not None:
+            with contextlib.suppress(VersionConflict):
+                store.write(name, seed.body, expected_version=0, author="seed:" + seed.author)
+            doc = store.read(name)
+        if doc is not None:
+            docs[name] = doc
+    _warn_fallback(docs, reasons, last_good)
+    return docs, reasons
+
+
+def last_good_instead(
+    docs: Mapping[str, Document], last_good: LastGood, error: Exception
+) -> dict[str, str]:
+    """The documents (of ``docs``) with a different last good copy, after ``docs`` failed to
+    build the initial snapshot with ``error``: name -> reason (logged as WARNING). Empty if
+    there is nothing else to try."""
+    reasons: dict[str, str] = {}
+    replaced: dict[str, Document] = {}
+    for name, doc in docs.items():
+        try:
+            copy = last_good.load(name)
+        except StoreError:
+            continue
+        if copy is not None and (copy.version, copy.body) != (doc.version, doc.body):
+            replaced[name] = copy
+            reasons[name] = f"the stored version {doc.version} is invalid ({error})"
+    _warn_fallback(replaced, reasons, last_good)
+    return reasons
+
+
+def _warn_fallback(
+    docs: Mapping[str, Document], reasons: Mapping[str, str], last: LastGood
+) -> None:
+    for name, reason in reasons.items():
+        log.warning(
+            "control plane: starting %s from the last good local copy (version %d, %s): %s",
+            name, docs[name].version, last.path(name), reason,
+        )  # fmt: skip
+
+
 class ControlFollower:
     """Runs the watchers and applies their documents to the pipeline's snapshot."""
 
@@ -66,8 +149,13 @@ class ControlFollower:
         set_snapshot: Callable[[ServingSnapshot], None],
         metrics: ServingMetrics,
         versions: Mapping[str, int],
+        last_good: LastGood | None = None,
+        from_last_good: Mapping[str, str] | None = None,
     ) -> None:
         self._compiler = compiler
+        self._last_good = last_good
+        self.from_last_good: dict[str, str] = dict(from_last_good or {})
+        """Documents served from the local last good copy (until the store gives a new one)."""
         self._get_snapshot = get_snapshot
         self._set_snapshot = set_snapshot
         self._metrics = metrics
@@ -82,10 +170,28 @@ class ControlFollower:
                 poll_seconds=poll_seconds,
                 on_health=partial(metrics.set_control_connected, name),
                 after_version=versions.get(name, 0),
+                on_rejected=self._rejected,
             )
             for name in DOCUMENTS
         ]
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _rejected(self, error: CorruptDocument) -> None:
+        """A stored version that does not parse: count it, log it, keep serving."""
+        self._metrics.control_document_rejected(error.name)
+        log.error(
+            "control plane: %s version %d rejected (corrupt), still serving version %d: %s",
+            error.name, error.version, self.applied.get(error.name, 0), error,
+        )  # fmt: skip
+
+    async def save_last_good(self, document: Document) -> None:
+        """Keep ``document`` as the local last good copy (a failure is logged, not raised)."""
+        if self._last_good is None:
+            return
+        try:
+            await asyncio.to_thread(self._last_good.save, document)
+        except (StoreError, OSError) as e:
+            log.warning("control plane: cannot keep the last good copy of %s: %s", document.name, e)
 
     def start(self) -> None:
         self._tasks = [
@@ -141,7 +247,9 @@ class ControlFollower:
                 return False
             self._set_snapshot(state)
             self.applied[document.name] = document.version
+            self.from_last_good.pop(document.name, None)
             log.info("control plane: %s version %d applied", document.name, document.version)
+            await self.save_last_good(document)
             return True
 
     def _compile(self, snapshot: ServingSnapshot, document: Document) -> ServingSnapshot:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
 
 from recsys.control.backends import open_store
-from recsys.control.store import EXPERIMENTS, DocumentStore
+from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
+from recsys.control.store import EXPERIMENTS, Document, DocumentStore
 from recsys.pipeline.archive import SnapshotArchive, snapshot_directory
 from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
@@ -31,7 +32,7 @@ from recsys.types import Assignment, Recommendation, Request, ServingVersions
 
 from .batching import DeadlineExceeded, MicroBatcher
 from .cache import ResultCache, cache_key
-from .control import ControlFollower, read_documents
+from .control import ControlFollower, last_good_instead, read_start_documents
 from .metrics import ServingMetrics
 
 __all__ = [
@@ -236,8 +237,9 @@ async def open_pipeline(
     root = artifact_root(settings.artifacts)
     store = open_store(settings.control, settings.artifacts, prefix=settings.control_prefix)
     seed = open_store("", settings.artifacts) if settings.control else None
+    last_good = LastGood(settings.exposure_path / LAST_GOOD_DIRECTORY)
     try:
-        docs = await asyncio.to_thread(read_documents, store, seed)
+        docs, from_last_good = await asyncio.to_thread(read_start_documents, store, seed, last_good)
     finally:
         if seed is not None:
             seed.close()
@@ -246,15 +248,29 @@ async def open_pipeline(
         ModelCache(root, on_rejected=metrics.model_rejected),
         archive=SnapshotArchive(snapshot_directory(settings.exposure_path)),
     )
-    snapshot = await asyncio.to_thread(
-        compiler.initial,
-        {name: doc.body for name, doc in docs.items()},
-        str(docs[EXPERIMENTS].version) if EXPERIMENTS in docs else "0",
-        versions={name: doc.version for name, doc in docs.items()},
-        feature_store=settings.feature_store,
-        feature_store_prefix=settings.control_prefix,
-        feature_store_timeout_seconds=settings.feature_store_timeout_ms / 1000,
-    )
+
+    def initial(docs: Mapping[str, Document]) -> ServingSnapshot:
+        return compiler.initial(
+            {name: doc.body for name, doc in docs.items()},
+            str(docs[EXPERIMENTS].version) if EXPERIMENTS in docs else "0",
+            versions={name: doc.version for name, doc in docs.items()},
+            feature_store=settings.feature_store,
+            feature_store_prefix=settings.control_prefix,
+            feature_store_timeout_seconds=settings.feature_store_timeout_ms / 1000,
+        )
+
+    try:
+        snapshot = await asyncio.to_thread(initial, docs)
+    except Exception as e:  # an invalid stored document: try the last good copies, once
+        instead = await asyncio.to_thread(last_good_instead, docs, last_good, e)
+        if not instead:
+            raise
+        for name in instead:
+            copy = last_good.load(name)
+            assert copy is not None
+            docs[name] = copy
+        from_last_good.update(instead)
+        snapshot = await asyncio.to_thread(initial, docs)
     await asyncio.to_thread(warm_up, snapshot, plan)
     batcher: MicroBatcher[Job, Recommendation] = MicroBatcher(
         partial(recommend_batch, stages=plan.batched),
@@ -284,7 +300,12 @@ async def open_pipeline(
         set_snapshot=pipeline.swap,
         metrics=metrics,
         versions={name: doc.version for name, doc in docs.items()},
+        last_good=last_good,
+        from_last_good=from_last_good,
     )
+    for doc in docs.values():  # the documents the initial snapshot accepted
+        if doc.name not in from_last_good:
+            await follower.save_last_good(doc)
     pipeline._follower = follower
     follower.start()
     return pipeline

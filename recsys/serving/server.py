@@ -5,17 +5,24 @@ and grpcurl work while artifacts load), then the pipeline opens, then health tur
 worker of ``recsys serve --workers N`` (``reuse_port``) binds the shared port only once it
 serves, so its siblings take every connection meanwhile.
 
-Stop (SIGTERM/SIGINT or :meth:`RunningServer.stop`): health NOT_SERVING, new Recommend calls
-get UNAVAILABLE (clients retry elsewhere; health checks keep answering), in-flight calls finish
-within ``drain_seconds``, then the gRPC server stops, the exposure log is flushed, the pipeline
-closed and the metrics endpoint shut.
+Stop (SIGTERM/SIGINT or :meth:`RunningServer.stop`): health NOT_SERVING at once; on a signal,
+Recommend is still served for ``shutdown_grace_seconds`` so load balancers and Kubernetes
+endpoints notice and stop sending; then new Recommend calls get UNAVAILABLE (clients retry
+elsewhere; health checks keep answering), in-flight calls finish within ``drain_seconds`` (any
+still running then answer UNAVAILABLE, never CANCELLED), then the gRPC server stops, the
+exposure log is flushed, the pipeline closed and the metrics endpoint shut.
+
+A port that cannot be bound raises :class:`BindError` naming the setting and the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -26,16 +33,16 @@ from grpc_reflection.v1alpha import reflection
 
 from recsys.serving.exposure import ExposureSink, LineWriter, open_exposure_writer
 from recsys.serving.metrics import ServingMetrics
-from recsys.serving.servicer import RecommenderService
+from recsys.serving.servicer import RECOMMENDER_SERVICE, RecommenderService, add_to_server
 from recsys.settings import ServeSettings
-from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 if TYPE_CHECKING:
     from recsys.serving.pipeline import RecommendPipeline
 
 log = logging.getLogger(__name__)
 
-RECOMMENDER_SERVICE: str = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+__all__ = ["RECOMMENDER_SERVICE", "BindError", "RunningServer", "run", "serve"]
+
 HEALTH_SERVICES = ("", RECOMMENDER_SERVICE)
 RESPONSE_WRITE_GRACE_SECONDS = 1.0
 
@@ -43,6 +50,39 @@ RESPONSE_WRITE_GRACE_SECONDS = 1.0
 AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 OpenPipeline: TypeAlias = "Callable[[ServeSettings, ServingMetrics], Awaitable[RecommendPipeline]]"
+
+
+class BindError(RuntimeError):
+    """A port of the settings (``port`` or ``metrics_port``) could not be bound."""
+
+    def __init__(self, setting: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot bind {setting} {host}:{port}: {reason}")
+        self.setting = setting
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+    @property
+    def option(self) -> str:
+        """The command-line flag of the setting."""
+        return f"--{self.setting.replace('_', '-')}"
+
+
+def bind_failure_reason(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound, found by trying as gRPC does (``SO_REUSEADDR``, so a
+    port in TIME_WAIT after a restart counts as free); None if it can be. gRPC itself only says
+    that binding failed, after logging a line of its own to stderr."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return "address already in use"
+        return e.strerror or str(e)
+    return None
 
 
 class RunningServer:
@@ -86,10 +126,13 @@ class RunningServer:
         """
         writer = exposure_writer or open_exposure_writer(settings)
         metrics = ServingMetrics()
+        metrics_host = settings.metrics_host or settings.host
         try:
-            metrics_port = metrics.start_http(
-                settings.metrics_host or settings.host, settings.metrics_port
-            )
+            metrics_port = metrics.start_http(metrics_host, settings.metrics_port)
+        except OSError as e:
+            writer.close()
+            why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
+            raise BindError("metrics_port", metrics_host, settings.metrics_port, why) from e
         except Exception:
             writer.close()
             raise
@@ -99,7 +142,7 @@ class RunningServer:
         # One process owns the port: SO_REUSEPORT would let a stale server share it silently.
         # Worker processes of `recsys serve --workers N` share it on purpose (serving/workers.py).
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
-        recommender_pb2_grpc.add_RecommenderServicer_to_server(service, server)
+        add_to_server(service, server)
         health = AsyncHealthServicer()
         for name in HEALTH_SERVICES:
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -118,7 +161,16 @@ class RunningServer:
                 # connections to listening sockets only, so none reach a worker still loading.
                 port = settings.port
             else:
-                port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                reason = (
+                    bind_failure_reason(settings.host, settings.port) if settings.port else None
+                )
+                if reason is not None:
+                    raise BindError("port", settings.host, settings.port, reason)
+                try:
+                    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                except RuntimeError as e:  # taken since the probe, or a reason gRPC alone sees
+                    reason = bind_failure_reason(settings.host, settings.port) or "cannot bind"
+                    raise BindError("port", settings.host, settings.port, reason) from e
                 await server.start()
         except Exception:
             await exposures.close()
@@ -156,14 +208,26 @@ class RunningServer:
         assert self._opening is not None
         await asyncio.shield(self._opening)
 
-    async def stop(self) -> None:
-        """Drain and release everything; safe to call more than once."""
+    async def stop(self, grace_seconds: float = 0.0) -> None:
+        """Drain and release everything; safe to call more than once.
+
+        Health turns NOT_SERVING at once; Recommend is still served for ``grace_seconds``
+        (:func:`serve` passes ``shutdown_grace_seconds`` on a signal) before the drain starts.
+        """
         if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_task(self._stop(), name="drain")
+            self._stopping = asyncio.get_running_loop().create_task(
+                self._stop(grace_seconds), name="drain"
+            )
         await asyncio.shield(self._stopping)
 
-    async def _stop(self) -> None:
+    async def _stop(self, grace_seconds: float) -> None:
         await self._health.enter_graceful_shutdown()
+        if grace_seconds > 0 and self._service.attached:
+            log.info(
+                "shutdown: health NOT_SERVING; still serving for %.1fs so load balancers notice",
+                grace_seconds,
+            )
+            await asyncio.sleep(grace_seconds)
         self._service.start_draining()
         pipeline = await self._cancel_opening()
         try:
@@ -171,10 +235,14 @@ class RunningServer:
                 await self._service.wait_idle()
         except TimeoutError:
             log.warning(
-                "drain: %d Recommend calls still running after %.1fs; cancelling them",
+                "drain: %d Recommend calls still running after %.1fs; answering them UNAVAILABLE",
                 self._service.in_flight,
                 self.settings.drain_seconds,
             )
+            self._service.abandon_in_flight()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESPONSE_WRITE_GRACE_SECONDS):
+                    await self._service.wait_idle()
         # Handlers have returned; a short grace lets gRPC write the answers they returned.
         await self._server.stop(RESPONSE_WRITE_GRACE_SECONDS)
         # The metrics endpoint takes up to half a second to stop: let it do so meanwhile.
@@ -223,7 +291,7 @@ async def serve(settings: ServeSettings, open_pipeline: OpenPipeline) -> None:
         stopping.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        await server.stop()
+        await server.stop(settings.shutdown_grace_seconds)
 
 
 def run(settings: ServeSettings, open_pipeline: OpenPipeline) -> None:

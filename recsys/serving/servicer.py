@@ -2,11 +2,15 @@
 
 This is the one place where errors become gRPC status codes:
 
+- bytes that are not a RecommendRequest -> INVALID_ARGUMENT (``request: ...``), counted, logged
+  as one WARNING line at most every ``MALFORMED_LOG_SECONDS`` (:func:`parse_request` is the
+  handler's deserializer, so gRPC never sees the DecodeError);
 - :class:`~recsys.serving.validation.InvalidRequest` -> INVALID_ARGUMENT, naming the field;
 - no pipeline yet (still loading) -> UNAVAILABLE;
 - more than ``max_in_flight`` calls at once, or
   :class:`~recsys.serving.batching.Overloaded` (the batch
   queue is full or behind) -> RESOURCE_EXHAUSTED, at once;
+- still running when the drain period ends -> UNAVAILABLE (never CANCELLED: clients retry);
 - the client's deadline passed before its batch started -> DEADLINE_EXCEEDED (a deadline too
   close to rank in time is answered in retrieval order, flagged degraded, by the pipeline);
 - anything else -> INTERNAL with the request id, logged once with its traceback.
@@ -18,9 +22,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from recsys.serving.batching import DeadlineExceeded, Overloaded
 from recsys.serving.exposure import ExposureSink
@@ -33,6 +38,48 @@ if TYPE_CHECKING:
     from recsys.serving.pipeline import RecommendPipeline
 
 log = logging.getLogger(__name__)
+
+
+RECOMMENDER_SERVICE: str = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+MALFORMED_DETAILS = "request: not a valid RecommendRequest message"
+MALFORMED_LOG_SECONDS = 10.0
+
+
+class MalformedRequest:
+    """What :func:`parse_request` returns for bytes that do not parse as a RecommendRequest."""
+
+    request_id: ClassVar[str] = ""
+
+
+MALFORMED = MalformedRequest()
+
+
+def parse_request(data: bytes) -> recommender_pb2.RecommendRequest | MalformedRequest:
+    """The Recommend handler's deserializer: a parse failure becomes :data:`MALFORMED`, which
+    the servicer answers with INVALID_ARGUMENT (gRPC itself would answer UNKNOWN and log a
+    traceback per call)."""
+    try:
+        return recommender_pb2.RecommendRequest.FromString(data)
+    except DecodeError:
+        return MALFORMED
+
+
+def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated ``add_RecommenderServicer_to_server`` (same
+    method path and messages, so generated stubs and reflection work) but with
+    :func:`parse_request` as the request deserializer."""
+    handlers = {
+        "Recommend": grpc.unary_unary_rpc_method_handler(
+            service.Recommend,
+            request_deserializer=parse_request,
+            response_serializer=recommender_pb2.RecommendResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(RECOMMENDER_SERVICE, handlers),)
+    )
+    registered: Any = server  # grpc-stubs predates add_registered_method_handlers
+    registered.add_registered_method_handlers(RECOMMENDER_SERVICE, handlers)
 
 
 def local_hour() -> int:
@@ -95,7 +142,11 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self._make_request_id = make_request_id
         self._pipeline: RecommendPipeline | None = None
         self._draining = False
+        self._abandoning = False
+        self._calls: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
+        self._malformed_logged_at = -MALFORMED_LOG_SECONDS
+        self._malformed_unlogged = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -103,9 +154,21 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self._pipeline = pipeline
         self._metrics.observe_versions(pipeline.versions())
 
+    @property
+    def attached(self) -> bool:
+        """Whether a pipeline is serving (so there is traffic to keep serving while stopping)."""
+        return self._pipeline is not None
+
     def start_draining(self) -> None:
         """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
         self._draining = True
+
+    def abandon_in_flight(self) -> None:
+        """Stop the calls still running (the drain period is over): each answers UNAVAILABLE,
+        so its client retries elsewhere, rather than seeing CANCELLED."""
+        self._abandoning = True
+        for task in self._calls:
+            task.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -117,12 +180,15 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
 
     async def Recommend(
         self,
-        request: recommender_pb2.RecommendRequest,
+        request: recommender_pb2.RecommendRequest | MalformedRequest,
         context: grpc.aio.ServicerContext[
             recommender_pb2.RecommendRequest, recommender_pb2.RecommendResponse
         ],
     ) -> recommender_pb2.RecommendResponse:
         started = time.perf_counter()
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
         self._in_flight += 1
         self._idle.clear()
         self._metrics.request_started()
@@ -134,14 +200,19 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         except _Failure as failure:
             code, details = failure.code, failure.details
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            if self._abandoning and task is not None and task.uncancel() == 0:
+                code = grpc.StatusCode.UNAVAILABLE
+                details = "the server shut down before this call finished; retry"
+            else:
+                code = grpc.StatusCode.CANCELLED
+                raise
         except Exception:  # a bug outside the pipeline call: still one clean INTERNAL
             log.exception("Recommend failed, request_id=%s", request.request_id or "(none)")
             code = grpc.StatusCode.INTERNAL
             details = f"internal error, request_id={request.request_id or '(none)'}"
         finally:
             # Counted before the status leaves: a client that saw it can rely on the metric.
+            self._calls.discard(task)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -151,9 +222,14 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         return response
 
     async def _recommend(
-        self, message: recommender_pb2.RecommendRequest, time_remaining: float | None
+        self,
+        message: recommender_pb2.RecommendRequest | MalformedRequest,
+        time_remaining: float | None,
     ) -> recommender_pb2.RecommendResponse:
         deadline = None if time_remaining is None else time.perf_counter() + time_remaining
+        if isinstance(message, MalformedRequest):
+            self._log_malformed()
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_DETAILS)
         try:
             request = validate_request(
                 message, hour=self._hour(), make_request_id=self._make_request_id
@@ -190,6 +266,21 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
                 grpc.StatusCode.INTERNAL, f"internal error, request_id={request.request_id}"
             ) from None
         return response
+
+    def _log_malformed(self) -> None:
+        """One WARNING line (no traceback) at most every MALFORMED_LOG_SECONDS, with a count."""
+        self._malformed_unlogged += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at < MALFORMED_LOG_SECONDS:
+            return
+        log.warning(
+            "Recommend: %d request(s) that are not a valid RecommendRequest message in the "
+            "last %.0fs (INVALID_ARGUMENT; a client sending the wrong bytes?)",
+            self._malformed_unlogged,
+            MALFORMED_LOG_SECONDS,
+        )
+        self._malformed_logged_at = now
+        self._malformed_unlogged = 0
 
     def _record(
         self, pipeline: RecommendPipeline, request: Request, recommendation: Recommendation

@@ -28,7 +28,7 @@ from recsys.control.store import (
     Document,
     HistoryEntry,
     StoreError,
-    VersionConflict,
+    check_expected_version,
     check_name,
     encode_body,
     history_entry,
@@ -115,18 +115,7 @@ class FileStore:
     ) -> Document:
         copied = encode_body(name, body)
         with self._locked(name):
-            try:
-                current = self.read(name)
-                version = current.version if current else 0
-            except CorruptDocument as e:  # replaceable, with its version as the expected one
-                current, version = None, e.version
-            if version != expected_version:
-                raise VersionConflict(
-                    name,
-                    expected_version,
-                    current,
-                    corrupt_version=None if current else (version or None),
-                )
+            current, version = check_expected_version(self, name, expected_version)
             document = new_document(name, copied, version + 1, author)
             self._replace(self._path(name, ".json"), document.to_json())
             self._replace(self._path(name, ".version"), str(document.version))

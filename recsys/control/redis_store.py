@@ -27,6 +27,7 @@ from recsys.control.store import (
     StoreError,
     StoreUnavailable,
     VersionConflict,
+    check_expected_version,
     check_name,
     encode_body,
     history_entry,
@@ -133,18 +134,7 @@ class RedisStore:
     ) -> Document:
         copied = encode_body(name, body)
         keys = self.keys(name)
-        try:
-            current = self.read(name)
-            version = current.version if current else 0
-        except CorruptDocument as e:  # replaceable, with its version as the expected one
-            current, version = None, e.version
-        if version != expected_version:
-            raise VersionConflict(
-                name,
-                expected_version,
-                current,
-                corrupt_version=None if current else (version or None),
-            )
+        current, _ = check_expected_version(self, name, expected_version)
         document = new_document(name, copied, expected_version + 1, author)
         entry = history_entry(current, document)
         ok, version = self._call(

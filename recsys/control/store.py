@@ -287,3 +287,26 @@ def _diff(before: Any, after: Any, path: str, out: list[str]) -> None:
 
 def _format_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def check_expected_version(
+    store: DocumentStore, name: str, expected_version: int
+) -> tuple[Document | None, int]:
+    """The stored document of ``name`` (None if absent or corrupt) and its version, if that is
+    ``expected_version``; else VersionConflict.
+
+    A corrupt document counts with its version, so an expected-version write can replace it.
+    """
+    try:
+        current = store.read(name)
+        version = current.version if current else 0
+    except CorruptDocument as e:
+        current, version = None, e.version
+    if version != expected_version:
+        raise VersionConflict(
+            name,
+            expected_version,
+            current,
+            corrupt_version=None if current else (version or None),
+        )
+    return current, version

@@ -26,29 +26,12 @@ from recsys.ranking.model import MODEL_FILE
 from recsys.ranking.model_cache import ModelCache, UnloadGrace
 from recsys.ranking.routing import arm_pins
 from recsys.retrieval.retriever import RetrievalQuery
+from tests.ranking.doubles import Clock, Rejections
 
 NAME = "ranker"
 PINNED = "a1a1a1a1a1a1"
 CORRUPT = "c0ffeec0ffee"
 KNOWN_USER = "user-0000001"
-
-
-class Rejections:
-    """Records every ``on_rejected`` call of the model cache."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    def __call__(self, name: str, version: str, reason: str) -> None:
-        self.calls.append((name, version, reason))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

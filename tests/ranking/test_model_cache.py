@@ -11,29 +11,10 @@ from recsys.artifacts import ArtifactRoot
 from recsys.build import BuildReport
 from recsys.ranking.model import MODEL_FILE, REJECTION_REASONS, ModelRejected, RankingModel
 from recsys.ranking.model_cache import ModelCache, UnloadGrace
+from tests.ranking.doubles import Clock, Rejections
 
 NAME = "ranker"
 CORRUPT = "c0ffeec0ffee"
-
-
-class Rejections:
-    """Records every ``on_rejected`` call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    def __call__(self, name: str, version: str, reason: str) -> None:
-        self.calls.append((name, version, reason))
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

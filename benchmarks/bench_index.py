@@ -35,7 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from recsys.artifacts import ArtifactRoot, read_manifest
+from recsys.artifacts import ArtifactRoot
 from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import (
     TRAIN_POINTS_PER_LIST,
@@ -259,8 +259,9 @@ def radius_rows(
 
     root = ArtifactRoot(artifacts)
     index_dir = root.latest(root.indexes)
-    features_dir = root.features / str(read_manifest(index_dir)["features_version"])
-    world = load_world(root.world / str(read_manifest(features_dir)["world_version"]))
+    lineage = root.lineage(index_dir.name)
+    features_dir = lineage.features_dir
+    world = load_world(lineage.world_dir)
     tables = load_feature_tables(features_dir, world.catalogue)
     start = time.perf_counter()
     index = ItemIndex.load(

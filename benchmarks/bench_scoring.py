@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.artifacts import ArtifactRoot, read_manifest
+from recsys.artifacts import ArtifactRoot
 from recsys.control.backends import open_store
 from recsys.ranking import compiled as compiled_module
 from recsys.ranking.features import assemble_features, load_feature_tables
@@ -34,10 +34,9 @@ SIZES = (1, 100, 500)
 
 
 def served_rows(root: ArtifactRoot, index_version: str, n: int) -> np.ndarray:
-    features_version = str(read_manifest(root.indexes / index_version)["features_version"])
-    features = root.features / features_version
-    world = load_world(root.world / str(read_manifest(features)["world_version"]))
-    tables = load_feature_tables(features, world.catalogue)
+    lineage = root.lineage(index_version)
+    world = load_world(lineage.world_dir)
+    tables = load_feature_tables(lineage.features_dir, world.catalogue)
     rng = np.random.default_rng(0)
     return assemble_features(
         tables,

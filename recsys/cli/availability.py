@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.artifacts import ArtifactError, ArtifactRoot, read_manifest, versions
+from recsys.artifacts import ArtifactError, ArtifactRoot, versions
 from recsys.cli.common import control_plane_arguments
 from recsys.control.backends import open_store
 from recsys.control.store import AVAILABILITY, ROUTING, Document, DocumentStore, StoreError
@@ -86,10 +86,8 @@ def served_catalogue(artifacts: Path, index_version: str | None) -> Catalogue | 
     if not root.indexes.is_dir() or not versions(root.indexes):
         return None
     try:
-        index_dir = root.indexes / index_version if index_version else root.latest(root.indexes)
-        index_manifest = read_manifest(index_dir)
-        features = read_manifest(root.features / str(index_manifest["features_version"]))
-        return load_world(root.world / str(features["world_version"])).catalogue
+        version = index_version or root.latest(root.indexes).name
+        return load_world(root.lineage(version).world_dir).catalogue
     except (ArtifactError, KeyError, OSError) as e:
         from recsys.cli.common import CliError
 
@@ -201,17 +199,12 @@ def cmd_features_publish(args: argparse.Namespace) -> int:
         raise CliError("control plane has no routing document naming an index; build first")
     root = ArtifactRoot(args.artifacts)
     try:
-        index_manifest = read_manifest(root.indexes / routing.body["index"])
-        features_version = str(index_manifest["features_version"])
-    except (ArtifactError, KeyError) as e:
-        raise CliError(f"index {routing.body['index']}: cannot find its features: {e}") from e
-    directory = root.features / features_version
-    try:
-        world_version = str(read_manifest(directory)["world_version"])
-        catalogue = load_world(root.world / world_version).catalogue
+        lineage = root.lineage(routing.body["index"])
+        catalogue = load_world(lineage.world_dir).catalogue
     except (ArtifactError, KeyError, FileNotFoundError) as e:
-        raise CliError(f"features {features_version}: cannot load its world: {e}") from e
-    tables = load_feature_tables(directory, catalogue)
+        raise CliError(f"index {routing.body['index']}: cannot load its features: {e}") from e
+    features_version = lineage.features_version
+    tables = load_feature_tables(lineage.features_dir, catalogue)
     rows = user_feature_rows(tables, np.arange(tables.n_users))
     try:
         client = redis.Redis.from_url(args.feature_store, socket_connect_timeout=5)

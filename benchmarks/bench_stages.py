@@ -1,0 +1,77 @@
+"""What each stage of the request path costs, in-process, on a built world.
+
+Loads the serving snapshot of ``--artifacts`` (as a server does), then runs ``--requests``
+known users with a location through the per-request stages and, in batches of ``--batch``, the
+batched stages, timing each stage by wall time, as the server's stage metric does (process CPU
+time would charge the search threads' spin-waiting to whichever stage runs next), and the bare
+loop (``run_stages`` over a stage that does nothing) alone. Prints one JSON line: µs per request
+for each stage and for the loop.
+
+    python -m benchmarks.bench_stages --artifacts artifacts [--requests 2000] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from benchmarks.bench_rank_cut import load_state
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
+from recsys.stage import Batch, run_stages
+from recsys.types import Location, Request
+
+
+class Nothing:
+    name = "nothing"
+
+    def run(self, batch: Batch, snapshot: ServingSnapshot) -> Batch:
+        return batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--candidates-share", type=float, default=0.01)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    snapshot = load_state(args.artifacts)
+    users = [str(u) for u in snapshot.tables.user_ids[: args.requests]]
+    requests = [Request(f"r{n}", u, 20, Location(52.52, 13.40)) for n, u in enumerate(users)]
+    plan = build_stages(args.candidates_share)
+    cpu: dict[str, list[float]] = {s.name: [] for s in (*plan.per_request, *plan.batched)}
+    cpu["loop"] = []
+    for _ in range(args.rounds + 1):  # the first round warms up and is not counted
+        spent = dict.fromkeys(cpu, 0.0)
+        for start in range(0, len(requests), args.batch):
+            batch = Batch(requests=tuple(requests[start : start + args.batch]))
+            for stage in (*plan.per_request, *plan.batched):
+                t = time.perf_counter()
+                batch = stage.run(batch, snapshot)
+                spent[stage.name] += time.perf_counter() - t
+            t = time.perf_counter()
+            run_stages((Nothing(),), batch, snapshot)
+            spent["loop"] += time.perf_counter() - t
+        for name, seconds in spent.items():
+            cpu[name].append(seconds / len(requests) * 1e6)
+    print(
+        json.dumps(
+            {
+                "us_per_request_median": {
+                    name: round(sorted(v[1:])[len(v[1:]) // 2], 1) for name, v in cpu.items()
+                },
+                "requests": len(requests),
+                "batch": args.batch,
+                "load": [round(x, 2) for x in os.getloadavg()],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

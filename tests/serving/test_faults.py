@@ -18,7 +18,7 @@ from recsys.serving.server import RECOMMENDER_SERVICE, RunningServer, serve
 from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2_grpc
 from tests.serving.test_server import Client, free_port
-from tests.serving.toy_pipeline import HELD_USER, ToyOpener, ToyPipeline
+from tests.serving.toy_pipeline import HELD_USER, ToyOpener, ToyPipeline, toy_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -27,17 +27,7 @@ RECOMMEND = "/recsys.v1.Recommender/Recommend"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> ServeSettings:
-    return ServeSettings(
-        artifacts=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        batch_max_size=8,
-        batch_max_delay_ms=1.0,
-        drain_seconds=30.0,
-        shutdown_grace_seconds=0.0,
-        exposure_dir=tmp_path / "exposures",
-    )
+    return toy_settings(tmp_path, shutdown_grace_seconds=0.0)
 
 
 def pipeline_of(opener: ToyOpener) -> ToyPipeline:

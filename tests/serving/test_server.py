@@ -38,6 +38,7 @@ from tests.serving.toy_pipeline import (
     ToyOpener,
     ToyPipeline,
     expected_sku_ids,
+    toy_settings,
 )
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -46,16 +47,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture
 def settings(tmp_path: Path) -> ServeSettings:
-    return ServeSettings(
-        artifacts=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        batch_max_size=8,
-        batch_max_delay_ms=1.0,
-        drain_seconds=30.0,
-        exposure_dir=tmp_path / "exposures",
-    )
+    return toy_settings(tmp_path)
 
 
 class Client:

@@ -39,6 +39,7 @@ from tests.serving.toy_pipeline import (
     ToyOpener,
     ToyPipeline,
     expected_sku_ids,
+    toy_settings,
 )
 
 REQUESTS = "recsys_requests_total"
@@ -87,16 +88,7 @@ class ScriptedPipeline:
 
 
 def settings_for(tmp_path: Path, *, max_in_flight: int = 0) -> ServeSettings:
-    return ServeSettings(
-        artifacts=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        batch_max_size=8,
-        batch_max_delay_ms=1.0,
-        drain_seconds=30.0,
-        max_in_flight=max_in_flight,
-    )
+    return toy_settings(tmp_path, max_in_flight=max_in_flight)
 
 
 @contextlib.asynccontextmanager

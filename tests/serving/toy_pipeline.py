@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,3 +119,19 @@ class ToyOpener:
 
 async def open_toy(settings: ServeSettings, metrics: ServingMetrics) -> ToyPipeline:
     return await ToyOpener()(settings, metrics)
+
+
+def toy_settings(tmp_path: Path, **overrides: Any) -> ServeSettings:
+    """Settings of a server over the toy pipeline: any port, small batches, its own exposure
+    directory under ``tmp_path``."""
+    base: dict[str, Any] = {
+        "artifacts": tmp_path,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "batch_max_size": 8,
+        "batch_max_delay_ms": 1.0,
+        "drain_seconds": 30.0,
+        "exposure_dir": tmp_path / "exposures",
+    }
+    return ServeSettings(**{**base, **overrides})

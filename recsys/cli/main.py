@@ -17,6 +17,7 @@ from recsys.artifacts import ArtifactError
 from recsys.cli import availability, build, control, experiments, exposures, models, replay, serve
 from recsys.cli.common import CliError
 from recsys.control.store import StoreError
+from recsys.promotion.policy import PolicyError
 from recsys.ranking.registry import RegistryError
 from recsys.replay import ReplayError
 from recsys.settings import SettingError
@@ -29,6 +30,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ArtifactError,
     RegistryError,
     ReplayError,
+    PolicyError,
     SettingError,
 )
 """Domain errors whose message is written for the person at the terminal."""

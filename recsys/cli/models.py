@@ -1,8 +1,13 @@
-"""`recsys models`: list, show, train, register, promote, canary, rollback, retire, history.
+"""`recsys models`: list, show, train, register, gates, promote, canary, rollback, retire,
+history, decisions.
 
 Routing changes are validated (the version loads, fits the feature schema, reproduces its golden
-scores, scores no NaN, fits the latency budget) before they are written; a refusal prints why and
-exits 2, and the routing document is left as it was. Servers follow the document (serving/).
+scores, scores no NaN, fits the latency budget) before they are written; ``promote`` and
+``canary`` also run the gates of the promotion policy (the challenger against production on the
+same held-out sessions, per slice; a replay over the exposure log; the infra budget). A refusal
+prints the failing checks with their numbers and exits 2, and the routing document is left as it
+was; ``--force`` overrides and is recorded in the routing and decision histories. Servers follow
+the document (serving/).
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ from typing import Any
 
 from recsys.artifacts import ArtifactRoot
 from recsys.cli.common import CliError, control_plane_arguments
+from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, Document, StoreError
+from recsys.pipeline.archive import snapshot_directory
+from recsys.promotion.gates import GateReport
+from recsys.promotion.judge import LoggedTraffic, guarded, run_gates
+from recsys.promotion.policy import load_policy
 from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
+from recsys.settings import env_default
 
 DEFAULT_NAME = "ranker"
 
@@ -66,13 +77,19 @@ def add_parser(subparsers: Any) -> None:
     p = add("register", cmd_register, "validate and register a LightGBM model trained elsewhere")
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--model-file", type=Path, required=True)
+    p = add("gates", cmd_gates, "run the gates (offline vs production, replay, infra) on VERSION")
+    p.add_argument("name")
+    p.add_argument("version")
+    _gate_arguments(p, force=False)
     p = add("promote", cmd_promote, "route all traffic to VERSION (old production kept loaded)")
     p.add_argument("name")
     p.add_argument("version")
+    _gate_arguments(p, force=True)
     p = add("canary", cmd_canary, "route PERCENT of users (by hash) to VERSION; 0 ends it")
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--percent", type=float, required=True)
+    _gate_arguments(p, force=True)
     p = add("rollback", cmd_rollback, "production back to the previous version")
     p.add_argument("name")
     p = add("retire", cmd_retire, "delete a version no route or experiment arm uses")
@@ -80,6 +97,31 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("version")
     p = add("history", cmd_history, "routing changes, newest first")
     p.add_argument("--limit", type=int, default=20)
+    p = add("decisions", cmd_decisions, "decision records of a model (gates, canary), newest first")
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="the whole records, one JSON per line")
+
+
+def _gate_arguments(p: argparse.ArgumentParser, *, force: bool) -> None:
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=Path(env_default("policy", "")) if env_default("policy", "") else None,
+        help="promotion policy file (TOML; default: $RECSYS_POLICY, else the built-in policy)",
+    )
+    p.add_argument(
+        "--exposures",
+        type=Path,
+        help="exposure log the replay gate runs the challenger over (default: "
+        "$RECSYS_EXPOSURE_DIR, else exposures/ beside the artifact root, if it exists)",
+    )
+    if force:
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="change the routing even if a gate fails (recorded in the history)",
+        )
 
 
 def _registry(args: argparse.Namespace) -> ModelRegistry:
@@ -186,9 +228,38 @@ def _print_version(registry: ModelRegistry, name: str, version: str) -> None:
     print(f"validated: schema, golden scores, no NaN, latency; engine {engine}")
 
 
+def _gates(args: argparse.Namespace, registry: ModelRegistry) -> GateReport:
+    policy = load_policy(args.policy)
+    exposures = log_directory(args.exposures, args.artifacts)
+    traffic = (
+        LoggedTraffic(exposures, snapshot_directory(exposures)) if exposures.is_dir() else None
+    )
+    print(f"gates: {args.name}/{args.version}, {policy.label()} ...", file=sys.stderr, flush=True)
+    return run_gates(registry, args.name, args.version, policy, traffic=traffic)
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        report = _gates(args, registry)
+        print("\n".join(report.lines()))
+        return 0 if report.passed else 1
+
+    return _run(args, action)
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
-        print(_routed(registry.promote(args.name, args.version), args.name))
+        registry.validate(args.name, args.version)  # a broken version: refused before the gates
+        report = _gates(args, registry)
+        document = guarded(
+            registry,
+            report,
+            f"promote {args.name}/{args.version}",
+            lambda note: registry.promote(args.name, args.version, note=note),
+            force=args.force,
+        )
+        print("\n".join(report.lines()), file=sys.stderr)
+        print(_routed(document, args.name))
         return 0
 
     return _run(args, action)
@@ -196,7 +267,20 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
-        print(_routed(registry.canary(args.name, args.version, args.percent), args.name))
+        if args.percent == 0:  # ending a canary needs no gate
+            print(_routed(registry.canary(args.name, args.version, 0), args.name))
+            return 0
+        registry.validate(args.name, args.version)
+        report = _gates(args, registry)
+        document = guarded(
+            registry,
+            report,
+            f"canary {args.name}/{args.version} {args.percent:g}%",
+            lambda note: registry.canary(args.name, args.version, args.percent, note=note),
+            force=args.force,
+        )
+        print("\n".join(report.lines()), file=sys.stderr)
+        print(_routed(document, args.name))
         return 0
 
     return _run(args, action)
@@ -214,6 +298,29 @@ def cmd_retire(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         registry.retire(args.name, args.version)
         print(f"retired {args.name}/{args.version}")
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    def action(registry: ModelRegistry) -> int:
+        for entry in registry.decisions(args.name, limit=args.limit):
+            if args.json:
+                print(json.dumps(entry, sort_keys=True))
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("ts", 0))))
+            gates = entry.get("gates") or {}
+            failed = [
+                f"{c['gate']} {c['name']}"
+                for c in gates.get("checks", [])
+                if c.get("gated") and not c.get("passed")
+            ]
+            detail = f"  failed: {', '.join(failed)}" if failed else ""
+            print(
+                f"{when}  {entry.get('author', '?')}  {entry.get('decision', '?')}  "
+                f"{entry.get('action', '')}{detail}"
+            )
         return 0
 
     return _run(args, action)

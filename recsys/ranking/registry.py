@@ -19,11 +19,15 @@ that group and others cannot write (docs/security.md).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import json
 import logging
+import math
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +71,26 @@ WARMUP_ROWS = 500
 LATENCY_BUDGET_US_PER_ROW = 200.0
 """Scoring budget per row, measured on a warm-up batch of WARMUP_ROWS rows (best of three). The
 served ranker takes a few µs per row; the budget stops a model tens of times too big, not noise."""
+
+
+DECISIONS_FILE = "decisions.jsonl"
+
+
+def _with_note(what: str, note: str) -> str:
+    return f"{what} ({note})" if note else what
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON: numpy scalars as numbers, NaN and infinities as null."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class RegistryError(Exception):
@@ -354,10 +378,47 @@ class ModelRegistry:
         shutil.rmtree(doomed, ignore_errors=True)
         shutil.rmtree(compiled, ignore_errors=True)
 
+    # the decision history
+
+    def record_decision(self, name: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append a decision record (a gate verdict, a forced promotion, a canary step) to
+        ``models/<name>/decisions.jsonl`` (0600), stamped with the time and author. Routing
+        changes stay in the control store's history; this is the evidence behind them."""
+        parent = self._model_parent(name)
+        entry = _plain({"ts": time.time(), "author": self.author, **record})
+        line = json.dumps(entry, sort_keys=True, allow_nan=False) + "\n"
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent / DECISIONS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        return dict(entry)
+
+    def decisions(self, name: str, limit: int = 20) -> builtins.list[dict[str, Any]]:
+        """Decision records of ``name``, newest first."""
+        path = self._model_parent(name) / DECISIONS_FILE
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out: builtins.list[dict[str, Any]] = []
+        for line in reversed(lines):
+            if len(out) >= limit:
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        return out
+
     # writing routing
 
-    def promote(self, name: str, version: str) -> Document:
-        """Route all of ``name``'s traffic to ``version``; the old production becomes previous."""
+    def promote(self, name: str, version: str, *, note: str = "") -> Document:
+        """Route all of ``name``'s traffic to ``version``; the old production becomes previous.
+
+        ``note`` goes into the routing history after the action (``forced past failed gates:
+        ...``, the decision that made the change)."""
         self.validate(name, version)
         table, _ = self.routing()
         route = table.models.get(name)
@@ -373,9 +434,9 @@ class ModelRegistry:
                 canary_percent=route.canary_percent if canary else 0.0,
                 previous=route.production,
             )
-        return self._write_route(name, new, f"promote {name}/{version}")
+        return self._write_route(name, new, _with_note(f"promote {name}/{version}", note))
 
-    def canary(self, name: str, version: str, percent: float) -> Document:
+    def canary(self, name: str, version: str, percent: float, *, note: str = "") -> Document:
         """Send ``percent`` of users (by hash) to ``version``; 0 ends the canary."""
         if not 0 <= percent <= 100:
             raise RegistryError(f"--percent {percent}: expected a number in [0, 100]")
@@ -388,15 +449,17 @@ class ModelRegistry:
             raise RegistryError(f"{name}: no production version to canary against; promote one")
         if percent == 0:
             return self._write_route(
-                name, replace(route, canary="", canary_percent=0.0), "canary off"
+                name, replace(route, canary="", canary_percent=0.0), _with_note("canary off", note)
             )
         if version == route.production:
             raise RegistryError(f"{name}/{version} is the production version; canary another")
         self.validate(name, version)
         new = replace(route, canary=version, canary_percent=float(percent))
-        return self._write_route(name, new, f"canary {name}/{version} {percent:g}%")
+        return self._write_route(
+            name, new, _with_note(f"canary {name}/{version} {percent:g}%", note)
+        )
 
-    def rollback(self, name: str) -> Document:
+    def rollback(self, name: str, *, note: str = "") -> Document:
         """Production back to the previous version (already loaded: a pointer flip)."""
         self._model_parent(name)
         table, _ = self.routing()
@@ -414,7 +477,9 @@ class ModelRegistry:
             canary_percent=route.canary_percent if canary else 0.0,
             previous=route.production,
         )
-        return self._write_route(name, new, f"rollback {name} to {route.previous}")
+        return self._write_route(
+            name, new, _with_note(f"rollback {name} to {route.previous}", note)
+        )
 
     # plumbing
 
@@ -453,6 +518,10 @@ class ModelRegistry:
             )
         except (RoutingError, StoreError) as e:
             raise RegistryError(f"{what}: {e}") from e
+
+    def serving_inputs(self) -> tuple[Any, Any, str, str]:
+        """World, feature tables and their versions behind the served index."""
+        return self._serving_inputs()
 
     def _serving_inputs(self) -> tuple[Any, Any, str, str]:
         """World, feature tables and their versions behind the served index (else the latest),

@@ -90,11 +90,21 @@ class ServeSettings:
     """Rotate an exposure file once it holds this much (about 30,000 records of 2.2 kB)."""
     exposure_max_age_seconds: float = 3600.0
     """Rotate an exposure file open this long, at its next write."""
+    monitor_window_seconds: float = 300.0
+    """The drift monitor's sliding window (PSI per feature per model version x arm)."""
+    monitor_summary_seconds: float = 60.0
+    """How often the drift windows are appended to ``monitor/`` in the exposure directory
+    (0: never; ``recsys monitor report`` plots them)."""
 
     @property
     def exposure_path(self) -> Path:
         """Where exposure records and snapshot manifests go."""
         return self.exposure_dir or default_exposure_dir(self.artifacts)
+
+    @property
+    def monitor_path(self) -> Path:
+        """Where the drift monitor's window summaries go."""
+        return self.exposure_path / "monitor"
 
 
 def default_exposure_dir(artifacts: Path) -> Path:

@@ -63,14 +63,23 @@ class Batch:
     """Final scores of every candidate, concatenated in request order (the rank stage)."""
     model_versions: tuple[str, ...] = ()
     """The model version that scored each request (the rank stage)."""
+    ranked_features: Float32Array | None = None
+    """[M, features] the feature rows the model scored (the rank stage), for the monitor."""
+    ranked_rows: Int64Array = field(default_factory=lambda: _NO_ROWS)
+    """Where each row of ``ranked_features`` is among the batch's concatenated candidates."""
     items: tuple[ScoredItems, ...] = ()
     """What each request is answered with (the arrange stage)."""
+    served_positions: tuple[Int64Array, ...] = ()
+    """Where each served item is among its request's candidates (the arrange stage)."""
     served_features: Float64Array | None = None
     """[B, width] each user's feature row as the ranker used it, for the record (the capture
     stage); rows of unknown users are not meaningful (they are not recorded)."""
     logged_candidates: tuple[ScoredItems | None, ...] = ()
     """For the sampled requests, every ranked candidate with its final score (the capture
     stage); None for the others."""
+    drift_counts: tuple[tuple[str, str, int, Int64Array], ...] = ()
+    """(model version, arm, requests, slot counts): the served items' features and scores
+    binned into that version's training baseline (the monitor stage, ``recsys.monitoring``)."""
     degraded: tuple[tuple[str, ...], ...] = ()
     """Why each answer is degraded (empty: it is not), as the stages found it."""
     stage_seconds: tuple[tuple[str, float], ...] = ()

@@ -129,6 +129,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "balancers notice, before the drain (default %(default)s)",
     )
     flag("drain_seconds", "after the grace, how long in-flight calls may take to finish")
+    flag("monitor_window_seconds", "the drift monitor's sliding window (default %(default)s)")
+    flag(
+        "monitor_summary_seconds",
+        "how often drift windows are appended to monitor/ in the exposure directory (0: never)",
+    )
     exposure_dir = env_default("exposure_dir", "")
     serve.add_argument(
         "--exposure-dir",
@@ -214,6 +219,12 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         )
     if args.drain_seconds < 0:
         raise CliError(f"--drain-seconds is {args.drain_seconds}; expected >= 0")
+    if args.monitor_window_seconds <= 0:
+        raise CliError(f"--monitor-window-seconds is {args.monitor_window_seconds}; expected > 0")
+    if args.monitor_summary_seconds < 0:
+        raise CliError(
+            f"--monitor-summary-seconds is {args.monitor_summary_seconds}; expected >= 0"
+        )
     if args.shutdown_grace_seconds < 0:
         raise CliError(f"--shutdown-grace-seconds is {args.shutdown_grace_seconds}; expected >= 0")
     if not args.artifacts.is_dir():
@@ -243,6 +254,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         exposure_max_bytes=args.exposure_max_bytes,
         exposure_max_age_seconds=args.exposure_max_age_seconds,
         exposure_queue_size=args.exposure_queue_size,
+        monitor_window_seconds=args.monitor_window_seconds,
+        monitor_summary_seconds=args.monitor_summary_seconds,
     )
 
 

@@ -28,6 +28,32 @@ def rank_within_group(groups: Int64Array) -> Int64Array:
     return out
 
 
+def arranged_positions(
+    sku_ids: Int64Array,
+    restaurant_ids: Int64Array,
+    scores: Float32Array,
+    *,
+    num_results: int,
+    max_per_restaurant: int,
+    exclude: Int64Array | None = None,
+) -> Int64Array:
+    """Positions (into the inputs) of the best-first top-``num_results``: no duplicate SKU, no
+    excluded SKU, at most ``max_per_restaurant`` items per restaurant. Ties break on the lower
+    SKU id."""
+    order = np.lexsort((sku_ids, -scores.astype(np.float64)))
+    sku, rest = sku_ids[order], restaurant_ids[order]
+    keep = np.ones(sku.shape[0], dtype=np.bool_)
+    if exclude is not None and exclude.size:
+        keep &= ~np.isin(sku, exclude)
+    _, first = np.unique(sku, return_index=True)
+    unique = np.zeros_like(keep)
+    unique[first] = True  # np.unique keeps the first occurrence, i.e. the best-scored copy
+    keep &= unique
+    order, rest = order[keep], rest[keep]
+    keep = rank_within_group(rest) < max_per_restaurant
+    return order[keep][:num_results].astype(np.int64, copy=False)
+
+
 def arrange(
     sku_ids: Int64Array,
     restaurant_ids: Int64Array,
@@ -37,21 +63,18 @@ def arrange(
     max_per_restaurant: int,
     exclude: Int64Array | None = None,
 ) -> ScoredItems:
-    """Best-first top-``num_results``: no duplicate SKU, no excluded SKU, at most
-    ``max_per_restaurant`` items per restaurant. Ties break on the lower SKU id."""
-    order = np.lexsort((sku_ids, -scores.astype(np.float64)))
-    sku, rest, score = sku_ids[order], restaurant_ids[order], scores[order]
-    keep = np.ones(sku.shape[0], dtype=np.bool_)
-    if exclude is not None and exclude.size:
-        keep &= ~np.isin(sku, exclude)
-    _, first = np.unique(sku, return_index=True)
-    unique = np.zeros_like(keep)
-    unique[first] = True  # np.unique keeps the first occurrence, i.e. the best-scored copy
-    keep &= unique
-    sku, rest, score = sku[keep], rest[keep], score[keep]
-    keep = rank_within_group(rest) < max_per_restaurant
-    sku, rest, score = sku[keep][:num_results], rest[keep][:num_results], score[keep][:num_results]
-    return ScoredItems(sku_ids=sku, restaurant_ids=rest, scores=score.astype(np.float32))
+    """The items at :func:`arranged_positions`, best first."""
+    at = arranged_positions(
+        sku_ids,
+        restaurant_ids,
+        scores,
+        num_results=num_results,
+        max_per_restaurant=max_per_restaurant,
+        exclude=exclude,
+    )
+    return ScoredItems(
+        sku_ids=sku_ids[at], restaurant_ids=restaurant_ids[at], scores=scores[at].astype(np.float32)
+    )
 
 
 class ArrangeSnapshot(Protocol):
@@ -62,7 +85,8 @@ class ArrangeSnapshot(Protocol):
 
 
 class Arrange:
-    """The feed's rules over each request's scored candidates; sets ``items``."""
+    """The feed's rules over each request's scored candidates; sets ``items`` and
+    ``served_positions``."""
 
     name = "arrange"
 
@@ -73,17 +97,27 @@ class Arrange:
         offsets = np.concatenate([[0], np.cumsum(counts)])
         restaurants = snapshot.catalogue.item_restaurant
         items = []
+        positions = []
         for n, (request, assignment, candidates) in enumerate(  # one per request
             zip(batch.requests, batch.assignments, batch.candidates, strict=True)
         ):
+            sku_ids = candidates.sku_ids
+            restaurant_ids = restaurants[sku_ids].astype(np.int64)
+            scores = batch.scores[offsets[n] : offsets[n + 1]]
+            at = arranged_positions(
+                sku_ids,
+                restaurant_ids,
+                scores,
+                num_results=request.num_results,
+                max_per_restaurant=assignment.params.max_per_restaurant,
+                exclude=np.asarray(request.exclude_sku_ids, dtype=np.int64),
+            )
             items.append(
-                arrange(
-                    candidates.sku_ids,
-                    restaurants[candidates.sku_ids].astype(np.int64),
-                    batch.scores[offsets[n] : offsets[n + 1]],
-                    num_results=request.num_results,
-                    max_per_restaurant=assignment.params.max_per_restaurant,
-                    exclude=np.asarray(request.exclude_sku_ids, dtype=np.int64),
+                ScoredItems(
+                    sku_ids=sku_ids[at],
+                    restaurant_ids=restaurant_ids[at],
+                    scores=scores[at].astype(np.float32),
                 )
             )
-        return replace(batch, items=tuple(items))
+            positions.append(at)
+        return replace(batch, items=tuple(items), served_positions=tuple(positions))

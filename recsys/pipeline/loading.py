@@ -27,6 +27,7 @@ import numpy.typing as npt
 from recsys.artifacts import ArtifactError, ArtifactRoot, Lineage
 from recsys.control.store import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING
 from recsys.experiments.assignment import Assigner, compile_config
+from recsys.monitoring.baseline import BaselineCache
 from recsys.pipeline.archive import SnapshotArchive
 from recsys.pipeline.snapshot import ControlDocument, ServingSnapshot, snapshot_id
 from recsys.ranking.feature_store import RedisUserStore, UserStore, open_user_store
@@ -93,9 +94,11 @@ class SnapshotCompiler:
         self.models = models
         self.grace = grace or UnloadGrace()
         self.archive = archive
+        self.baselines = BaselineCache()
 
     def _sealed(self, snapshot: ServingSnapshot) -> ServingSnapshot:
-        """``snapshot`` with its id, its manifest archived."""
+        """``snapshot`` with its id, its manifest archived, its models' baselines compiled."""
+        snapshot = replace(snapshot, baselines=self.baselines.for_models(snapshot.models))
         sealed = replace(snapshot, snapshot_id=snapshot_id(snapshot.manifest()))
         if self.archive is not None:
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recsys.experiments.stage import Assign
+from recsys.monitoring.stage import Monitor
 from recsys.pipeline.arrange import Arrange
 from recsys.pipeline.capture import Capture
 from recsys.pipeline.snapshot import ServingSnapshot
@@ -34,12 +35,19 @@ class StagePlan:
 
 
 def build_stages(candidate_share: float = 0.0) -> StagePlan:
-    """assign -> (batch) features -> retrieve -> rank -> arrange -> capture.
+    """assign -> (batch) features -> retrieve -> rank -> arrange -> capture -> monitor.
 
     ``candidate_share``: the share of requests whose exposure record keeps every ranked
     candidate (``--exposure-candidates-share``).
     """
     return StagePlan(
         per_request=(Assign(),),
-        batched=(UserFeatures(), Retrieve(), Rank(), Arrange(), Capture(candidate_share)),
+        batched=(
+            UserFeatures(),
+            Retrieve(),
+            Rank(),
+            Arrange(),
+            Capture(candidate_share),
+            Monitor(),
+        ),
     )

@@ -107,7 +107,7 @@ class RankSnapshot(Protocol):
 
 
 class Rank:
-    """Needs ``candidates``; sets ``scores`` and ``model_versions``."""
+    """Needs ``candidates``; sets ``scores``, ``model_versions`` and ``ranked_features``."""
 
     name = "rank"
 
@@ -127,7 +127,7 @@ class Rank:
             dtype=np.bool_,
         )
         scored &= ~np.repeat(late, counts)
-        model_scores, versions = self._score(batch, snapshot, counts, scored)
+        model_scores, versions, features = self._score(batch, snapshot, counts, scored)
         retrieval = (
             np.concatenate([c.retrieval_scores for c in batch.candidates])
             if batch.candidates
@@ -137,7 +137,13 @@ class Rank:
             np.repeat(late, counts), retrieval, combine(counts, model_scores, scored)
         ).astype(np.float32, copy=False)
         self.cost.observe(int(scored.sum()), time.perf_counter() - start)
-        batch = replace(batch, scores=scores, model_versions=tuple(versions))
+        batch = replace(
+            batch,
+            scores=scores,
+            model_versions=tuple(versions),
+            ranked_features=features,
+            ranked_rows=np.flatnonzero(scored),
+        )
         return batch.with_degraded(late, DEADLINE_UNRANKED)
 
     @staticmethod
@@ -146,9 +152,10 @@ class Rank:
         snapshot: RankSnapshot,
         counts: Int64Array,
         scored: npt.NDArray[np.bool_],
-    ) -> tuple[Float32Array, list[str]]:
-        """Model scores of the ``scored`` rows of the batch (0 elsewhere): one feature matrix
-        for the whole batch, one predict per model version."""
+    ) -> tuple[Float32Array, list[str], Float32Array]:
+        """Model scores of the ``scored`` rows of the batch (0 elsewhere), and the feature
+        matrix of those rows: one feature matrix for the whole batch, one predict per model
+        version."""
         items = (
             np.concatenate([c.sku_ids for c in batch.candidates])
             if batch.candidates
@@ -177,7 +184,7 @@ class Rank:
             model_scores[rows] = snapshot.models[version].predict(features[rows])
         scores = np.zeros(items.shape[0], dtype=np.float32)
         scores[scored] = model_scores
-        return scores, versions
+        return scores, versions, features
 
 
 def _request_points(batch: Batch, snapshot: RankSnapshot) -> tuple[Float64Array, Float64Array]:

@@ -33,6 +33,7 @@ from recsys.types import Assignment, Recommendation, Request, ServingVersions
 from .batching import DeadlineExceeded, MicroBatcher
 from .cache import ResultCache, cache_key
 from .control import ControlFollower, last_good_instead, read_start_documents
+from .drift_metrics import ServingMonitor
 from .metrics import ServingMetrics
 
 __all__ = [
@@ -73,13 +74,16 @@ class Job:
 
 
 def recommend_batch(
-    jobs: Sequence[Job], stages: Sequence[Stage[ServingSnapshot]]
+    jobs: Sequence[Job],
+    stages: Sequence[Stage[ServingSnapshot]],
+    monitor: ServingMonitor | None = None,
 ) -> list[Recommendation | Exception]:
     """Run the batched ``stages`` over ``jobs``: in an executor thread, never on the loop.
 
     Jobs normally share one snapshot; if a swap happened while the batch formed, each group of
     jobs is served by the snapshot it started on. A job whose deadline already passed gets
-    :class:`DeadlineExceeded` and is not run.
+    :class:`DeadlineExceeded` and is not run. ``monitor`` accumulates each batch's drift
+    counts (the monitor stage's output).
     """
     now = time.perf_counter()
     out: list[Recommendation | Exception | None] = [None] * len(jobs)
@@ -103,6 +107,8 @@ def recommend_batch(
             ),
             snapshot,
         )
+        if monitor is not None:
+            monitor.observe(batch, snapshot.baselines)
         for i, rec in zip(positions, _recommendations(group, batch, snapshot), strict=True):
             out[i] = rec
     return [r for r in out if r is not None]
@@ -155,8 +161,11 @@ class Pipeline:
         store: DocumentStore | None = None,
         cache: ResultCache | None = None,
         metrics: ServingMetrics | None = None,
+        monitor: ServingMonitor | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self.monitor = monitor
+        """The drift windows of this process (``monitor.stats()``), None when off."""
         self._batcher = batcher
         self._stages = stages
         self._follower = follower
@@ -202,6 +211,8 @@ class Pipeline:
         if self._follower is not None:
             await self._follower.close()
         await self._batcher.close()
+        if self.monitor is not None:
+            await self.monitor.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
 
@@ -272,8 +283,14 @@ async def open_pipeline(
         from_last_good.update(instead)
         snapshot = await asyncio.to_thread(initial, docs)
     await asyncio.to_thread(warm_up, snapshot, plan)
+    monitor = ServingMonitor(
+        metrics.registry,
+        window_seconds=settings.monitor_window_seconds,
+        summary_seconds=settings.monitor_summary_seconds,
+        summary_dir=settings.monitor_path,
+    )
     batcher: MicroBatcher[Job, Recommendation] = MicroBatcher(
-        partial(recommend_batch, stages=plan.batched),
+        partial(recommend_batch, stages=plan.batched, monitor=monitor),
         name="recommend",
         max_batch_size=settings.batch_max_size,
         max_delay=settings.batch_max_delay_ms / 1000,
@@ -289,7 +306,9 @@ async def open_pipeline(
         store=store,
         cache=ResultCache(settings.cache_entries),
         metrics=metrics,
+        monitor=monitor,
     )
+    monitor.start()
     follower = ControlFollower(
         url=settings.control,
         artifacts=settings.artifacts,

@@ -32,9 +32,9 @@ class CountCandidates:
         return batch
 
 
-def test_the_request_path_is_assign_then_features_retrieve_rank_arrange_capture() -> None:
+def test_the_request_path_is_assign_then_features_retrieve_rank_arrange_capture_monitor() -> None:
     plan = build_stages()
-    assert plan.names == ("assign", "features", "retrieve", "rank", "arrange", "capture")
+    assert plan.names == ("assign", "features", "retrieve", "rank", "arrange", "capture", "monitor")
 
 
 async def test_a_new_stage_is_one_object_in_the_list_and_its_timing_reaches_metrics(

@@ -3,10 +3,17 @@
 A hidden truth drives the log and is never saved: latent vectors per cuisine, category and
 restaurant (plus a per-item offset), item and restaurant quality, and per user a taste vector
 built from 1-3 favourite cuisines, a price sensitivity, a sweet tooth and an hour-of-day profile.
+It is drawn first, so :func:`world_truth` regenerates it from a world's metadata (seed and
+sizes) without the log: the traffic simulator (recsys/simulation) reads it that way, and
+serving never does.
 Each session is an old production feed (mostly items near the delivery address, some globally
 popular ones, a few random), and a click follows a logistic model of taste, quality, distance,
 price, time of day and position, calibrated to a target click-through rate; an order follows a
 click with its own calibrated probability.
+
+:func:`response_logits` and :func:`respond` are the one response model: the build draws the
+log's clicks and orders with them, the simulator draws live users' clicks and orders on served
+feeds with them (with the build's calibration, :func:`calibrated_bias`).
 
 Everything is vectorised over restaurants, items, sessions and impressions; the only loops run
 over a fixed handful of stages or chunks. One ``np.random.Generator`` drives every draw, in a
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +54,7 @@ TARGET_CTR = 0.07
 TARGET_ORDER_RATE = 0.30
 KM_PER_DEGREE = 111.32
 ROW_CHUNK = 1 << 20
+CALIBRATION_SAMPLE = 200_000
 
 # Where an old feed's impressions came from: near the address, globally popular, random.
 SOURCE_SHARES = (0.72, 0.18, 0.10)
@@ -67,7 +76,7 @@ IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
-class _Districts:
+class Districts:
     lat: FloatArray  # [D]
     lon: FloatArray  # [D]
     weight: FloatArray  # [D] share of restaurants and homes, sums to 1
@@ -76,7 +85,7 @@ class _Districts:
 
 
 @dataclass(frozen=True)
-class _Latents:
+class Latents:
     """The hidden taste space: users' tastes and items' latents live in it."""
 
     cuisine: FloatArray  # [C, L]
@@ -85,7 +94,7 @@ class _Latents:
 
 
 @dataclass(frozen=True)
-class _ItemTruth:
+class ItemTruth:
     restaurant_latent: npt.NDArray[np.float32]  # [R, L] cuisine vector + restaurant offset
     restaurant_quality: npt.NDArray[np.float32]  # [R]
     direction: npt.NDArray[np.int16]  # [N] the item's own offset: a row of the direction bank
@@ -94,7 +103,7 @@ class _ItemTruth:
 
 
 @dataclass(frozen=True)
-class _UserTruth:
+class UserTruth:
     taste: npt.NDArray[np.float32]  # [U, L]
     price_sensitivity: FloatArray  # [U]
     sweet_tooth: FloatArray  # [U]
@@ -112,6 +121,39 @@ class _Sessions:
     district: IntArray
 
 
+@dataclass(frozen=True)
+class WorldTruth:
+    """Everything hidden behind a world's catalogue, users and log (never saved)."""
+
+    districts: Districts
+    latents: Latents
+    catalogue: Catalogue
+    items: ItemTruth
+    users: Users
+    tastes: UserTruth
+
+
+@dataclass(frozen=True)
+class Shown:
+    """Impressions to respond to, one entry each: who saw which item, where and when."""
+
+    user: npt.NDArray[np.integer[Any]]  # user rows
+    item: npt.NDArray[np.integer[Any]]  # item rows (sku ids)
+    position: npt.NDArray[np.integer[Any]]  # 0-based slot in the feed
+    hour: npt.NDArray[np.integer[Any]]  # local hour 0-23
+    lat: npt.NDArray[np.floating[Any]]  # delivery address
+    lon: npt.NDArray[np.floating[Any]]
+
+
+@dataclass(frozen=True)
+class ResponseBias:
+    """The logit offsets that calibrate the response model to the target rates on the build's
+    own log (``TARGET_CTR`` per impression, ``TARGET_ORDER_RATE`` per click)."""
+
+    click: float
+    order: float
+
+
 def generate_world(
     n_skus: int,
     n_users: int = 10_000,
@@ -127,19 +169,24 @@ def generate_world(
     report = progress or (lambda _msg: None)
     rng = np.random.default_rng(seed)
 
-    districts = _make_districts(rng)
-    latents = _make_latents(rng)
-    catalogue, items = _make_catalogue(rng, n_skus, districts, latents)
-    report(f"catalogue: {catalogue.n_restaurants:,} restaurants, {catalogue.n_items:,} items")
-    users, tastes = _make_users(rng, n_users, districts, latents)
-    report(f"users: {users.n_users:,}")
-    sessions = _make_sessions(rng, tastes, districts, users, n_days)
+    truth = _draw_truth(rng, n_skus, n_users, report)
+    catalogue, users = truth.catalogue, truth.users
+    sessions = _make_sessions(rng, truth.tastes, truth.districts, users, n_days)
     report(f"sessions: {sessions.user.shape[0]:,} over {n_days} days")
-    row_session, item, position = _show_feeds(rng, sessions, catalogue, items, districts)
-    report(f"impressions: {item.shape[0]:,}")
-    clicked, ordered = _respond(
-        rng, sessions, row_session, item, position, catalogue, items, tastes, latents
+    row_session, item, position = _show_feeds(
+        rng, sessions, catalogue, truth.items, truth.districts
     )
+    report(f"impressions: {item.shape[0]:,}")
+    shown = Shown(
+        user=sessions.user[row_session],
+        item=item,
+        position=position,
+        hour=sessions.hour[row_session],
+        lat=sessions.lat[row_session],
+        lon=sessions.lon[row_session],
+    )
+    click_logit, order_logit = response_logits(truth, shown)
+    clicked, ordered, _bias = respond(rng, click_logit, order_logit)
     ctr = clicked.sum() / max(1, clicked.shape[0])
     report(f"clicks: {int(clicked.sum()):,} (CTR {ctr:.3f}), orders: {int(ordered.sum()):,}")
 
@@ -165,6 +212,26 @@ def generate_world(
         n_districts=N_DISTRICTS,
     )
     return World(catalogue=catalogue, users=users, log=log, meta=meta)
+
+
+def world_truth(meta: WorldMeta) -> WorldTruth:
+    """The hidden truth of the world ``meta`` describes, regenerated from its seed: the same
+    draws, in the same order, as :func:`generate_world` makes before the log (~1 s a 100k-SKU
+    world; no log is generated)."""
+    return _draw_truth(np.random.default_rng(meta.seed), meta.n_skus, meta.n_users, None)
+
+
+def _draw_truth(
+    rng: np.random.Generator, n_skus: int, n_users: int, progress: Progress | None
+) -> WorldTruth:
+    report = progress or (lambda _msg: None)
+    districts = _make_districts(rng)
+    latents = _make_latents(rng)
+    catalogue, items = _make_catalogue(rng, n_skus, districts, latents)
+    report(f"catalogue: {catalogue.n_restaurants:,} restaurants, {catalogue.n_items:,} items")
+    users, tastes = _make_users(rng, n_users, districts, latents)
+    report(f"users: {users.n_users:,}")
+    return WorldTruth(districts, latents, catalogue, items, users, tastes)
 
 
 def _offset(
@@ -197,7 +264,7 @@ def _categorical_n(rng: np.random.Generator, probs: FloatArray, n: int) -> IntAr
     return np.asarray(np.minimum(drawn, len(probs) - 1), dtype=np.int64)
 
 
-def _make_districts(rng: np.random.Generator) -> _Districts:
+def _make_districts(rng: np.random.Generator) -> Districts:
     # District 0 is the centre; the rest spread from 2 to 12 km, denser towards the middle.
     radius = np.concatenate([[0.5], 2.0 + 10.0 * np.sqrt(rng.random(N_DISTRICTS - 1))])
     angle = rng.random(N_DISTRICTS) * 2 * np.pi
@@ -213,7 +280,7 @@ def _make_districts(rng: np.random.Generator) -> _Districts:
     popularity = 1.0 / (np.arange(len(CUISINES)) + 2.0) ** 0.8  # pizza, burgers, ... most popular
     flavour = rng.gamma(2.0, 0.5, (N_DISTRICTS, len(CUISINES)))
     cuisine_p = popularity * flavour
-    return _Districts(
+    return Districts(
         lat=lat,
         lon=lon,
         weight=weight / weight.sum(),
@@ -231,9 +298,9 @@ def _category_probs() -> FloatArray:
     return probs
 
 
-def _make_latents(rng: np.random.Generator) -> _Latents:
+def _make_latents(rng: np.random.Generator) -> Latents:
     scale = 1.0 / np.sqrt(LATENT_DIM)
-    return _Latents(
+    return Latents(
         cuisine=rng.normal(0.0, scale, (len(CUISINES), LATENT_DIM)),
         category=rng.normal(0.0, scale, (len(CATEGORIES), LATENT_DIM)),
         directions=rng.normal(0.0, scale, (ITEM_DIRECTIONS, LATENT_DIM)),
@@ -241,8 +308,8 @@ def _make_latents(rng: np.random.Generator) -> _Latents:
 
 
 def _make_catalogue(
-    rng: np.random.Generator, n_skus: int, districts: _Districts, latents: _Latents
-) -> tuple[Catalogue, _ItemTruth]:
+    rng: np.random.Generator, n_skus: int, districts: Districts, latents: Latents
+) -> tuple[Catalogue, ItemTruth]:
     n_rest = max(1, n_skus // SKUS_PER_RESTAURANT)
     district = _categorical_n(rng, districts.weight, n_rest)
     lat, lon = _offset(
@@ -298,7 +365,7 @@ def _make_catalogue(
         item_price=price.astype(np.float32),
         item_available=available,
     )
-    truth = _ItemTruth(
+    truth = ItemTruth(
         restaurant_latent=restaurant_latent.astype(np.float32),
         restaurant_quality=quality.astype(np.float32),
         direction=direction,
@@ -313,8 +380,8 @@ def _normalised(weights: FloatArray) -> FloatArray:
 
 
 def _make_users(
-    rng: np.random.Generator, n_users: int, districts: _Districts, latents: _Latents
-) -> tuple[Users, _UserTruth]:
+    rng: np.random.Generator, n_users: int, districts: Districts, latents: Latents
+) -> tuple[Users, UserTruth]:
     district = _categorical_n(rng, districts.weight, n_users)
     home_lat, home_lon = _offset(
         districts.lat[district],
@@ -336,7 +403,7 @@ def _make_users(
     taste += rng.normal(0.0, 0.6 / np.sqrt(LATENT_DIM), (n_users, LATENT_DIM))
 
     users = Users(user_ids=user_ids, home_lat=home_lat, home_lon=home_lon)
-    truth = _UserTruth(
+    truth = UserTruth(
         taste=taste.astype(np.float32),
         price_sensitivity=0.7 * rng.lognormal(0.0, 0.4, n_users),
         sweet_tooth=rng.lognormal(0.0, 0.5, n_users),
@@ -347,7 +414,7 @@ def _make_users(
 
 
 def _make_sessions(
-    rng: np.random.Generator, users: _UserTruth, districts: _Districts, home: Users, n_days: int
+    rng: np.random.Generator, users: UserTruth, districts: Districts, home: Users, n_days: int
 ) -> _Sessions:
     per_user = rng.poisson(users.activity * n_days / 28.0)
     user = np.repeat(np.arange(per_user.shape[0], dtype=np.int32), per_user)
@@ -384,8 +451,8 @@ def _show_feeds(
     rng: np.random.Generator,
     sessions: _Sessions,
     catalogue: Catalogue,
-    items: _ItemTruth,
-    districts: _Districts,
+    items: ItemTruth,
+    districts: Districts,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int16]]:
     """What an old production feed showed: (session row, item, position) per impression."""
     n_sessions = sessions.user.shape[0]
@@ -504,30 +571,20 @@ def _hour_effects() -> tuple[FloatArray, FloatArray]:
     return cuisine, category
 
 
-def _respond(
-    rng: np.random.Generator,
-    sessions: _Sessions,
-    row_session: npt.NDArray[np.int32],
-    item: npt.NDArray[np.int32],
-    position: npt.NDArray[np.int16],
-    catalogue: Catalogue,
-    items: _ItemTruth,
-    users: _UserTruth,
-    latents: _Latents,
-) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Clicks and orders per impression, drawn from the hidden truth."""
+def response_logits(truth: WorldTruth, shown: Shown) -> tuple[FloatArray, FloatArray]:
+    """Click and order logits per impression (before calibration), from the hidden truth: taste,
+    quality, rating, distance, price, time of day, position, and whether it can be ordered."""
+    catalogue, items, users = truth.catalogue, truth.items, truth.tastes
+    item = shown.item
+    user = shown.user
     rest = catalogue.item_restaurant[item]
-    user = sessions.user[row_session]
     category = catalogue.item_category[item]
-    affinity = _affinity(user, item, rest, category, items, users, latents)
+    affinity = _affinity(user, item, rest, category, items, users, truth.latents)
     distance = haversine_km(
-        sessions.lat[row_session],
-        sessions.lon[row_session],
-        catalogue.restaurant_lat[rest],
-        catalogue.restaurant_lon[rest],
+        shown.lat, shown.lon, catalogue.restaurant_lat[rest], catalogue.restaurant_lon[rest]
     )
     hour_cuisine, hour_category = _hour_effects()
-    hour = sessions.hour[row_session]
+    hour = shown.hour
     sweet = np.where(category == _CATEGORY["dessert"], users.sweet_tooth[user], 1.0)
     time_of_day = hour_cuisine[hour, catalogue.restaurant_cuisine[rest]]
     time_of_day += sweet * hour_category[hour, category]
@@ -541,25 +598,64 @@ def _respond(
     click = affinity + 0.5 * items.restaurant_quality[rest] + items.quality[item]
     click += 0.3 * (catalogue.restaurant_rating[rest] - 4.0)
     click -= 0.35 * distance + 0.02 * distance**2  # people order nearby
-    click += time_of_day - price - 0.45 * np.log1p(position)
+    click += time_of_day - price - 0.45 * np.log1p(shown.position)
     click -= 1.0 * ~is_open + 0.6 * ~available
-    clicked = rng.random(click.shape[0]) < expit(click + _calibrate(click, TARGET_CTR))
 
     order = 0.5 * affinity + 0.5 * quality - 0.1 * distance - 0.5 * price
     order -= 4.5 * ~(is_open & available)  # closed or sold out: rarely completes
-    bias = _calibrate(order[clicked], TARGET_ORDER_RATE)
-    ordered = clicked & (rng.random(order.shape[0]) < expit(order + bias))
-    return clicked, ordered
+    return np.asarray(click, np.float64), np.asarray(order, np.float64)
+
+
+def respond(
+    rng: np.random.Generator,
+    click_logit: FloatArray,
+    order_logit: FloatArray,
+    bias: ResponseBias | None = None,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], ResponseBias]:
+    """Clicks, and orders after clicks, drawn from the logits. Without ``bias`` the logits are
+    calibrated to the target rates first (the build, on its whole log); with it (the simulator)
+    they are not, so a better feed gets more clicks."""
+    click_bias = _calibrate(click_logit, TARGET_CTR) if bias is None else bias.click
+    clicked = rng.random(click_logit.shape[0]) < expit(click_logit + click_bias)
+    if bias is None:
+        bias = ResponseBias(click_bias, _calibrate(order_logit[clicked], TARGET_ORDER_RATE))
+    ordered = clicked & (rng.random(order_logit.shape[0]) < expit(order_logit + bias.order))
+    return clicked, ordered, bias
+
+
+def calibrated_bias(truth: WorldTruth, log: InteractionLog) -> ResponseBias:
+    """The bias the build calibrated, recomputed from its saved log: the same strided rows
+    :func:`_calibrate` sampled (the log keeps the build's row order), so only the float32
+    rounding of the saved addresses differs."""
+    rows = np.arange(0, log.n_rows, _stride(log.n_rows))
+    click, _ = response_logits(truth, _shown_rows(log, rows))
+    clicked_rows = np.flatnonzero(np.asarray(log.clicked))
+    clicked_rows = clicked_rows[:: _stride(clicked_rows.shape[0])]
+    _, order = response_logits(truth, _shown_rows(log, clicked_rows))
+    return ResponseBias(
+        _calibrate(click, TARGET_CTR, stride=1), _calibrate(order, TARGET_ORDER_RATE, stride=1)
+    )
+
+
+def _shown_rows(log: InteractionLog, rows: IntArray) -> Shown:
+    return Shown(
+        user=np.asarray(log.user[rows]),
+        item=np.asarray(log.item[rows]),
+        position=np.asarray(log.position[rows]),
+        hour=np.asarray(log.hour[rows]),
+        lat=np.asarray(log.lat[rows], np.float64),
+        lon=np.asarray(log.lon[rows], np.float64),
+    )
 
 
 def _affinity(
-    user: npt.NDArray[np.int32],
-    item: npt.NDArray[np.int32],
-    rest: npt.NDArray[np.int32],
-    category: npt.NDArray[np.int8],
-    items: _ItemTruth,
-    users: _UserTruth,
-    latents: _Latents,
+    user: npt.NDArray[np.integer[Any]],
+    item: npt.NDArray[np.integer[Any]],
+    rest: npt.NDArray[np.integer[Any]],
+    category: npt.NDArray[np.integer[Any]],
+    items: ItemTruth,
+    users: UserTruth,
+    latents: Latents,
 ) -> npt.NDArray[np.float32]:
     """taste . item latent per impression, in row chunks to bound the [rows, L] temporaries."""
     category_latent = (0.4 * latents.category).astype(np.float32)
@@ -573,11 +669,18 @@ def _affinity(
     return out
 
 
-def _calibrate(logit: npt.NDArray[np.floating], target: float) -> float:
+def _stride(n: int) -> int:
+    return max(1, n // CALIBRATION_SAMPLE)
+
+
+def _calibrate(
+    logit: npt.NDArray[np.floating[Any]], target: float, *, stride: int | None = None
+) -> float:
     """The bias b with mean(sigmoid(logit + b)) == target, by bisection on a strided sample."""
     if logit.shape[0] == 0:
         return 0.0
-    sample = logit[:: max(1, logit.shape[0] // 200_000)].astype(np.float64)
+    step = _stride(logit.shape[0]) if stride is None else stride
+    sample = logit[::step].astype(np.float64)
     low, high = -30.0, 30.0
     for _ in range(50):
         mid = 0.5 * (low + high)

@@ -23,7 +23,14 @@ from recsys.world import (
     load_world,
     save_world,
 )
-from recsys.worldgen import generate_world
+from recsys.worldgen import (
+    Shown,
+    calibrated_bias,
+    generate_world,
+    respond,
+    response_logits,
+    world_truth,
+)
 
 N_SKUS, N_USERS, SEED = 4_000, 1_500, 11
 
@@ -216,3 +223,37 @@ def test_users_keep_their_favourite_cuisine(world: World) -> None:
     recent = ~history & active[log.user]
     on_favourite = recent & (key == log.user.astype(np.int64) * n_cuisines + favourite[log.user])
     assert _ctr(log.clicked, on_favourite) > 1.5 * _ctr(log.clicked, recent)
+
+
+def test_the_truth_regenerates_from_the_seed_and_reproduces_the_builds_calibration(
+    world: World,
+) -> None:
+    truth = world_truth(world.meta)
+    for name, column in _columns(world).items():
+        part, field = name.split(".")
+        if part == "catalogue":
+            assert np.array_equal(getattr(truth.catalogue, field), column), name
+    assert np.array_equal(truth.users.user_ids, world.users.user_ids)
+    # The build's own bias, from its draws, against the one recomputed from the saved log.
+    rng = np.random.default_rng(0)
+    log = world.log
+    shown = Shown(log.user, log.item, log.position, log.hour, log.lat, log.lon)
+    click, order = response_logits(truth, shown)
+    _clicked, _ordered, fitted = respond(rng, click, order)
+    recomputed = calibrated_bias(truth, log)
+    assert recomputed.click == pytest.approx(fitted.click, abs=1e-3)
+    assert recomputed.order == pytest.approx(fitted.order, abs=0.05)
+    # Drawn again with the recomputed bias, the log's impressions give the log's click rate.
+    clicked, _ordered, _ = respond(rng, click, order, recomputed)
+    assert clicked.mean() == pytest.approx(log.clicked.mean(), abs=0.005)
+
+
+def test_a_fixed_bias_lets_better_feeds_get_more_clicks(world: World) -> None:
+    truth = world_truth(world.meta)
+    log = world.log
+    bias = calibrated_bias(truth, log)
+    top = Shown(log.user, log.item, np.zeros_like(log.position), log.hour, log.lat, log.lon)
+    click, order = response_logits(truth, top)  # every item in the first slot
+    clicked, _ordered, same = respond(np.random.default_rng(1), click, order, bias)
+    assert same == bias
+    assert clicked.mean() > log.clicked.mean() + 0.01

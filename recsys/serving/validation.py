@@ -81,7 +81,9 @@ def validate_request(
 ) -> Request:
     """Check ``message`` and fill its defaults; raises :class:`InvalidRequest`.
 
-    ``hour`` is the local hour of day the feed is shown at (the servicer reads the clock).
+    ``hour`` is the local hour of day the feed is shown at (the servicer reads the clock); a
+    request that sets its own ``hour`` (a client in another time zone, the traffic simulator)
+    is ranked for that hour.
     """
     _check_text("user_id", message.user_id, max_bytes=MAX_USER_ID_BYTES, required=True)
     _check_text("request_id", message.request_id, max_bytes=MAX_REQUEST_ID_BYTES, required=False)
@@ -93,6 +95,8 @@ def validate_request(
             f"is {message.num_results}; expected 0..{MAX_NUM_RESULTS} "
             f"(0 means the default, {DEFAULT_NUM_RESULTS})",
         )
+    if message.HasField("hour"):
+        hour = message.hour
     if not 0 <= hour <= 23:
         raise InvalidRequest("hour", f"is {hour}; expected 0..23")
 

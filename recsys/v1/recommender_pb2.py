@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecsys/v1/recommender.proto\x12\trecsys.v1\"$\n\x08Location\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\"\xc1\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_results\x18\x02 \x01(\x05\x12*\n\x08location\x18\x03 \x01(\x0b\x32\x13.recsys.v1.LocationH\x00\x88\x01\x01\x12\x0f\n\x07surface\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x65xclude_sku_ids\x18\x06 \x03(\x03\x12\x10\n\x08platform\x18\x07 \x01(\tB\x0b\n\t_location\"B\n\nScoredItem\x12\x0e\n\x06sku_id\x18\x01 \x01(\x03\x12\x15\n\rrestaurant_id\x18\x02 \x01(\x03\x12\r\n\x05score\x18\x03 \x01(\x02\"Z\n\x08\x45xposure\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\x05\x12\x0e\n\x06\x66orced\x18\x05 \x01(\x08\"\xfd\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x05 \x01(\t\x12(\n\x0b\x65xperiments\x18\x06 \x03(\x0b\x32\x13.recsys.v1.Exposure\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\t \x01(\t2U\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecsys/v1/recommender.proto\x12\trecsys.v1\"$\n\x08Location\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\"\xdd\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_results\x18\x02 \x01(\x05\x12*\n\x08location\x18\x03 \x01(\x0b\x32\x13.recsys.v1.LocationH\x00\x88\x01\x01\x12\x0f\n\x07surface\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x65xclude_sku_ids\x18\x06 \x03(\x03\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x11\n\x04hour\x18\x08 \x01(\x05H\x01\x88\x01\x01\x42\x0b\n\t_locationB\x07\n\x05_hour\"B\n\nScoredItem\x12\x0e\n\x06sku_id\x18\x01 \x01(\x03\x12\x15\n\rrestaurant_id\x18\x02 \x01(\x03\x12\r\n\x05score\x18\x03 \x01(\x02\"Z\n\x08\x45xposure\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\x05\x12\x0e\n\x06\x66orced\x18\x05 \x01(\x08\"\xfd\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63onfig_version\x18\x05 \x01(\t\x12(\n\x0b\x65xperiments\x18\x06 \x03(\x0b\x32\x13.recsys.v1.Exposure\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\t \x01(\t2U\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCATION']._serialized_start=42
   _globals['_LOCATION']._serialized_end=78
   _globals['_RECOMMENDREQUEST']._serialized_start=81
-  _globals['_RECOMMENDREQUEST']._serialized_end=274
-  _globals['_SCOREDITEM']._serialized_start=276
-  _globals['_SCOREDITEM']._serialized_end=342
-  _globals['_EXPOSURE']._serialized_start=344
-  _globals['_EXPOSURE']._serialized_end=434
-  _globals['_RECOMMENDRESPONSE']._serialized_start=437
-  _globals['_RECOMMENDRESPONSE']._serialized_end=690
-  _globals['_RECOMMENDER']._serialized_start=692
-  _globals['_RECOMMENDER']._serialized_end=777
+  _globals['_RECOMMENDREQUEST']._serialized_end=302
+  _globals['_SCOREDITEM']._serialized_start=304
+  _globals['_SCOREDITEM']._serialized_end=370
+  _globals['_EXPOSURE']._serialized_start=372
+  _globals['_EXPOSURE']._serialized_end=462
+  _globals['_RECOMMENDRESPONSE']._serialized_start=465
+  _globals['_RECOMMENDRESPONSE']._serialized_end=718
+  _globals['_RECOMMENDER']._serialized_start=720
+  _globals['_RECOMMENDER']._serialized_end=805
 # @@protoc_insertion_point(module_scope)

@@ -148,3 +148,12 @@ def test_exclusions_are_accepted_exactly_when_none_is_negative(ids: list[int]) -
         with pytest.raises(InvalidRequest) as raised:
             validate_request(message)
         assert raised.value.field == f"exclude_sku_ids[{first_negative}]"
+
+
+def test_a_request_may_name_its_own_hour_and_otherwise_gets_the_clocks() -> None:
+    unset = recommender_pb2.RecommendRequest(user_id="u1")
+    assert validate_request(unset, hour=7).hour == 7
+    midnight = recommender_pb2.RecommendRequest(user_id="u1", hour=0)
+    assert validate_request(midnight, hour=7).hour == 0
+    with pytest.raises(InvalidRequest, match="hour"):
+        validate_request(recommender_pb2.RecommendRequest(user_id="u1", hour=24), hour=7)

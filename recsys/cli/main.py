@@ -14,7 +14,17 @@ import sys
 from collections.abc import Sequence
 
 from recsys.artifacts import ArtifactError
-from recsys.cli import availability, build, control, experiments, exposures, models, replay, serve
+from recsys.cli import (
+    availability,
+    build,
+    control,
+    experiments,
+    exposures,
+    models,
+    replay,
+    serve,
+    simulate,
+)
 from recsys.cli.common import CliError
 from recsys.control.store import StoreError
 from recsys.promotion.policy import PolicyError
@@ -22,7 +32,7 @@ from recsys.ranking.registry import RegistryError
 from recsys.replay import ReplayError
 from recsys.settings import SettingError
 
-COMMANDS = (build, serve, experiments, models, availability, replay, exposures, control)
+COMMANDS = (build, serve, experiments, models, availability, replay, exposures, control, simulate)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CliError,

@@ -39,7 +39,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from recsys.settings import ServeSettings
+from recsys.control.redis_auth import redis_client
+from recsys.settings import RedisAuth, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -475,15 +476,24 @@ class RedisStreamWriter:
     it and drops the batch); a dropped connection is retried once on a new one, so a batch in
     flight when Redis restarts may be added twice (records carry their request id)."""
 
-    def __init__(self, url: str, stream: str, maxlen: int, *, timeout_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        maxlen: int,
+        *,
+        timeout_seconds: float = 2.0,
+        auth: RedisAuth | None = None,
+    ) -> None:
         if not stream:
             raise ValueError("stream key is empty")
         if maxlen < 1:
             raise ValueError(f"stream maxlen is {maxlen}; expected >= 1")
         self.stream = stream
         self.maxlen = maxlen
-        self._client = redis.Redis.from_url(
+        self._client = redis_client(
             url,
+            auth or RedisAuth(),
             socket_connect_timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
             retry=Retry(NoBackoff(), 1),

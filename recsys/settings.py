@@ -12,6 +12,17 @@ DEFAULT_ARTIFACTS = Path("artifacts")
 
 
 @dataclass(frozen=True)
+class RedisAuth:
+    """How a process authenticates to Redis, beside what its URLs say (``rediss://`` for TLS,
+    ``redis://USER@HOST:PORT/DB`` for an ACL user): see recsys/control/redis_auth.py."""
+
+    password_file: Path | None = None
+    """File holding the password (a mounted Secret), read at every new connection."""
+    ca_file: Path | None = None
+    """PEM CA certificates for ``rediss://`` servers (None: the system's roots)."""
+
+
+@dataclass(frozen=True)
 class BuildSettings:
     out: Path = DEFAULT_ARTIFACTS
     skus: int = 100_000
@@ -27,9 +38,10 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9100
-    metrics_host: str = ""
-    """Address of the metrics endpoint; empty: ``host``. Workers of ``--workers N`` use the
-    loopback: only the parent's merged endpoint is published."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint: the loopback unless told otherwise (``0.0.0.0`` for a
+    Prometheus that scrapes the pod). Workers of ``--workers N`` always use the loopback: only
+    the parent's merged endpoint is published."""
     control: str = ""
     """Control-plane URL: empty for the file backend in the artifact root, or redis://HOST:PORT/DB."""
     workers: int = 1
@@ -96,6 +108,25 @@ class ServeSettings:
     """How often the drift windows are appended to ``monitor/`` in the exposure directory
     (0: never; ``recsys monitor report`` plots them)."""
 
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the gRPC port; with ``tls_key``, the port speaks TLS only.
+    Reloaded when the file changes (serving/tls.py)."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA certificates: when given, clients must present a certificate signed by one
+    (mutual TLS); a client without one is refused at the handshake."""
+    redis_password_file: Path | None = None
+    """File holding the password of every Redis URL of the server (control, feature store,
+    exposure sink); the user is the URL's (``redis://USER@HOST:PORT/DB``). Read at every new
+    connection, so a rotated Secret applies on reconnect."""
+    redis_ca_file: Path | None = None
+    """PEM CA certificates that sign the Redis servers' certificates, for ``rediss://`` URLs."""
+
+    @property
+    def redis_auth(self) -> RedisAuth:
+        """How the server's Redis clients authenticate."""
+        return RedisAuth(password_file=self.redis_password_file, ca_file=self.redis_ca_file)
+
     @property
     def exposure_path(self) -> Path:
         """Where exposure records and snapshot manifests go."""
@@ -136,11 +167,14 @@ NUMERIC_FIELDS: dict[str, tuple[type[int] | type[float], str]] = {
 }
 
 
-def env_default(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+def env_default(
+    name: str, default: str, environ: Mapping[str, str] | None = None, *, flag: str = ""
+) -> str:
     """``RECSYS_<NAME>`` from the environment, else ``default`` (used for CLI flag defaults).
 
     A variable of a numeric setting that does not parse raises :class:`SettingError` (which
-    ``recsys`` prints as one line), rather than the caller's ``int()`` failing with a traceback.
+    ``recsys`` prints as one line), rather than the caller's ``int()`` failing with a traceback;
+    ``flag`` names the command-line flag it is the default of, for that message.
     """
     env = os.environ if environ is None else environ
     variable = f"RECSYS_{name.upper()}"
@@ -152,5 +186,6 @@ def env_default(name: str, default: str, environ: Mapping[str, str] | None = Non
         try:
             kind(value)
         except ValueError:
-            raise SettingError(f"{variable}={value!r}: expected {expected}") from None
+            of = f" (the default of {flag})" if flag else ""
+            raise SettingError(f"{variable}={value!r}{of}: expected {expected}") from None
     return value

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from recsys.artifacts import ArtifactError, ArtifactRoot, versions
-from recsys.cli.common import control_plane_arguments
+from recsys.cli.common import control_plane_arguments, redis_auth
 from recsys.control.backends import open_store
+from recsys.control.redis_auth import redis_client
 from recsys.control.store import AVAILABILITY, ROUTING, Document, DocumentStore, StoreError
 from recsys.retrieval.availability import DOCUMENT_FIELDS, Availability
 from recsys.settings import env_default
@@ -74,7 +75,9 @@ def _store(args: argparse.Namespace) -> DocumentStore:
     from recsys.cli.common import CliError
 
     try:
-        return open_store(args.control, args.artifacts, prefix=args.control_prefix)
+        return open_store(
+            args.control, args.artifacts, prefix=args.control_prefix, auth=redis_auth(args)
+        )
     except StoreError as e:
         raise CliError(str(e)) from e
 
@@ -207,7 +210,7 @@ def cmd_features_publish(args: argparse.Namespace) -> int:
     tables = load_feature_tables(lineage.features_dir, catalogue)
     rows = user_feature_rows(tables, np.arange(tables.n_users))
     try:
-        client = redis.Redis.from_url(args.feature_store, socket_connect_timeout=5)
+        client = redis_client(args.feature_store, redis_auth(args), socket_connect_timeout=5)
         written = publish_user_vectors(
             client, args.control_prefix, features_version, tables.user_ids, rows
         )

@@ -6,7 +6,7 @@ import argparse
 from datetime import datetime
 from pathlib import Path
 
-from recsys.settings import DEFAULT_ARTIFACTS, env_default
+from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth, env_default
 
 
 class CliError(Exception):
@@ -41,7 +41,37 @@ def control_plane_arguments() -> argparse.ArgumentParser:
         default=env_default("control_prefix", "recsys:"),
         help="key prefix in Redis (default: $RECSYS_CONTROL_PREFIX or recsys:)",
     )
+    add_redis_auth_arguments(common)
     return common
+
+
+def add_redis_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--redis-password-file`` and ``--redis-ca-file`` (RECSYS_REDIS_PASSWORD_FILE,
+    RECSYS_REDIS_CA_FILE); the user goes in the URL: ``redis://recsys-ops@HOST:PORT/DB``."""
+    password_file = env_default("redis_password_file", "")
+    ca_file = env_default("redis_ca_file", "")
+    parser.add_argument(
+        "--redis-password-file",
+        type=Path,
+        default=Path(password_file) if password_file else None,
+        help="file holding the password of the Redis user named in the URL "
+        "(redis://USER@HOST:PORT/DB); default: $RECSYS_REDIS_PASSWORD_FILE",
+    )
+    parser.add_argument(
+        "--redis-ca-file",
+        type=Path,
+        default=Path(ca_file) if ca_file else None,
+        help="PEM CA certificates of the Redis server, for rediss:// URLs "
+        "(default: $RECSYS_REDIS_CA_FILE)",
+    )
+
+
+def redis_auth(args: argparse.Namespace) -> RedisAuth:
+    """The Redis credentials the flags of :func:`add_redis_auth_arguments` name."""
+    return RedisAuth(
+        password_file=getattr(args, "redis_password_file", None),
+        ca_file=getattr(args, "redis_ca_file", None),
+    )
 
 
 def parse_time(text: str, flag: str) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from recsys.artifacts import ArtifactRoot, versions
-from recsys.cli.common import CliError, control_plane_arguments
+from recsys.cli.common import CliError, control_plane_arguments, redis_auth
 from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import (
@@ -119,7 +119,9 @@ def add_parser(subparsers: Any) -> None:
 
 def _store(args: argparse.Namespace) -> DocumentStore:
     try:
-        return open_store(args.control, args.artifacts, prefix=args.control_prefix)
+        return open_store(
+            args.control, args.artifacts, prefix=args.control_prefix, auth=redis_auth(args)
+        )
     except StoreError as e:
         raise CliError(str(e)) from e
 

@@ -29,7 +29,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from recsys.cli.common import CliError, add_artifacts_argument
+from recsys.cli.common import (
+    CliError,
+    add_artifacts_argument,
+    add_redis_auth_arguments,
+    redis_auth,
+)
+from recsys.control.redis_auth import redis_client
 from recsys.settings import ServeSettings, default_exposure_dir, env_default
 
 if TYPE_CHECKING:
@@ -93,6 +99,7 @@ def add_archive(actions: argparse._SubParsersAction[Any]) -> None:
         default=env_default("exposure_sink", ""),
         help="Redis URL, redis://HOST:PORT/DB (default: $RECSYS_EXPOSURE_SINK)",
     )
+    add_redis_auth_arguments(p)
     p.add_argument(
         "--stream",
         default=env_default("exposure_stream", defaults.exposure_stream),
@@ -128,14 +135,24 @@ def add_archive(actions: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--max-bytes",
         type=int,
-        default=int(env_default("exposure_max_bytes", str(defaults.exposure_max_bytes))),
+        default=int(
+            env_default(
+                "exposure_max_bytes",
+                str(defaults.exposure_max_bytes),
+                flag="`recsys exposures archive --max-bytes`",
+            )
+        ),
         help="rotate a file at this size (default %(default)s)",
     )
     p.add_argument(
         "--max-age-seconds",
         type=float,
         default=float(
-            env_default("exposure_max_age_seconds", str(defaults.exposure_max_age_seconds))
+            env_default(
+                "exposure_max_age_seconds",
+                str(defaults.exposure_max_age_seconds),
+                flag="`recsys exposures archive --max-age-seconds`",
+            )
         ),
         help="rotate a file open this long (default %(default)s)",
     )
@@ -173,8 +190,11 @@ def cmd_archive(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as e:
         raise CliError(f"--out {args.out}: {e}") from e
-    client = redis.Redis.from_url(
-        args.source, socket_connect_timeout=5.0, socket_timeout=args.block_ms / 1000 + 10.0
+    client = redis_client(
+        args.source,
+        redis_auth(args),
+        socket_connect_timeout=5.0,
+        socket_timeout=args.block_ms / 1000 + 10.0,
     )
     archiver = StreamArchiver(
         client,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.artifacts import ArtifactRoot
-from recsys.cli.common import CliError, control_plane_arguments
+from recsys.cli.common import CliError, control_plane_arguments, redis_auth
 from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, Document, StoreError
@@ -128,7 +128,9 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
     if not args.artifacts.is_dir():
         raise CliError(f"--artifacts {args.artifacts}: no such directory; run `recsys build`")
     try:
-        store = open_store(args.control, args.artifacts, prefix=args.control_prefix)
+        store = open_store(
+            args.control, args.artifacts, prefix=args.control_prefix, auth=redis_auth(args)
+        )
     except StoreError as e:
         raise CliError(str(e)) from e
     return ModelRegistry(

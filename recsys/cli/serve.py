@@ -18,15 +18,28 @@ from recsys.settings import ServeSettings, default_exposure_dir, env_default, is
 
 log = logging.getLogger(__name__)
 
+
+def optional_path(raw: str) -> Path | None:
+    """A path flag that may be unset: empty means None."""
+    return Path(raw) if raw else None
+
+
 SETTING_TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "str": str,
     "Path": Path,
+    "Path | None": optional_path,
 }
 
 
-EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path"}
+EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "Path": "a path",
+    "Path | None": "a path",
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,23 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     flag("host")
     flag("port", "0: any")
     flag("metrics_port", "Prometheus /metrics port (0: any)")
+    flag(
+        "metrics_host",
+        "address of /metrics (default %(default)s: the loopback; 0.0.0.0 for a Prometheus that "
+        "scrapes the pod; empty: --host)",
+    )
+    flag("tls_cert", "PEM certificate chain: the gRPC port speaks TLS only (reloaded on change)")
+    flag("tls_key", "PEM private key of --tls-cert")
+    flag(
+        "tls_client_ca",
+        "PEM CA certificates: clients must present a certificate they signed (mutual TLS)",
+    )
+    flag(
+        "redis_password_file",
+        "file holding the password of the Redis user named in the URLs "
+        "(redis://USER@HOST:PORT/DB), read at each new connection",
+    )
+    flag("redis_ca_file", "PEM CA certificates of the Redis servers, for rediss:// URLs")
     flag("control", "control plane: empty for files in the artifact root, or redis://HOST:PORT/DB")
     flag(
         "feature_store",
@@ -168,6 +198,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     recommend.add_argument("--surface", default="")
     recommend.add_argument("--platform", default="")
     recommend.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_client_tls_flags(recommend)
     recommend.set_defaults(func=run_recommend)
 
     health = subparsers.add_parser(
@@ -177,7 +208,54 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     health.add_argument("--target", default=env_default("target", "127.0.0.1:50051"))
     health.add_argument("--service", default="", help="service name (default: the server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    add_client_tls_flags(health)
     health.set_defaults(func=run_health)
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS for ``recommend`` and ``health``, each defaulting to its RECSYS_ variable."""
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=bool(env_default("tls", "")),
+        help="speak TLS, trusting the system's roots unless --tls-ca is given (RECSYS_TLS)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=optional_path,
+        default=optional_path(env_default("tls_ca", "")),
+        help="PEM CA certificates that signed the server's certificate (implies --tls)",
+    )
+    parser.add_argument(
+        "--tls-client-cert",
+        type=optional_path,
+        default=optional_path(env_default("tls_client_cert", "")),
+        help="PEM client certificate, for a server that requires one (mutual TLS)",
+    )
+    parser.add_argument(
+        "--tls-client-key",
+        type=optional_path,
+        default=optional_path(env_default("tls_client_key", "")),
+        help="PEM private key of --tls-client-cert",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=env_default("tls_server_name", ""),
+        help="the name the server's certificate must carry, when not the --target host",
+    )
+
+
+def client_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """The channel credentials the TLS flags ask for; None for plaintext."""
+    from recsys.serving.tls import TlsError, channel_credentials
+
+    wanted = args.tls or args.tls_ca or args.tls_client_cert or args.tls_client_key
+    if not wanted:
+        return None
+    try:
+        return channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    except TlsError as e:
+        raise CliError(str(e)) from None
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -230,6 +308,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     if not args.artifacts.is_dir():
         raise CliError(f"--artifacts {args.artifacts}: no such directory (build one first)")
     check_exposure_flags(args)
+    check_security_flags(args)
     return ServeSettings(
         artifacts=args.artifacts,
         host=args.host,
@@ -256,7 +335,49 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         exposure_queue_size=args.exposure_queue_size,
         monitor_window_seconds=args.monitor_window_seconds,
         monitor_summary_seconds=args.monitor_summary_seconds,
+        metrics_host=args.metrics_host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        redis_password_file=args.redis_password_file,
+        redis_ca_file=args.redis_ca_file,
     )
+
+
+def check_security_flags(args: argparse.Namespace) -> None:
+    """TLS files that load (a key that matches its certificate) and Redis credential files
+    that exist; a bad one is a configuration error (exit 2)."""
+    from recsys.serving.tls import TlsError, server_credentials
+
+    try:
+        server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except TlsError as e:
+        raise CliError(str(e)) from None
+    for option, path in (
+        ("--redis-password-file", args.redis_password_file),
+        ("--redis-ca-file", args.redis_ca_file),
+    ):
+        if path is not None and not path.is_file():
+            raise CliError(f"{option} {path}: no such file")
+
+
+def check_redis_credentials(settings: ServeSettings) -> None:
+    """Redis refusing the server's credentials is a configuration error (exit 2, one line),
+    not an outage to ride out on the last-good copies. An unreachable Redis passes."""
+    from recsys.control.redis_auth import RedisAuthError, check_credentials
+
+    urls = {
+        "--control": settings.control,
+        "--feature-store": settings.feature_store,
+        "--exposure-sink": settings.exposure_sink,
+    }
+    for option, url in urls.items():
+        if not url.startswith(("redis://", "rediss://")):
+            continue
+        try:
+            check_credentials(url, settings.redis_auth)
+        except (RedisAuthError, ValueError) as e:
+            raise CliError(f"{option}: {e}") from None
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -298,6 +419,7 @@ def check_exposure_flags(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = serve_settings(args)
+    check_redis_credentials(settings)
     from recsys.artifacts import ArtifactError
     from recsys.serving.server import BindError
 
@@ -332,7 +454,13 @@ def run_recommend(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--lat/--lon: {e}") from e
     try:
-        response = recommend(args.target, request, timeout=args.timeout)
+        response = recommend(
+            args.target,
+            request,
+            timeout=args.timeout,
+            credentials=client_credentials(args),
+            server_name=args.tls_server_name,
+        )
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         name = code.name if code is not None else "ERROR"
@@ -347,7 +475,13 @@ def run_health(args: argparse.Namespace) -> int:
     from recsys.serving.client import health_status
 
     try:
-        status = health_status(args.target, service=args.service, timeout=args.timeout)
+        status = health_status(
+            args.target,
+            service=args.service,
+            timeout=args.timeout,
+            credentials=client_credentials(args),
+            server_name=args.tls_server_name,
+        )
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         print(f"{args.target}: {code.name if code is not None else 'UNREACHABLE'}")

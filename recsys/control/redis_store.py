@@ -19,12 +19,20 @@ from typing import Any
 
 import redis
 
+from recsys.control.redis_auth import (
+    PasswordFileUnreadable,
+    auth_error_message,
+    redacted,
+    redis_client,
+    url_user,
+)
 from recsys.control.store import (
     HISTORY_LIMIT,
     CorruptDocument,
     Document,
     HistoryEntry,
     StoreError,
+    StoreForbidden,
     StoreUnavailable,
     VersionConflict,
     check_expected_version,
@@ -33,6 +41,9 @@ from recsys.control.store import (
     history_entry,
     new_document,
 )
+from recsys.settings import RedisAuth
+
+NO_AUTH = RedisAuth()
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 
@@ -64,21 +75,15 @@ class DocumentKeys:
         self.channel = f"{base}:changed"
 
 
-def redacted(url: str) -> str:
-    """``url`` without a password, for messages."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "recsys:") -> None:
+    def __init__(self, url: str, *, prefix: str = "recsys:", auth: RedisAuth = NO_AUTH) -> None:
         self.url = url
         self.prefix = prefix
+        self.auth = auth
         try:
-            self._client = redis.Redis.from_url(
+            self._client = redis_client(
                 url,
+                auth,
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 socket_timeout=CONNECT_TIMEOUT_SECONDS,
             )
@@ -93,6 +98,15 @@ class RedisStore:
         """Run one Redis call, translating its errors once, here."""
         try:
             return fn(*args)
+        except redis.AuthenticationError as e:  # a ConnectionError, but not an outage
+            raise StoreError(auth_error_message(self.url, self.auth, e)) from e
+        except PasswordFileUnreadable as e:
+            raise StoreError(str(e)) from e
+        except redis.exceptions.NoPermissionError as e:
+            raise StoreForbidden(
+                f"{redacted(self.url)}: Redis user {url_user(self.url)!r} may not {what} ({e}); "
+                "the ops user (recsys-ops in deploy/redis-acl.conf) writes the control documents"
+            ) from e
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(
                 f"{redacted(self.url)}: cannot reach Redis to {what} ({e})"

@@ -38,6 +38,11 @@ class StoreUnavailable(StoreError):
     """The backend cannot be reached (e.g. Redis is down); callers keep their last good state."""
 
 
+class StoreForbidden(StoreError):
+    """The backend refused the operation to this client's user (a Redis ACL: servers may only
+    read the control documents; the ops user writes them)."""
+
+
 class CorruptDocument(StoreError):
     """The stored document does not parse; ``version`` is the store's version counter for it.
 

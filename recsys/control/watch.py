@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,15 +33,22 @@ import redis.asyncio as aioredis
 
 from recsys.control.backends import open_store
 from recsys.control.file_store import FileStore
-from recsys.control.redis_store import DocumentKeys, redacted
+from recsys.control.redis_auth import async_redis_client, redacted
+from recsys.control.redis_store import DocumentKeys
 from recsys.control.store import CorruptDocument, Document, StoreError, check_name
-from recsys.settings import DEFAULT_ARTIFACTS
+from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth
 
 HealthCallback = Callable[[bool], None]
 RejectedCallback = Callable[[CorruptDocument], None]
 """Called once per corrupt stored version (the same bytes seen again are not reported again)."""
 INITIAL_BACKOFF_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 5.0
+
+
+def jittered(backoff: float, rng: random.Random) -> float:
+    """A reconnect delay drawn from [backoff / 2, backoff]: a fleet whose Redis comes back does
+    not reconnect in one wave (every server started its backoff at the same outage)."""
+    return rng.uniform(backoff / 2, backoff)
 
 
 class DocumentWatcher:
@@ -58,6 +66,8 @@ class DocumentWatcher:
         after_version: int,
         max_backoff_seconds: float,
         on_rejected: RejectedCallback | None = None,
+        auth: RedisAuth | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds: expected > 0, got {poll_seconds}")
@@ -78,6 +88,10 @@ class DocumentWatcher:
         self._last_version = after_version
         self._max_backoff = max_backoff_seconds
         self._backoff = INITIAL_BACKOFF_SECONDS
+        self._rng = rng or random.Random()
+        self._auth = auth or RedisAuth()
+        self.delays: list[float] = []
+        """The last few reconnect delays slept (newest last), for tests and logs."""
         self._closed = False
         self._step: asyncio.Future[Document | None] | None = None
         self._is_redis = url.startswith(("redis://", "rediss://"))
@@ -230,7 +244,9 @@ class DocumentWatcher:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             self._set_health(False, f"{redacted(self.url)}: {e}")
             await self._disconnect()
-            await asyncio.sleep(self._backoff)
+            delay = jittered(self._backoff, self._rng)
+            self.delays = [*self.delays[-9:], delay]
+            await asyncio.sleep(delay)
             self._backoff = min(self._backoff * 2, self._max_backoff)
         except StoreError as e:  # a corrupt document: keep the last good one, look again later
             self.last_error = str(e)
@@ -238,8 +254,9 @@ class DocumentWatcher:
         return None
 
     async def _connect(self) -> None:
-        client = aioredis.Redis.from_url(
+        client = async_redis_client(
             self.url,
+            self._auth,
             socket_connect_timeout=2.0,
             socket_timeout=max(2.0, self.poll_seconds + 1.0),
         )
@@ -279,6 +296,7 @@ def watch(
     after_version: int = 0,
     max_backoff_seconds: float = MAX_BACKOFF_SECONDS,
     on_rejected: RejectedCallback | None = None,
+    auth: RedisAuth | None = None,
 ) -> DocumentWatcher:
     """Watch document ``name`` in the store at ``url`` ("" = the file in ``artifacts``).
 
@@ -286,7 +304,8 @@ def watch(
     each new version (a version lower than the last one means the store was reset, and is
     yielded too). ``on_health(connected)`` is called when the backend goes away or returns;
     ``on_rejected(error)`` once for each corrupt stored version (the watcher keeps the last
-    good one and looks again: a later write replaces the corrupt one).
+    good one and looks again: a later write replaces the corrupt one). ``auth``: the Redis
+    user's password file and CA.
     """
     return DocumentWatcher(
         url,
@@ -298,4 +317,5 @@ def watch(
         after_version=after_version,
         max_backoff_seconds=max_backoff_seconds,
         on_rejected=on_rejected,
+        auth=auth,
     )

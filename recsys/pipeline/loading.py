@@ -38,6 +38,7 @@ from recsys.ranking.routing import RoutingError, RoutingTable, arm_pins, parse_r
 from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import ItemIndex
 from recsys.retrieval.retriever import RetrievalQuery, Retriever
+from recsys.settings import RedisAuth
 from recsys.types import Location
 from recsys.world import World, load_world
 
@@ -115,6 +116,7 @@ class SnapshotCompiler:
         feature_store: str = "",
         feature_store_prefix: str = "recsys:",
         feature_store_timeout_seconds: float = 0.005,
+        feature_store_auth: RedisAuth | None = None,
         versions: Mapping[str, int] | None = None,
     ) -> ServingSnapshot:
         """Load everything named by the routing document and compile the other documents.
@@ -143,6 +145,7 @@ class SnapshotCompiler:
                     user_ids=loaded.tables.user_ids,
                     user_vectors=all_user_rows(loaded.tables),
                     timeout_seconds=feature_store_timeout_seconds,
+                    auth=feature_store_auth,
                 )
             except ValueError as e:
                 raise SnapshotError(f"feature store: {e}") from e

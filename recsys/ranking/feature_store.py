@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
+from recsys.control.redis_auth import redis_client
+from recsys.settings import RedisAuth
 from recsys.types import Int64Array
 
 Rows = npt.NDArray[np.floating]
@@ -187,13 +189,17 @@ def open_user_store(
     user_ids: npt.NDArray[np.str_],
     user_vectors: Rows,
     timeout_seconds: float = 0.005,
+    auth: RedisAuth | None = None,
 ) -> UserStore:
     """``""``: the memory-mapped store; ``redis://...``: the online store with that fallback."""
     if not url:
         return MmapUserStore(user_vectors)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"feature store URL {url!r}: expected '' (mmap) or redis://HOST:PORT/DB")
-    client = redis.Redis.from_url(
-        url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+    client = redis_client(
+        url,
+        auth or RedisAuth(),
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
     )
     return RedisUserStore(client, prefix, features_version, user_ids, user_vectors)

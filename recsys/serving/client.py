@@ -46,20 +46,47 @@ def response_to_dict(response: recommender_pb2.RecommendResponse) -> dict[str, A
     )
 
 
+def open_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    *,
+    server_name: str = "",
+) -> grpc.Channel:
+    """A channel to ``target``: TLS with ``credentials`` (serving/tls.py
+    ``channel_credentials``), else plaintext. ``server_name``: the name to check the server's
+    certificate against when it is not the target's host (e.g. a pod IP)."""
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 def recommend(
-    target: str, request: recommender_pb2.RecommendRequest, *, timeout: float = 5.0
+    target: str,
+    request: recommender_pb2.RecommendRequest,
+    *,
+    timeout: float = 5.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
 ) -> recommender_pb2.RecommendResponse:
-    """One Recommend call over a fresh insecure channel to ``target`` ("host:port")."""
-    with grpc.insecure_channel(target) as channel:
+    """One Recommend call over a fresh channel to ``target`` ("host:port")."""
+    with open_channel(target, credentials, server_name=server_name) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         return stub.Recommend(request, timeout=timeout)
 
 
-def health_status(target: str, *, service: str = "", timeout: float = 3.0) -> str:
+def health_status(
+    target: str,
+    *,
+    service: str = "",
+    timeout: float = 3.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
+) -> str:
     """The standard health service's status name for ``service`` (e.g. "SERVING")."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, credentials, server_name=server_name) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )

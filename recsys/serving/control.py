@@ -26,12 +26,14 @@ from recsys.control.store import (
     Document,
     DocumentStore,
     StoreError,
+    StoreForbidden,
     StoreUnavailable,
     VersionConflict,
 )
 from recsys.control.watch import DocumentWatcher, watch
 from recsys.pipeline.loading import SnapshotCompiler
 from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.settings import RedisAuth
 
 from .metrics import ServingMetrics
 
@@ -47,8 +49,16 @@ def read_documents(
     for name in DOCUMENTS:
         doc = store.read(name)
         if doc is None and seed_from is not None and (seed := seed_from.read(name)) is not None:
-            with contextlib.suppress(VersionConflict):  # another server seeded it first
+            try:
                 store.write(name, seed.body, expected_version=0, author="seed:" + seed.author)
+            except VersionConflict:  # another server seeded it first
+                pass
+            except StoreForbidden as e:  # a read-only server user (the fleet's ACL)
+                raise StoreError(
+                    f"control plane: no {name} document in the store, and this server may not "
+                    f"seed it; publish the documents as the ops user (`recsys control reseed "
+                    f"--from DIR`): {e}"
+                ) from e
             doc = store.read(name)
         if doc is not None:
             docs[name] = doc
@@ -151,6 +161,7 @@ class ControlFollower:
         versions: Mapping[str, int],
         last_good: LastGood | None = None,
         from_last_good: Mapping[str, str] | None = None,
+        auth: RedisAuth | None = None,
     ) -> None:
         self._compiler = compiler
         self._last_good = last_good
@@ -159,6 +170,8 @@ class ControlFollower:
         self._get_snapshot = get_snapshot
         self._set_snapshot = set_snapshot
         self._metrics = metrics
+        for name in DOCUMENTS:
+            metrics.set_control_from_last_good(name, name in self.from_last_good)
         self._apply_lock = asyncio.Lock()
         self.applied: dict[str, int] = dict(versions)
         self._watchers: list[DocumentWatcher] = [
@@ -171,6 +184,7 @@ class ControlFollower:
                 on_health=partial(metrics.set_control_connected, name),
                 after_version=versions.get(name, 0),
                 on_rejected=self._rejected,
+                auth=auth,
             )
             for name in DOCUMENTS
         ]
@@ -248,6 +262,7 @@ class ControlFollower:
             self._set_snapshot(state)
             self.applied[document.name] = document.version
             self.from_last_good.pop(document.name, None)
+            self._metrics.set_control_from_last_good(document.name, False)
             log.info("control plane: %s version %d applied", document.name, document.version)
             await self.save_last_good(document)
             return True

@@ -97,7 +97,10 @@ def open_exposure_writer(settings: ServeSettings) -> LineWriter:
     """The writer the settings name: a Redis Stream, or rotating files in the exposure dir."""
     if settings.exposure_sink:
         return RedisStreamWriter(
-            settings.exposure_sink, settings.exposure_stream, settings.exposure_stream_maxlen
+            settings.exposure_sink,
+            settings.exposure_stream,
+            settings.exposure_stream_maxlen,
+            auth=settings.redis_auth,
         )
     return RotatingFileWriter(
         settings.exposure_path,

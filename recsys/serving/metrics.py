@@ -219,6 +219,14 @@ class ServingMetrics:
             ["document"],
             registry=r,
         )
+        self._control_from_last_good = Gauge(
+            "recsys_control_from_last_good",
+            "1 while this document is served from the server's local last-good copy (it "
+            "started with the store unreachable or its document corrupt or invalid), until the "
+            "store gives a version that applies.",
+            ["document"],
+            registry=r,
+        )
         self._control_rejected = Counter(
             "recsys_control_rejected_documents",
             "Control-plane documents rejected by validation (last good snapshot kept).",
@@ -329,6 +337,9 @@ class ServingMetrics:
 
     def set_control_connected(self, document: str, connected: bool) -> None:
         self._control_connected.labels(document).set(1 if connected else 0)
+
+    def set_control_from_last_good(self, document: str, from_copy: bool) -> None:
+        self._control_from_last_good.labels(document).set(1 if from_copy else 0)
 
     def control_document_rejected(self, document: str) -> None:
         self._control_rejected.labels(document).inc()

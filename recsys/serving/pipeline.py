@@ -246,7 +246,12 @@ async def open_pipeline(
     """
     plan = stages or build_stages(settings.exposure_candidates_share)
     root = artifact_root(settings.artifacts)
-    store = open_store(settings.control, settings.artifacts, prefix=settings.control_prefix)
+    store = open_store(
+        settings.control,
+        settings.artifacts,
+        prefix=settings.control_prefix,
+        auth=settings.redis_auth,
+    )
     seed = open_store("", settings.artifacts) if settings.control else None
     last_good = LastGood(settings.exposure_path / LAST_GOOD_DIRECTORY)
     try:
@@ -268,6 +273,7 @@ async def open_pipeline(
             feature_store=settings.feature_store,
             feature_store_prefix=settings.control_prefix,
             feature_store_timeout_seconds=settings.feature_store_timeout_ms / 1000,
+            feature_store_auth=settings.redis_auth,
         )
 
     try:
@@ -321,6 +327,7 @@ async def open_pipeline(
         versions={name: doc.version for name, doc in docs.items()},
         last_good=last_good,
         from_last_good=from_last_good,
+        auth=settings.redis_auth,
     )
     for doc in docs.values():  # the documents the initial snapshot accepted
         if doc.name not in from_last_good:

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from recsys.serving.exposure import ExposureSink, LineWriter, open_exposure_writer
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.servicer import RECOMMENDER_SERVICE, RecommenderService, add_to_server
+from recsys.serving.tls import CertificateFiles, server_credentials
 from recsys.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -85,6 +86,19 @@ def bind_failure_reason(host: str, port: int) -> str | None:
     return None
 
 
+def add_port(server: grpc.aio.Server, address: str, tls: CertificateFiles | None) -> int:
+    """Listen on ``address``: TLS (mutual when a client CA is set) or, without it, plaintext."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.credentials())
+
+
+def describe_tls(tls: CertificateFiles | None) -> str:
+    if tls is None:
+        return "plaintext: no --tls-cert"
+    return "mutual TLS" if tls.mutual else "TLS"
+
+
 class RunningServer:
     """A started server: bound ports, health, metrics; :meth:`stop` drains and releases."""
 
@@ -98,8 +112,11 @@ class RunningServer:
         health: Any,
         service: RecommenderService,
         exposures: ExposureSink,
+        tls: CertificateFiles | None = None,
     ) -> None:
         self.settings = settings
+        self.tls = tls
+        """The port's certificate files (None: plaintext), reloaded when they change."""
         self.port = port
         self.metrics = metrics
         self.metrics_port = metrics_port
@@ -124,6 +141,7 @@ class RunningServer:
         or a Redis Stream: :func:`~recsys.serving.exposure.open_exposure_writer`) unless
         ``exposure_writer`` is given.
         """
+        tls = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         writer = exposure_writer or open_exposure_writer(settings)
         metrics = ServingMetrics()
         metrics_host = settings.metrics_host or settings.host
@@ -167,7 +185,7 @@ class RunningServer:
                 if reason is not None:
                     raise BindError("port", settings.host, settings.port, reason)
                 try:
-                    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                    port = add_port(server, f"{settings.host}:{settings.port}", tls)
                 except RuntimeError as e:  # taken since the probe, or a reason gRPC alone sees
                     reason = bind_failure_reason(settings.host, settings.port) or "cannot bind"
                     raise BindError("port", settings.host, settings.port, reason) from e
@@ -176,14 +194,18 @@ class RunningServer:
             await exposures.close()
             await asyncio.to_thread(metrics.stop_http)
             raise
-        running = cls(settings, server, port, metrics, metrics_port, health, service, exposures)
+        running = cls(
+            settings, server, port, metrics, metrics_port, health, service, exposures, tls
+        )
         running._opening = asyncio.get_running_loop().create_task(
             running._open(open_pipeline), name="open-pipeline"
         )
         log.info(
-            "recsys listening on %s:%d (metrics on :%d), loading the pipeline",
+            "recsys listening on %s:%d (%s; metrics on %s:%d), loading the pipeline",
             settings.host,
             port,
+            describe_tls(tls),
+            metrics_host,
             metrics_port,
         )
         return running
@@ -198,7 +220,7 @@ class RunningServer:
         for name in HEALTH_SERVICES:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.reuse_port:
-            self._server.add_insecure_port(f"{self.settings.host}:{self.port}")
+            add_port(self._server, f"{self.settings.host}:{self.port}", self.tls)
             await self._server.start()
         log.info("recsys serving on %s:%d", self.settings.host, self.port)
         return pipeline

@@ -128,7 +128,7 @@ def run_workers(settings: ServeSettings) -> int:
     registry = CollectorRegistry()
     registry.register(WorkerMetrics(metric_ports))
     http, http_thread = start_http_server(
-        settings.metrics_port, addr=settings.host, registry=registry
+        settings.metrics_port, addr=settings.metrics_host or settings.host, registry=registry
     )
     context = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = []

@@ -65,7 +65,10 @@ def test_a_bad_variable_read_by_another_command_is_one_line_in_every_subcommand(
 ) -> None:
     monkeypatch.setenv("RECSYS_EXPOSURE_MAX_BYTES", "64MB")
     assert main(argv) == 2
-    assert one_error_line(capsys) == "recsys: RECSYS_EXPOSURE_MAX_BYTES='64MB': expected an integer"
+    assert one_error_line(capsys) == (
+        "recsys: RECSYS_EXPOSURE_MAX_BYTES='64MB' (the default of `recsys exposures archive "
+        "--max-bytes`): expected an integer"
+    )
 
 
 def test_a_flag_overrides_a_bad_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

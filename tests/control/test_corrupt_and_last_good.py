@@ -18,6 +18,7 @@ from recsys.control.redis_store import RedisStore
 from recsys.control.store import (
     DOCUMENTS,
     EXPERIMENTS,
+    ROUTING,
     CorruptDocument,
     DocumentStore,
     StoreUnavailable,
@@ -30,6 +31,7 @@ from recsys.settings import ServeSettings
 from tests.control.redis_helpers import free_port
 
 REJECTED = "recsys_control_rejected_documents_total"
+FROM_COPY = "recsys_control_from_last_good"
 BROKEN = b'{"name": "experiments", "version": '
 
 
@@ -204,11 +206,14 @@ async def test_a_server_keeps_last_good_copies_and_starts_from_them_without_the_
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
 
     unreachable = settings_for(artifacts, tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    metrics = ServingMetrics()
     with caplog.at_level(logging.WARNING, logger="recsys.serving.control"):
-        pipeline = await open_pipeline(unreachable, ServingMetrics())
+        pipeline = await open_pipeline(unreachable, metrics)
     try:
         started = {name: doc.version for name, doc in pipeline.snapshot.documents.items()}
         assert started == versions
+        for name in DOCUMENTS:  # flagged where dashboards and alerts see it
+            assert metrics.registry.get_sample_value(FROM_COPY, {"document": name}) == 1
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("from the last good local copy" in w and "unreachable" in w for w in warnings)
         assert pipeline._follower is not None
@@ -242,6 +247,8 @@ async def test_a_corrupt_stored_document_at_start_is_replaced_by_its_last_good_c
         assert pipeline.snapshot.documents[EXPERIMENTS].version == good
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any(f"stored version {version} is corrupt" in w for w in warnings)
+        assert metrics.registry.get_sample_value(FROM_COPY, {"document": EXPERIMENTS}) == 1
+        assert metrics.registry.get_sample_value(FROM_COPY, {"document": ROUTING}) == 0
         # the follower sees the corrupt version too, and counts it
         await wait_for(
             lambda: metrics.registry.get_sample_value(REJECTED, {"document": EXPERIMENTS}) == 1

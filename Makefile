@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_OUT := recsys/v1
 
 .PHONY: run build serve test lint proto bench bench-throughput bench-rank-cut loadtest loadtest-ci \
-	deploy-check clean install install-dev
+	deploy-check alerts-check clean install install-dev
 
 run: build serve ## build the demo world if absent, then serve gRPC on 127.0.0.1:50051
 
@@ -46,6 +46,10 @@ loadtest: $(BIN)/.dev ## against a server already running on 127.0.0.1:50051 (ma
 
 loadtest-ci: $(BIN)/.dev ## small world, real server with 2 workers, 15 s of locust, drain
 	bash loadtest/ci_smoke.sh $(BIN)
+
+alerts-check: ## the Prometheus alert rules: syntax (promtool check) and unit tests (promtool test)
+	promtool check rules ops/prometheus/recsys-alerts.yml
+	cd ops/prometheus && promtool test rules recsys-alerts.test.yml
 
 deploy-check: $(BIN)/.dev ## validate deploy/ against the Kubernetes API schemas (offline)
 	$(BIN)/kubernetes-validate --strict --quiet deploy/*.yaml

@@ -28,10 +28,11 @@ NO_ARM = "none"
 
 
 def arm_label(exposures: tuple[Exposure, ...]) -> str:
-    """One label for the arms a request was served by (``experiment/arm`` joined by ``+``)."""
+    """One label for the arms a request was served by: ``experiment/arm`` joined by ``,``, as
+    the outcome join labels them (``JoinedRequest.arm``)."""
     if not exposures:
         return NO_ARM
-    return "+".join(f"{e.experiment}/{e.arm}" for e in exposures)
+    return ",".join(f"{e.experiment}/{e.arm}" for e in exposures)
 
 
 class MonitorSnapshot(Protocol):

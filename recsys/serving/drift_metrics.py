@@ -16,6 +16,8 @@ the feature label by the model's schema; no user or sku label):
 - ``recsys_feature_nan_share``, ``recsys_feature_out_of_range_share``;
 - ``recsys_drift_window_rows`` and ``recsys_drift_window_requests{model_version, arm}``: the
   window's size (the alert rules ignore a window with fewer requests than their minimum);
+- ``recsys_model_role{name, model_version, role}``: the routing's production, canary and
+  previous versions (the CTR-drop alert joins on it);
 - ``recsys_drift_window_seconds``, ``recsys_drift_dropped_batches``.
 
 These are per process: a PSI is not a sum, so a parent merging workers must not add them
@@ -28,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -37,6 +39,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from recsys.monitoring.baseline import BaselineBins
 from recsys.monitoring.summaries import SummaryLog
 from recsys.monitoring.windows import DriftWindows, WindowStats
+from recsys.ranking.routing import RoutingTable
 from recsys.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ _LABELS = ["model_version", "arm", "feature"]
 class DriftCollector:
     """Renders the windows' statistics when Prometheus scrapes."""
 
-    def __init__(self, windows: DriftWindows) -> None:
+    def __init__(
+        self, windows: DriftWindows, routing: Callable[[], RoutingTable | None] = lambda: None
+    ) -> None:
         self.windows = windows
+        self.routing = routing
 
     def describe(self) -> Iterable[Metric]:
         return []  # computed at scrape time: nothing to check at registration
@@ -103,6 +109,22 @@ class DriftCollector:
                     if not math.isnan(value):
                         family.add_metric(labels, value)
         yield from (psi, js, nan, out_of_range, rows, requests)
+        roles = GaugeMetricFamily(
+            "recsys_model_role",
+            "1 for each model version the routing names: production, canary or previous "
+            "(the CTR-drop alert compares production with previous).",
+            labels=["name", "model_version", "role"],
+        )
+        table = self.routing()
+        for name, route in table.models.items() if table is not None else ():
+            for role, version in (
+                ("production", route.production),
+                ("canary", route.canary),
+                ("previous", route.previous),
+            ):
+                if version:
+                    roles.add_metric([name, version, role], 1)
+        yield roles
         yield GaugeMetricFamily(
             "recsys_drift_window_seconds",
             "Length of the drift monitor's sliding window.",
@@ -129,7 +151,8 @@ class ServingMonitor:
         self.windows = DriftWindows(window_seconds)
         self.summary_seconds = summary_seconds
         self.summaries = SummaryLog(summary_dir) if summary_dir is not None else None
-        registry.register(DriftCollector(self.windows))
+        self.collector = DriftCollector(self.windows)
+        registry.register(self.collector)
         self._task: asyncio.Task[None] | None = None
 
     def observe(self, batch: Batch, baselines: Mapping[str, BaselineBins]) -> None:

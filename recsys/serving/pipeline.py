@@ -314,6 +314,7 @@ async def open_pipeline(
         metrics=metrics,
         monitor=monitor,
     )
+    monitor.collector.routing = lambda: pipeline.snapshot.routing
     monitor.start()
     follower = ControlFollower(
         url=settings.control,

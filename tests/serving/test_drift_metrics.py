@@ -58,6 +58,7 @@ async def test_served_traffic_shows_up_as_drift_series_in_metrics(
     psi = [line for line in lines if line.startswith("recsys_drift_psi{")]
     assert any('feature="score"' in line and 'reference="training"' in line for line in psi)
     assert any('feature="item_price"' in line for line in psi)
+    assert any(line.startswith("recsys_model_role{") and "production" in line for line in lines)
     assert not any("user-" in line or "sku" in line for line in psi)  # no user or item labels
     rows = {
         line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])

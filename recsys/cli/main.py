@@ -21,6 +21,7 @@ from recsys.cli import (
     experiments,
     exposures,
     models,
+    monitor,
     replay,
     serve,
     simulate,
@@ -32,7 +33,9 @@ from recsys.ranking.registry import RegistryError
 from recsys.replay import ReplayError
 from recsys.settings import SettingError
 
-COMMANDS = (build, serve, experiments, models, availability, replay, exposures, control, simulate)
+COMMANDS = (
+    build, serve, experiments, models, availability, replay, exposures, control, simulate, monitor,
+)  # fmt: skip
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CliError,

@@ -189,3 +189,29 @@ def env_default(
             of = f" (the default of {flag})" if flag else ""
             raise SettingError(f"{variable}={value!r}{of}: expected {expected}") from None
     return value
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where training runs and model versions are tracked (MLflow), read at the CLI edge."""
+
+    artifacts: Path = DEFAULT_ARTIFACTS
+    uri: str = ""
+    """An MLflow tracking URI (``$MLFLOW_TRACKING_URI``, e.g. http://mlflow:5000 for a shared
+    server); empty: the embedded sqlite store under the artifact root (:attr:`store_uri`)."""
+    enabled: bool = True
+    experiment: str = "recsys"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.artifacts / "mlflow"
+
+    @property
+    def store_uri(self) -> str:
+        return self.uri or f"sqlite:///{(self.store_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Where runs of a new experiment keep their files: under the artifact root for the
+        embedded store, the server's default otherwise."""
+        return None if self.uri else (self.store_dir / "artifacts").resolve().as_uri()

@@ -8,14 +8,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from recsys.artifacts import ArtifactRoot
 from recsys.build import INDEX_RECALL_K, build, is_built
-from recsys.cli.common import CliError
+from recsys.cli.common import CliError, tracking_arguments, tracking_settings
+from recsys.promotion.tracking import TrackingError, open_tracker
 from recsys.settings import DEFAULT_ARTIFACTS, BuildSettings, env_default
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "build",
+        parents=[tracking_arguments()],
         help="build the demo world, vectors, index and ranker into an artifact root",
         description="Build the demo world and every serving artifact (deterministic from --seed).",
     )
@@ -66,6 +69,24 @@ def _run(args: argparse.Namespace) -> int:
         f"took {report.seconds['total']:.1f}s, {report.bytes_on_disk / 1e6:.1f} MB on disk, "
         f"peak RSS {report.peak_rss_mb:.0f} MB"
     )
+    _track(args, report.model_version)
     if args.json:
         print(json.dumps(asdict(report), sort_keys=True))
     return 0
+
+
+def _track(args: argparse.Namespace, version: str) -> None:
+    """The build's ranker as an MLflow run and model version, alias champion (it serves)."""
+
+    def warn(message: str) -> None:
+        print(f"recsys: warning: {message}", file=sys.stderr)
+
+    root = ArtifactRoot(args.out)
+    try:
+        tracker = open_tracker(tracking_settings(args, args.out), warn)
+        if tracker is not None:
+            tracker.log_version(root, "ranker", version, "build")
+            tracker.sync_aliases(root, "ranker", version)
+            print(f"tracked   {tracker.uri}")
+    except TrackingError as e:
+        warn(f"{e} (the build is complete; rerun `recsys models promote` to track)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import datetime
 from pathlib import Path
 
-from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth, env_default
+from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth, TrackingSettings, env_default
 
 
 class CliError(Exception):
@@ -71,6 +72,27 @@ def redis_auth(args: argparse.Namespace) -> RedisAuth:
     return RedisAuth(
         password_file=getattr(args, "redis_password_file", None),
         ca_file=getattr(args, "redis_ca_file", None),
+    )
+
+
+def tracking_arguments() -> argparse.ArgumentParser:
+    """``--tracking-uri`` and ``--no-tracking``, for the commands that train or route models."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", ""),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in "
+        "<artifacts>/mlflow)",
+    )
+    common.add_argument(
+        "--no-tracking", action="store_true", help="do not log runs or aliases to MLflow"
+    )
+    return common
+
+
+def tracking_settings(args: argparse.Namespace, artifacts: Path) -> TrackingSettings:
+    return TrackingSettings(
+        artifacts=artifacts, uri=args.tracking_uri, enabled=not args.no_tracking
     )
 
 

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from recsys.artifacts import ArtifactRoot
-from recsys.cli.common import CliError, control_plane_arguments, redis_auth
+from recsys.cli.common import (
+    CliError,
+    control_plane_arguments,
+    redis_auth,
+    tracking_arguments,
+    tracking_settings,
+)
 from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, Document, StoreError
@@ -30,6 +36,7 @@ from recsys.pipeline.archive import snapshot_directory
 from recsys.promotion.gates import GateReport
 from recsys.promotion.judge import LoggedTraffic, guarded, run_gates
 from recsys.promotion.policy import load_policy
+from recsys.promotion.tracking import Tracker, TrackingError, open_tracker
 from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
 from recsys.settings import env_default
 
@@ -55,13 +62,14 @@ def add_parser(subparsers: Any) -> None:
         help="validate with LightGBM only (skip compiling with lleaves)",
     )
 
+    tracking = tracking_arguments()
     parser = subparsers.add_parser(
         "models", help="model versions and their routing", description=__doc__
     )
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> Any:
-        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common, tracking])
         p.set_defaults(func=func)
         return p
 
@@ -152,6 +160,45 @@ def _run(args: argparse.Namespace, action: Callable[[ModelRegistry], int]) -> in
         registry.store.close()
 
 
+def _warn(message: str) -> None:
+    print(f"recsys: warning: {message}", file=sys.stderr)
+
+
+class _Tracking:
+    """The command's MLflow tracker, opened on first use. Tracking follows the registry (the
+    source of truth), so a failure is a warning: the registry change it mirrors is made."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.settings = tracking_settings(args, args.artifacts)
+        self._tracker: Tracker | None = None
+        self._opened = False
+
+    def __call__(self, step: Callable[[Tracker], object]) -> None:
+        try:
+            if not self._opened:
+                self._opened = True
+                self._tracker = open_tracker(self.settings, _warn)
+            if self._tracker is not None:
+                step(self._tracker)
+        except TrackingError as e:
+            _warn(f"{e} (the registry is unchanged by this; rerun to track)")
+
+    def routing(self, registry: ModelRegistry, name: str) -> None:
+        """Aliases champion/challenger as the routing now says."""
+        table, _ = registry.routing()
+        route = table.models.get(name)
+        if route is not None:
+            self(lambda t: t.sync_aliases(registry.root, name, route.production, route.canary))
+
+    def decisions(
+        self, registry: ModelRegistry, name: str
+    ) -> Callable[[str, dict[str, Any]], None]:
+        def log(version: str, entry: dict[str, Any]) -> None:
+            self(lambda t: t.log_decision(registry.root, name, version, entry))
+
+        return log
+
+
 def _routed(document: Document, name: str) -> str:
     route = document.body["models"][name]
     parts = [f"production {route['production']}"]
@@ -207,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {args.name} on {args.artifacts} ...", file=sys.stderr, flush=True)
         version = registry.train(args.name, args.seed)
         _print_version(registry, args.name, version)
+        _Tracking(args)(lambda t: t.log_version(registry.root, args.name, version, "train"))
         print(version)
         return 0
 
@@ -217,6 +265,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         version = registry.register(args.name, args.model_file)
         _print_version(registry, args.name, version)
+        _Tracking(args)(lambda t: t.log_version(registry.root, args.name, version, "register"))
         print(version)
         return 0
 
@@ -253,13 +302,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         registry.validate(args.name, args.version)  # a broken version: refused before the gates
         report = _gates(args, registry)
+        tracking = _Tracking(args)
         document = guarded(
             registry,
             report,
             f"promote {args.name}/{args.version}",
             lambda note: registry.promote(args.name, args.version, note=note),
             force=args.force,
+            on_record=tracking.decisions(registry, args.name),
         )
+        tracking.routing(registry, args.name)
         print("\n".join(report.lines()), file=sys.stderr)
         print(_routed(document, args.name))
         return 0
@@ -271,16 +323,20 @@ def cmd_canary(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         if args.percent == 0:  # ending a canary needs no gate
             print(_routed(registry.canary(args.name, args.version, 0), args.name))
+            _Tracking(args).routing(registry, args.name)
             return 0
         registry.validate(args.name, args.version)
         report = _gates(args, registry)
+        tracking = _Tracking(args)
         document = guarded(
             registry,
             report,
             f"canary {args.name}/{args.version} {args.percent:g}%",
             lambda note: registry.canary(args.name, args.version, args.percent, note=note),
             force=args.force,
+            on_record=tracking.decisions(registry, args.name),
         )
+        tracking.routing(registry, args.name)
         print("\n".join(report.lines()), file=sys.stderr)
         print(_routed(document, args.name))
         return 0
@@ -291,6 +347,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     def action(registry: ModelRegistry) -> int:
         print(_routed(registry.rollback(args.name), args.name))
+        _Tracking(args).routing(registry, args.name)
         return 0
 
     return _run(args, action)

@@ -171,16 +171,22 @@ def guarded(
     change: Callable[[str], Document],
     *,
     force: bool,
+    on_record: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> Document:
     """Apply ``change(note)`` if the gates passed or ``force``; record the verdict either way.
 
     A refusal raises :class:`RegistryError` with the failing checks and their numbers; the
-    routing is left as it was.
+    routing is left as it was. ``on_record(version, entry)`` sees each decision record written
+    (the CLI logs it to MLflow).
     """
     name = gates.name
+    record = on_record or (lambda _version, _entry: None)
     if not gates.passed and not force:
-        registry.record_decision(
-            name, {"decision": "refused", "action": action, "gates": gates.to_dict()}
+        record(
+            gates.version,
+            registry.record_decision(
+                name, {"decision": "refused", "action": action, "gates": gates.to_dict()}
+            ),
         )
         failures = "\n".join(f"  {c.line()}" for c in gates.failures)
         raise RegistryError(
@@ -194,7 +200,7 @@ def guarded(
         else "gates passed"
     )
     document = change(note)
-    registry.record_decision(
+    entry = registry.record_decision(
         name,
         {
             "decision": "forced" if forced else "passed",
@@ -203,4 +209,5 @@ def guarded(
             "gates": gates.to_dict(),
         },
     )
+    record(gates.version, entry)
     return document

@@ -365,6 +365,12 @@ class Simulation:
     def onset_wall(self) -> float:
         return self.settings.onset_minutes * 60.0 / self.settings.speed
 
+    @property
+    def onset_epoch(self) -> float:
+        """Unix time of the onset (once :meth:`run` has started): records and events with a
+        ``ts`` from here on belong to the changed world."""
+        return self._epoch0 + self.onset_wall
+
     # -- the run -------------------------------------------------------------------------
 
     async def run(self) -> SimulationReport:

@@ -25,14 +25,14 @@ whole before anything reads it; its content hash goes into every gate report and
     memory_budget_mb = 64.0            # model file and compiled binary
 
     [canary]                           # see promotion/sequential.py and promotion/canary.py
-    metric = "ctr"                     # ctr | order_rate
-    alpha = 0.05                       # false-promotion / false-rollback bound, each side
-    min_relative_effect = 0.0          # a canary must not be worse than champion by more
+    metric = "ctr"                     # ctr | order_rate (per request: any click / any order)
+    alpha = 0.05                       # false-promotion / false-rollback bound, each
+    margin = 0.05                      # non-inferiority margin, relative to the champion's rate
     ramp = [5, 25, 50, 100]            # percent of users per step (by user hash)
-    min_requests_per_step = 400
-    max_error_rate = 0.01
+    min_requests_per_step = 400        # canary requests at a step before it may ramp
+    max_error_rate = 0.01              # guardrails: any breach rolls back at once
     max_p99_ms = 250.0
-    max_score_shift = 1.0              # |mean canary score - mean champion score|
+    max_score_psi = 0.25               # canary scores vs its training baseline
 
 A bad value is refused with one line naming the field (``offline.check[2].max_drop_rel:
 expected a number in [0, 1), got 1.5``); unknown keys are refused too, so a typo does not
@@ -127,12 +127,12 @@ class InfraPolicy:
 class CanaryPolicy:
     metric: str = "ctr"
     alpha: float = 0.05
-    min_relative_effect: float = 0.0
+    margin: float = 0.05
     ramp: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)
     min_requests_per_step: int = 400
     max_error_rate: float = 0.01
     max_p99_ms: float = 250.0
-    max_score_shift: float = 1.0
+    max_score_psi: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -273,12 +273,12 @@ def _canary(t: Mapping[str, Any]) -> CanaryPolicy:
     keys = {
         "metric",
         "alpha",
-        "min_relative_effect",
+        "margin",
         "ramp",
         "min_requests_per_step",
         "max_error_rate",
         "max_p99_ms",
-        "max_score_shift",
+        "max_score_psi",
     }
     _known(t, "canary.", keys)
     d = CanaryPolicy()
@@ -302,9 +302,9 @@ def _canary(t: Mapping[str, Any]) -> CanaryPolicy:
     return CanaryPolicy(
         metric=metric,
         alpha=_required(_float(t, "alpha", "canary.", low=0.0, high=0.5, low_open=True), d.alpha),
-        min_relative_effect=_required(
-            _float(t, "min_relative_effect", "canary.", low=0.0, high=1.0, high_open=True),
-            d.min_relative_effect,
+        margin=_required(
+            _float(t, "margin", "canary.", low=0.0, high=1.0, low_open=True, high_open=True),
+            d.margin,
         ),
         ramp=tuple(float(p) for p in ramp),
         min_requests_per_step=_int(
@@ -317,8 +317,8 @@ def _canary(t: Mapping[str, Any]) -> CanaryPolicy:
             _float(t, "max_p99_ms", "canary.", low=0.0, high=math.inf, low_open=True),
             d.max_p99_ms,
         ),
-        max_score_shift=_required(
-            _float(t, "max_score_shift", "canary.", low=0.0, high=math.inf), d.max_score_shift
+        max_score_psi=_required(
+            _float(t, "max_score_psi", "canary.", low=0.0, high=math.inf), d.max_score_psi
         ),
     )
 

@@ -1,4 +1,4 @@
-"""Canary decisions: ramp on no harm, promote on non-inferiority, roll back on harm or a guardrail."""
+"""Canary decisions: ramp on no harm, promote on non-inferiority, roll back on harm."""
 
 from __future__ import annotations
 

@@ -216,8 +216,8 @@ def generate_world(
 
 def world_truth(meta: WorldMeta) -> WorldTruth:
     """The hidden truth of the world ``meta`` describes, regenerated from its seed: the same
-    draws, in the same order, as :func:`generate_world` makes before the log (~1 s a 100k-SKU
-    world; no log is generated)."""
+    draws, in the same order, as :func:`generate_world` makes before the log (0.5 s for the
+    default 100k-SKU world; no log is generated)."""
     return _draw_truth(np.random.default_rng(meta.seed), meta.n_skus, meta.n_users, None)
 
 

@@ -248,6 +248,8 @@ class SimulationReport:
     simulated_minutes: float = 0.0
     outcomes: str = ""
     """Where the events went."""
+    late_seconds: float = 0.0
+    """Wall seconds from a response to its last possible event: the join's late window."""
 
     def lines(self) -> list[str]:
         out = [
@@ -276,6 +278,11 @@ class SimulationReport:
                 f"feature store: {self.fault_rows:,} rows broken, {self.restored_rows:,} restored"
             )
         out.append(f"{self.simulated_minutes:.1f} simulated minutes in {self.wall_seconds:.1f} s")
+        if self.late_seconds:
+            out.append(
+                f"join with late_seconds >= {self.late_seconds:g} (the longest event delay, "
+                "in wall seconds)"
+            )
         return out
 
 
@@ -348,6 +355,7 @@ class Simulation:
             max_requests=settings.max_requests,
         )
         self.report = SimulationReport(settings.scenario, self.shift.summary)
+        self.report.late_seconds = longest_tail_seconds(settings.speed)
         self.report.sessions_planned = self.plan.sessions
         self._run_id = uuid.uuid4().hex[:12]
         self._t0 = 0.0

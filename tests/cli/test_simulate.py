@@ -25,7 +25,7 @@ def test_simulate_drives_a_serving_process_and_reports_what_users_did(
     command = [
         sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts),
         "--port", str(port), "--metrics-port", "0", "--cache-entries", "0",
-        "--exposure-dir", str(tmp_path / "exposures"),
+        "--exposure-dir", str(tmp_path / "exposures"), "--max-queue-delay-ms", "20000",
     ]  # fmt: skip
     with log.open("wb") as out:
         server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=out)
@@ -38,7 +38,7 @@ def test_simulate_drives_a_serving_process_and_reports_what_users_did(
                 "simulate", "--artifacts", str(artifacts), "--target", target,
                 "--minutes", "10", "--speed", "300", "--rate", "30", "--start-hour", "12",
                 "--scenario", "price-inflation", "--onset-minutes", "5", "--seed", "2",
-                "--outcomes", str(outcomes), "--timeout", "10",
+                "--outcomes", str(outcomes), "--timeout", "30",
             ]
         )  # fmt: skip
     finally:

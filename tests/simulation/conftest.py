@@ -24,7 +24,8 @@ def simulated_world(artifacts_dir: Path) -> SimulatedWorld:
 
 def serve_settings(artifacts: Path, exposures: Path, **changes: object) -> ServeSettings:
     # No result cache: a scenario's change must reach every page. A generous feature-store
-    # timeout: a busy test machine can take longer than 5 ms to answer a local Redis.
+    # timeout and queue delay: a busy test machine can take longer than 5 ms to answer a local
+    # Redis, and must not shed the simulator's calls.
     settings = ServeSettings(
         artifacts=artifacts,
         port=0,
@@ -33,6 +34,7 @@ def serve_settings(artifacts: Path, exposures: Path, **changes: object) -> Serve
         cache_entries=0,
         exposure_dir=exposures,
         feature_store_timeout_ms=5_000,
+        max_queue_delay_ms=20_000,
     )
     return replace(settings, **changes)  # type: ignore[arg-type]
 
@@ -61,6 +63,6 @@ def quick(target: str, outcomes: Path, **changes: object) -> SimulateSettings:
         onset_minutes=0.0,
         concurrency=8,
         outcomes=outcomes,
-        timeout_seconds=10.0,
+        timeout_seconds=30.0,
     )
     return replace(settings, **changes)  # type: ignore[arg-type]

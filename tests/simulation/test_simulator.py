@@ -49,6 +49,19 @@ async def test_every_response_gets_events_that_join_to_its_exposure_record(
     hours = {j.hour for j in joined}
     assert hours <= {12, 13}  # the request's hour: ten simulated minutes from 12:00
 
+    # Each event is written when its (compressed) time comes: a click after its impression, an
+    # order after its click, every one after the response's exposure record.
+    served_at = {j.request_id: j.ts for j in joined}
+    when: dict[tuple[str, int, str], float] = {}
+    for event in iter_outcomes(outcomes):
+        assert event.ts >= served_at[event.request_id]
+        when[(event.request_id, event.position, event.event)] = event.ts
+    for (request_id, position, kind), ts in when.items():
+        if kind == "click":
+            assert ts > when[(request_id, position, "impression")]
+        if kind == "order":
+            assert ts > when[(request_id, position, "click")]
+
 
 async def test_the_run_is_bounded_by_max_requests(
     server: RunningServer, simulated_world: SimulatedWorld, tmp_path: Path

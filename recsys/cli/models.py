@@ -25,6 +25,7 @@ from recsys.artifacts import ArtifactRoot
 from recsys.cli.common import (
     CliError,
     control_plane_arguments,
+    parse_time,
     redis_auth,
     tracking_arguments,
     tracking_settings,
@@ -32,10 +33,12 @@ from recsys.cli.common import (
 from recsys.cli.exposures import log_directory
 from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, Document, StoreError
+from recsys.outcomes.sinks import default_outcome_dir
 from recsys.pipeline.archive import snapshot_directory
 from recsys.promotion.gates import GateReport
 from recsys.promotion.judge import LoggedTraffic, guarded, run_gates
 from recsys.promotion.policy import load_policy
+from recsys.promotion.retrain import retrain
 from recsys.promotion.tracking import Tracker, TrackingError, open_tracker
 from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
 from recsys.settings import env_default
@@ -82,6 +85,25 @@ def add_parser(subparsers: Any) -> None:
     p = add("train", cmd_train, "train a version on the world's logs and register it")
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--seed", type=int, default=None)
+    p = add(
+        "retrain",
+        cmd_retrain,
+        "train a challenger on logged exposures joined with outcomes and register its lineage",
+    )
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--since", required=True, help="window start (ISO time or epoch seconds)")
+    p.add_argument("--until", default="", help="window end (default: now)")
+    p.add_argument(
+        "--exposures",
+        type=Path,
+        help="exposure log (default: $RECSYS_EXPOSURE_DIR, else exposures/ beside the root)",
+    )
+    p.add_argument(
+        "--outcomes", type=Path, help="outcome events (default: outcomes/ beside the root)"
+    )
+    p.add_argument("--late-seconds", type=float, default=600.0, help="join window for late events")
+    p.add_argument("--policy", type=Path, default=None, help="policy for the gate report")
+    p.add_argument("--shuffle-labels", action="store_true", help=argparse.SUPPRESS)
     p = add("register", cmd_register, "validate and register a LightGBM model trained elsewhere")
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--model-file", type=Path, required=True)
@@ -256,6 +278,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_version(registry, args.name, version)
         _Tracking(args)(lambda t: t.log_version(registry.root, args.name, version, "train"))
         print(version)
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    since = parse_time(args.since, "--since")
+    until = parse_time(args.until, "--until") if args.until else time.time()
+    if until <= since:
+        raise CliError(f"--until {args.until}: expected a time after --since {args.since}")
+    exposures = log_directory(args.exposures, args.artifacts)
+    outcomes = args.outcomes or default_outcome_dir(args.artifacts)
+
+    def action(registry: ModelRegistry) -> int:
+        registry.check_registrable(args.name)
+        print(f"retraining {args.name} on {exposures} x {outcomes} ...", file=sys.stderr)
+        result = retrain(
+            registry,
+            args.name,
+            exposures=exposures,
+            outcomes=outcomes,
+            since=since,
+            until=until,
+            late_seconds=args.late_seconds,
+            shuffle_labels=args.shuffle_labels,
+        )
+        lineage = result.lineage
+        print(
+            f"registered {args.name}/{result.version} from {lineage['join']['requests_used']:,} "
+            f"logged requests ({lineage['join']['rows_used']:,} impressed rows); parent "
+            f"{lineage['parent_version'] or '-'}; exposures sha256 "
+            f"{lineage['exposures']['sha256'][:12]}, outcomes sha256 "
+            f"{lineage['outcomes']['sha256'][:12]}",
+            file=sys.stderr,
+        )
+        _Tracking(args)(
+            lambda t: t.log_version(
+                registry.root, args.name, result.version, "retrain", lineage=lineage
+            )
+        )
+        report = run_gates(
+            registry,
+            args.name,
+            result.version,
+            load_policy(args.policy),
+            eval_set=result.data.eval_set(),
+        )
+        print("\n".join(report.lines()), file=sys.stderr)
+        print(result.version)
         return 0
 
     return _run(args, action)

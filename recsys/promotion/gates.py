@@ -82,7 +82,13 @@ class GateReport:
         return f"{who} failed {len(self.failures)} gate check(s) vs {self.champion}: {failed}"
 
     def lines(self) -> list[str]:
-        return [self.summary(), f"  {self.policy}", *(f"  {c.line()}" for c in self.checks)]
+        held_out = self.data.get("held_out", {}).get("description", "")
+        return [
+            self.summary(),
+            f"  {self.policy}",
+            *([f"  held-out data: {held_out}"] if held_out else []),
+            *(f"  {c.line()}" for c in self.checks),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,12 @@ def save_model_version(
     features_version: str,
     world_version: str,
     params: RankerParams | None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> str:
     """Publish ``trained`` as a new immutable version of model ``name``; returns the version id.
+
+    ``lineage`` (retraining from logged traffic: parent version, data windows and their content
+    hashes) goes into the manifest as ``lineage``.
 
     ``tables`` are the feature tables it was trained on (their shape goes in the manifest).
     ``params`` None: trained elsewhere (its LightGBM parameters are in the model text).
@@ -223,6 +228,8 @@ def save_model_version(
         },
         "baseline": trained.baseline,
     }
+    if lineage is not None:
+        manifest["lineage"] = dict(lineage)
     with artifacts.staging(parent) as tmp:
         (tmp / MODEL_FILE).write_text(trained.booster.model_to_string())
         version, _ = artifacts.publish(tmp, parent, manifest)

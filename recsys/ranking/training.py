@@ -208,9 +208,20 @@ def train_ranker(
 
     say("ranker: assembling features for the recent window")
     splits = training_splits(world, tables, params)
-    train = splits["train"].only_groups_with_positives()
-    valid = splits["validation"].only_groups_with_positives()
-    held_out = splits["eval"]
+    return fit_ranker(splits["train"], splits["validation"], splits["eval"], params, say)
+
+
+def fit_ranker(
+    train: Split,
+    valid: Split,
+    held_out: Split,
+    params: RankerParams,
+    say: Progress = lambda _message: None,
+) -> TrainedRanker:
+    """Train on ``train`` (early stopping on ``valid``) and measure on ``held_out``: the part
+    of :func:`train_ranker` after the splits, shared with retraining from logged traffic."""
+    train = train.only_groups_with_positives()
+    valid = valid.only_groups_with_positives()
     if train.rows == 0 or valid.rows == 0 or not (held_out.labels > 0).any():
         raise ValueError(
             "world has too few clicked sessions in the recent window to train and evaluate a "

@@ -65,12 +65,27 @@ def main() -> None:
                 "us_per_request_median": {
                     name: round(sorted(v[1:])[len(v[1:]) // 2], 1) for name, v in cpu.items()
                 },
+                **monitor_cost(cpu, [s.name for s in plan.batched]),
                 "requests": len(requests),
                 "batch": args.batch,
                 "load": [round(x, 2) for x in os.getloadavg()],
             }
         )
     )
+
+
+def monitor_cost(cpu: dict[str, list[float]], batched: list[str]) -> dict[str, float]:
+    """The batched path per request without the monitor stage (before) and with it (after),
+    from the same rounds: the sum of each round's batched stages, median over rounds."""
+    rounds = range(1, len(cpu["loop"]))
+    before = sorted(sum(cpu[n][r] for n in batched if n != "monitor") for r in rounds)
+    after = sorted(sum(cpu[n][r] for n in batched) for r in rounds)
+    b, a = before[len(before) // 2], after[len(after) // 2]
+    return {
+        "batched_us_without_monitor": round(b, 1),
+        "batched_us_with_monitor": round(a, 1),
+        "with_over_without": round(a / b, 4),
+    }
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from recsys.cli.common import CliError, parse_time
 from recsys.cli.exposures import log_directory, log_directory_arguments
 from recsys.linelog import iter_log_lines
+from recsys.monitoring.alerts import QUALITY_MIN_IMPRESSIONS
 from recsys.monitoring.quality import QualityStats, quality_record, tumbling_windows
 from recsys.monitoring.report import write_report
 from recsys.monitoring.summaries import SummaryLog, iter_summaries
@@ -155,17 +156,31 @@ class QualityCollector:
         ("order_low", "recsys_online_order_rate_lower", "Order rate, 95 % lower bound."),
         ("order_high", "recsys_online_order_rate_upper", "Order rate, 95 % upper bound."),
         ("ndcg", "recsys_online_ndcg20", "NDCG@20 of the served order, requests with a click."),
+        ("ndcg_low", "recsys_online_ndcg20_lower", "NDCG@20, 95 % lower bound."),
+        ("ndcg_high", "recsys_online_ndcg20_upper", "NDCG@20, 95 % upper bound."),
         ("impressions", "recsys_online_impressions", "Impressions in the window."),
         ("requests", "recsys_online_requests", "Joined requests in the window."),
     )
 
+    REFERENCE_SERIES = (
+        ("ctr_low", "recsys_online_ctr_reference_lower"),
+        ("order_low", "recsys_online_order_rate_reference_lower"),
+        ("ndcg_low", "recsys_online_ndcg20_reference_lower"),
+    )
+
     def __init__(self) -> None:
         self.latest: list[QualityStats] = []
+        self.references: dict[tuple[str, str], QualityStats] = {}
+        """Per (version, arm): its first window with enough impressions (the quality-drop
+        alert's reference, as the drift monitor's live reference)."""
         self._lock = threading.Lock()
 
     def set(self, stats: list[QualityStats]) -> None:
         with self._lock:
             self.latest = stats
+            for s in stats:
+                if s.impressions >= QUALITY_MIN_IMPRESSIONS:
+                    self.references.setdefault((s.model_version, s.arm), s)
 
     def describe(self) -> list[Metric]:
         return []
@@ -173,6 +188,16 @@ class QualityCollector:
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             latest = list(self.latest)
+            references = list(self.references.values())
+        for attr, name in self.REFERENCE_SERIES:
+            family = GaugeMetricFamily(
+                name, "The same bound in the reference window.", labels=["model_version", "arm"]
+            )
+            for s in references:
+                value = float(getattr(s, attr))
+                if not math.isnan(value):
+                    family.add_metric([s.model_version, s.arm], value)
+            yield family
         for attr, name, text in self.SERIES:
             family = GaugeMetricFamily(name, text, labels=["model_version", "arm"])
             for s in latest:

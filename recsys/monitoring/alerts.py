@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from recsys.monitoring.quality import QualityStats
+
 DRIFT_PSI = 0.2
 """Industry convention: PSI above 0.2 is a significant shift."""
 DRIFT_MIN_REQUESTS = 1000
@@ -67,3 +69,23 @@ def window_flags(record: Mapping[str, Any]) -> list[Flag]:
 
 def all_flags(records: Iterable[Mapping[str, Any]]) -> list[Flag]:
     return [f for r in records if r.get("type") == "drift" for f in window_flags(r)]
+
+
+QUALITY_MIN_IMPRESSIONS = 2000
+"""Impressions a quality window needs on both sides before a drop is judged."""
+
+
+def quality_drops(current: QualityStats, reference: QualityStats) -> list[str]:
+    """The metrics (ctr, order_rate, ndcg) whose 95 % interval in ``current`` lies wholly below
+    the ``reference`` window's: the two intervals separate, a drop no noise explains."""
+    if min(current.impressions, reference.impressions) < QUALITY_MIN_IMPRESSIONS:
+        return []
+    out = []
+    for metric, low, high in (
+        ("ctr", "ctr_low", "ctr_high"),
+        ("order_rate", "order_low", "order_high"),
+        ("ndcg", "ndcg_low", "ndcg_high"),
+    ):
+        if getattr(current, high) < getattr(reference, low):
+            out.append(metric)
+    return out

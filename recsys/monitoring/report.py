@@ -152,7 +152,7 @@ def _quality_over_time(plt: Any, records: Sequence[Mapping[str, Any]], path: Pat
         ax.plot(minutes, col(value), color="#1f77b4", marker="o", ms=2)
         ax.fill_between(minutes, col(f"{key}_low"), col(f"{key}_high"), alpha=0.25, color="#1f77b4")
         ax.set_title(f"{title} (95 % interval)", fontsize=9)
-        ax.set_xlabel("minutes", fontsize=8)
+        ax.set_xlabel("minutes (wall clock)", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -214,7 +214,10 @@ def write_report(
         parts = [f"<h2>model {html.escape(version)} · arm {html.escape(arm)}</h2>"]
         windows = sorted(drift.get(key, []), key=lambda r: r["ts"])
         if windows:
-            latest = windows[-1]
+            # The latest window with at least half the busiest one's requests (the very last
+            # summary may hold only the drain's few requests).
+            busiest = max(int(r.get("requests", 0)) for r in windows)
+            latest = [r for r in windows if int(r.get("requests", 0)) * 2 >= busiest][-1]
             own = [f for f in flags if (f.model_version, f.arm) == key]
             met = len({(f.alert, f.feature) for f in own})
             status = (

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 from recsys.monitoring import alerts
-from recsys.monitoring.alerts import window_flags
+from recsys.monitoring.alerts import quality_drops, window_flags
+from recsys.monitoring.quality import quality_stats
+from tests.monitoring.test_quality import joined
 
 RULES = (
     Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "recsys-alerts.yml"
@@ -64,3 +66,13 @@ def test_a_window_flags_drift_nan_and_range_but_not_the_clock_or_small_windows()
         ("RecsysFeatureNaN", "item_ctr"),
     }
     assert window_flags(record(500, item_price={"drift_psi": 0.9})) == []
+
+
+def test_a_quality_drop_is_two_intervals_apart_and_needs_enough_impressions() -> None:
+    reference = quality_stats([joined(f"r{i}", i, [0] if i % 4 else []) for i in range(600)], 0, 1)
+    worse = quality_stats([joined(f"w{i}", i, [0] if i % 8 == 0 else []) for i in range(600)], 0, 1)
+    same = quality_stats([joined(f"s{i}", i, [0] if i % 4 else []) for i in range(600)], 0, 1)
+    assert "ctr" in quality_drops(worse[-1], reference[-1])
+    assert quality_drops(same[-1], reference[-1]) == []
+    few = quality_stats([joined(f"f{i}", i, []) for i in range(100)], 0, 1)  # 500 impressions
+    assert quality_drops(few[-1], reference[-1]) == []

@@ -57,6 +57,9 @@ class Batch:
     user_features: Float64Array | None = None
     """[B, width] each user's feature row as the online store served it; None when ranking
     reads the local tables."""
+    delivery: Float64Array | None = None
+    """[B, 2] where each request delivers to (latitude, longitude): its location, else the
+    known user's home; NaN for an unknown user without a location (the user-features stage)."""
     candidates: tuple[Candidates, ...] = ()
     """Retrieval's candidates per request, best first (the retrieve stage)."""
     scores: Float32Array | None = None

@@ -63,7 +63,9 @@ class UserFeatures:
         store = snapshot.user_store
         known = rows >= 0
         if store is None or not known.any():
-            return replace(batch, user_rows=rows)
+            safe = np.maximum(rows, 0)
+            home = (tables.user_home_lat[safe], tables.user_home_lon[safe])
+            return replace(batch, user_rows=rows, delivery=_delivery(batch, known, *home))
         features = user_feature_rows(tables, np.maximum(rows, 0))
         served = store.read(rows[known])
         features[known] = served.vectors
@@ -72,8 +74,22 @@ class UserFeatures:
             user_rows=rows,
             user_features=features,
             user_vectors=np.ascontiguousarray(features[:, : tables.dim], dtype=np.float32),
+            delivery=_delivery(batch, known, *user_row_home(features)),
         )
         return batch.with_degraded(known & served.degraded, STALE_USER_VECTOR)
+
+
+def _delivery(
+    batch: Batch, known: npt.NDArray[np.bool_], home_lat: Float64Array, home_lon: Float64Array
+) -> Float64Array:
+    """[B, 2] each request's location, else its known user's home, else NaN."""
+    out = np.full((len(batch), 2), np.nan, dtype=np.float64)
+    out[known, 0] = home_lat[known]
+    out[known, 1] = home_lon[known]
+    for n, request in enumerate(batch.requests):  # one per request, not per candidate
+        if request.location is not None:
+            out[n] = (request.location.lat, request.location.lon)
+    return out
 
 
 class RankCost:

@@ -1,7 +1,9 @@
-"""The retrieve stage: candidates for a batch of requests from one FAISS search.
+"""The retrieve stage: candidates for a batch of requests from one FAISS search per delivery cell.
 
-Known users get their nearest items by inner product, with unavailable items filtered inside the
-search and items beyond the delivery radius or excluded by the request dropped afterwards.
+Known users get their nearest items by inner product. Unavailable items and items of restaurants
+far from the request's ~2 km delivery cell are filtered inside the search (one FAISS selector
+per cell, radius and availability snapshot, cached); the exact radius and the request's
+exclusions are applied to the results afterwards.
 Whenever fewer than ``k`` survive, the most popular eligible items top the list up, so a tight
 radius or a heavy availability filter never starves the ranker. Unknown users (and users without
 a learned vector) get popular eligible items near their location, flagged ``fallback``.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,13 +22,27 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.geo import EARTH_RADIUS_KM, haversine_km
-from recsys.retrieval.availability import Availability
+from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.retrieval.index import ItemIndex
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 
 RADIUS_OVERFETCH = 8
-"""With a delivery radius, search this many times the candidates wanted: the radius drops some."""
+"""With a delivery radius filtered after the search (``radius_in_search=False``), search this
+many times the candidates wanted: the radius drops some."""
+CELL_DEG = 0.02
+"""Side of a delivery cell in degrees of latitude and longitude (~2.2 km x 1.4 km at 52 N).
+Requests in one cell with one radius share a selector: the items of the restaurants within the
+radius plus the cell's half-diagonal of its centre, which holds every item deliverable to any
+point of the cell."""
+CELL_SELECTORS = 128
+"""Cell selectors kept per availability snapshot (least recently used dropped): one bit per
+item each, 0.5 MB at 4M items."""
+CELL_FETCH_MARGIN = 1.15
+"""Search this many times the candidates wanted beyond the share of the cell's items the exact
+radius is expected to drop (the area ratio of the two circles)."""
+MAX_REFETCH = 3
+"""Deeper searches (4x each) for a query whose full result still left too few in its radius."""
 TOPUP_FIRST_SCAN = 1024
 TOPUP_SCAN_GROWTH = 4
 TOPUP_SCAN_LIMIT = 4_096
@@ -147,6 +165,58 @@ class CatalogueGeo:
         return self._items[positions]
 
 
+def cell_of(location: Location) -> tuple[int, int]:
+    """The delivery cell holding ``location``."""
+    return math.floor(location.lat / CELL_DEG), math.floor(location.lon / CELL_DEG)
+
+
+def cell_reach_km(cell: tuple[int, int], radius_km: float) -> tuple[Location, float]:
+    """The centre of ``cell`` and the distance from it that covers ``radius_km`` around every
+    point of the cell: the radius plus the farthest corner (with a margin for rounding)."""
+    lat0, lon0 = cell[0] * CELL_DEG, cell[1] * CELL_DEG
+    centre = Location(lat0 + CELL_DEG / 2, lon0 + CELL_DEG / 2)
+    corners = haversine_km(
+        centre.lat,
+        centre.lon,
+        np.array([lat0, lat0, lat0 + CELL_DEG, lat0 + CELL_DEG]),
+        np.array([lon0, lon0 + CELL_DEG, lon0, lon0 + CELL_DEG]),
+    )
+    return centre, radius_km + float(corners.max()) * 1.01 + 1e-6
+
+
+class CellSelectors:
+    """FAISS selectors per (delivery cell, radius): available items near the cell, built on
+    first use and kept in a small LRU. Thread-safe; two threads may build one cell at once."""
+
+    def __init__(self, geo: CatalogueGeo, item_mask: BoolArray, size: int = CELL_SELECTORS):
+        self._geo = geo
+        self._item_mask = item_mask
+        self._size = size
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int, float], AvailabilitySelector] = OrderedDict()
+
+    def get(self, cell: tuple[int, int], radius_km: float) -> AvailabilitySelector:
+        key = (*cell, radius_km)
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
+        centre, reach = cell_reach_km(cell, radius_km)
+        c = self._geo.catalogue
+        near = np.zeros(c.n_restaurants, dtype=np.bool_)
+        near[self._geo.restaurants_near(centre, reach)] = True
+        selector = AvailabilitySelector(self._item_mask & near[c.item_restaurant])
+        with self._lock:
+            self._cache[key] = selector
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return selector
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
 class Retriever:
     """Batched candidate retrieval over one index version and one availability snapshot."""
 
@@ -157,9 +227,16 @@ class Retriever:
         catalogue: Catalogue,
         item_popularity: Float32Array,
         availability: Availability,
+        *,
+        radius_in_search: bool = True,
+        cell_selectors: int = CELL_SELECTORS,
     ) -> None:
         """``user_vectors`` is the local copy: it says which users have a vector, and it is what
-        a search reads when the batch brings no vectors of its own (an online store's)."""
+        a search reads when the batch brings no vectors of its own (an online store's).
+
+        ``radius_in_search``: filter the delivery radius inside the search with a selector per
+        delivery cell (the default), or, as before, search ``RADIUS_OVERFETCH`` times deeper and
+        drop the far items afterwards. Both serve only eligible items."""
         users = np.ascontiguousarray(user_vectors, dtype=np.float32)
         popularity = np.asarray(item_popularity, dtype=np.float32)
         if users.ndim != 2 or users.shape[1] != index.dimension:
@@ -183,12 +260,15 @@ class Retriever:
         self._popularity_rank: Int32Array = np.empty(index.count, dtype=np.int32)
         self._popularity_rank[self._popular_order] = np.arange(index.count, dtype=np.int32)
         self._geo = CatalogueGeo(catalogue, self._popularity_rank)
+        self.radius_in_search = radius_in_search
+        self._cell_selector_size = cell_selectors
         self._set_availability(availability)
 
     def _set_availability(self, availability: Availability) -> None:
         self.availability = availability
         order = self._popular_order
         self._popular_available: Int32Array = order[availability.item_mask[order]]
+        self.cells = CellSelectors(self._geo, availability.item_mask, self._cell_selector_size)
 
     def with_availability(self, availability: Availability) -> Retriever:
         """A retriever for a new availability snapshot, sharing everything else."""
@@ -204,7 +284,8 @@ class Retriever:
     def retrieve_batch(
         self, queries: Sequence[RetrievalQuery], vectors: Float32Array | None = None
     ) -> list[Candidates]:
-        """Candidates for every query, in order: one FAISS search per distinct ``nprobe``.
+        """Candidates for every query, in order: one FAISS search per distinct ``nprobe`` and,
+        with the radius in the search, per delivery cell and radius.
 
         ``vectors`` ([len(queries), dim], optional): the user vectors to search with, as an
         online feature store served them; by default each known user's local vector.
@@ -216,32 +297,62 @@ class Retriever:
         for q in queries:
             self._check(q)
         out: list[Candidates | None] = [None] * len(queries)
-        by_nprobe: dict[int, list[int]] = {}
+        groups: dict[tuple[int, tuple[int, int] | None, float], list[int]] = {}
         for i, q in enumerate(queries):
             if self._is_known(q):
-                by_nprobe.setdefault(q.nprobe or self._index.default_nprobe, []).append(i)
+                nprobe = q.nprobe or self._index.default_nprobe
+                key: tuple[int, tuple[int, int] | None, float]
+                if self.radius_in_search and q.location is not None:
+                    key = (nprobe, cell_of(q.location), q.radius_km)
+                else:
+                    key = (nprobe, None, 0.0)
+                groups.setdefault(key, []).append(i)
             else:
                 out[i] = self._popular_fallback(q)
-        for nprobe, positions in by_nprobe.items():
-            fetch = [self._fetch(queries[i]) for i in positions]
+        for (nprobe, cell, radius_km), positions in groups.items():
+            group = [queries[i] for i in positions]
             if vectors is None:
-                rows = np.array([queries[i].user_row for i in positions], dtype=np.int64)
+                rows = np.array([q.user_row for q in group], dtype=np.int64)
                 searched = self._user_vectors[rows]
             else:
                 searched = np.ascontiguousarray(vectors[positions], dtype=np.float32)
-            scores, ids = self._index.search(
-                searched,
-                max(fetch),
-                nprobe=nprobe,
-                allowed=self.availability.selector,
+            selector = (
+                self.availability.selector if cell is None else self.cells.get(cell, radius_km)
             )
-            usable = (ids >= 0) & self._within_rows([queries[i] for i in positions], ids)
+            fetch = [self._fetch(q, cell) for q in group]
+            scores, ids = self._index.search(searched, max(fetch), nprobe=nprobe, allowed=selector)
+            usable = (ids >= 0) & self._within_rows(group, ids)
             for n, i in enumerate(positions):
                 f = fetch[n]
-                out[i] = self._personal(
-                    queries[i], searched[n], ids[n, :f], scores[n, :f], usable[n, :f]
-                )
+                found = scores[n, :f], ids[n, :f], usable[n, :f]
+                if cell is not None:
+                    found = self._refetch(group[n], searched[n], nprobe, selector, *found)
+                out[i] = self._personal(group[n], searched[n], found[1], found[0], found[2])
         return [c for c in out if c is not None]
+
+    def _refetch(
+        self,
+        q: RetrievalQuery,
+        user: Float32Array,
+        nprobe: int,
+        selector: AvailabilitySelector,
+        scores: Float32Array,
+        ids: Int64Array,
+        usable: BoolArray,
+    ) -> tuple[Float32Array, Int64Array, BoolArray]:
+        """A deeper search for a query whose radius left fewer than ``k`` of a full result (the
+        cell's selector holds more items than the radius): rare, and what keeps the in-search
+        radius from losing recall to the popular top-up."""
+        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        for _ in range(MAX_REFETCH):
+            kept = usable & ~_isin_sorted(ids, exclude) if exclude.size else usable
+            if int(np.count_nonzero(kept)) >= q.k or ids[-1] < 0 or ids.size >= self._index.count:
+                break
+            deeper = min(ids.size * 4, self._index.count)
+            s, found = self._index.search(user[None, :], deeper, nprobe=nprobe, allowed=selector)
+            scores, ids = s[0], found[0]
+            usable = (ids >= 0) & self._within_rows([q], found)[0]
+        return scores, ids, usable
 
     def _check(self, q: RetrievalQuery) -> None:
         if not -1 <= q.user_row < self._user_vectors.shape[0]:
@@ -259,10 +370,16 @@ class Retriever:
     def _is_known(self, q: RetrievalQuery) -> bool:
         return q.user_row >= 0 and bool(self._has_vector[q.user_row])
 
-    def _fetch(self, q: RetrievalQuery) -> int:
-        """How many search results a query needs so its filters still leave ``k``."""
+    def _fetch(self, q: RetrievalQuery, cell: tuple[int, int] | None) -> int:
+        """How many search results a query needs so its filters still leave ``k``: with the
+        radius in the search, the share of its cell's items beyond the exact radius (the area
+        ratio of the two circles) plus a margin; without, ``RADIUS_OVERFETCH`` times."""
         wanted = q.k + len(q.exclude)  # each exclusion removes at most one result
-        if q.location is not None:
+        if cell is not None:
+            reach = cell_reach_km(cell, q.radius_km)[1]
+            factor = min(RADIUS_OVERFETCH, CELL_FETCH_MARGIN * (reach / q.radius_km) ** 2)
+            wanted = math.ceil(wanted * factor)
+        elif q.location is not None:
             wanted *= RADIUS_OVERFETCH
         return min(wanted, self._index.count)
 

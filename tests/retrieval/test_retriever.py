@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import recsys.retrieval.retriever as retriever_module
@@ -15,7 +15,7 @@ from recsys.artifacts import ArtifactRoot
 from recsys.geo import haversine_km
 from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.retrieval.index import ItemIndex, build_index, save_index_version
-from recsys.retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever
+from recsys.retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever, cell_of
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 
@@ -90,9 +90,22 @@ def flat_index(world: World, tmp_path_factory: Any) -> ItemIndex:
     return ItemIndex.load(root.indexes / version, expected_dimension=DIM, expected_count=N_ITEMS)
 
 
-def make_retriever(world: World, index: ItemIndex, doc: dict[str, Any] | None = None) -> Retriever:
+def make_retriever(
+    world: World,
+    index: ItemIndex,
+    doc: dict[str, Any] | None = None,
+    *,
+    radius_in_search: bool = True,
+) -> Retriever:
     availability = Availability.from_document(world.catalogue, doc)
-    return Retriever(index, world.users, world.catalogue, world.popularity, availability)
+    return Retriever(
+        index,
+        world.users,
+        world.catalogue,
+        world.popularity,
+        availability,
+        radius_in_search=radius_in_search,
+    )
 
 
 def eligible(
@@ -293,10 +306,31 @@ class CountingIndex(ItemIndex):
         return super().search(queries, k, nprobe=nprobe, allowed=allowed)
 
 
-def test_one_search_per_batch_and_nprobe(world: World, index: ItemIndex) -> None:
+def test_one_search_per_batch_nprobe_and_delivery_cell(world: World, index: ItemIndex) -> None:
     fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
     counting = CountingIndex(**fields)
     retriever = make_retriever(world, counting)
+    queries = mixed_queries()
+    retriever.retrieve_batch(queries)
+    # Without a location, one search per nprobe (users 3 and 5; user 7); with one, one search
+    # per (nprobe, cell, radius), as deep as the cell's share beyond the radius needs.
+    fetch = {i: retriever._fetch(queries[i], cell_of(queries[i].location)) for i in (2, 4, 8, 9)}  # type: ignore[arg-type]
+    first = [(2, 20, 16), (1, fetch[2], 16), (1, fetch[4], 4), (1, 200, 4), (1, fetch[8], 16)]
+    first.append((1, fetch[9], 16))
+    calls = list(counting.calls)
+    for call in first:
+        calls.remove(call)
+    # Anything else is a deeper search for a query whose radius left too few of a full result.
+    assert all(n == 1 and k > min(fetch.values()) for n, k, _ in calls), calls
+    assert all(f < 8 * (q.k + len(q.exclude)) for f, q in ((fetch[i], queries[i]) for i in (2, 9)))
+
+
+def test_one_search_per_batch_and_nprobe_with_the_radius_after_the_search(
+    world: World, index: ItemIndex
+) -> None:
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    counting = CountingIndex(**fields)
+    retriever = make_retriever(world, counting, radius_in_search=False)
     retriever.retrieve_batch(mixed_queries())
     # 7 known users with vectors: 5 at nprobe 16, 2 at nprobe 4, each search as deep as the
     # deepest query of its group needs (k 50 with a location; k 30 with a location vs k 200)
@@ -493,3 +527,75 @@ def test_restaurants_near_finds_exactly_those_within_the_radius(
     assert sorted(found.tolist()) == expected.tolist()
     items = globe.items_near(Location(lat, lon), radius_km)
     assert sorted(items.tolist()) == expected.tolist()  # one item per restaurant here
+
+
+border = st.integers(2617, 2632).map(lambda i: i * retriever_module.CELL_DEG)
+"""Latitudes / longitudes on the delivery-cell borders inside the test world."""
+nudge = st.sampled_from([-1e-9, 0.0, 1e-9, -1e-6, 1e-6])
+
+
+@PROPERTY
+@given(
+    user_row=st.integers(0, N_USERS - 2),
+    lat=border,
+    lon=st.integers(655, 685).map(lambda i: i * retriever_module.CELL_DEG),
+    nudges=st.tuples(nudge, nudge),
+    radius_km=st.one_of(st.floats(0.2, 3.0), st.floats(3.0, 20.0)),
+    k=st.integers(1, 150),
+    exclude=st.lists(st.integers(0, N_ITEMS - 1), max_size=10),
+    restaurants_off=st.lists(st.integers(0, N_RESTAURANTS - 1), max_size=100),
+)
+def test_at_cell_borders_the_in_search_radius_is_exact_on_a_flat_index(
+    world: World,
+    flat_index: ItemIndex,
+    user_row: int,
+    lat: float,
+    lon: float,
+    nudges: tuple[float, float],
+    radius_km: float,
+    k: int,
+    exclude: list[int],
+    restaurants_off: list[int],
+) -> None:
+    """On and either side of a cell border (where a request's cell changes), the radius filtered
+    inside the search serves exactly the true top-k of the eligible items, nothing else."""
+    here = Location(lat + nudges[0], lon + nudges[1])
+    retriever = make_retriever(world, flat_index, {"restaurants_off": restaurants_off})
+    q = RetrievalQuery(user_row, here, k, 0, radius_km, tuple(exclude))
+    (c,) = retriever.retrieve_batch([q])
+    mask = eligible(world, retriever.availability, here, radius_km, tuple(exclude))
+    assert mask[c.sku_ids].all()
+    assert c.sku_ids.size == min(k, int(mask.sum()))
+    if q.user_row != NO_VECTOR_USER:
+        expected = exact_top(world, user_row, mask, k)
+        assert set(c.sku_ids.tolist()) == set(expected.tolist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lat=st.floats(-80, 80),
+    lon=st.floats(-179, 179),
+    within=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    radius_km=st.floats(0.05, 50.0),
+    bearing=st.floats(0, 2 * np.pi),
+    share=st.floats(0, 1),
+)
+def test_a_cells_reach_covers_the_radius_around_every_point_of_the_cell(
+    lat: float,
+    lon: float,
+    within: tuple[float, float],
+    radius_km: float,
+    bearing: float,
+    share: float,
+) -> None:
+    cell = retriever_module.cell_of(Location(lat, lon))
+    step = retriever_module.CELL_DEG
+    point = Location((cell[0] + within[0]) * step, (cell[1] + within[1]) * step)
+    # A place ``share * radius`` away from the point, in any direction (small-angle offsets).
+    km = share * radius_km
+    dlat = np.degrees(km * np.cos(bearing) / 6371.0088)
+    dlon = np.degrees(km * np.sin(bearing) / 6371.0088) / np.cos(np.radians(point.lat))
+    there = (point.lat + dlat, point.lon + dlon)
+    assume(haversine_km(point.lat, point.lon, *there) <= radius_km)  # the offset may overshoot
+    centre, reach = retriever_module.cell_reach_km(cell, radius_km)
+    assert haversine_km(centre.lat, centre.lon, *there) <= reach

@@ -26,6 +26,7 @@ process's whole CPU, including what the calls shed with RESOURCE_EXHAUSTED cost,
 answered OK) beside the shed share; requests/s per core is successful calls per CPU second.
 
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
+        [--baseline DIR]   # also the recsys servers of another checkout (old vs new, one run)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -62,7 +63,9 @@ class Server:
     name: str
     command: list[str]
     requests: str
-    """``distinct`` or ``mix``."""
+    """``distinct``, ``mix`` or ``hit``."""
+    code: Path | None = None
+    """Run the server from this checkout (``--baseline``); None: this one."""
 
 
 def children_cpu(pid: int) -> float:
@@ -239,7 +242,16 @@ def cache_hit_rate(command: list[str]) -> float | None:
 
 def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str, object]:
     target = f"127.0.0.1:{port}"
-    process = subprocess.Popen(server.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = None
+    if server.code is not None:  # the baseline's own recsys package, not this checkout's
+        env = {**os.environ, "PYTHONPATH": str(server.code)}
+    process = subprocess.Popen(
+        server.command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=server.code,
+        env=env,
+    )
     try:
         asyncio.run(wait_answering(target, 600))
         requests = make_requests(
@@ -257,6 +269,7 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
         saturated = done / wall
         result: dict[str, object] = {
             "server": server.name,
+            "load": os.getloadavg()[0],
             "requests_per_s": round(saturated, 1),
             **percentiles(latencies),
             "server_cpu_us_per_request": round(cpu / max(done, 1) * 1e6, 1),
@@ -290,9 +303,17 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
 
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
     py = sys.executable
-    art = str(args.artifacts)
+    art = str(args.artifacts.resolve())
     serve = [py, "-m", "recsys.cli.main", "serve", "--artifacts", art, "--port", str(port)]
     serve += ["--metrics-port", str(free_port()), *args.serve_arg]
+    recsys = [
+        Server("recsys-uncached", [*serve, "--cache-entries", "0"], "distinct"),
+        Server("recsys-mix", serve, "mix"),
+        Server("recsys-hit", serve, "hit"),
+    ]
+    if args.baseline is not None:  # each followed by the same server from another checkout
+        code = args.baseline.resolve()
+        recsys = [s for r in recsys for s in (r, replace(r, name=f"{r.name}-baseline", code=code))]
     return [
         Server("echo", [py, "-m", "benchmarks.echo_server", "--port", str(port)], "distinct"),
         Server(
@@ -300,9 +321,7 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
             [py, "-m", "benchmarks.naive_server", "--artifacts", art, "--port", str(port)],
             "distinct",
         ),
-        Server("recsys-uncached", [*serve, "--cache-entries", "0"], "distinct"),
-        Server("recsys-mix", serve, "mix"),
-        Server("recsys-hit", serve, "hit"),
+        *recsys,
     ]
 
 
@@ -316,6 +335,11 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these servers")
     parser.add_argument("--no-open-loop", dest="open_loop", action="store_false")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the recsys servers from this checkout (old code, same requests and run)",
+    )
     parser.add_argument(
         "--located-share",
         type=float,
@@ -335,7 +359,7 @@ def main() -> None:
         print(json.dumps(results[server.name]), flush=True)
     cpu = {k: v["server_cpu_us_per_request"] for k, v in results.items()}
     ratios = {}
-    for name in ("recsys-uncached", "recsys-mix", "recsys-hit"):
+    for name in [k for k in cpu if k.startswith("recsys-")]:
         if name in cpu and "naive" in cpu:
             ratios[f"{name}_vs_naive_per_core"] = round(float(cpu["naive"]) / float(cpu[name]), 2)  # type: ignore[arg-type]
         if name in cpu and "echo" in cpu:

@@ -30,14 +30,15 @@ from recsys.world import Catalogue
 RADIUS_OVERFETCH = 8
 """With a delivery radius filtered after the search (``radius_in_search=False``), search this
 many times the candidates wanted: the radius drops some."""
-CELL_DEG = 0.02
-"""Side of a delivery cell in degrees of latitude and longitude (~2.2 km x 1.4 km at 52 N).
+CELL_DEG = 0.03
+"""Side of a delivery cell in degrees of latitude and longitude (~3.3 km x 2.1 km at 52 N).
 Requests in one cell with one radius share a selector: the items of the restaurants within the
 radius plus the cell's half-diagonal of its centre, which holds every item deliverable to any
 point of the cell."""
-CELL_SELECTORS = 128
+CELL_SELECTORS = 256
 """Cell selectors kept per availability snapshot (least recently used dropped): one bit per
-item each, 0.5 MB at 4M items."""
+item each, 0.5 MB at 4M items. A 30 km metro holds about 150 cells (188 hold the 4M world's
+10,000 homes); building one costs ~17 ms of CPU there."""
 CELL_FETCH_MARGIN = 1.15
 """Search this many times the candidates wanted beyond the share of the cell's items the exact
 radius is expected to drop (the area ratio of the two circles)."""

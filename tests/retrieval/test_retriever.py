@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -529,7 +530,8 @@ def test_restaurants_near_finds_exactly_those_within_the_radius(
     assert sorted(items.tolist()) == expected.tolist()  # one item per restaurant here
 
 
-border = st.integers(2617, 2632).map(lambda i: i * retriever_module.CELL_DEG)
+CELL = retriever_module.CELL_DEG
+border = st.integers(math.ceil(52.35 / CELL), math.floor(52.65 / CELL)).map(lambda i: i * CELL)
 """Latitudes / longitudes on the delivery-cell borders inside the test world."""
 nudge = st.sampled_from([-1e-9, 0.0, 1e-9, -1e-6, 1e-6])
 
@@ -538,7 +540,7 @@ nudge = st.sampled_from([-1e-9, 0.0, 1e-9, -1e-6, 1e-6])
 @given(
     user_row=st.integers(0, N_USERS - 2),
     lat=border,
-    lon=st.integers(655, 685).map(lambda i: i * retriever_module.CELL_DEG),
+    lon=st.integers(math.ceil(13.1 / CELL), math.floor(13.7 / CELL)).map(lambda i: i * CELL),
     nudges=st.tuples(nudge, nudge),
     radius_km=st.one_of(st.floats(0.2, 3.0), st.floats(3.0, 20.0)),
     k=st.integers(1, 150),

@@ -74,6 +74,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
+DRAIN_GATHER_SECONDS = 0.02
+"""After a write of fewer than ``max_batch`` records, wait this long for more before handing
+the next batch to the writer thread: each hand-off costs the event loop a thread wake-up, and
+under load one per few records was ~9% of a cache hit's samples (py-spy). Records reach the
+log at most this much later; responses are not delayed."""
 """After a failed write is logged with its traceback, further failures are summed up in one
 line at most this often (a Redis outage must not flood the log with one traceback a batch)."""
 
@@ -248,3 +253,5 @@ class ExposureSink:
             finally:
                 for _ in batch:
                     queue.task_done()
+            if len(batch) < self._max_batch and not self._closed:
+                await asyncio.sleep(DRAIN_GATHER_SECONDS)

@@ -22,6 +22,7 @@ IVF kinds share one coarse quantizer (trained once; its time is added to each bu
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import tempfile
@@ -248,14 +249,35 @@ def filtered_rows(
         yield Row(label, f"nprobe {nprobe}", 0, 0, recall, alone, batched, note)
 
 
+def fp16_copy(index: Any, items: Float32Array) -> Any:
+    """The served IVF index with its inverted lists stored as fp16 (same coarse quantizer and
+    list assignment, vectors themselves, not residuals), as an ItemIndex."""
+    from recsys.retrieval.index import ItemIndex
+
+    ivf = faiss.extract_index_ivf(index.faiss_index)
+    x = augment_items(items)
+    sq = faiss.IndexIVFScalarQuantizer(
+        ivf.quantizer, x.shape[1], int(ivf.nlist), faiss.ScalarQuantizer.QT_fp16,
+        faiss.METRIC_INNER_PRODUCT,
+    )  # fmt: skip
+    sq.by_residual = False
+    sq.train(x[:1024])  # the quantizer is trained already; fp16 codes need no training
+    sq.add(x)
+    sq.make_direct_map()  # the quantizer stays the served index's: keep that one alive
+    fields = {**index.__dict__, "faiss_index": sq, "version": index.version + "-fp16"}
+    return ItemIndex(**fields)
+
+
 def radius_rows(
     artifacts: Path, rng: np.random.Generator, n_queries: int, batch: int, radius_km: float
 ) -> Iterator[Row]:
     """The whole retrieve stage (serving's Retriever on the served index) with a delivery
-    radius around each user's home, against brute force over the eligible items."""
+    radius around each user's home, against brute force over the eligible items: the radius
+    filtered after an 8x search (the old path), inside the search per delivery cell (served),
+    and inside the search on fp16 inverted lists."""
     from recsys.ranking.features import load_feature_tables
     from recsys.retrieval.index import ItemIndex
-    from recsys.retrieval.retriever import RetrievalQuery, Retriever
+    from recsys.retrieval.retriever import Retriever
 
     root = ArtifactRoot(artifacts)
     index_dir = root.latest(root.indexes)
@@ -269,57 +291,87 @@ def radius_rows(
     )
     load_s = time.perf_counter() - start
     availability = Availability.from_document(world.catalogue)
-    retriever = Retriever(
-        index, tables.user_vectors, world.catalogue, tables.item_popularity, availability
-    )
     known = np.flatnonzero(np.abs(np.asarray(tables.user_vectors)).sum(axis=1) > 0)
     users = np.sort(rng.choice(known, size=min(n_queries, known.size), replace=False))
     items = np.asarray(tables.item_vectors)
-    c = world.catalogue
-    for k in KS:
-        queries = [
-            RetrievalQuery(
-                user_row=int(u),
-                location=Location(float(tables.user_home_lat[u]), float(tables.user_home_lon[u])),
-                k=k,
-                nprobe=0,
-                radius_km=radius_km,
-            )
-            for u in users
-        ]
-        recalls = []
-        for q in queries:  # the brute-force reference, one query at a time: not timed
-            assert q.location is not None
-            eligible = retriever._geo.items_near(q.location, radius_km).astype(np.int64)
-            eligible = eligible[availability.item_mask[eligible]]
-            scores = items[eligible] @ tables.user_vectors[q.user_row]
-            top = eligible[np.argsort(-scores, kind="stable")[:k]]
-            got = retriever.retrieve_batch([q])[0].sku_ids
-            recalls.append(np.isin(top, got).mean() if top.size else 1.0)
-        with cpu_timer() as t_alone:
-            for q in queries:
-                retriever.retrieve_batch([q])
-        with cpu_timer() as t_batch:
-            for start_at in range(0, len(queries), batch):
-                retriever.retrieve_batch(queries[start_at : start_at + batch])
-        eligible_counts = [
-            int(availability.item_mask[retriever._geo.items_near(q.location, radius_km)].sum())
-            for q in queries
-            if q.location is not None
-        ]
-        recall = {kk: float(np.mean(recalls)) if kk == k else float("nan") for kk in KS}
-        yield Row(
-            f"served {index.manifest.get('kind')} nlist {index.nlist} (Retriever)",
-            f"default nprobe {index.default_nprobe}, k={k}",
-            load_s,
-            0,
-            recall,
-            1e3 * t_alone[0] / len(queries),
-            1e3 * t_batch[0] / len(queries),
-            f"radius {radius_km:g} km around home, median {int(np.median(eligible_counts)):,} "
-            f"eligible items; recall@{k} only; build s = load+validate s",
+    faiss.omp_set_num_threads(2)
+    fp16 = fp16_copy(index, items)
+    faiss.omp_set_num_threads(1)
+    variants = (
+        ("radius after an 8x search", index, False),
+        ("radius inside the search (cells)", index, True),
+        ("radius inside the search, fp16 lists", fp16, True),
+    )
+    memory = {id(i): index_megabytes(i.faiss_index) for i in (index, fp16)}
+    for (label, searched, in_search), k in itertools.product(variants, KS):
+        retriever = Retriever(
+            searched, tables.user_vectors, world.catalogue, tables.item_popularity, availability,
+            radius_in_search=in_search, cell_selectors=4 * n_queries,
+        )  # fmt: skip
+        yield from _radius_row(
+            retriever, label, searched, items, tables, users, k, radius_km, batch, load_s,
+            memory[id(searched)],
+        )  # fmt: skip
+
+
+def _radius_row(
+    retriever: Any,
+    label: str,
+    index: Any,
+    items: Float32Array,
+    tables: Any,
+    users: Int64Array,
+    k: int,
+    radius_km: float,
+    batch: int,
+    load_s: float,
+    memory_mb: float,
+) -> Iterator[Row]:
+    from recsys.retrieval.retriever import RetrievalQuery
+
+    availability = retriever.availability
+    queries = [
+        RetrievalQuery(
+            user_row=int(u),
+            location=Location(float(tables.user_home_lat[u]), float(tables.user_home_lon[u])),
+            k=k,
+            nprobe=0,
+            radius_km=radius_km,
         )
-    del c
+        for u in users
+    ]
+    recalls = []
+    for q in queries:  # the brute-force reference, one query at a time: not timed
+        assert q.location is not None
+        eligible = retriever._geo.items_near(q.location, radius_km).astype(np.int64)
+        eligible = eligible[availability.item_mask[eligible]]
+        scores = items[eligible] @ tables.user_vectors[q.user_row]
+        top = eligible[np.argsort(-scores, kind="stable")[:k]]
+        got = retriever.retrieve_batch([q])[0].sku_ids
+        recalls.append(np.isin(top, got).mean() if top.size else 1.0)
+    with cpu_timer() as t_alone:
+        for q in queries:
+            retriever.retrieve_batch([q])
+    with cpu_timer() as t_batch:
+        for start_at in range(0, len(queries), batch):
+            retriever.retrieve_batch(queries[start_at : start_at + batch])
+    eligible_counts = [
+        int(availability.item_mask[retriever._geo.items_near(q.location, radius_km)].sum())
+        for q in queries
+        if q.location is not None
+    ]
+    recall = {kk: float(np.mean(recalls)) if kk == k else float("nan") for kk in KS}
+    yield Row(
+        f"served {index.manifest.get('kind')} nlist {index.nlist} (Retriever): {label}",
+        f"default nprobe {index.default_nprobe}, k={k}",
+        load_s,
+        index_megabytes(index.faiss_index),
+        recall,
+        1e3 * t_alone[0] / len(queries),
+        1e3 * t_batch[0] / len(queries),
+        f"radius {radius_km:g} km around home, median {int(np.median(eligible_counts)):,} "
+        f"eligible items; recall@{k} only; build s = load+validate s",
+    )
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ from recsys.simulation.behaviour import (
     react,
 )
 from recsys.simulation.feature_fault import OnlineFeatureFault
-from recsys.simulation.scenarios import Shift, make_scenario
+from recsys.simulation.scenarios import Scenario, Shift, make_scenario
 from recsys.simulation.traffic import PLATFORMS, SURFACES, TrafficPlan, plan_traffic
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import InteractionLog, load_world
@@ -335,12 +335,16 @@ class Simulation:
         world: SimulatedWorld,
         *,
         say: Callable[[str], None] = lambda _msg: None,
+        scenario: Scenario | None = None,
     ) -> None:
+        """``scenario``: one with other parameters than the defaults (e.g.
+        ``BrokenFeature(mode="constant", value=0.0)``); default: ``settings.scenario``'s."""
         settings.check()
         self.settings = settings
         self.world = world
         self._say = say
-        scenario = make_scenario(settings.scenario)
+        if scenario is None:
+            scenario = make_scenario(settings.scenario)
         self.shift: Shift = scenario.shift(
             world.truth, world.log, np.random.default_rng([settings.seed, 1])
         )
@@ -354,7 +358,7 @@ class Simulation:
             start_hour=settings.start_hour,
             max_requests=settings.max_requests,
         )
-        self.report = SimulationReport(settings.scenario, self.shift.summary)
+        self.report = SimulationReport(scenario.name, self.shift.summary)
         self.report.late_seconds = longest_tail_seconds(settings.speed)
         self.report.sessions_planned = self.plan.sessions
         self._run_id = uuid.uuid4().hex[:12]

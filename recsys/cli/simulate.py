@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from recsys.cli.common import CliError, control_plane_arguments
@@ -123,4 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     for line in report.lines():
         print(line)
+    if report.requests == 0 and report.errors:
+        print(f"recsys: no request to {settings.target} succeeded", file=sys.stderr)
+        return 1
     return 0

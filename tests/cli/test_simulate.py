@@ -54,3 +54,20 @@ def test_simulate_drives_a_serving_process_and_reports_what_users_did(
     assert stat.S_IMODE(outcomes.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in outcomes.iterdir())
     assert sum(1 for _ in iter_outcomes(outcomes)) >= 3 * int(match[2])
+
+
+def test_a_run_where_no_request_succeeds_exits_1(
+    artifacts_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = f"127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    code = main(
+        [
+            "simulate", "--artifacts", str(artifacts_dir), "--target", target,
+            "--minutes", "1", "--speed", "60", "--outcomes", str(tmp_path / "outcomes"),
+        ]
+    )  # fmt: skip
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "0 requests" in captured.out
+    assert "UNAVAILABLE" in captured.out
+    assert captured.err == f"recsys: no request to {target} succeeded\n"

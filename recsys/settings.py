@@ -61,6 +61,10 @@ class ServeSettings:
     """Requests waiting for a batch; beyond it, RESOURCE_EXHAUSTED at once."""
     max_queue_delay_ms: float = 50.0
     """When the oldest waiting request has waited this long, new ones get RESOURCE_EXHAUSTED."""
+    gc_gen0_threshold: int = 10_000
+    """After loading, the loaded heap is frozen out of the garbage collector's passes and the
+    young generation's threshold is set to this (Python's default: 700); 0 leaves the collector
+    as Python configures it. See serving/gc_tuning.py and benchmarks/bench_overload.py."""
     reuse_port: bool = False
     """Share the port with sibling worker processes (SO_REUSEPORT; set by ``--workers N``)."""
     exposure_queue_size: int = 10_000

@@ -152,7 +152,16 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "max_in_flight",
         "calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
     )
-    flag("max_queue_delay_ms", "when the oldest queued request has waited this long, shed new ones")
+    flag(
+        "max_queue_delay_ms",
+        "bound on a request's wait for a batch: new requests are shed at once when the queue "
+        "ahead would take longer to drain, and a queued one that waited twice this is shed",
+    )
+    flag(
+        "gc_gen0_threshold",
+        "after loading, freeze the loaded heap out of the garbage collector and set its young "
+        "threshold to this (0: leave Python's collector as it is; default %(default)s)",
+    )
     flag(
         "shutdown_grace_seconds",
         "on SIGTERM, health is NOT_SERVING but calls are still served this long, so load "
@@ -282,6 +291,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--cache-entries is {args.cache_entries}; expected >= 0 (0: off)")
     if args.max_in_flight < 0:
         raise CliError(f"--max-in-flight is {args.max_in_flight}; expected >= 0 (0: no bound)")
+    if args.gc_gen0_threshold < 0:
+        raise CliError(f"--gc-gen0-threshold is {args.gc_gen0_threshold}; expected >= 0 (0: off)")
     if args.max_queue_delay_ms <= 0:
         raise CliError(f"--max-queue-delay-ms is {args.max_queue_delay_ms}; expected > 0")
     for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
@@ -326,6 +337,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         cache_entries=args.cache_entries,
         max_in_flight=args.max_in_flight,
         max_queue_delay_ms=args.max_queue_delay_ms,
+        gc_gen0_threshold=args.gc_gen0_threshold,
         exposure_dir=args.exposure_dir,
         exposure_sink=args.exposure_sink,
         exposure_stream=args.exposure_stream,

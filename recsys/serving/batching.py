@@ -7,6 +7,15 @@ every batch slot is busy, items keep accumulating, so batches grow with load.
 
 Failure isolation: if the batch function raises, every item of that batch gets the exception;
 if it returns an ``Exception`` instance in an item's place, only that item raises it.
+
+Admission (``max_queue_delay``) judges the backlog, not one item: a new item is refused at once
+(:class:`Overloaded`) when the batches already queued ahead of it would take longer than the
+bound to drain at the measured batch time (a moving average), and while more items are queued
+than one batch takes, a queued item that has waited twice the bound is answered
+:class:`Overloaded` instead of being run, so what is admitted stays bounded. One stalled
+batch or a pause of the whole process (a garbage-collection pass) leaves a handful of items
+waiting, which the next batch takes at once: no shed. Only a queue longer than the executor
+drains within the bound sheds, and then at the door.
 """
 
 from __future__ import annotations
@@ -54,6 +63,12 @@ BatchObserver = Callable[[BatchStats], None]
 
 def _ignore(_: BatchStats) -> None:
     return None
+
+
+BATCH_TIME_WEIGHT = 0.2
+"""Weight of the newest batch in the moving average of batch run times."""
+EXPIRY_FACTOR = 2.0
+"""A queued item that has waited this many times ``max_queue_delay`` is shed, not run."""
 
 
 @dataclass(slots=True)
@@ -111,17 +126,33 @@ class MicroBatcher(Generic[T, R]):
         self._collector: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._batch_seconds: float | None = None
+        """Moving average of the batch function's run time (None until a batch ran)."""
+        self.expired = 0
+        """Queued items shed because they waited ``EXPIRY_FACTOR`` x ``max_queue_delay``."""
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def predicted_wait(self) -> float:
+        """Seconds the backlog ahead of a new item takes to drain: the full batches queued,
+        each taking the average batch time, spread over the slots. The batch running now is not
+        counted: however long it stalls, the items behind it all fit in the next batch, so a
+        stall alone never sheds (that is what the expiry bounds). 0 before a batch ran."""
+        if self._batch_seconds is None:
+            return 0.0
+        rounds = len(self._pending) // self._max_batch_size
+        return rounds * self._batch_seconds / self._max_concurrent
+
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait for its result.
 
-        Raises :class:`Overloaded` at once when ``max_queue_size`` items wait, or when the oldest
-        waiting item has waited ``max_queue_delay``: work beyond what the batch slots can drain
-        is refused up front rather than slowing every request down.
+        Raises :class:`Overloaded` at once when ``max_queue_size`` items wait, or when the
+        queue ahead would take longer than ``max_queue_delay`` to drain
+        (:meth:`predicted_wait`): work beyond what the batch slots can drain is refused up
+        front rather than slowing every request down. An item still queued after
+        ``EXPIRY_FACTOR`` x ``max_queue_delay`` raises :class:`Overloaded` too (not run).
         """
         if self._closing:
             raise BatcherClosed(f"batcher {self.name!r} is closed; not accepting items")
@@ -130,16 +161,14 @@ class MicroBatcher(Generic[T, R]):
                 f"batcher {self.name!r} queue is full ({self._max_queue_size} items waiting)"
             )
         now = time.perf_counter()
-        if (
-            self._max_queue_delay is not None
-            and self._pending
-            and now - self._pending[0].enqueued > self._max_queue_delay
-        ):
-            raise Overloaded(
-                f"batcher {self.name!r} is behind: the oldest item has waited "
-                f"{(now - self._pending[0].enqueued) * 1000:.0f} ms "
-                f"(bound {self._max_queue_delay * 1000:.0f} ms)"
-            )
+        if self._max_queue_delay is not None:
+            wait = self.predicted_wait()
+            if wait > self._max_queue_delay:
+                raise Overloaded(
+                    f"batcher {self.name!r} is behind: {len(self._pending)} items queued would "
+                    f"take about {wait * 1000:.0f} ms to start "
+                    f"(bound {self._max_queue_delay * 1000:.0f} ms)"
+                )
         loop = asyncio.get_running_loop()
         if self._collector is None:
             self._wakeup = asyncio.Event()
@@ -202,11 +231,36 @@ class MicroBatcher(Generic[T, R]):
 
     def _take_batch(self) -> list[_Pending[T, R]]:
         batch: list[_Pending[T, R]] = []
+        # Only a backlog (more queued than one batch takes) expires items: after a stall the few
+        # items that waited behind it all run in this batch, late but answered.
+        backlogged = len(self._pending) > self._max_batch_size
+        expiry = (
+            EXPIRY_FACTOR * self._max_queue_delay
+            if self._max_queue_delay is not None and backlogged
+            else None
+        )
+        now = time.perf_counter()
         while self._pending and len(batch) < self._max_batch_size:
             pending = self._pending.popleft()
-            if not pending.future.done():  # the caller may have been cancelled meanwhile
-                batch.append(pending)
+            if pending.future.done():  # the caller may have been cancelled meanwhile
+                continue
+            if expiry is not None and now - pending.enqueued > expiry:
+                self.expired += 1
+                pending.future.set_exception(
+                    Overloaded(
+                        f"batcher {self.name!r} is behind: this item waited more than "
+                        f"{expiry * 1000:.0f} ms for a batch"
+                    )
+                )
+                continue
+            batch.append(pending)
         return batch
+
+    def _learn_batch_time(self, seconds: float) -> None:
+        previous = self._batch_seconds
+        self._batch_seconds = (
+            seconds if previous is None else previous + BATCH_TIME_WEIGHT * (seconds - previous)
+        )
 
     def _call(self, items: list[T]) -> tuple[Sequence[R | Exception], float, float]:
         started = time.perf_counter()
@@ -221,6 +275,7 @@ class MicroBatcher(Generic[T, R]):
             results, started, finished = await loop.run_in_executor(
                 self._executor, self._call, items
             )
+            self._learn_batch_time(finished - started)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"batch function of {self.name!r} returned {len(results)} results "

@@ -193,6 +193,13 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._gc_pause = Histogram(
+            "recsys_gc_pause_seconds",
+            "Garbage-collection passes of this process by generation (every thread stalls).",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+            registry=r,
+        )
         self._exposures_written = Counter(
             "recsys_exposure_records_written", "Exposure log lines written.", registry=r
         )
@@ -314,6 +321,9 @@ class ServingMetrics:
         self._cache_entries.set(entries)
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self._gc_pause.labels(str(generation)).observe(seconds)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self._batch_size.labels(stats.name).observe(stats.size)

@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsys.serving.exposure import ExposureSink, LineWriter, open_exposure_writer
+from recsys.serving.gc_tuning import GcPauses, freeze_loaded_heap
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.servicer import RECOMMENDER_SERVICE, RecommenderService, add_to_server
 from recsys.serving.tls import CertificateFiles, server_credentials
@@ -124,6 +125,8 @@ class RunningServer:
         self._server = server
         self._health = health
         self._service = service
+        self._gc_pauses = GcPauses(metrics.observe_gc_pause)
+        self._gc_pauses.install()
         self._opening: asyncio.Task[RecommendPipeline] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -216,6 +219,7 @@ class RunningServer:
         except Exception:
             log.exception("opening the pipeline failed; health stays NOT_SERVING")
             raise
+        freeze_loaded_heap(self.settings.gc_gen0_threshold)  # before traffic: it stalls
         self._service.attach(pipeline)
         for name in HEALTH_SERVICES:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -275,6 +279,7 @@ class RunningServer:
                 await pipeline.close()
         finally:
             await metrics_stopped
+            self._gc_pauses.remove()
         log.info("recsys stopped")
 
     async def _cancel_opening(self) -> RecommendPipeline | None:

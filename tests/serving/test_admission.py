@@ -19,24 +19,91 @@ from recsys.types import Recommendation, Request, ScoredItems, ServingVersions
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
-async def test_the_batcher_sheds_new_items_once_the_oldest_waited_too_long() -> None:
-    gate = asyncio.Event()
-    loop = asyncio.get_running_loop()
+class Gate:
+    """A batch function that blocks in the executor until released (or returns at once).
+    Use as ``async with gate:`` so a failing test still releases it (else closing hangs)."""
 
-    def blocked(items: list[int]) -> list[int]:
-        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result()
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, seconds: float = 0.0) -> None:
+        self.loop = loop
+        self.seconds = seconds
+        self.open = asyncio.Event()
+        self.open.set()
+        self.batches: list[list[int]] = []
+
+    async def __aenter__(self) -> Gate:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.open.set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        asyncio.run_coroutine_threadsafe(self.open.wait(), self.loop).result()
+        time.sleep(self.seconds)
         return items
 
-    async with MicroBatcher(blocked, max_delay=0, max_queue_delay=0.01) as batcher:
-        running = asyncio.ensure_future(batcher.submit(1))  # occupies the only batch slot
-        await asyncio.sleep(0.05)
-        queued = asyncio.ensure_future(batcher.submit(2))  # waits behind it
-        await asyncio.sleep(0.05)
-        with pytest.raises(Overloaded, match="oldest item has waited"):
-            await batcher.submit(3)
-        gate.set()
+
+async def submitted(batcher: MicroBatcher[int, int], item: int) -> asyncio.Future[int]:
+    """``batcher.submit(item)`` started, and given a turn of the loop to queue."""
+    future = asyncio.ensure_future(batcher.submit(item))
+    await asyncio.sleep(0.01)
+    return future
+
+
+async def test_a_stalled_batch_with_a_few_items_behind_it_sheds_none() -> None:
+    # A garbage-collection pass or a CPU stall: the running batch takes far longer than the
+    # bound, and the light load keeps queueing a few items behind it. None may be shed.
+    gate = Gate(asyncio.get_running_loop())
+    async with (
+        MicroBatcher(gate, max_batch_size=8, max_delay=0, max_queue_delay=0.01) as batcher,
+        gate,
+    ):
+        assert await batcher.submit(0) == 0  # one batch measured: the batch time is known
+        gate.open.clear()
+        stalled = await submitted(batcher, 1)
+        behind = [await submitted(batcher, n) for n in range(2, 6)]
+        await asyncio.sleep(0.1)  # ten times the bound
+        later = [await submitted(batcher, n) for n in range(6, 9)]
+        gate.open.set()
+        assert await stalled == 1
+        assert [await f for f in behind + later] == list(range(2, 9))
+        assert batcher.expired == 0
+
+
+async def test_a_backlog_the_batches_cannot_drain_in_time_is_shed_at_the_door() -> None:
+    gate = Gate(asyncio.get_running_loop(), seconds=0.2)
+    async with (
+        MicroBatcher(gate, max_batch_size=2, max_delay=0, max_queue_delay=0.05) as batcher,
+        gate,
+    ):
+        assert await batcher.submit(0) == 0  # a batch takes 0.2 s: 4 x the bound
+        gate.open.clear()
+        running = await submitted(batcher, 1)
+        queued = [await submitted(batcher, 2), await submitted(batcher, 3)]
+        with pytest.raises(Overloaded, match="would take about"):
+            await batcher.submit(4)  # a full batch ahead of it: 0.2 s > 0.05 s
+        gate.open.set()
         assert await running == 1
-        assert await queued == 2
+        assert [await f for f in queued] == [2, 3]
+
+
+async def test_admitted_items_of_a_backlog_that_waited_too_long_are_shed_not_run() -> None:
+    gate = Gate(asyncio.get_running_loop())
+    async with (
+        MicroBatcher(gate, max_batch_size=2, max_delay=0, max_queue_delay=0.02) as batcher,
+        gate,
+    ):
+        gate.open.clear()  # no batch measured yet: nothing is shed at the door
+        running = await submitted(batcher, 1)
+        backlog = [await submitted(batcher, n) for n in range(2, 7)]  # more than one batch
+        await asyncio.sleep(0.1)  # every queued item has waited beyond 2 x the bound
+        gate.open.set()
+        assert await running == 1
+        for future in backlog:
+            with pytest.raises(Overloaded, match="waited more than 40 ms"):
+                await future
+        assert batcher.expired == len(backlog)
+        assert gate.batches == [[1]]  # none of them was computed
 
 
 class GatedPipeline:

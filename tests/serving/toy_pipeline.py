@@ -133,5 +133,6 @@ def toy_settings(tmp_path: Path, **overrides: Any) -> ServeSettings:
         "batch_max_delay_ms": 1.0,
         "drain_seconds": 30.0,
         "exposure_dir": tmp_path / "exposures",
+        "gc_gen0_threshold": 0,  # the test process's collector stays as it is
     }
     return ServeSettings(**{**base, **overrides})

@@ -1,0 +1,57 @@
+"""The collector of a serving process: the loaded heap frozen, the young threshold raised,
+and every pass timed into recsys_gc_pause_seconds."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys.serving.server import RunningServer
+from tests.serving.toy_pipeline import ToyOpener, toy_settings
+
+PAUSES = "recsys_gc_pause_seconds_count"
+
+
+@pytest.fixture
+def collector_restored() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("collector_restored")
+async def test_a_server_freezes_its_loaded_heap_and_times_every_collection(
+    tmp_path: Path,
+) -> None:
+    gc.unfreeze()
+    settings = toy_settings(tmp_path, gc_gen0_threshold=12_345)
+    running = await RunningServer.start(settings, ToyOpener())
+    try:
+        await running.wait_ready()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == 12_345
+        registry = running.metrics.registry
+        before = registry.get_sample_value(PAUSES, {"generation": "2"}) or 0.0
+        gc.collect()
+        assert registry.get_sample_value(PAUSES, {"generation": "2"}) == before + 1
+    finally:
+        await running.stop()
+    gc.collect()  # after stop, the server no longer observes passes
+    assert running.metrics.registry.get_sample_value(PAUSES, {"generation": "2"}) == before + 1
+
+
+@pytest.mark.usefixtures("collector_restored")
+async def test_threshold_zero_leaves_the_collector_as_python_has_it(tmp_path: Path) -> None:
+    gc.unfreeze()
+    thresholds = gc.get_threshold()
+    running = await RunningServer.start(toy_settings(tmp_path, gc_gen0_threshold=0), ToyOpener())
+    try:
+        await running.wait_ready()
+        assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == thresholds
+    finally:
+        await running.stop()

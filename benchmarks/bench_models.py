@@ -6,8 +6,8 @@ versions). This benchmark stands up that situation in-process on a built world:
 
 - trains ``--versions`` - 1 further versions of the ranker (seeds 101, 102, ...; the registry's
   own ``train``: registered, validated, compiled) into a private copy of ``--artifacts``;
-- loads them all through the serving model cache and reports the process RSS each added
-  version costs (the compiled library, the booster, the golden rows);
+- loads them all through the serving model cache in a fresh process and reports the RSS each
+  version after the first adds (the compiled library, the booster, the golden rows);
 - an experiments document (in this benchmark only, not the served default) that routes the
   versions: 3 surfaces x 8 arms each pinning one version (``model_version`` per arm); every
   request of a batch lands in a random (surface, arm) cell, so a batch splits across up to 24
@@ -26,6 +26,8 @@ import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -60,6 +62,31 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def loaded_version_mb(artifacts: Path, versions: list[str]) -> float:
+    """RSS each version adds when a fresh process loads them one after another through the
+    serving model cache (in this process they are loaded already, by training's validation)."""
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from benchmarks.bench_models import rss_mb\n"
+        "from recsys.artifacts import ArtifactRoot\n"
+        "from recsys.ranking.model_cache import ModelCache\n"
+        "cache = ModelCache(ArtifactRoot(Path(sys.argv[1])))\n"
+        "cache.get('ranker', sys.argv[2])\n"
+        "before = rss_mb()\n"
+        "for v in sys.argv[3:]:\n"
+        "    cache.get('ranker', v)\n"
+        "print(json.dumps((rss_mb() - before) / max(1, len(sys.argv) - 3)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(artifacts), *versions],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -84,12 +111,9 @@ def main() -> None:
         snapshot = load_state(artifacts)
         base = dict(snapshot.models)
         versions = sorted(root.model_versions()["ranker"])
-        cache_models = {}
+        per_version_mb = loaded_version_mb(artifacts, versions)
         cache = ModelCache(root)
-        before = rss_mb()
-        for version in versions:
-            cache_models[version] = cache.get("ranker", version)
-        per_version_mb = (rss_mb() - before) / len(versions)
+        cache_models = {version: cache.get("ranker", version) for version in versions}
         snapshot = replace(snapshot, models={**base, **cache_models})
         document = experiments_document(versions)
         print(

@@ -36,8 +36,23 @@ class AvailabilitySelector:
     """
 
     def __init__(self, mask: BoolArray) -> None:
-        self.size = int(mask.shape[0])
-        self.bitmap: npt.NDArray[np.uint8] = np.packbits(mask, bitorder="little")
+        self._wrap(np.packbits(mask, bitorder="little"), int(mask.shape[0]))
+
+    @classmethod
+    def from_bitmap(cls, bitmap: npt.NDArray[np.uint8], size: int) -> AvailabilitySelector:
+        """A selector over ``size`` ids from bits already packed in FAISS's order."""
+        if bitmap.dtype != np.uint8 or bitmap.shape != ((size + 7) // 8,):
+            raise ValueError(
+                f"bitmap: expected {(size + 7) // 8} uint8 bytes for {size} ids, "
+                f"got {bitmap.dtype} of shape {bitmap.shape}"
+            )
+        selector = cls.__new__(cls)
+        selector._wrap(bitmap, size)
+        return selector
+
+    def _wrap(self, bitmap: npt.NDArray[np.uint8], size: int) -> None:
+        self.size = size
+        self.bitmap: npt.NDArray[np.uint8] = np.ascontiguousarray(bitmap)
         self.bitmap.flags.writeable = False
         # The wrapper's one-argument form (the stubs only know the C++ one) keeps a reference.
         make_selector: Any = faiss.IDSelectorBitmap

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
 
+import numpy as np
+
 from recsys.control.backends import open_store
 from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
 from recsys.control.store import EXPERIMENTS, Document, DocumentStore
@@ -223,7 +225,14 @@ def _transient(rec: Recommendation) -> bool:
 
 
 def warm_up(snapshot: ServingSnapshot, stages: StagePlan) -> None:
-    """Run every loaded model and the index through a real batch before taking traffic."""
+    """Run every loaded model and the index through a real batch before taking traffic, and
+    build the delivery-cell selectors of the cells where the users live (default radius)."""
+    tables = snapshot.tables
+    snapshot.retriever.warm_cells(
+        np.asarray(tables.user_home_lat, dtype=np.float64),
+        np.asarray(tables.user_home_lon, dtype=np.float64),
+        snapshot.assigner.config.defaults.radius_km,
+    )
     users = [str(u) for u in snapshot.tables.user_ids[:8]] + ["warm-up-unknown-user"]
     requests = tuple(
         Request(request_id=f"warm-up-{n}", user_id=u, num_results=20) for n, u in enumerate(users)

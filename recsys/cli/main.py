@@ -20,6 +20,7 @@ from recsys.cli import (
     control,
     experiments,
     exposures,
+    loop,
     models,
     monitor,
     replay,
@@ -35,6 +36,7 @@ from recsys.settings import SettingError
 
 COMMANDS = (
     build, serve, experiments, models, availability, replay, exposures, control, simulate, monitor,
+    loop,
 )  # fmt: skip
 
 USER_ERRORS: tuple[type[Exception], ...] = (

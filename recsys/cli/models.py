@@ -35,10 +35,12 @@ from recsys.control.backends import open_store
 from recsys.control.store import ROUTING, Document, StoreError
 from recsys.outcomes.sinks import default_outcome_dir
 from recsys.pipeline.archive import snapshot_directory
+from recsys.promotion.controller import CanaryController, LogSources
 from recsys.promotion.gates import GateReport
 from recsys.promotion.judge import LoggedTraffic, guarded, run_gates
 from recsys.promotion.policy import load_policy
 from recsys.promotion.retrain import retrain
+from recsys.promotion.sequential import MixtureSPRT
 from recsys.promotion.tracking import Tracker, TrackingError, open_tracker
 from recsys.ranking.registry import LATENCY_BUDGET_US_PER_ROW, ModelRegistry, RegistryError
 from recsys.settings import env_default
@@ -120,6 +122,19 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("version")
     p.add_argument("--percent", type=float, required=True)
     _gate_arguments(p, force=True)
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="then judge the canary on live traffic (sequential test, guardrails) and ramp, "
+        "promote or roll it back",
+    )
+    p.add_argument("--outcomes", type=Path, help="outcome events (default: beside the root)")
+    p.add_argument("--late-seconds", type=float, default=600.0, help="join window (s)")
+    p.add_argument("--look-seconds", type=float, default=30.0, help="between looks (s)")
+    p.add_argument("--max-minutes", type=float, default=120.0, help="give up after (min)")
+    p.add_argument(
+        "--metrics-url", default="", help="a server's /metrics, for the error and p99 guardrails"
+    )
     p = add("rollback", cmd_rollback, "production back to the previous version")
     p.add_argument("name")
     p = add("retire", cmd_retire, "delete a version no route or experiment arm uses")
@@ -410,9 +425,36 @@ def cmd_canary(args: argparse.Namespace) -> int:
         tracking.routing(registry, args.name)
         print("\n".join(report.lines()), file=sys.stderr)
         print(_routed(document, args.name))
+        if args.analyze:
+            return _analyze(args, registry, tracking)
         return 0
 
     return _run(args, action)
+
+
+def _analyze(args: argparse.Namespace, registry: ModelRegistry, tracking: _Tracking) -> int:
+    exposures = log_directory(args.exposures, args.artifacts)
+    sources = LogSources(
+        exposures=exposures,
+        outcomes=args.outcomes or default_outcome_dir(args.artifacts),
+        late_seconds=args.late_seconds,
+        metrics_url=args.metrics_url,
+    )
+    policy = load_policy(args.policy)
+    controller = CanaryController(
+        registry, policy.canary, sources, on_record=tracking.decisions(registry, args.name)
+    )
+    state = controller.begin(args.name, args.version, args.percent)
+    print(f"analysing: {MixtureSPRT(policy.canary.alpha, policy.canary.margin).describe()}")
+    state, decision = controller.run(
+        state,
+        look_seconds=args.look_seconds,
+        max_seconds=args.max_minutes * 60,
+        say=lambda d: print(d.line(), flush=True),
+    )
+    tracking.routing(registry, args.name)
+    print(f"{decision.action}: {decision.reason}")
+    return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

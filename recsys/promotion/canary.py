@@ -6,7 +6,7 @@ metric) and the guardrails, and returns the next :class:`CanaryState` and a
 :class:`CanaryDecision`:
 
 - **rollback** at once when a guardrail is breached (server error rate, p99 latency, the
-  canary's score distribution against its training baseline, PSI) or the sequential test finds
+  PSI of the canary's served scores, later half against earlier half) or the sequential test finds
   the canary worse (``p_harm <= alpha``);
 - **ramp** to the next share of users (5 -> 25 -> 50 by default) once this step has seen
   ``min_requests_per_step`` canary requests without harm;
@@ -214,14 +214,23 @@ def arm_stats(
     return ArmStats(a[0], a[1]), ArmStats(b[0], b[1]), scores
 
 
-def score_psi(scores: list[np.ndarray], baseline: Mapping[str, Any]) -> float:
-    """PSI of served scores against a model's training score distribution (NaN: no scores)."""
-    edges = baseline.get("edges", [])
-    expected = baseline.get("counts", [])
-    if not scores or not edges:
+def score_psi(scores: list[np.ndarray], min_scores: int = 200) -> float:
+    """PSI of the canary's served scores in the later half of its requests against the
+    earlier half (deciles of the earlier half; NaN with fewer than ``min_scores`` a half).
+
+    Served scores are the top of each ranked list, so they cannot be compared with the
+    training distribution, and lambdarank scores have no common scale across versions, so not
+    with the champion's either: the guardrail asks whether the canary's own outputs move while
+    it serves (a feature gone bad, a model unstable on live inputs)."""
+    half = len(scores) // 2
+    if half == 0:
         return math.nan
-    live = bin_counts(edges, np.concatenate(scores))
-    return float(psi(live, np.asarray(expected, dtype=np.float64)))
+    earlier = np.concatenate(scores[:half])
+    later = np.concatenate(scores[half:])
+    if earlier.size < min_scores or later.size < min_scores:
+        return math.nan
+    edges = np.unique(np.quantile(earlier, np.linspace(0.1, 0.9, 9))).tolist()
+    return float(psi(bin_counts(edges, later), bin_counts(edges, earlier)))
 
 
 @dataclass(frozen=True)

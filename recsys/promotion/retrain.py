@@ -32,7 +32,7 @@ from recsys.outcomes.join import JoinedRequest, JoinStats, join_outcomes
 from recsys.outcomes.reader import iter_outcomes
 from recsys.promotion.holdout import DistrictLocator, EvalSet, fingerprint
 from recsys.ranking.features import FeatureTables, assemble_features, user_row_home
-from recsys.ranking.model import save_model_version
+from recsys.ranking.model import load_model_version, save_model_version
 from recsys.ranking.registry import ModelRegistry, RegistryError
 from recsys.ranking.training import RankerParams, Split, fit_ranker
 from recsys.serving.exposure import iter_exposure_lines
@@ -195,6 +195,7 @@ def retrain(
     late_seconds: float = 600.0,
     params: RankerParams = RETRAIN_PARAMS,
     shuffle_labels: bool = False,
+    warm_start: bool = True,
 ) -> RetrainResult:
     """Train ``name`` on the logged window and register it with its lineage (module docs)."""
     registry.check_registrable(name)
@@ -255,11 +256,18 @@ def retrain(
         "features_version": features_version,
         "world_version": world_version,
         "shuffled_labels": shuffle_labels,
+        "warm_start_from": parent if warm_start else "",
     }
     data = replace(data, lineage={"window": f"[{since:.0f}, {until:.0f})"})
     try:
         trained = fit_ranker(
-            learn_from.split(train), learn_from.split(valid), data.split(held), params
+            learn_from.split(train),
+            learn_from.split(valid),
+            data.split(held),
+            params,
+            init_model=load_model_version(registry.root, name, parent).booster
+            if warm_start and parent
+            else None,
         )
     except ValueError as e:
         raise RetrainError(f"cannot retrain on the window: {e}") from e

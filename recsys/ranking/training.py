@@ -217,9 +217,14 @@ def fit_ranker(
     held_out: Split,
     params: RankerParams,
     say: Progress = lambda _message: None,
+    *,
+    init_model: lgb.Booster | None = None,
 ) -> TrainedRanker:
     """Train on ``train`` (early stopping on ``valid``) and measure on ``held_out``: the part
-    of :func:`train_ranker` after the splits, shared with retraining from logged traffic."""
+    of :func:`train_ranker` after the splits, shared with retraining from logged traffic.
+
+    ``init_model``: continue boosting from these trees (a warm start from the production
+    model); early stopping may keep none of the new ones."""
     train = train.only_groups_with_positives()
     valid = valid.only_groups_with_positives()
     if train.rows == 0 or valid.rows == 0 or not (held_out.labels > 0).any():
@@ -250,6 +255,7 @@ def fit_ranker(
         valid_sets=[valid_set],
         valid_names=["validation"],
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+        init_model=init_model,
     )
     best_iteration = booster.best_iteration or booster.current_iteration()
     final = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))

@@ -102,7 +102,7 @@ def test_no_file_is_the_built_in_default() -> None:
         (("format = 1", "format = 2"), "format: expected 1, got 2"),
         (
             ('metric = "order_rate"', 'metric = "revenue"'),
-            "canary.metric: expected one of ctr, order_rate, got 'revenue'",
+            "canary.metric: expected one of order_rate, ctr, got 'revenue'",
         ),
     ],
 )

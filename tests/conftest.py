@@ -6,9 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from recsys.build import BuildReport, build
 from recsys.settings import BuildSettings
+
+# No per-example deadline: on a shared, loaded machine an example's wall time is noise, and a
+# deadline is a timing assertion (a slow example failed property tests that were correct).
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 SMALL_WORLD = BuildSettings(skus=4_000, users=1_500, seed=11, dim=16, progress=False)
 

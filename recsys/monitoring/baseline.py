@@ -136,10 +136,43 @@ class BaselineBins:
     _offsets: IntArray = field(init=False, repr=False)
     _nan_slots: IntArray = field(init=False, repr=False)
 
+    _numeric: IntArray = field(init=False, repr=False)
+    _key_columns: IntArray = field(init=False, repr=False)
+    _edge_keys: IntArray = field(init=False, repr=False)
+    _edge_starts: IntArray = field(init=False, repr=False)
+    _categorical: IntArray = field(init=False, repr=False)
+    _lookup: IntArray = field(init=False, repr=False)
+    _lookup_offsets: IntArray = field(init=False, repr=False)
+    _lookup_sizes: IntArray = field(init=False, repr=False)
+    _unseen: IntArray = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
-        offsets = np.array([[c.offset] for c in self.columns], dtype=np.int64)
-        object.__setattr__(self, "_offsets", offsets)
-        object.__setattr__(self, "_nan_slots", np.array([[c.nan_slot] for c in self.columns]))
+        """The per-column tables stacked once, so binning is a fixed number of numpy calls."""
+        columns = self.columns
+        numeric = [j for j, c in enumerate(columns) if c.kind == "numeric"]
+        categorical = [j for j, c in enumerate(columns) if c.kind == "categorical"]
+        # Edge e as the largest float32 <= e: for a float32 x, x > e exactly when x > that.
+        keyed: list[IntArray] = []
+        starts: list[int] = []
+        for i, j in enumerate(numeric):
+            e32 = columns[j].edges.astype(np.float32)
+            e32 = np.where(e32 > columns[j].edges, np.nextafter(e32, np.float32(-np.inf)), e32)
+            starts.append(sum(k.size for k in keyed))
+            keyed.append(_order_keys(e32) + (i << 32))
+        lookups = [columns[j].lookup for j in categorical]
+        sizes = np.array([t.size for t in lookups], dtype=np.int64).reshape(-1, 1)
+        set_ = object.__setattr__
+        set_(self, "_offsets", np.array([[c.offset] for c in columns], dtype=np.int64))
+        set_(self, "_nan_slots", np.array([[c.nan_slot] for c in columns], dtype=np.int64))
+        set_(self, "_numeric", np.array(numeric, dtype=np.int64))
+        set_(self, "_key_columns", (np.arange(len(numeric), dtype=np.int64) << 32)[:, None])
+        set_(self, "_edge_keys", np.concatenate(keyed))
+        set_(self, "_edge_starts", np.array(starts, dtype=np.int64)[:, None])
+        set_(self, "_categorical", np.array(categorical, dtype=np.int64))
+        set_(self, "_lookup", np.concatenate([*lookups, np.zeros(1, np.int64)]))
+        set_(self, "_lookup_offsets", (np.cumsum(sizes) - sizes.ravel()).reshape(-1, 1))
+        set_(self, "_lookup_sizes", sizes)
+        set_(self, "_unseen", np.array([[columns[j].size - 2] for j in categorical], np.int64))
 
     @property
     def size(self) -> int:
@@ -190,23 +223,27 @@ class BaselineBins:
     def slots(
         self, features: npt.NDArray[np.floating[Any]], scores: npt.NDArray[np.floating[Any]]
     ) -> IntArray:
-        """``[columns, rows]`` flat slot index of every value (column offsets included): one
-        ``searchsorted`` per numeric column, one table lookup per categorical one, and the NaN
-        and offset fix-ups once over the whole matrix."""
+        """``[columns, rows]`` flat slot index of every value (column offsets included).
+
+        Values are float32, as the rank stage makes them. A fixed number of numpy calls
+        whatever the number of columns: each numeric value becomes an int64 key, its column
+        in the high 32 bits and its float32 bits made order-preserving in the low ones, so one
+        ``searchsorted`` over every column's edges (keyed the same way) bins them all exactly;
+        the categorical columns go through one concatenated lookup table; NaN and offsets are
+        fixed up over the whole matrix."""
         rows = features.shape[0]
-        values = np.empty((len(self.columns), rows), dtype=np.float64)
+        values = np.empty((len(self.columns), rows), dtype=np.float32)
         values[:-1] = features[:, self.feature_index].T
         values[-1] = scores
         out = np.empty(values.shape, dtype=np.int64)
-        for j, column in enumerate(self.columns):
-            if column.kind == "numeric":
-                out[j] = np.searchsorted(column.edges, values[j], side="left")
-            else:  # NaN and negative or unknown codes fail `known`: the unseen slot
-                codes = values[j]
-                known = (codes >= 0) & (codes < column.lookup.size)
-                out[j] = np.where(
-                    known, column.lookup[np.where(known, codes, 0).astype(np.intp)], column.size - 2
-                )
+        keys = _order_keys(values[self._numeric]) + self._key_columns
+        at = self._edge_keys.searchsorted(keys.ravel(), side="left").reshape(keys.shape)
+        out[self._numeric] = at - self._edge_starts
+        if self._categorical.size:
+            codes = values[self._categorical]
+            known = (codes >= 0) & (codes < self._lookup_sizes)  # NaN fails both
+            where = np.where(known, codes, 0).astype(np.intp) + self._lookup_offsets
+            out[self._categorical] = np.where(known, self._lookup[where], self._unseen)
         out = np.where(np.isnan(values), self._nan_slots, out)
         out += self._offsets
         return out
@@ -227,6 +264,13 @@ class BaselineBins:
     def column_counts(self, counts: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int64]]:
         """A flat slot-count vector split by column name."""
         return {c.name: counts[c.offset : c.offset + c.size] for c in self.columns}
+
+
+def _order_keys(values: npt.NDArray[np.float32]) -> IntArray:
+    """float32 values as int64 keys in [0, 2**32) that sort as the values do (-0.0 as 0.0;
+    NaN keys are meaningless: callers mask NaN)."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
 
 
 class MonitoredModel(Protocol):

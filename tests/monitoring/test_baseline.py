@@ -59,13 +59,44 @@ def test_numeric_binning_equals_a_reference_histogram(
     live[:, 0] += shift * 5
     live[:, 2] *= 1 + shift
     live[:, 0][rng.random(300) < nan_share] = np.nan
-    live_scores = rng.normal(shift, 1.0, 300)
-    live[:5, 0] = baseline["features"]["price"]["edges"][:5]  # values exactly on edges
+    live_scores = rng.normal(shift, 1.0, 300).astype(np.float32)
+    live[:5, 0] = baseline["features"]["price"]["edges"][:5]  # values on (float32) edges
+    live = live.astype(np.float32)  # what the rank stage makes
     counts = bins.count(live, live_scores, np.zeros(300, dtype=np.int64), 1)[0]
     split = bins.column_counts(counts)
     for name, values in (("price", live[:, 0]), ("distance", live[:, 2]), (SCORE, live_scores)):
         column = next(c for c in bins.columns if c.name == name)
-        np.testing.assert_array_equal(split[name], reference_slots(column.edges, values))
+        reference = reference_slots(column.edges, values.astype(np.float64))
+        np.testing.assert_array_equal(split[name], reference)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edges=st.lists(
+        st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=12, unique=True
+    ),
+    values=st.lists(
+        st.floats(-2e6, 2e6, width=32) | st.just(float("nan")), min_size=1, max_size=50
+    ),
+    nudge=st.floats(-1e-3, 1e-3),
+)
+def test_any_float32_value_bins_as_a_float64_histogram_would(
+    edges: list[float], values: list[float], nudge: float
+) -> None:
+    """Edges need not be float32 (quantiles interpolate); values on, just under and just over
+    an edge, negative values and -0.0 all land where the float64 comparison puts them."""
+    inner = np.sort(np.asarray(edges, dtype=np.float64) + nudge)
+    lo, hi = float(inner[0]) - 1.0, float(inner[-1]) + 1.0
+    spec = {"kind": "numeric", "edges": inner.tolist(), "counts": [1] * (inner.size + 1),
+            "min": lo, "max": hi}  # fmt: skip
+    bins = BaselineBins.compile("v", {"features": {"x": spec}, "score": spec}, ("x",))
+    on_edges = np.concatenate([inner, np.nextafter(inner, np.inf), np.nextafter(inner, -np.inf)])
+    live = np.concatenate([values, on_edges, [-0.0, 0.0, lo, hi]]).astype(np.float32)
+    counts = bins.count(live[:, None], live, np.zeros(live.size, np.int64), 1)[0]
+    x = bins.column_counts(counts)["x"]
+    np.testing.assert_array_equal(
+        x, reference_slots(bins.columns[0].edges, live.astype(np.float64))
+    )
 
 
 def test_categorical_codes_map_to_their_slots_unseen_and_nan_apart() -> None:

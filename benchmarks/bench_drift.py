@@ -15,11 +15,14 @@ scenario's change at ``--onset-minutes``, stop it, then judge what the monitor s
   95 % interval of CTR, order rate or NDCG@20 lies wholly below the first window's
   (``recsys.monitoring.alerts.quality_drops``).
 
-A flag before the onset, or anywhere in ``none``, is a false alarm. Prints one JSON line per
-scenario and a summary; ``--report-dir`` writes the HTML report of one scenario's run and a
-headless Chromium screenshot of it.
+*Flagged*: a condition first met; *alerted*: met at every evaluation for 5 simulated minutes
+(the rules' ``for: 5m``), which is what pages someone. An alert before the onset, or anywhere in
+``none``, is a false alarm; conditions met before the onset that never held 5 minutes are
+listed. Prints one JSON line per scenario and a summary; ``--report-dir`` writes the HTML report
+of one scenario's run and a headless Chromium screenshot of it; ``--judge-only`` judges the runs
+kept in ``--work`` again without running them.
 
-    python -m benchmarks.bench_drift --artifacts /tmp/small-world [--speed 15] [--rate 50]
+    python -m benchmarks.bench_drift --artifacts /tmp/small-world [--speed 8] [--rate 100]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import redis
 
 from benchmarks.bench_latency import free_port, wait_serving_for
 from recsys.linelog import iter_log_lines
-from recsys.monitoring.alerts import Flag, all_flags, quality_drops
+from recsys.monitoring.alerts import quality_drops, window_flags
 from recsys.monitoring.quality import QualityStats, quality_record, quality_stats
 from recsys.monitoring.report import write_report
 from recsys.monitoring.summaries import SummaryLog, iter_summaries
@@ -90,9 +93,12 @@ def quality_evaluations(
     return out, reference
 
 
-def run_scenario(
-    args: argparse.Namespace, scenario: str, base: Path, prefix: str
-) -> dict[str, Any]:
+HOLD_MINUTES = 5.0
+"""The alert rules' ``for: 5m``: a condition pages once it has held this long."""
+
+
+def simulate(args: argparse.Namespace, scenario: str, base: Path, prefix: str) -> Path:
+    """One scenario against its own server; the logs and ``run.json`` stay in the work dir."""
     work = base / scenario
     work.mkdir(parents=True)
     minutes = args.none_minutes if scenario == "none" else args.minutes
@@ -111,17 +117,65 @@ def run_scenario(
     finally:
         server.send_signal(signal.SIGTERM)  # drains, flushes the exposure log and summaries
         server.wait(timeout=120)
-    to_minutes = args.speed / 60
+    run = {"scenario": scenario, "start": start, "minutes": minutes, "onset": onset,
+           "speed": args.speed, "requests": report.requests}  # fmt: skip
+    (work / "run.json").write_text(json.dumps(run))
+    return work
+
+
+def first_exposure_ts(work: Path) -> float:
+    for _p, _n, record in iter_log_lines(work / "exposures"):
+        return float(record["ts"])
+    raise ValueError(f"{work}: no exposure record")
+
+
+def fired(series: list[tuple[float, bool]], hold: float) -> float | None:
+    """When a condition sampled at ``series`` (time, held) first held for ``hold`` minutes."""
+    since: float | None = None
+    for t, held in series:
+        if not held:
+            since = None
+            continue
+        since = t if since is None else since
+        if t - since >= hold:
+            return t
+    return None
+
+
+def judge(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """What the monitor flagged in a kept run, and when, in simulated minutes."""
+    path = work / "run.json"
+    if path.exists():
+        run = json.loads(path.read_text())
+    else:  # a run kept from before run.json: its start is its first request
+        minutes = args.none_minutes if work.name == "none" else args.minutes
+        run = {"scenario": work.name, "start": first_exposure_ts(work), "minutes": minutes,
+               "onset": minutes + 1 if work.name == "none" else args.onset_minutes,
+               "speed": args.speed, "requests": None}  # fmt: skip
+    start, onset, speed = float(run["start"]), float(run["onset"]), float(run["speed"])
 
     def sim_minute(ts: float) -> float:
-        return float(round((ts - start) * to_minutes, 2))
+        return float(round((ts - start) * speed / 60, 2))
 
     monitor_dir = work / "exposures" / "monitor"
-    drift = list(iter_summaries(monitor_dir, kind="drift"))
-    flags: list[Flag] = all_flags(drift)
+    drift = sorted(iter_summaries(monitor_dir, kind="drift"), key=lambda r: r["ts"])
+    # Every condition ever met, sampled at every summary of its (version, arm).
+    conditions: dict[str, list[tuple[float, bool]]] = {}
+    met_by_record = [({(f.alert, f.feature) for f in window_flags(r)}, r) for r in drift]
+    names = {
+        (r["model_version"], r["arm"], alert, feature)
+        for met, r in met_by_record
+        for alert, feature in met
+    }
+    for version, arm, alert, feature in sorted(names):
+        conditions[f"{alert}:{feature}:{arm}"] = [
+            (sim_minute(r["ts"]), (alert, feature) in met)
+            for met, r in met_by_record
+            if (r["model_version"], r["arm"]) == (version, arm)
+        ]
     judged = [r for r in drift if r["requests"] >= 1000 and r.get("reference_start") is not None]
     exposures = (record for _p, _n, record in iter_log_lines(work / "exposures"))
-    late_seconds = args.late_minutes * 60 / args.speed
+    late_seconds = args.late_minutes * 60 / speed
     joined = [
         j
         for j in join_outcomes(
@@ -130,41 +184,47 @@ def run_scenario(
         if j.complete
     ]
     evaluations, reference = quality_evaluations(joined, start, args)
-    log = SummaryLog(monitor_dir)
-    log.append(quality_record(s, t) for t, s in evaluations)
-    drops = [
-        (t, s.model_version, metric)
-        for t, s in evaluations
-        if reference is not None
-        for metric in quality_drops(s, reference)
-    ]
-    found: dict[str, float] = {}
+    if not any(True for _ in iter_summaries(monitor_dir, kind="quality")):  # once per run
+        SummaryLog(monitor_dir).append(quality_record(s, t) for t, s in evaluations)
+    if reference is not None:
+        for metric in ("ctr", "order_rate", "ndcg"):
+            conditions[f"QualityDrop:{metric}"] = [
+                (sim_minute(t), metric in quality_drops(s, reference)) for t, s in evaluations
+            ]
+    flagged: dict[str, float] = {}
+    paged: dict[str, float] = {}
     false_alarms: list[str] = []
-    for f in flags:
-        name = f"{f.alert}:{f.feature}"
-        at = sim_minute(f.ts)
-        if at < onset:
+    pending_before_onset: list[str] = []
+    for name, series in conditions.items():
+        held = [t for t, ok in series if ok]
+        before = [t for t in held if t < onset]
+        if before:
+            pending_before_onset.append(f"{name}@{before[0]}")
+        after = [t for t in held if t >= onset]
+        if after:
+            flagged[name] = after[0]
+        at = fired(series, HOLD_MINUTES)
+        if at is not None and at < onset:
             false_alarms.append(f"{name}@{at}")
-        else:
-            found.setdefault(name, at)
-    for t, _version, metric in drops:
-        name = f"QualityDrop:{metric}"
-        at = sim_minute(t)
-        if at < onset:
-            false_alarms.append(f"{name}@{at}")
-        else:
-            found.setdefault(name, at)
-    first = min(found.values()) if found else None
+        elif at is not None:
+            paged[name] = at
     window_minutes = args.window_minutes
+
+    def since_onset(found: dict[str, float]) -> dict[str, float]:
+        return {k: round(v - onset, 2) for k, v in sorted(found.items(), key=lambda kv: kv[1])}
+
     return {
-        "scenario": scenario,
-        "simulated_minutes": minutes,
-        "onset_minute": None if scenario == "none" else onset,
-        "requests": report.requests,
-        "flagged": {k: round(v - onset, 2) for k, v in sorted(found.items(), key=lambda kv: kv[1])},
-        "minutes_to_first_flag": None if first is None else round(first - onset, 2),
+        "scenario": run["scenario"],
+        "simulated_minutes": run["minutes"],
+        "onset_minute": None if run["scenario"] == "none" else onset,
+        "requests": run["requests"],
+        "flagged": since_onset(flagged),
+        "fired": since_onset(paged),
+        "minutes_to_first_flag": round(min(flagged.values()) - onset, 2) if flagged else None,
+        "minutes_to_first_alert": round(min(paged.values()) - onset, 2) if paged else None,
         "false_alarms": len(false_alarms),
         "false_alarm_examples": false_alarms[:5],
+        "conditions_met_before_onset": pending_before_onset[:5],
         "drift_windows_judged": len(
             {round(sim_minute(r["ts"]) / window_minutes) for r in judged if r["arm"] == "all"}
         ),
@@ -200,8 +260,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="default: all")
-    parser.add_argument("--speed", type=float, default=15.0, help="simulated s per wall s")
-    parser.add_argument("--rate", type=float, default=50.0, help="sessions per wall s at peak")
+    parser.add_argument("--speed", type=float, default=8.0, help="simulated s per wall s")
+    parser.add_argument("--rate", type=float, default=100.0, help="sessions per wall s at peak")
     parser.add_argument("--concurrency", type=int, default=256, help="sessions at once")
     parser.add_argument("--users", type=int, default=1500)
     parser.add_argument("--window-minutes", type=float, default=5.0, help="simulated")
@@ -214,10 +274,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the logs here (default: a temp dir)")
     parser.add_argument("--report-dir", type=Path, help="HTML report + screenshot of one run")
     parser.add_argument("--report-scenario", default="broken-feature", choices=SCENARIOS)
+    parser.add_argument(
+        "--judge-only", action="store_true", help="judge the runs kept in --work, no new run"
+    )
     args = parser.parse_args()
     prefix = f"bench-drift-{uuid.uuid4().hex[:12]}:"
     base = args.work or Path(tempfile.mkdtemp(prefix="bench-drift-"))
     subprocess.run(
+        ["true"] if args.judge_only else
         [sys.executable, "-m", "recsys.cli.main", "features", "publish", "--artifacts",
          str(args.artifacts), "--feature-store", args.redis, "--control-prefix", prefix],
         check=True, capture_output=True,
@@ -225,7 +289,8 @@ def main() -> None:
     results = []
     try:
         for scenario in args.scenario or SCENARIOS:
-            result = run_scenario(args, scenario, base, prefix)
+            work = base / scenario if args.judge_only else simulate(args, scenario, base, prefix)
+            result = judge(args, work)
             print(json.dumps(result), flush=True)
             results.append(result)
     finally:
@@ -236,10 +301,15 @@ def main() -> None:
         client.close()
     injected = [r for r in results if r["scenario"] != "none"]
     summary = {
-        "detected_within_10_minutes": sum(
+        "flagged_within_10_minutes": sum(
             1
             for r in injected
             if r["minutes_to_first_flag"] is not None and r["minutes_to_first_flag"] <= 10
+        ),
+        "alerted_within_10_minutes": sum(
+            1
+            for r in injected
+            if r["minutes_to_first_alert"] is not None and r["minutes_to_first_alert"] <= 10
         ),
         "injected": len(injected),
         "false_alarms": sum(r["false_alarms"] for r in results),

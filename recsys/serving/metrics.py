@@ -3,8 +3,14 @@
 :class:`ServingMetrics` is the only place that knows Prometheus. The servicer, the exposure sink
 and the micro-batchers report through plain methods, and the pipeline receives the same object
 at open time so it can report the control plane's health and the live score distribution.
-Every name starts with ``recsys_``. Label sets that come from data (experiments, degraded
-reasons, model versions) are capped; what does not fit is counted under ``other``.
+Every name starts with ``recsys_`` (besides the standard ``process_*`` and ``python_*``).
+Label sets that come from data (experiments, degraded reasons, model versions) are capped; what
+does not fit is counted under ``other``.
+
+With ``--workers N`` the parent merges the workers' expositions (serving/workers.py): counters
+and histograms are summed, and so are gauges, unless :data:`GAUGE_MERGE` names another rule for
+one. A gauge that is a state rather than an amount (connected, a timestamp, a limit) belongs
+there.
 """
 
 from __future__ import annotations
@@ -15,15 +21,40 @@ from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
-from recsys.ranking.stages import DEADLINE_UNRANKED
+from recsys.ranking.stages import DEADLINE_UNRANKED, STALE_USER_VECTOR
+from recsys.retrieval.stage import UNKNOWN_USER
 from recsys.serving.batching import BatchStats
 from recsys.types import Recommendation, ServingVersions
 
 OTHER = "other"
+GAUGE_MERGE: dict[str, str] = {
+    # 1 only while every worker's watcher is connected (a sum would read 2 with 2 workers).
+    "recsys_control_plane_connected": "min",
+    "process_start_time_seconds": "min",  # the oldest process of the pod
+    "process_max_fds": "min",  # the tightest limit
+}
+"""How the parent of ``--workers N`` merges a gauge across workers (``min``, ``max``; any gauge
+not named here: ``sum``), named as prometheus_client's ``multiprocess_mode`` names them."""
+DEGRADED_REASON_LABELS: dict[str, str] = {
+    STALE_USER_VECTOR: "stale_user_vector",
+    DEADLINE_UNRANKED: "deadline_unranked",
+    UNKNOWN_USER: "unknown_user",
+}
+"""The ``reason`` label of ``recsys_degraded_responses``: a short enum per degraded reason (the
+response and the exposure record carry the sentence); a reason not named here counts as
+``other``."""
 LATENCY_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
@@ -142,6 +173,8 @@ class ServingMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: CPU seconds, memory, open files, start time
+        PlatformCollector(registry=r)  # python_info
         self._requests = Counter(
             "recsys_requests", "Recommend calls by gRPC status code.", ["code"], registry=r
         )
@@ -168,7 +201,8 @@ class ServingMetrics:
         self._config_info = Info("recsys_config", "Control-plane config version.", registry=r)
         self._degraded = Counter(
             "recsys_degraded_responses",
-            "Responses served in a degraded mode, by reason.",
+            "Responses served in a degraded mode, by reason (stale_user_vector, "
+            "deadline_unranked, unknown_user, other).",
             ["reason"],
             registry=r,
         )
@@ -225,6 +259,7 @@ class ServingMetrics:
             "1 while the control-plane backend answers the watcher of this document.",
             ["document"],
             registry=r,
+            multiprocess_mode="min",  # as GAUGE_MERGE says for the parent's merge
         )
         self._control_from_last_good = Gauge(
             "recsys_control_from_last_good",
@@ -248,6 +283,13 @@ class ServingMetrics:
             registry=r,
         )
         self._model_rejected_labels = CappedLabels(max_model_versions, 3)
+        self._compile_fallbacks = Counter(
+            "recsys_model_compile_fallbacks",
+            "Model versions loaded to score with LightGBM although compilation is on (the "
+            "compiled engine failed on this node; about 3x the CPU per call). The log says why.",
+            ["name"],
+            registry=r,
+        )
         self._cache_lookups = Counter(
             "recsys_result_cache_lookups",
             "Result cache lookups by result (hit rate: hit / (hit + miss)).",
@@ -265,7 +307,6 @@ class ServingMetrics:
         )
         r.register(self._scores)
         self._exposure_labels = CappedLabels(max_exposure_label_sets, 3)
-        self._degraded_labels = CappedLabels(max_degraded_reasons, 1)
         self._versions: ServingVersions | None = None
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
@@ -284,7 +325,7 @@ class ServingMetrics:
         for stage, seconds in recommendation.stage_seconds:
             self._stage_latency.labels(stage).observe(seconds)
         for reason in recommendation.degraded_reasons:
-            self._degraded.labels(*self._degraded_labels.admit((reason,))).inc()
+            self._degraded.labels(DEGRADED_REASON_LABELS.get(reason, OTHER)).inc()
         for e in recommendation.exposures:
             labels = self._exposure_labels.admit((e.layer, e.experiment, e.arm))
             self._exposures.labels(*labels).inc()
@@ -357,6 +398,10 @@ class ServingMetrics:
     def model_rejected(self, name: str, version: str, reason: str) -> None:
         labels = self._model_rejected_labels.admit((name, version, reason))
         self._model_rejected.labels(*labels).inc()
+
+    def model_compile_fallback(self, name: str, version: str) -> None:
+        """A version of model ``name`` scores with LightGBM: the compiled engine failed."""
+        self._compile_fallbacks.labels(name).inc()
 
     # HTTP endpoint.
 

@@ -7,8 +7,11 @@ feature tables and vectors are memory-mapped read-only and so shared through the
 
 Metrics: each worker serves its own registry on a private port on the loopback; the parent's
 ``/metrics`` on the configured port scrapes them all and merges the samples (sums for counters,
-histograms and gauges, so in-flight calls and cache entries add up; the highest value for info
-series), plus ``recsys_workers`` (how many answered the scrape).
+histograms and gauges, so in-flight calls and cache entries add up, except the gauges
+serving/metrics.py's ``GAUGE_MERGE`` names, such as ``recsys_control_plane_connected``, the
+lowest over workers; the highest value for info series), plus ``recsys_workers`` (how many
+answered the scrape). The ``process_*`` series cover the whole pod: the parent's own process
+merged with the workers' (CPU seconds and memory summed, the earliest start time).
 
 SIGTERM or SIGINT to the parent is forwarded to every worker, each drains as one server does,
 and the parent exits once all have. If a worker dies on its own, the parent stops the others and
@@ -28,11 +31,13 @@ from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsys.serving.logs import configure_logging
+from recsys.serving.metrics import GAUGE_MERGE
 from recsys.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def merge_families(texts: Iterable[str]) -> list[Metric]:
-    """Merge Prometheus text expositions of several processes into one set of families."""
+    """Merge Prometheus text expositions of several processes into one set of families.
+
+    Counters and histograms are summed; gauges too, unless :data:`GAUGE_MERGE` says ``min`` or
+    ``max``; info series (text: gauges named ``*_info``) take the highest value.
+    """
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
@@ -72,8 +81,15 @@ def merge_families(texts: Iterable[str]) -> list[Metric]:
                 if sample.name.endswith("_created"):
                     continue  # a creation time: no meaning summed across processes
                 key = (sample.name, tuple(sorted(sample.labels.items())))
+                mode = GAUGE_MERGE.get(family.name, "sum") if family.type == "gauge" else "sum"
                 if family.type == "info" or family.name.endswith("_info"):  # text: gauges
-                    merged[key] = max(merged.get(key, 0.0), sample.value)
+                    mode = "max"
+                if key in merged and mode == "min":
+                    merged[key] = min(merged[key], sample.value)
+                elif key in merged and mode == "max":
+                    merged[key] = max(merged[key], sample.value)
+                elif mode in ("min", "max"):
+                    merged[key] = sample.value
                 else:
                     merged[key] = merged.get(key, 0.0) + sample.value
     out = []
@@ -85,10 +101,13 @@ def merge_families(texts: Iterable[str]) -> list[Metric]:
 
 
 class WorkerMetrics:
-    """A collector that scrapes the workers' endpoints and merges them at each parent scrape."""
+    """A collector that scrapes the workers' endpoints and merges them at each parent scrape,
+    with the parent's own ``process_*`` series."""
 
     def __init__(self, ports: list[int]) -> None:
         self._ports = ports
+        self._parent = CollectorRegistry()
+        ProcessCollector(registry=self._parent)
 
     def _scrape(self, port: int) -> str | None:
         url = f"http://{WORKER_METRICS_HOST}:{port}/metrics"
@@ -107,11 +126,11 @@ class WorkerMetrics:
         up = GaugeMetricFamily("recsys_workers", "Worker processes that answered this scrape.")
         up.add_metric([], len(texts))
         yield up
-        yield from merge_families(texts)
+        yield from merge_families([*texts, generate_latest(self._parent).decode()])
 
 
 def _worker_main(settings: ServeSettings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format)
     from recsys.serving.pipeline import open_pipeline
     from recsys.serving.server import run
 
@@ -124,6 +143,10 @@ def run_workers(settings: ServeSettings) -> int:
         raise ValueError(f"workers is {settings.workers}; expected >= 2 (1 runs in-process)")
     reserved = reserve_port(settings.host, settings.port)
     port = int(reserved.getsockname()[1])
+    http_reserved = (
+        reserve_port(settings.host, settings.http_port) if settings.http_port >= 0 else None
+    )
+    http_port = int(http_reserved.getsockname()[1]) if http_reserved is not None else -1
     metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
     registry = CollectorRegistry()
     registry.register(WorkerMetrics(metric_ports))
@@ -146,6 +169,7 @@ def run_workers(settings: ServeSettings) -> int:
             worker_settings = replace(
                 settings,
                 port=port,
+                http_port=http_port,
                 metrics_port=metrics_port,
                 metrics_host=WORKER_METRICS_HOST,
                 workers=1,
@@ -187,3 +211,5 @@ def run_workers(settings: ServeSettings) -> int:
         http.server_close()
         http_thread.join()
         reserved.close()
+        if http_reserved is not None:
+            http_reserved.close()

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from recsys.ranking.stages import STALE_USER_VECTOR
 from recsys.serving.batching import BatchStats
 from recsys.serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
 from recsys.types import Exposure, Recommendation, ScoredItems, ServingVersions
@@ -59,11 +60,16 @@ def test_experiment_exposure_label_sets_are_capped() -> None:
 
 def test_a_recommendation_updates_stages_degraded_and_scores() -> None:
     metrics = ServingMetrics()
-    metrics.observe_recommendation(recommendation([0.9, 0.2], degraded=("slow features",)))
+    metrics.observe_recommendation(
+        recommendation([0.9, 0.2], degraded=(STALE_USER_VECTOR, "slow features"))
+    )
     value = metrics.registry.get_sample_value
     assert value("recsys_stage_duration_seconds_count", {"stage": "rank"}) == 1
     assert value("recsys_stage_duration_seconds_sum", {"stage": "retrieve"}) == pytest.approx(0.004)
-    assert value("recsys_degraded_responses_total", {"reason": "slow features"}) == 1
+    # reason: a short enum, never the sentence; a sentence it does not know is "other"
+    assert value("recsys_degraded_responses_total", {"reason": "stale_user_vector"}) == 1
+    assert value("recsys_degraded_responses_total", {"reason": "other"}) == 1
+    assert value("recsys_degraded_responses_total", {"reason": "slow features"}) is None
     assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "0.5"}) == 1
     assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "+Inf"}) == 2
 
@@ -184,3 +190,17 @@ def test_the_http_endpoint_serves_the_registry_on_a_free_port() -> None:
     assert "recsys_requests_in_flight 0.0" in text
     assert "# TYPE recsys_live_score histogram" in text
     assert "python_gc" not in text  # not the global registry
+
+
+def test_compile_fallbacks_are_counted_per_model_name() -> None:
+    metrics = ServingMetrics()
+    metrics.model_compile_fallback("ranker", "v1")
+    metrics.model_compile_fallback("ranker", "v2")
+    value = metrics.registry.get_sample_value
+    assert value("recsys_model_compile_fallbacks_total", {"name": "ranker"}) == 2
+
+
+def test_the_process_series_are_there() -> None:
+    names = {s.name for family in ServingMetrics().registry.collect() for s in family.samples}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
+    assert "process_start_time_seconds" in names

@@ -251,7 +251,7 @@ async def test_the_metrics_endpoint_has_the_recsys_series(
         f'recsys_model_info{{name="ranker",version="{MODEL_VERSION}"}} 1.0',
         f'recsys_index_info{{version="{INDEX_VERSION}"}} 1.0',
         f'recsys_config_info{{version="{CONFIG_VERSION}"}} 1.0',
-        'recsys_degraded_responses_total{reason="no location"} 3.0',
+        'recsys_degraded_responses_total{reason="other"} 3.0',  # a toy reason
         'recsys_batch_size_bucket{batcher="toy",le="+Inf"}',
         'recsys_batch_queue_delay_seconds_count{batcher="toy"} 3.0',
         "recsys_exposure_records_written_total",

@@ -38,6 +38,9 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9100
+    http_port: int = -1
+    """Port of the HTTP/JSON endpoint (``POST /v1/recommend``, serving/rest.py) beside gRPC;
+    -1: off (the default), 0: any free port."""
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint: the loopback unless told otherwise (``0.0.0.0`` for a
     Prometheus that scrapes the pod). Workers of ``--workers N`` always use the loopback: only
@@ -111,6 +114,14 @@ class ServeSettings:
     monitor_summary_seconds: float = 60.0
     """How often the drift windows are appended to ``monitor/`` in the exposure directory
     (0: never; ``recsys monitor report`` plots them)."""
+    log_format: str = "text"
+    """``text`` (for people) or ``json`` (one object per line: level, request id, versions; for
+    log collectors), see serving/logs.py."""
+    compiled_cache: Path | None = None
+    """Where compiled models are cached: a writable directory of the pod's own (the machine
+    code is built for this node's CPU), so the artifact root can be mounted read-only. None: the
+    artifact root's ``compiled/``. Its parent and everything below must not be group or world
+    writable; the server creates both when absent."""
 
     tls_cert: Path | None = None
     """PEM certificate (chain) of the gRPC port; with ``tls_key``, the port speaks TLS only.

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from recsys.cli.common import CliError
+from recsys.serving.logs import LOG_FORMATS, configure_logging
 from recsys.settings import ServeSettings, default_exposure_dir, env_default, is_service_link
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "(redis://USER@HOST:PORT/DB), read at each new connection",
     )
     flag("redis_ca_file", "PEM CA certificates of the Redis servers, for rediss:// URLs")
+    flag("http_port", "HTTP/JSON endpoint, POST /v1/recommend (-1: off, the default; 0: any)")
     flag("control", "control plane: empty for files in the artifact root, or redis://HOST:PORT/DB")
     flag(
         "feature_store",
@@ -180,6 +182,15 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=Path(exposure_dir) if exposure_dir else None,
         help="the exposure log's own directory, outside the artifact root (RECSYS_EXPOSURE_DIR; "
         "default: exposures/ beside the artifact root); snapshot manifests go to its snapshots/",
+    )
+    flag("log_format", "text, or json: one object per line for log collectors")
+    compiled_cache = env_default("compiled_cache", "")
+    serve.add_argument(
+        "--compiled-cache",
+        type=Path,
+        default=Path(compiled_cache) if compiled_cache else None,
+        help="where compiled models are cached, a writable directory of this node's own "
+        "(RECSYS_COMPILED_CACHE; default: the artifact root's compiled/)",
     )
     flag(
         "exposure_sink",
@@ -283,6 +294,9 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
                 value.default,
             )
             setattr(args, name, value.default)
+    if args.log_format not in LOG_FORMATS:
+        expected = ", ".join(LOG_FORMATS)
+        raise CliError(f"--log-format {args.log_format!r}; expected one of {expected}")
     if args.workers < 1:
         raise CliError(f"--workers is {args.workers}; expected >= 1")
     if args.workers > 1 and args.metrics_port == 0:
@@ -295,6 +309,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--gc-gen0-threshold is {args.gc_gen0_threshold}; expected >= 0 (0: off)")
     if args.max_queue_delay_ms <= 0:
         raise CliError(f"--max-queue-delay-ms is {args.max_queue_delay_ms}; expected > 0")
+    if not -1 <= args.http_port <= 65535:
+        raise CliError(f"--http-port is {args.http_port}; expected -1 (off) or a port in 0..65535")
     for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if not 0 <= value <= 65535:
             raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
@@ -325,6 +341,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         control=args.control,
         control_prefix=args.control_prefix,
         feature_store=args.feature_store,
@@ -353,6 +370,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         tls_client_ca=args.tls_client_ca,
         redis_password_file=args.redis_password_file,
         redis_ca_file=args.redis_ca_file,
+        compiled_cache=args.compiled_cache,
+        log_format=args.log_format,
     )
 
 
@@ -429,7 +448,7 @@ def check_exposure_flags(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("json" if args.log_format == "json" else "text")
     settings = serve_settings(args)
     check_redis_credentials(settings)
     from recsys.artifacts import ArtifactError

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 from recsys.artifacts import ArtifactError, ArtifactRoot
 from recsys.ranking.model import ModelRejected, RankingModel
@@ -39,8 +40,15 @@ class ModelCache:
         compile_models: bool = True,
         latency_budget_us: float = LATENCY_BUDGET_US_PER_ROW,
         on_rejected: Callable[[str, str, str], None] | None = None,
+        compiled_cache: Path | None = None,
+        on_fallback: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``compiled_cache``: where compiled models go (default: the root's ``compiled/``);
+        ``on_fallback(name, version)``: told when a version scores with LightGBM although
+        compilation is on (already logged as a WARNING saying why)."""
         self.root = root
+        self.compiled_cache = compiled_cache
+        self._on_fallback = on_fallback
         self.compile_models = compile_models
         self.latency_budget_us = latency_budget_us
         self._on_rejected = on_rejected
@@ -70,11 +78,14 @@ class ModelCache:
                 version,
                 compile_models=self.compile_models,
                 latency_budget_us=self.latency_budget_us,
+                compiled_cache=self.compiled_cache,
             )
         except ModelRejected as e:
             self._rejected(name, version, e)
             raise
         log.info("model %s/%s loaded and validated; engine %s", name, version, engine)
+        if self.compile_models and model.compiled is None and self._on_fallback is not None:
+            self._on_fallback(name, version)
         with self._lock:
             self._models[(name, version)] = model
         return model

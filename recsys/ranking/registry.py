@@ -107,8 +107,11 @@ def load_for_serving(
     *,
     compile_models: bool = True,
     latency_budget_us: float = LATENCY_BUDGET_US_PER_ROW,
+    compiled_cache: Path | None = None,
 ) -> tuple[RankingModel, str]:
     """Load, validate, compile (or fall back to LightGBM) and warm up one version.
+
+    ``compiled_cache``: where compiled code is cached (default: the root's ``compiled/``).
 
     Returns the model and a note on its engine (why it fell back, if it did). Raises
     :class:`ModelRejected` naming the reason when the version must not serve. A fallback to
@@ -119,7 +122,7 @@ def load_for_serving(
     note = "lightgbm (compilation off)"
     if compile_models:
         try:
-            model = model.with_compiled(root.compiled)
+            model = model.with_compiled(compiled_cache or root.compiled)
             note = f"lleaves ({model.compiled.binary.name if model.compiled else ''})"
         except CompileError as e:
             note = f"lightgbm (compiled engine unavailable: {e})"

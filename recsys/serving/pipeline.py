@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from recsys.artifacts import make_directories
 from recsys.control.backends import open_store
 from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
 from recsys.control.store import EXPERIMENTS, Document, DocumentStore
@@ -263,6 +264,8 @@ async def open_pipeline(
     )
     seed = open_store("", settings.artifacts) if settings.control else None
     last_good = LastGood(settings.exposure_path / LAST_GOOD_DIRECTORY)
+    if settings.compiled_cache is not None:  # the pod's own cache, parent included: 0700
+        await asyncio.to_thread(make_directories, settings.compiled_cache)
     try:
         docs, from_last_good = await asyncio.to_thread(read_start_documents, store, seed, last_good)
     finally:
@@ -270,7 +273,12 @@ async def open_pipeline(
             seed.close()
     compiler = SnapshotCompiler(
         root,
-        ModelCache(root, on_rejected=metrics.model_rejected),
+        ModelCache(
+            root,
+            on_rejected=metrics.model_rejected,
+            compiled_cache=settings.compiled_cache,
+            on_fallback=metrics.model_compile_fallback,
+        ),
         archive=SnapshotArchive(snapshot_directory(settings.exposure_path)),
     )
 

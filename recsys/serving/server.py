@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from recsys.serving.exposure import ExposureSink, LineWriter, open_exposure_writer
 from recsys.serving.gc_tuning import GcPauses, freeze_loaded_heap
 from recsys.serving.metrics import ServingMetrics
+from recsys.serving.rest import RECOMMEND_PATH, RestServer
 from recsys.serving.servicer import RECOMMENDER_SERVICE, RecommenderService, add_to_server
 from recsys.serving.tls import CertificateFiles, server_credentials
 from recsys.settings import ServeSettings
@@ -129,6 +130,9 @@ class RunningServer:
         self._gc_pauses.install()
         self._opening: asyncio.Task[RecommendPipeline] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self.rest: RestServer | None = None
+        """The HTTP/JSON endpoint when ``http_port`` is not -1 (serving/rest.py)."""
+        self.http_port: int | None = None
 
     @classmethod
     async def start(
@@ -200,6 +204,12 @@ class RunningServer:
         running = cls(
             settings, server, port, metrics, metrics_port, health, service, exposures, tls
         )
+        if settings.http_port >= 0 and not settings.reuse_port:
+            try:
+                await running._start_rest()
+            except BaseException:
+                await running.stop()
+                raise
         running._opening = asyncio.get_running_loop().create_task(
             running._open(open_pipeline), name="open-pipeline"
         )
@@ -226,8 +236,22 @@ class RunningServer:
         if self.settings.reuse_port:
             add_port(self._server, f"{self.settings.host}:{self.port}", self.tls)
             await self._server.start()
+            if self.settings.http_port >= 0:
+                await self._start_rest()
         log.info("recsys serving on %s:%d", self.settings.host, self.port)
         return pipeline
+
+    async def _start_rest(self) -> None:
+        rest = RestServer(self._service)
+        host, port = self.settings.host, self.settings.http_port
+        try:
+            self.http_port = await rest.start(host, port, reuse_port=self.settings.reuse_port)
+        except OSError as e:
+            await rest.stop()
+            why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
+            raise BindError("http_port", host, port, why) from e
+        self.rest = rest
+        log.info("recsys HTTP/JSON on %s:%d%s", host, self.http_port, RECOMMEND_PATH)
 
     async def wait_ready(self) -> None:
         """Wait until the pipeline is open and health is SERVING; raises if opening failed."""
@@ -271,6 +295,8 @@ class RunningServer:
                     await self._service.wait_idle()
         # Handlers have returned; a short grace lets gRPC write the answers they returned.
         await self._server.stop(RESPONSE_WRITE_GRACE_SECONDS)
+        if self.rest is not None:
+            await self.rest.stop()
         # The metrics endpoint takes up to half a second to stop: let it do so meanwhile.
         metrics_stopped = asyncio.ensure_future(asyncio.to_thread(self.metrics.stop_http))
         try:

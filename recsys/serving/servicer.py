@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from recsys.serving.batching import DeadlineExceeded, Overloaded
 from recsys.serving.exposure import ExposureSink
+from recsys.serving.logs import CALL
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.validation import InvalidRequest, new_request_id, validate_request
 from recsys.types import Recommendation, Request
@@ -159,6 +160,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         """Whether a pipeline is serving (so there is traffic to keep serving while stopping)."""
         return self._pipeline is not None
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def start_draining(self) -> None:
         """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
         self._draining = True
@@ -185,6 +190,19 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             recommender_pb2.RecommendRequest, recommender_pb2.RecommendResponse
         ],
     ) -> recommender_pb2.RecommendResponse:
+        code, details, response = await self.serve(request, context.time_remaining())
+        if response is None:
+            await context.abort(code, details)
+        return response
+
+    async def serve(
+        self,
+        request: recommender_pb2.RecommendRequest | MalformedRequest,
+        time_remaining: float | None,
+    ) -> tuple[grpc.StatusCode, str, recommender_pb2.RecommendResponse | None]:
+        """One Recommend call, whatever the transport (gRPC here, HTTP/JSON in serving/rest.py):
+        validated, admitted, served, counted and recorded the same way. Returns the status code,
+        its details and the response (None unless OK)."""
         started = time.perf_counter()
         task = asyncio.current_task()
         if task is not None:
@@ -196,7 +214,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         details = ""
         response: recommender_pb2.RecommendResponse | None = None
         try:
-            response = await self._recommend(request, context.time_remaining())
+            response = await self._recommend(request, time_remaining)
         except _Failure as failure:
             code, details = failure.code, failure.details
         except asyncio.CancelledError:
@@ -217,9 +235,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             if self._in_flight == 0:
                 self._idle.set()
             self._metrics.request_finished(code.name, time.perf_counter() - started)
-        if response is None:
-            await context.abort(code, details)
-        return response
+        return code, details, response
 
     async def _recommend(
         self,
@@ -243,6 +259,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             raise _Failure(
                 grpc.StatusCode.UNAVAILABLE, "the recommender is still loading; retry shortly"
             )
+        CALL.set((request.request_id, pipeline.versions()))  # for log lines of this call
         if 0 < self._max_in_flight < self._in_flight:
             raise _Failure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -286,3 +286,46 @@ def test_a_zero_second_grace_keeps_nothing(model: RankingModel) -> None:
     grace = UnloadGrace(0.0, clock=Clock())
 
     assert grace.kept({"old": model, "new": model}, needed=["new"]) == {}
+
+
+# -- the pod's own compiled-model cache ----------------------------------------------------------
+
+
+def test_a_read_only_root_compiles_into_the_pods_own_cache(
+    artifacts: Path, model_version: str, tmp_path: Path
+) -> None:
+    root = ArtifactRoot(artifacts)
+    shutil.rmtree(root.compiled, ignore_errors=True)
+    cache_dir = tmp_path / "cache" / "recsys" / "compiled"
+    cache_dir.parent.mkdir(parents=True, mode=0o700)
+    fallbacks: list[tuple[str, str]] = []
+    artifacts.chmod(0o555)  # as the pods mount it
+    try:
+        cache = ModelCache(
+            root, compiled_cache=cache_dir, on_fallback=lambda n, v: fallbacks.append((n, v))
+        )
+        model = cache.get(NAME, model_version)
+    finally:
+        artifacts.chmod(0o755)
+    assert model.engine == "lleaves"
+    assert model.compiled is not None
+    assert model.compiled.binary.is_relative_to(cache_dir / NAME / model_version)
+    assert not root.compiled.exists()
+    assert fallbacks == []
+
+
+def test_a_cache_others_can_write_falls_back_to_lightgbm_and_is_reported(
+    artifacts: Path, model_version: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # an emptyDir's mode: the cache must be a directory below it
+    fallbacks: list[tuple[str, str]] = []
+    cache = ModelCache(
+        ArtifactRoot(artifacts),
+        compiled_cache=shared / "compiled",
+        on_fallback=lambda n, v: fallbacks.append((n, v)),
+    )
+    model = cache.get(NAME, model_version)
+    assert model.engine == "lightgbm"
+    assert fallbacks == [(NAME, model_version)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.serving.workers import free_port, merge_families
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
-from tests.serving.metrics_page import fetch_metrics
+from tests.serving.metrics_page import fetch_metrics, post_json
 
 WORKER_A = """# HELP recsys_requests Recommend calls.
 # TYPE recsys_requests counter
@@ -56,6 +58,36 @@ def test_merging_sums_counters_and_histograms_and_keeps_info_series_once() -> No
     assert not any(name.endswith("_created") for name, _ in merged)
 
 
+GAUGES = """# HELP recsys_control_plane_connected 1 while connected.
+# TYPE recsys_control_plane_connected gauge
+recsys_control_plane_connected{document="routing"} %s
+# HELP recsys_requests_in_flight Calls being served now.
+# TYPE recsys_requests_in_flight gauge
+recsys_requests_in_flight %s
+# HELP process_start_time_seconds Start time of the process.
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds %s
+"""
+
+
+def _merged(*texts: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in merge_families(texts)
+        for s in family.samples
+    }
+
+
+def test_merging_gauges_follows_their_mode() -> None:
+    merged = _merged(GAUGES % (1.0, 3.0, 200.0), GAUGES % (1.0, 4.0, 100.0))
+    connected = ("recsys_control_plane_connected", (("document", "routing"),))
+    assert merged[connected] == 1.0  # not 2.0: a state, the lowest over workers
+    assert merged[("recsys_requests_in_flight", ())] == 7.0  # an amount: summed
+    assert merged[("process_start_time_seconds", ())] == 100.0  # the oldest process
+    merged = _merged(GAUGES % (1.0, 0.0, 1.0), GAUGES % (0.0, 0.0, 1.0))
+    assert merged[connected] == 0.0  # one worker disconnected: the pod is not fully connected
+
+
 def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return _samples(fetch_metrics(port))
 
@@ -65,9 +97,12 @@ def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
 ) -> None:
     log = tmp_path / "serve.log"
     port, metrics_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    http_port = free_port("127.0.0.1")
     command = [
         sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts_dir),
         "--port", str(port), "--metrics-port", str(metrics_port), "--workers", "2",
+        "--http-port", str(http_port), "--log-format", "json",
+        "--exposure-dir", str(tmp_path / "exposures"),
     ]  # fmt: skip
     with log.open("wb") as out:
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
@@ -102,15 +137,36 @@ def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id=f"user-{n:07d}")
                 assert len(stub.Recommend(request, timeout=30).items) == 20
+        # The same call over HTTP/JSON, on the port the workers share too.
+        status, body = post_json(http_port, {"userId": "user-0000042", "numResults": 5})
+        assert status == 200, body
+        assert len(body["items"]) == 5
+        calls += 1
         time.sleep(0.2)
-        assert _metrics(metrics_port)[("recsys_requests_total", (("code", "OK"),))] == calls
+        page = fetch_metrics(metrics_port)
+        samples = _samples(page)
+        assert samples[("recsys_requests_total", (("code", "OK"),))] == calls
+        # a state is not summed over the 2 workers; the pod's process series are there
+        connected = [v for (n, _), v in samples.items() if n == "recsys_control_plane_connected"]
+        assert connected, "no recsys_control_plane_connected series"
+        assert set(connected) == {1.0}
+        assert samples[("process_cpu_seconds_total", ())] > 0
+        assert samples[("process_resident_memory_bytes", ())] > 0
+        promtool = shutil.which("promtool")
+        if promtool is not None:  # .ci/run installs it
+            check = subprocess.run(
+                [promtool, "check", "metrics"], input=page, capture_output=True, text=True
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
         assert (
             _metrics(metrics_port)[("recsys_result_cache_lookups_total", (("result", "miss"),))]
             == calls
         )
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-        assert log.read_text().count("recsys stopped") == 2, log.read_text()
+        lines = [json.loads(line) for line in log.read_text().splitlines()]  # one object each
+        assert [e["message"] for e in lines].count("recsys stopped") == 2, lines
+        assert {e["level"] for e in lines} >= {"INFO"}
     finally:
         if server.poll() is None:
             server.kill()

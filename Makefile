@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTO_OUT := recsys/v1
 
 .PHONY: run build serve test lint proto bench bench-throughput bench-rank-cut loadtest loadtest-ci \
-	deploy-check alerts-check clean install install-dev
+	deploy-check alerts-check clean install install-dev image-smoke policy-check
 
 run: build serve ## build the demo world if absent, then serve gRPC on 127.0.0.1:50051
 
@@ -54,6 +54,19 @@ alerts-check: ## the Prometheus alert rules: syntax (promtool check) and unit te
 deploy-check: $(BIN)/.dev ## validate deploy/ against the Kubernetes API schemas (offline)
 	$(BIN)/kubernetes-validate --strict --quiet deploy/*.yaml
 
+POLICY_VENV ?= .venv-policy
+policy-check: $(POLICY_VENV)/.installed ## checkov over deploy/ (0 failed checks; waivers in deploy/checkov.yaml)
+	$(POLICY_VENV)/bin/checkov -d deploy --config-file deploy/checkov.yaml
+
+# checkov in a venv of its own: its pinned dependencies are not the service's.
+$(POLICY_VENV)/.installed: deploy/policy-requirements.txt
+	test -x $(POLICY_VENV)/bin/python || $(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/python -m pip install --quiet -r deploy/policy-requirements.txt
+	touch $@
+
+image-smoke: ## build the image with podman (base by debootstrap, no registry) and smoke-run it
+	bash .ci/image-smoke.sh
+
 install: $(BIN)/.runtime
 install-dev: $(BIN)/.dev
 
@@ -68,4 +81,4 @@ $(BIN)/.dev: pyproject.toml $(BIN)/.runtime
 	touch $@
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(POLICY_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -84,6 +84,8 @@ def test_merging_gauges_follows_their_mode() -> None:
     assert merged[connected] == 1.0  # not 2.0: a state, the lowest over workers
     assert merged[("recsys_requests_in_flight", ())] == 7.0  # an amount: summed
     assert merged[("process_start_time_seconds", ())] == 100.0  # the oldest process
+    psi = '# TYPE recsys_drift_psi gauge\nrecsys_drift_psi{feature="score"} %s\n'
+    assert _merged(psi % 0.1, psi % 0.3)[("recsys_drift_psi", (("feature", "score"),))] == 0.3
     merged = _merged(GAUGES % (1.0, 0.0, 1.0), GAUGES % (0.0, 0.0, 1.0))
     assert merged[connected] == 0.0  # one worker disconnected: the pod is not fully connected
 

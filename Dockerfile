@@ -1,5 +1,5 @@
-# recsys serving image: the build stage installs the project into a venv, the runtime stage runs
-# it as a non-root user on a read-only root filesystem. Artifacts live on a volume at
+# recsys serving image: the deps and build stages make a venv with the project in it, the runtime
+# stage runs it as a non-root user on a read-only root filesystem. Artifacts live on a volume at
 # /data/artifacts (mounted read-only in a fleet, filled by the build Job of deploy/); compiled
 # models go to the pod's own writable cache at /data/cache; exposure files (when the sink is not
 # a Redis Stream) to /data/exposures.
@@ -8,19 +8,29 @@
 # base it made itself with debootstrap (.ci/image-smoke.sh). Both run the same steps below.
 ARG BASE=python:3.11-slim-bookworm
 
-FROM ${BASE} AS build
+# The pinned dependencies and the build backend, read from pyproject.toml in a stage of their
+# own, then installed in another: only a change to that list reinstalls them (not a code change,
+# nor one to pyproject's tool settings), and the runtime image's copy of them stays cached.
+FROM ${BASE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(p['project']['dependencies'] + p['build-system']['requires']))" \
+      > /requirements.txt
+
+FROM ${BASE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+
+# The project itself, as a wheel (built without fetching anything).
+FROM deps AS build
 WORKDIR /src
-# The pinned dependencies first, in a layer of their own: a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY protos/ protos/
 COPY recsys/ recsys/
-RUN pip install --no-cache-dir --no-deps .
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM ${BASE} AS runtime
 # libgomp1: the OpenMP runtime LightGBM and FAISS link against. Debian's security updates move
@@ -34,7 +44,10 @@ RUN apt-get update \
  && mkdir -p /data/artifacts /data/exposures /data/cache \
  && chown recsys:recsys /data/artifacts /data/exposures /data/cache \
  && chmod 0700 /data/exposures /data/cache
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=build /wheels /tmp/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

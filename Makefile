@@ -55,8 +55,8 @@ deploy-check: $(BIN)/.dev ## validate deploy/ against the Kubernetes API schemas
 	$(BIN)/kubernetes-validate --strict --quiet deploy/*.yaml
 
 POLICY_VENV ?= .venv-policy
-policy-check: $(POLICY_VENV)/.installed ## checkov over deploy/ (0 failed checks; waivers in deploy/checkov.yaml)
-	$(POLICY_VENV)/bin/checkov -d deploy --config-file deploy/checkov.yaml
+policy-check: $(POLICY_VENV)/.installed ## checkov over deploy/ (0 failed checks; waivers in deploy/.checkov.yaml)
+	$(POLICY_VENV)/bin/checkov -d deploy --config-file deploy/.checkov.yaml
 
 # checkov in a venv of its own: its pinned dependencies are not the service's.
 $(POLICY_VENV)/.installed: deploy/policy-requirements.txt

@@ -1,0 +1,307 @@
+"""The fleet's shape on this machine, from the manifests' own settings.
+
+Redis with the ACL users of deploy/redis-acl.conf on a free port, two serving "pods" (each the
+container command and environment of deploy/recsys.yaml: ``recsys serve --workers 2``, the
+control plane and exposure stream in Redis as ACL user recsys-server, compiled models in the
+pod's own cache, JSON logs), the exposure archiver of deploy/archiver.yaml (as recsys-ops), all
+as processes. Service names become 127.0.0.1 and the Redis port, pod paths become directories
+under the test's own, the shared artifact volume is one built root. A model version trained
+into the registry and promoted through the control plane (the ops commands, as recsys-ops)
+reaches both pods, over gRPC and HTTP/JSON, and their exposure records reach the archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+import yaml
+
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.control.redis_helpers import free_port
+from tests.serving.metrics_page import fetch_metrics, post_json
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+SERVICES = ("recsys-redis:6379", "recsys-exposures:6379")
+SHARED_VOLUME = "/data/artifacts"
+POD_PATHS = ("/data/", "/etc/recsys/")
+START_SECONDS = 240.0
+
+
+def manifests() -> list[dict[str, Any]]:
+    documents: list[dict[str, Any]] = []
+    for path in sorted(p for p in DEPLOY.glob("*.yaml") if not p.name.startswith(".")):
+        documents.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return documents
+
+
+def container(kind: str, name: str) -> dict[str, Any]:
+    """The first container of the pod template of ``kind``/``name`` in deploy/."""
+    (found,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    spec: dict[str, Any] = found["spec"]["template"]["spec"]["containers"][0]
+    return spec
+
+
+@dataclass
+class Pod:
+    """A pod's filesystem on this machine: its own directory, the shared artifact root."""
+
+    root: Path
+    artifacts: Path
+    redis_port: int
+
+    def local(self, value: str) -> str:
+        """A manifest value (an argument or an environment value) as this machine sees it."""
+        for service in SERVICES:
+            value = value.replace(service, f"127.0.0.1:{self.redis_port}")
+        if value == "0.0.0.0":
+            return "127.0.0.1"
+        if value.startswith(SHARED_VOLUME):
+            return str(self.artifacts) + value.removeprefix(SHARED_VOLUME)
+        if value.startswith(POD_PATHS):
+            return str(self.root / value.lstrip("/"))
+        return value
+
+    def command(self, spec: dict[str, Any], **env: str) -> tuple[list[str], dict[str, str]]:
+        """The container's command and environment here (``env`` overrides, e.g. ports)."""
+        args = [self.local(a) for a in spec["args"]]
+        variables = {e["name"]: self.local(e["value"]) for e in spec.get("env", [])}
+        argv = [sys.executable, "-m", "recsys.cli.main", *args[1:]]  # args[0] is `recsys`
+        return argv, {**os.environ, **variables, **env}
+
+    def mount_password(
+        self,
+        spec: dict[str, Any],
+        passwords: dict[str, str],
+        volumes: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """The Secret item the pod mounts as its Redis password file."""
+        found = volumes if volumes is not None else spec_volumes(spec)
+        (volume,) = [v for v in found if v["name"] == "redis-password"]
+        (item,) = volume["secret"]["items"]
+        mount = next(m for m in spec["volumeMounts"] if m["name"] == "redis-password")
+        path = Path(self.local(f"{mount['mountPath']}/{item['path']}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(passwords[item["key"]])
+        path.chmod(0o440)
+
+
+def spec_volumes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    for document in manifests():
+        template = document.get("spec", {}).get("template", {}).get("spec", {})
+        if spec in template.get("containers", []):
+            volumes: list[dict[str, Any]] = template["volumes"]
+            return volumes
+    raise AssertionError("container not found in deploy/")
+
+
+def acl_file(directory: Path, passwords: dict[str, str]) -> Path:
+    """deploy/redis-acl.conf with each user's placeholder hash replaced by its password's."""
+    lines = []
+    for line in (DEPLOY / "redis-acl.conf").read_text().splitlines():
+        user = re.match(r"user (\S+) ", line)
+        if user and user.group(1) in passwords:
+            digest = hashlib.sha256(passwords[user.group(1)].encode()).hexdigest()
+            line = re.sub(r"#[0-9a-f]{64}", f"#{digest}", line)
+        lines.append(line)
+    path = directory / "users.acl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Everything a test starts, stopped (SIGTERM, then SIGKILL) at the end."""
+    started: list[Process] = []
+    yield started
+    for process in reversed(started):
+        if process.popen.poll() is None:
+            process.popen.send_signal(signal.SIGTERM)
+    for process in reversed(started):
+        try:
+            process.popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()
+
+
+def start(
+    processes: list[Process], name: str, argv: list[str], env: dict[str, str], logs: Path
+) -> Process:
+    log = logs / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = Process(name, popen, log)
+    processes.append(process)
+    return process
+
+
+def wait_for(what: str, check: Any, processes: list[Process], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except (OSError, grpc.RpcError, redis.RedisError):
+            result = None
+        if result:
+            return result
+        for process in processes:
+            if process.popen.poll() is not None:
+                pytest.fail(f"{process.name} exited:\n{process.log.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def served_version(port: int, user: str) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        reply = stub.Recommend(recommender_pb2.RecommendRequest(user_id=user), timeout=30)
+    return str(reply.model_version)
+
+
+def ops(argv: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys.cli.main", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_a_promoted_model_reaches_both_pods_of_the_fleet(
+    artifacts: Path, tmp_path: Path, processes: list[Process]
+) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    passwords = {name: secrets.token_hex(16) for name in ("recsys-server", "recsys-ops")}
+    redis_port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    start(
+        processes,
+        "redis",
+        [
+            "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(redis_dir),
+            "--aclfile", str(acl_file(redis_dir, passwords)),
+        ],
+        dict(os.environ),
+        logs,
+    )  # fmt: skip
+    anonymous = redis.Redis(port=redis_port)
+    wait_for("redis", anonymous.ping, processes, 30)
+    with pytest.raises(redis.exceptions.NoPermissionError):  # `default` may only PING
+        anonymous.get("recsys:anything")
+    anonymous.close()
+
+    # The seed Job publishes the control documents as recsys-ops (the pods may only read them).
+    seed_spec = container("Job", "recsys-seed")
+    seed = Pod(tmp_path / "seed", artifacts, redis_port)
+    seed.mount_password(seed_spec, passwords)
+    argv, env = seed.command(seed_spec)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    serving = container("Deployment", "recsys")
+    pods = []
+    for n in range(2):
+        pod = Pod(tmp_path / f"pod-{n}", artifacts, redis_port)
+        pod.mount_password(serving, passwords)
+        ports = {name: free_port() for name in ("grpc", "http", "metrics")}
+        argv, env = pod.command(
+            serving,
+            RECSYS_PORT=str(ports["grpc"]),
+            RECSYS_HTTP_PORT=str(ports["http"]),
+            RECSYS_METRICS_PORT=str(ports["metrics"]),
+        )
+        start(processes, f"pod-{n}", argv, env, logs)
+        pods.append((pod, ports))
+    archiver_spec = container("Deployment", "recsys-archiver")
+    archiver_pod = Pod(tmp_path / "archiver", artifacts, redis_port)
+    archiver_pod.mount_password(archiver_spec, passwords)
+    (archiver_pod.root / "data" / "archive").mkdir(parents=True)
+    argv, env = archiver_pod.command(archiver_spec)
+    start(processes, "archiver", argv, env, logs)
+
+    for _pod, ports in pods:  # both workers of both pods up and connected to the control plane
+
+        def ready(metrics_port: int = ports["metrics"]) -> bool:
+            page = fetch_metrics(metrics_port, timeout=10)
+            return (
+                "recsys_workers 2.0" in page
+                and re.search(r'recsys_control_plane_connected\{document="routing"\} 1\.0', page)
+                is not None
+            )
+
+        wait_for("a pod's two workers", ready, processes, START_SECONDS)
+    before = {served_version(ports["grpc"], "user-0000001") for _pod, ports in pods}
+    assert len(before) == 1
+
+    # The training Job of deploy/artifacts.yaml (as recsys-ops), then a promotion from the same
+    # environment, as an operator runs it.
+    cronjob = next(d for d in manifests() if d["metadata"]["name"] == "recsys-train")
+    (train_spec,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    train_volumes = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    job = Pod(tmp_path / "train", artifacts, redis_port)
+    job.mount_password(train_spec, passwords, train_volumes)
+    argv, ops_env = job.command(train_spec)
+    trained = subprocess.run(  # another seed than the build's (11): another version
+        [*argv, "--seed", "12"], env=ops_env, capture_output=True, text=True, timeout=600
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    version = trained.stdout.split()[-1]
+    assert version not in before
+    ops(["models", "promote", "ranker", version, "--artifacts", str(artifacts), "--force"], ops_env)
+
+    for _pod, ports in pods:
+        wait_for(
+            "the promoted version on a pod",
+            lambda port=ports["grpc"]: served_version(port, "user-0000002") == version,
+            processes,
+            START_SECONDS,
+        )
+        status, body = post_json(ports["http"], {"userId": "user-0000003"})
+        assert status == 200
+        assert body["modelVersion"] == version
+    # Each pod compiled the version into its own cache, not into the shared volume.
+    for pod, _ports in pods:
+        compiled = pod.root / "data" / "cache" / "recsys" / "compiled" / "ranker" / version
+        assert any(compiled.glob("*.bin")), f"nothing compiled in {compiled}"
+
+    # The exposure records went to the stream, and the archiver moved them into files.
+    def archived() -> bool:
+        files = [f for f in (archiver_pod.root / "data" / "archive").rglob("*") if f.is_file()]
+        texts = (
+            gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes() for f in files
+        )
+        return any(version.encode() in text for text in texts)
+
+    wait_for("the archiver", archived, processes, 60)

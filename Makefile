@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PROTO_OUT := recsys/v1
 
 .PHONY: run build serve test lint proto bench bench-throughput bench-rank-cut loadtest loadtest-ci \
-	deploy-check alerts-check clean install install-dev image-smoke policy-check
+	deploy-check alerts-check clean install install-dev image-smoke policy-check \
+	deploy-monitoring
 
 run: build serve ## build the demo world if absent, then serve gRPC on 127.0.0.1:50051
 
@@ -63,6 +64,9 @@ $(POLICY_VENV)/.installed: deploy/policy-requirements.txt
 	test -x $(POLICY_VENV)/bin/python || $(PYTHON) -m venv $(POLICY_VENV)
 	$(POLICY_VENV)/bin/python -m pip install --quiet -r deploy/policy-requirements.txt
 	touch $@
+
+deploy-monitoring: $(BIN)/.dev ## regenerate deploy/monitoring.yaml from ops/ (alert rules, dashboard)
+	$(BIN)/python -m tests.test_monitoring_manifests
 
 image-smoke: ## build the image with podman (base by debootstrap, no registry) and smoke-run it
 	bash .ci/image-smoke.sh

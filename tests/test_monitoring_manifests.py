@@ -27,7 +27,7 @@ HEADER = """\
 LABELS = {"app.kubernetes.io/name": "recsys", "app.kubernetes.io/component": "monitoring"}
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # yaml has no type information here
     """Multi-line strings (PromQL, the dashboard JSON) as literal blocks, readable in review."""
 
 
@@ -65,12 +65,13 @@ def render() -> str:
             "data": {DASHBOARD.name: dashboard if dashboard.endswith("\n") else dashboard + "\n"},
         },
     ]
-    body = yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=100)
+    body: str = yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=100)
     return HEADER + body
 
 
 def test_the_deployed_rules_and_dashboard_are_those_of_ops() -> None:
-    assert MANIFEST.read_text() == render(), "deploy/monitoring.yaml is stale: make deploy-monitoring"
+    stale = "deploy/monitoring.yaml differs from ops/: run make deploy-monitoring"
+    assert MANIFEST.read_text() == render(), stale
     rule, dashboard = yaml.safe_load_all(MANIFEST.read_text())
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
     assert json.loads(dashboard["data"][DASHBOARD.name]) == json.loads(DASHBOARD.read_text())

@@ -45,12 +45,15 @@ GAUGE_MERGE: dict[str, str] = {
     "process_start_time_seconds": "min",  # the oldest process of the pod
     "process_max_fds": "min",  # the tightest limit
     # The drift monitor's statistics (serving/drift_metrics.py): a PSI is not a sum; the pod
-    # reports its worst worker's window. Window sizes and drop counts are amounts: summed.
+    # reports its worst worker's window, and the window sizes of its smallest, so an alert
+    # rule's minimum sample size holds for every worker's window it judges. Drops: summed.
     "recsys_drift_psi": "max",
     "recsys_drift_js": "max",
     "recsys_feature_nan_share": "max",
     "recsys_feature_out_of_range_share": "max",
     "recsys_drift_window_seconds": "max",
+    "recsys_drift_window_rows": "min",
+    "recsys_drift_window_requests": "min",
 }
 """How the parent of ``--workers N`` merges a gauge across workers (``min``, ``max``; any gauge
 not named here: ``sum``), named as prometheus_client's ``multiprocess_mode`` names them."""

@@ -55,14 +55,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Send the root logger's records to stderr in ``log_format`` (one of :data:`LOG_FORMATS`)."""
+    """Send the root logger's records to stderr in ``log_format`` (one of :data:`LOG_FORMATS`).
+
+    As :func:`logging.basicConfig`: a root logger that already has handlers (a host program's,
+    pytest's) is left as it is.
+    """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}; expected one of {', '.join(LOG_FORMATS)}")
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
-    root = logging.getLogger()
-    for previous in list(root.handlers):
-        root.removeHandler(previous)
     root.addHandler(handler)
     root.setLevel(level)

@@ -82,7 +82,9 @@ IMAGE=localhost/recsys:ci
 # --format docker keeps HEALTHCHECK (the OCI format drops it); the layer cache lives in $CACHE.
 podman build -q --pull=never --format docker --build-arg "BASE=$BASE" -t "$IMAGE" "$REPO" \
   >/dev/null
-podman image prune -f >/dev/null 2>&1 || true  # the previous build's dangling layers
+# Layers of builds older than a week: the intermediate stages (deps, build) are untagged images,
+# and the layer cache needs the recent ones.
+podman image prune -f --filter until=168h >/dev/null 2>&1 || true
 
 NAME=recsys-ci-$$
 ARTIFACTS=recsys-ci-artifacts-$$

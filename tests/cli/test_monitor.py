@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,37 @@ def test_quality_joins_the_logs_and_appends_quality_windows(
     assert every[0]["clicks"] == 10
     assert every[0]["ndcg"] == pytest.approx(1.0)  # the clicked item was always on top
     assert not np.isnan(every[0]["ctr_low"])
+
+
+def test_run_exports_the_latest_quality_window_and_its_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One iteration of `recsys monitor run`: the last window's quality, as gauges and as a
+    summary (the endpoint is up while it runs; the summary is what is left afterwards)."""
+    exposures, outcomes = tmp_path / "exposures", tmp_path / "outcomes"
+    writer, events = RotatingFileWriter(exposures), RotatingFileWriter(outcomes)
+    now = time.time()
+    try:
+        for n in range(120):
+            ts = now - 100 + n * 0.5
+            record = {
+                "request_id": f"r{n}", "ts": ts, "user_id": "u", "model_version": "v1",
+                "sku_ids": list(range(20)), "scores": [0.0] * 20, "exposures": [],
+            }  # fmt: skip
+            writer.write_lines([orjson.dumps(record).decode() + "\n"])
+            shown = [OutcomeEvent(f"r{n}", "u", s, s, "impression", ts + 0.1) for s in range(20)]
+            events.write_lines(encode_events(shown))
+        # Events keep coming: every request's late window has closed by the latest one.
+        events.write_lines(encode_events([OutcomeEvent("x", "u", 1, 0, "impression", now)]))
+    finally:
+        writer.close()
+        events.close()
+    code = main(
+        ["monitor", "run", "--artifacts", str(tmp_path), "--exposures", str(exposures),
+         "--outcomes", str(outcomes), "--window", "200", "--late-seconds", "1",
+         "--metrics-port", "0", "--iterations", "1"]
+    )  # fmt: skip
+    assert code == 0
+    assert "/metrics on 127.0.0.1:" in capsys.readouterr().out
+    every = [r for r in iter_summaries(exposures / "monitor", kind="quality") if r["arm"] == "all"]
+    assert [(r["requests"], r["impressions"], r["clicks"]) for r in every] == [(120, 2400, 0)]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.monitoring.alerts import DRIFT_PSI, Flag, all_flags
+from recsys.monitoring.alerts import DRIFT_PSI, NAN_SHARE, Flag, all_flags
 from recsys.monitoring.windows import ALL_ARMS
 
 PSI_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
@@ -85,7 +85,11 @@ def _distributions(plt: Any, latest: Mapping[str, Any], path: Path) -> None:
         title = f"{name}  PSI {psi:.2f}" if psi is not None else name
         if drift is not None:
             title += f" / live {drift:.2f}"
-        ax.set_title(title, fontsize=8, color="#d62728" if (drift or 0) > DRIFT_PSI else "black")
+        nan = c.get("nan_share") or 0.0
+        if nan > 0:
+            title += f"  NaN {nan:.0%}"
+        alarming = (drift or 0) > DRIFT_PSI or nan > NAN_SHARE
+        ax.set_title(title, fontsize=8, color="#d62728" if alarming else "black")
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
@@ -125,10 +129,8 @@ def _psi_over_time(plt: Any, records: Sequence[Mapping[str, Any]], path: Path) -
             )
         ax.axhline(DRIFT_PSI, color="#d62728", ls="--", lw=0.8)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(
-            f"minutes since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(start))} UTC",
-            fontsize=8,
-        )
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))
+        ax.set_xlabel(f"minutes since {since} UTC (wall clock)", fontsize=8)
         ax.set_yscale("symlog", linthresh=0.1)
         ax.tick_params(labelsize=7)
     live_ax.legend(fontsize=6, loc="upper left")
@@ -226,7 +228,7 @@ def write_report(
                 else "<span class=ok>no alert condition met</span>"
             )
             parts.append(
-                f"<p class=meta>{len(windows)} windows; latest: {latest['requests']} requests, "
+                f"<p class=meta>{len(windows)} windows; plotted: {latest['requests']} requests, "
                 f"{latest['rows']} served items; {status}</p>"
             )
             dist = out / f"{slug}-distributions.png"
@@ -234,7 +236,7 @@ def write_report(
             psi = out / f"{slug}-psi.png"
             _psi_over_time(plt, windows, psi)
             images += [dist, psi]
-            parts.append("<h3>Live against training, latest window</h3>")
+            parts.append("<h3>Live against training and the live reference, one recent window</h3>")
             parts.append(f'<img src="{dist.name}" alt="distributions">')
             parts.append("<h3>PSI over time</h3>")
             parts.append(f'<img src="{psi.name}" alt="PSI over time">')

@@ -214,9 +214,10 @@ def arm_stats(
     return ArmStats(a[0], a[1]), ArmStats(b[0], b[1]), scores
 
 
-def score_psi(scores: list[np.ndarray], min_scores: int = 200) -> float:
+def score_psi(scores: list[np.ndarray], min_scores: int = 2000) -> float:
     """PSI of the canary's served scores in the later half of its requests against the
-    earlier half (deciles of the earlier half; NaN with fewer than ``min_scores`` a half).
+    earlier half (deciles of the earlier half; NaN with fewer than ``min_scores`` a half: a
+    hundred lists of 20; fewer make the PSI noise).
 
     Served scores are the top of each ranked list, so they cannot be compared with the
     training distribution, and lambdarank scores have no common scale across versions, so not

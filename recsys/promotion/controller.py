@@ -78,12 +78,15 @@ class CanaryController:
         *,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        min_scores: int = 2000,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.sources = sources
         self.on_record = on_record or (lambda _version, _entry: None)
         self.clock = clock
+        self.min_scores = min_scores
+        """Served scores per half before the score-stability guardrail judges."""
         self._counters: ServerCounters | None = None
 
     def begin(self, name: str, version: str, percent: float) -> CanaryState:
@@ -98,7 +101,7 @@ class CanaryController:
         champion, canary, scores = arm_stats(
             joined_since(self.sources, state.started_at, now), state, self.policy.metric
         )
-        psi_value = score_psi(scores)
+        psi_value = score_psi(scores, self.min_scores)
         counters = scrape(self.sources.metrics_url)
         guardrails = (
             guardrails_between(self._counters, counters, psi_value)

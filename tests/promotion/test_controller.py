@@ -63,7 +63,7 @@ async def _canary(
             late_seconds=longest_tail_seconds(settings.speed),
             metrics_url=f"http://127.0.0.1:{running.metrics_port}/metrics",
         )
-        controller = CanaryController(registry, policy, sources)
+        controller = CanaryController(registry, policy, sources, min_scores=200)
         state = controller.begin(NAME, version, policy.ramp[0])
         seen: list[str] = []
         simulation = asyncio.create_task(Simulation(settings, world).run())

@@ -176,4 +176,6 @@ async def test_the_client_deadline_reaches_the_pipeline_and_maps_to_deadline_exc
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         (deadline,) = pipeline.deadlines
         assert deadline is not None
-        assert 0 < deadline - time.perf_counter() <= 5
+        # The server learns the deadline from the grpc-timeout header, which gRPC encodes rounded
+        # up, so the remaining time it sees can exceed the client's 5 s by a little.
+        assert 0 < deadline - time.perf_counter() <= 5.5

@@ -48,6 +48,12 @@ __all__ = ["RECOMMENDER_SERVICE", "BindError", "RunningServer", "run", "serve"]
 
 HEALTH_SERVICES = ("", RECOMMENDER_SERVICE)
 RESPONSE_WRITE_GRACE_SECONDS = 1.0
+DRAIN_QUIET_SECONDS = 0.5
+"""The drain ends once no Recommend call has arrived for this long (and none is running):
+stopping the gRPC server drops the calls it has queued for a handler, as CANCELLED."""
+STOP_GRACE_SECONDS = 5.0
+"""Grace of the final ``server.stop``: a call that slipped in after the drain is refused at
+once, and the stop returns as soon as no call is left, so a long grace costs nothing."""
 
 # grpc-stubs describes only the sync health servicer; this is grpcio-health-checking's aio one.
 AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
@@ -281,20 +287,30 @@ class RunningServer:
         self._service.start_draining()
         pipeline = await self._cancel_opening()
         try:
+            # Idle is not enough: calls gRPC has accepted but not yet handed to a handler are
+            # invisible here, and server.stop would cancel them; wait until calls stop coming.
             async with asyncio.timeout(self.settings.drain_seconds):
-                await self._service.wait_idle()
+                await self._service.wait_quiet(DRAIN_QUIET_SECONDS)
         except TimeoutError:
-            log.warning(
-                "drain: %d Recommend calls still running after %.1fs; answering them UNAVAILABLE",
-                self._service.in_flight,
-                self.settings.drain_seconds,
-            )
-            self._service.abandon_in_flight()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RESPONSE_WRITE_GRACE_SECONDS):
-                    await self._service.wait_idle()
-        # Handlers have returned; a short grace lets gRPC write the answers they returned.
-        await self._server.stop(RESPONSE_WRITE_GRACE_SECONDS)
+            if self._service.in_flight:
+                log.warning(
+                    "drain: %d Recommend calls still running after %.1fs; "
+                    "answering them UNAVAILABLE",
+                    self._service.in_flight,
+                    self.settings.drain_seconds,
+                )
+                self._service.abandon_in_flight()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RESPONSE_WRITE_GRACE_SECONDS):
+                        await self._service.wait_idle()
+            else:
+                log.warning(
+                    "drain: Recommend calls still arriving after %.1fs; stopping anyway",
+                    self.settings.drain_seconds,
+                )
+        # Handlers have returned; the grace lets gRPC write their answers and lets a call that
+        # arrives meanwhile be refused UNAVAILABLE rather than cancelled.
+        await self._server.stop(STOP_GRACE_SECONDS)
         if self.rest is not None:
             await self.rest.stop()
         # The metrics endpoint takes up to half a second to stop: let it do so meanwhile.

@@ -150,6 +150,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self._malformed_unlogged = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_call_at = time.monotonic()
 
     def attach(self, pipeline: RecommendPipeline) -> None:
         self._pipeline = pipeline
@@ -167,6 +168,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
     def start_draining(self) -> None:
         """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
         self._draining = True
+        self._last_call_at = time.monotonic()  # :meth:`wait_quiet` counts from here at least
 
     def abandon_in_flight(self) -> None:
         """Stop the calls still running (the drain period is over): each answers UNAVAILABLE,
@@ -182,6 +184,22 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
     async def wait_idle(self) -> None:
         """Return once no Recommend call is in progress."""
         await self._idle.wait()
+
+    async def wait_quiet(self, quiet_seconds: float) -> None:
+        """Return once no call is in progress and none has arrived for ``quiet_seconds`` (nor
+        since :meth:`start_draining`).
+
+        gRPC queues calls that arrived before a handler could pick them up (it asks for one call
+        at a time, from the event loop) and stopping the server drops that queue: its clients
+        see CANCELLED. So the drain lets the loop run until calls stop coming, each answered by
+        a handler (UNAVAILABLE once draining), before the server stops.
+        """
+        while True:
+            await self._idle.wait()
+            quiet_for = time.monotonic() - self._last_call_at
+            if quiet_for >= quiet_seconds and self._in_flight == 0:
+                return
+            await asyncio.sleep(max(quiet_seconds - quiet_for, 0.01))
 
     async def Recommend(
         self,
@@ -208,6 +226,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         if task is not None:
             self._calls.add(task)
         self._in_flight += 1
+        self._last_call_at = time.monotonic()
         self._idle.clear()
         self._metrics.request_started()
         code = grpc.StatusCode.OK

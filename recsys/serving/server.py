@@ -9,8 +9,10 @@ Stop (SIGTERM/SIGINT or :meth:`RunningServer.stop`): health NOT_SERVING at once;
 Recommend is still served for ``shutdown_grace_seconds`` so load balancers and Kubernetes
 endpoints notice and stop sending; then new Recommend calls get UNAVAILABLE (clients retry
 elsewhere; health checks keep answering), in-flight calls finish within ``drain_seconds`` (any
-still running then answer UNAVAILABLE, never CANCELLED), then the gRPC server stops, the
-exposure log is flushed, the pipeline closed and the metrics endpoint shut.
+still running then answer UNAVAILABLE, never CANCELLED), and the drain lasts until no call has
+arrived for :data:`DRAIN_QUIET_SECONDS` (gRPC cancels the calls it still holds for a handler
+when it stops), then the gRPC server stops, the exposure log is flushed, the pipeline closed and
+the metrics endpoint shut.
 
 A port that cannot be bound raises :class:`BindError` naming the setting and the reason.
 """

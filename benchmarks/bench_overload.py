@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,10 +37,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import redis
 
 from benchmarks.bench_latency import free_port, make_requests, wait_serving_for
-from benchmarks.bench_swap import NAME, write_route
+from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
@@ -273,13 +271,7 @@ def main() -> None:
     args.prefix = f"bench-overload-{uuid.uuid4().hex[:8]}:"
 
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
-        root = Path(tmp) / "artifacts"
-        shutil.copytree(args.artifacts, root, ignore=shutil.ignore_patterns("exposures"))
-        if len(versions(root / "models" / NAME)) < 2:
-            print("training a second ranker version ...", file=sys.stderr, flush=True)
-            store = open_store("", root)
-            ModelRegistry(ArtifactRoot(root), store).train(NAME, seed=args.seed)
-            store.close()
+        root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)
         port, metrics_port = free_port(), free_port()
         cmd = [
             sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(root),
@@ -294,11 +286,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
-            client = redis.Redis.from_url(args.control)
-            keys = list(client.scan_iter(match=f"{args.prefix}*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+            delete_prefix(args.control, args.prefix)
     result["command"] = " ".join(["python -m benchmarks.bench_overload", *sys.argv[1:]])
     print(json.dumps(result, indent=2))
 

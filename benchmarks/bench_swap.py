@@ -167,6 +167,32 @@ async def storm(args: argparse.Namespace, root: Path, pid: int, target: str) -> 
     }
 
 
+def copy_with_two_versions(artifacts: Path, tmp: Path, seed: int) -> Path:
+    """A private copy of ``artifacts`` under ``tmp`` holding at least two ranker versions (a
+    second is trained with ``seed`` when the world has one), so a run can swap between them."""
+    root = tmp / "artifacts"
+    shutil.copytree(artifacts, root, ignore=shutil.ignore_patterns("exposures"))
+    if len(versions(root / "models" / NAME)) < 2:
+        print("training a second ranker version ...", file=sys.stderr, flush=True)
+        store = open_store("", root)
+        try:
+            ModelRegistry(ArtifactRoot(root), store).train(NAME, seed=seed)
+        finally:
+            store.close()
+    return root
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every Redis key under ``prefix`` (a benchmark's own control documents)."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -180,13 +206,7 @@ def main() -> None:
     args.prefix = f"bench-swap-{uuid.uuid4().hex[:8]}:"
 
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
-        root = Path(tmp) / "artifacts"
-        shutil.copytree(args.artifacts, root, ignore=shutil.ignore_patterns("exposures"))
-        if len(versions(root / "models" / NAME)) < 2:
-            print("training a second ranker version ...", file=sys.stderr, flush=True)
-            store = open_store("", root)
-            ModelRegistry(ArtifactRoot(root), store).train(NAME, seed=args.seed)
-            store.close()
+        root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)
         port, metrics_port = free_port(), free_port()
         cmd = [
             sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(root),
@@ -201,11 +221,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
             if args.control.startswith("redis"):
-                client = redis.Redis.from_url(args.control)
-                keys = list(client.scan_iter(match=f"{args.prefix}*"))
-                if keys:
-                    client.delete(*keys)
-                client.close()
+                delete_prefix(args.control, args.prefix)
     print(json.dumps(result, indent=2))
 
 

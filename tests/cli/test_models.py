@@ -8,19 +8,13 @@ from pathlib import Path
 import pytest
 
 from recsys.build import BuildReport
-from recsys.cli.main import main
 from recsys.control.backends import open_store
+from tests.cli.cli_helpers import run_cli
 from tests.control.redis_helpers import redis_prefix, redis_url
 
 __all__ = ["redis_prefix", "redis_url"]
 
 NAME = "ranker"
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _route(artifacts: Path, url: str = "", prefix: str = "recsys:") -> dict[str, object]:
@@ -39,35 +33,35 @@ def test_train_promote_canary_rollback_list_retire(
 ) -> None:
     first = built_world[1].model_version
     a = ("--artifacts", str(artifacts))
-    code, out, _ = _run(capsys, "models", "train", *a, "--name", NAME, "--seed", "5")
+    code, out, _ = run_cli(capsys, "models", "train", *a, "--name", NAME, "--seed", "5")
     assert code == 0
     second = out.strip().splitlines()[-1]
     assert (artifacts / "models" / NAME / second / "model.txt").is_file()
     assert "engine lleaves" in out
 
-    code, out, _ = _run(capsys, "models", "canary", *a, NAME, second, "--percent", "25")
+    code, out, _ = run_cli(capsys, "models", "canary", *a, NAME, second, "--percent", "25")
     assert code == 0
     assert f"canary {second} 25%" in out
-    code, out, _ = _run(capsys, "models", "promote", *a, NAME, second)
+    code, out, _ = run_cli(capsys, "models", "promote", *a, NAME, second)
     assert code == 0
     assert _route(artifacts) == {"production": second, "previous": first}
-    code, out, _ = _run(capsys, "models", "list", *a)
+    code, out, _ = run_cli(capsys, "models", "list", *a)
     assert f"{first}" in out
     assert f"{second}" in out
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert lines[second].endswith("production")
     assert lines[first].endswith("previous")
 
-    code, out, err = _run(capsys, "models", "retire", *a, NAME, first)
+    code, out, err = run_cli(capsys, "models", "retire", *a, NAME, first)
     assert code == 2
     assert "still routed (previous)" in err
-    code, out, _ = _run(capsys, "models", "rollback", *a, NAME)
+    code, out, _ = run_cli(capsys, "models", "rollback", *a, NAME)
     assert code == 0
     assert _route(artifacts) == {"production": first, "previous": second}
-    code, out, _ = _run(capsys, "models", "show", *a, NAME, second)
+    code, out, _ = run_cli(capsys, "models", "show", *a, NAME, second)
     assert code == 0
     assert '"roles": [\n    "previous"\n  ]' in out
-    code, out, _ = _run(capsys, "models", "history", *a, "--limit", "2")
+    code, out, _ = run_cli(capsys, "models", "history", *a, "--limit", "2")
     assert f"rollback {NAME} to {first}" in out
 
 
@@ -76,7 +70,7 @@ def test_register_refuses_a_corrupt_file_with_the_reason(
 ) -> None:
     bad = tmp_path / "model.txt"
     bad.write_text("this is not a model\n")
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "models", "register", "--artifacts", str(artifacts), "--model-file", str(bad)
     )
     assert code == 2
@@ -93,7 +87,7 @@ def test_promote_of_a_version_that_fails_validation_changes_nothing(
     model = copy / "model.txt"
     model.write_text(model.read_text().replace("leaf_value=", "leaf_value=9", 1))
     before = _route(artifacts)
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "models", "promote", "--artifacts", str(artifacts), NAME, "bad0bad0bad0"
     )
     assert code == 2
@@ -121,11 +115,11 @@ def test_routing_in_redis(
         file_store.close()
         redis_store.close()
     a = ("--artifacts", str(artifacts), "--control", redis_url, "--control-prefix", redis_prefix)
-    code, out, _ = _run(capsys, "models", "train", *a, "--seed", "6", "--no-compile")
+    code, out, _ = run_cli(capsys, "models", "train", *a, "--seed", "6", "--no-compile")
     assert code == 0
     second = out.strip().splitlines()[-1]
     assert "engine lightgbm (compilation off)" in out
-    code, out, _ = _run(capsys, "models", "promote", *a, NAME, second)
+    code, out, _ = run_cli(capsys, "models", "promote", *a, NAME, second)
     assert code == 0
     assert out.startswith("routing version 2:")
     assert _route(artifacts, redis_url, redis_prefix) == {"production": second, "previous": first}

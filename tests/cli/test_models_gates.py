@@ -11,27 +11,10 @@ import numpy as np
 import pytest
 
 from recsys.build import BuildReport
-from recsys.cli.main import main
-from recsys.control.backends import open_store
 from recsys.ranking.features import FEATURE_NAMES
+from tests.cli.cli_helpers import run_cli, stored_routing
 
 NAME = "ranker"
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _routing(artifacts: Path) -> dict[str, object]:
-    store = open_store("", artifacts)
-    try:
-        document = store.read("routing")
-    finally:
-        store.close()
-    assert document is not None
-    return dict(document.body)
 
 
 def _noise_model(path: Path) -> Path:
@@ -55,39 +38,39 @@ def test_a_worse_model_is_refused_with_the_numbers_unless_forced(
 ) -> None:
     champion = built_world[1].model_version
     a = ("--artifacts", str(artifacts))
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "models", "register", *a, "--model-file", str(_noise_model(tmp_path / "m.txt"))
     )
     assert code == 0, err
     bad = out.strip().splitlines()[-1]
-    before = _routing(artifacts)
+    before = stored_routing(artifacts)
 
-    code, out, err = _run(capsys, "models", "promote", *a, NAME, bad)
+    code, out, err = run_cli(capsys, "models", "promote", *a, NAME, bad)
     assert code == 2
     assert f"promote {NAME}/{bad}: refused" in err
     failed = next(line for line in err.splitlines() if "FAIL offline ndcg@20 overall" in line)
     assert "champion 0." in failed
     assert "challenger 0." in failed
     assert "--force overrides" in err
-    assert _routing(artifacts) == before
+    assert stored_routing(artifacts) == before
 
-    code, _, err = _run(capsys, "models", "canary", *a, NAME, bad, "--percent", "5")
+    code, _, err = run_cli(capsys, "models", "canary", *a, NAME, bad, "--percent", "5")
     assert code == 2
     assert "refused" in err
-    assert _routing(artifacts) == before
+    assert stored_routing(artifacts) == before
 
-    code, out, err = _run(capsys, "models", "gates", *a, NAME, bad)
+    code, out, err = run_cli(capsys, "models", "gates", *a, NAME, bad)
     assert code == 1
     assert "failed" in out.splitlines()[0]
     assert "FAIL offline ndcg@20 overall" in out
 
-    code, out, err = _run(capsys, "models", "promote", *a, NAME, bad, "--force")
+    code, out, err = run_cli(capsys, "models", "promote", *a, NAME, bad, "--force")
     assert code == 0, err
     assert f"production {bad}, previous {champion}" in out
-    code, out, _ = _run(capsys, "models", "history", *a, "--limit", "1")
+    code, out, _ = run_cli(capsys, "models", "history", *a, "--limit", "1")
     assert f"promote {NAME}/{bad} (forced past failed gates: offline ndcg@20 overall" in out
 
-    code, out, _ = _run(capsys, "models", "decisions", *a, NAME, "--json")
+    code, out, _ = run_cli(capsys, "models", "decisions", *a, NAME, "--json")
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["decision"] for r in records] == ["forced", "refused", "refused"]
     assert records[0]["action"] == f"promote {NAME}/{bad}"
@@ -100,7 +83,7 @@ def test_a_model_as_good_as_production_passes_the_gates(
     artifacts: Path, built_world: tuple[Path, BuildReport], capsys: pytest.CaptureFixture[str]
 ) -> None:
     a = ("--artifacts", str(artifacts))
-    code, out, _ = _run(capsys, "models", "train", *a, "--name", NAME)  # same seed: same model
+    code, out, _ = run_cli(capsys, "models", "train", *a, "--name", NAME)  # same seed: same model
     assert code == 0
     version = out.strip().splitlines()[-1]
     policy = artifacts.parent / "policy.toml"
@@ -108,7 +91,7 @@ def test_a_model_as_good_as_production_passes_the_gates(
         'format = 1\nrevision = 2\n[[offline.check]]\nmetric = "ndcg@20"\nslice = "overall"\n'
         "max_drop_abs = 0.0\n"
     )
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "models", "canary", *a, NAME, version, "--percent", "10", "--policy", str(policy)
     )
     if version == built_world[1].model_version:  # identical bytes: already production

@@ -10,16 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from recsys.build import BuildReport
-from recsys.cli.main import main
 from recsys.settings import TrackingSettings
+from tests.cli.cli_helpers import run_cli
 
 NAME = "ranker"
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _client(artifacts: Path) -> MlflowClient:
@@ -39,7 +33,7 @@ def test_train_canary_promote_are_runs_versions_and_aliases(
 ) -> None:
     first = built_world[1].model_version
     a = ("--artifacts", str(artifacts))
-    code, out, err = _run(capsys, "models", "train", *a, "--seed", "5")
+    code, out, err = run_cli(capsys, "models", "train", *a, "--seed", "5")
     assert code == 0, err
     second = out.strip().splitlines()[-1]
     assert "warning" not in err
@@ -56,7 +50,7 @@ def test_train_canary_promote_are_runs_versions_and_aliases(
     files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     assert files == {"model/model.txt", "model/manifest.json"}
 
-    code, _, err = _run(capsys, "models", "canary", *a, NAME, second, "--percent", "5")
+    code, _, err = run_cli(capsys, "models", "canary", *a, NAME, second, "--percent", "5")
     assert code == 0, err
     model = client.get_registered_model(NAME)
     assert model.aliases == {
@@ -64,7 +58,7 @@ def test_train_canary_promote_are_runs_versions_and_aliases(
         "challenger": int(_mlflow_version(client, second)),
     }
 
-    code, _, err = _run(capsys, "models", "promote", *a, NAME, second)
+    code, _, err = run_cli(capsys, "models", "promote", *a, NAME, second)
     assert code == 0, err
     model = client.get_registered_model(NAME)
     assert model.aliases == {"champion": int(_mlflow_version(client, second))}
@@ -74,14 +68,14 @@ def test_train_canary_promote_are_runs_versions_and_aliases(
     assert len(decisions) == 2  # the canary's verdict and the promotion's
     assert all(d.endswith("-passed.json") for d in decisions)
 
-    code, _, err = _run(capsys, "models", "rollback", *a, NAME)
+    code, _, err = run_cli(capsys, "models", "rollback", *a, NAME)
     assert code == 0, err
     model = client.get_registered_model(NAME)
     assert model.aliases == {"champion": int(_mlflow_version(client, first))}
 
 
 def test_no_tracking_leaves_no_store(artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "models", "train", "--artifacts", str(artifacts), "--seed", "6", "--no-tracking"
     )
     assert code == 0, err
@@ -93,7 +87,7 @@ def test_an_unusable_tracking_store_is_a_warning_not_a_failure(
 ) -> None:
     not_a_directory = tmp_path / "file"
     not_a_directory.write_text("")
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys,
         "models",
         "train",

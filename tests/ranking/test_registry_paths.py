@@ -13,26 +13,9 @@ from pathlib import Path
 import pytest
 
 from recsys.build import BuildReport
-from recsys.cli.main import main
-from recsys.control.backends import open_store
+from tests.cli.cli_helpers import run_cli, stored_routing
 
 NAME = "ranker"
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _routing(artifacts: Path) -> dict[str, object]:
-    store = open_store("", artifacts)
-    try:
-        document = store.read("routing")
-    finally:
-        store.close()
-    assert document is not None
-    return dict(document.body)
 
 
 def _fake_version(directory: Path) -> Path:
@@ -49,9 +32,9 @@ def test_retire_of_the_live_index_through_a_model_name_is_refused(
     index = built_world[1].index_version
     live = artifacts / "indexes" / index
     files = sorted(p.name for p in live.iterdir())
-    before = _routing(artifacts)
+    before = stored_routing(artifacts)
 
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "models", "retire", "--artifacts", str(artifacts), "../indexes", index
     )
 
@@ -60,7 +43,7 @@ def test_retire_of_the_live_index_through_a_model_name_is_refused(
     assert err.startswith("recsys: model name '../indexes': expected ")
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in live.iterdir()) == files
-    assert _routing(artifacts) == before
+    assert stored_routing(artifacts) == before
 
 
 def test_retire_of_a_directory_outside_the_root_is_refused(
@@ -69,7 +52,7 @@ def test_retire_of_a_directory_outside_the_root_is_refused(
     victim = _fake_version(tmp_path / "victim" / "v1")
     assert (artifacts / "models" / "../../victim" / "v1").resolve() == victim.resolve()
 
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "models", "retire", "--artifacts", str(artifacts), "../../victim", "v1"
     )
 
@@ -86,7 +69,9 @@ def test_retire_of_a_version_that_climbs_out_of_its_model_is_refused(
     version = "../../../victim"
     assert (artifacts / "models" / NAME / version).resolve() == victim.resolve()
 
-    code, out, err = _run(capsys, "models", "retire", "--artifacts", str(artifacts), NAME, version)
+    code, out, err = run_cli(
+        capsys, "models", "retire", "--artifacts", str(artifacts), NAME, version
+    )
 
     assert code == 2
     assert out == ""
@@ -100,12 +85,12 @@ def test_show_does_not_read_a_manifest_outside_the_registry(
     index = built_world[1].index_version
     a = ("--artifacts", str(artifacts))
 
-    code, out, err = _run(capsys, "models", "show", *a, "../indexes", index)
+    code, out, err = run_cli(capsys, "models", "show", *a, "../indexes", index)
     assert code == 2
     assert out == ""
     assert err.startswith("recsys: model name '../indexes': expected ")
 
-    code, out, err = _run(capsys, "models", "show", *a, NAME, f"../../indexes/{index}")
+    code, out, err = run_cli(capsys, "models", "show", *a, NAME, f"../../indexes/{index}")
     assert code == 2
     assert out == ""
     assert "model version '../../indexes/" in err
@@ -127,7 +112,7 @@ def test_every_action_refuses_a_name_or_version_that_is_not_an_id(
 ) -> None:
     before = sorted(p.relative_to(artifacts) for p in artifacts.rglob("*"))
 
-    code, out, err = _run(capsys, "models", argv[0], "--artifacts", str(artifacts), *argv[1:])
+    code, out, err = run_cli(capsys, "models", argv[0], "--artifacts", str(artifacts), *argv[1:])
 
     assert code == 2
     assert out == ""

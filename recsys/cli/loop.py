@@ -6,7 +6,9 @@ at ``--onset-minutes``); the monitor compares production's click-through rate in
 window with the latest window (99% Wilson intervals apart: drift); then a challenger is
 retrained on the logged traffic since the drifted window began (``--sabotage``: on shuffled
 labels), gated against production on the held-out logged requests, put on a canary and judged
-by the canary controller (sequential test, guardrails) until it is promoted or rolled back.
+by the canary controller (sequential test, guardrails) until it is promoted or rolled back
+(``--force-canary``: a challenger the gates refused goes on the canary anyway, recorded as
+forced, so a sabotaged one shows the canary's rollback).
 Every step goes into the timeline, the registry's histories and MLflow; the run ends with the
 simulator's failed-request count.
 """
@@ -34,11 +36,12 @@ from recsys.control.backends import open_store
 from recsys.pipeline.archive import snapshot_directory
 from recsys.promotion.canary import CanaryDecision
 from recsys.promotion.controller import CanaryController, LogSources, joined_since, wilson_separated
-from recsys.promotion.judge import LoggedTraffic, guarded, run_gates
+from recsys.promotion.judge import LoggedTraffic, run_gates
+from recsys.promotion.loop import start_canary
 from recsys.promotion.policy import Policy, load_policy
 from recsys.promotion.retrain import RetrainError, retrain
 from recsys.promotion.tracking import TrackingError, open_tracker
-from recsys.ranking.registry import ModelRegistry, RegistryError
+from recsys.ranking.registry import ModelRegistry
 from recsys.settings import DEFAULT_ARTIFACTS, env_default
 from recsys.simulation.scenarios import SCENARIOS
 from recsys.simulation.simulator import (
@@ -70,6 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--workdir", type=Path, default=None, help="logs (default: beside the root)")
     p.add_argument("--scenario", default="taste-shift", choices=sorted(SCENARIOS))
     p.add_argument("--sabotage", action="store_true", help="retrain on shuffled labels")
+    p.add_argument(
+        "--force-canary",
+        action="store_true",
+        help="when the gates refuse the challenger, put it on the canary anyway (recorded as "
+        "forced, like `models canary --force`): the canary controller must roll it back",
+    )
     p.add_argument("--policy", type=Path, default=None, help="promotion policy (TOML)")
     p.add_argument("--minutes", type=float, default=600.0, help="simulated minutes at most")
     p.add_argument("--onset-minutes", type=float, default=30.0)
@@ -271,19 +280,14 @@ async def _steps(
     for line in report.lines()[:2] + [f"  {c.line()}" for c in report.failures][:6]:
         timeline.say(line)
     first = policy.canary.ramp[0]
-    try:
-        await asyncio.to_thread(
-            guarded,
-            registry,
-            report,
-            f"canary {NAME}/{version} {first:g}%",
-            lambda note: registry.canary(NAME, version, first, note=note),
-            force=False,
-            on_record=record,
-        )
-    except RegistryError:
+    started = await asyncio.to_thread(
+        start_canary, registry, report, first, force=args.force_canary, on_record=record
+    )
+    if started is None:
         timeline.say("gates refused the challenger; production untouched", mark="refused")
         return f"refused by the gates; production {champion} untouched"
+    if not report.passed:
+        timeline.say("gates refused the challenger; forced onto the canary (--force-canary)")
     timeline.say(f"canary {NAME}/{version} at {first:g}% of users", mark="canary")
 
     # 4. the canary controller

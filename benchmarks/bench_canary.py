@@ -14,19 +14,34 @@ and the analysis continues, ramps (5 -> 25 -> 50), promotes or rolls back. Scena
   alert does), for comparison.
 
     python -m benchmarks.bench_canary [--runs 200] [--rate 0.4] [--per-look 2000]
+
+``--served`` runs the canaries on real servers instead (``benchmarks/canary_served.py``): small
+built worlds, the production model canaried against itself (A/A) and a model trained on
+shuffled labels, simulated users, the real canary controller reading the logs:
+
+    recsys build --out /tmp/cw/s21 --skus 4000 --users 1500 --dim 16 --seed 21   # and 22, 23
+    python -m benchmarks.bench_canary --served --runs 50 --worse-runs 50 \
+        --artifacts /tmp/cw/s21 /tmp/cw/s22 /tmp/cw/s23 [--policy benchmarks/canary_policy.toml]
+    python -m benchmarks.bench_canary --summarize RESULTS.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from benchmarks.canary_served import ServedSettings, load_results, run_served, summary
 from recsys.promotion.canary import ArmStats, Guardrails, decide, start
-from recsys.promotion.policy import CanaryPolicy
+from recsys.promotion.policy import CanaryPolicy, load_policy
+
+SERVED_POLICY = Path(__file__).with_name("canary_policy.toml")
 
 
 def simulate(
@@ -88,7 +103,26 @@ def main() -> None:
     parser.add_argument("--per-look", type=int, default=2000, help="requests between looks")
     parser.add_argument("--max-looks", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1)
+    served = parser.add_argument_group("served mode (real servers, simulated users)")
+    served.add_argument("--served", action="store_true", help="canaries on real servers")
+    served.add_argument("--artifacts", type=Path, nargs="+", default=[], help="built worlds")
+    served.add_argument("--worse-runs", type=int, default=0, help="shuffled-label canaries")
+    served.add_argument("--policy", type=Path, default=SERVED_POLICY)
+    served.add_argument("--users", type=int, default=1500, help="simulated users per trial")
+    served.add_argument("--sessions", type=float, default=40.0, help="sessions per wall second")
+    served.add_argument("--speed", type=float, default=60.0, help="simulated s per wall s")
+    served.add_argument("--look-seconds", type=float, default=3.0)
+    served.add_argument("--max-seconds", type=float, default=300.0, help="per trial, wall")
+    served.add_argument("--work", type=Path, default=None, help="copies and logs (default: tmp)")
+    served.add_argument("--results", type=Path, default=None, help="JSON lines, one per trial")
+    served.add_argument("--summarize", type=Path, default=None, help="summary of a results file")
     args = parser.parse_args()
+    if args.summarize is not None:
+        print("\n".join(summary(load_results(args.summarize))))
+        return
+    if args.served:
+        main_served(args)
+        return
     policy = CanaryPolicy()
     started = time.perf_counter()
     print(
@@ -122,6 +156,45 @@ def main() -> None:
             f"{r['naive_peeking_rollback']:23.3f}"
         )
     print(f"took {time.perf_counter() - started:.1f}s")
+    print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def main_served(args: argparse.Namespace) -> None:
+    if not args.artifacts:
+        raise SystemExit("--served: --artifacts: expected one or more built worlds")
+    for flag in ("sessions", "speed", "look_seconds", "max_seconds"):
+        if not getattr(args, flag) > 0:
+            raise SystemExit(f"--{flag.replace('_', '-')}: expected > 0")
+    policy = load_policy(args.policy)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-canary-"))
+    results = args.results or work / "results.jsonl"
+    settings = ServedSettings(
+        worlds=tuple(args.artifacts),
+        work=work,
+        results=results,
+        policy=policy.canary,
+        policy_source=str(args.policy),
+        aa_runs=args.runs,
+        worse_runs=args.worse_runs,
+        users=args.users,
+        rate=args.sessions,
+        speed=args.speed,
+        look_seconds=args.look_seconds,
+        max_seconds=args.max_seconds,
+    )
+    c = policy.canary
+    print(
+        f"served canaries: {args.runs} A/A and {args.worse_runs} shuffled-label runs on "
+        f"{len(args.artifacts)} worlds; policy {args.policy} ({c.metric}, alpha {c.alpha}, "
+        f"margin {c.margin:.0%}, ramp {list(c.ramp)}, {c.min_requests_per_step} canary requests "
+        f"per step); {args.sessions:g} sessions/s, speed {args.speed:g}, looks every "
+        f"{args.look_seconds:g} s, at most {args.max_seconds:g} s a trial; results -> {results}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    trials = asyncio.run(run_served(settings))
+    print("\n".join(summary(trials)))
+    print(f"took {time.perf_counter() - started:.0f}s")
     print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 

@@ -1,8 +1,10 @@
-"""Shedding at light load and behaviour at overload, against a real `recsys serve`.
+"""Shedding at light load and behaviour at overload, against a real `recsys serve`, for several
+server configurations side by side in one run.
 
-Copies ``--artifacts`` to a temporary root, makes sure it holds a second ranker version, and
-starts `recsys serve` on it (cache off, so every call reaches the batcher) with the control
-plane in Redis (``--control``, a private key prefix, removed at the end). Then:
+Copies ``--artifacts`` to a temporary root, makes sure it holds a second ranker version, and for
+each configuration (``--config NAME=SERVE_ARGS``; default ``old``, gRPC's concurrency bound off,
+and ``new``, the defaults) starts `recsys serve` on it (cache off, so every call reaches the
+batcher) with the control plane in Redis (a private key prefix, removed at the end). Then:
 
 1. **light load with promotions**: ``--clients`` closed-loop clients (6) for the whole phase
    while ``--promotions`` routing writes (50) alternate the production version, one every
@@ -12,12 +14,21 @@ plane in Redis (``--control``, a private key prefix, removed at the end). Then:
 3. **capacity**: ``--saturate-clients`` closed-loop clients for ``--seconds``: answered calls/s.
 4. **overload**: an open loop at ``--overload`` x capacity (3) for ``--seconds``: p99 of the
    admitted (answered) calls, counted from each call's scheduled send time, against the
-   unloaded p99; and how fast sheds answer (from the call's actual send).
+   unloaded p99; how fast sheds answer (from the call's actual send) and their share.
 
-The server's GC pauses (``recsys_gc_pause_seconds``) and sheds (``recsys_requests_total``)
-come from its /metrics. Extra ``--serve-arg`` values go to `recsys serve`.
+Phases 2-4 run in a separate load-generator process (benchmarks/load_generator.py), so the load
+is not generated on the measuring process's event loop; ``--server-cpus`` and
+``--generator-cpus`` pin the two apart with ``taskset``. Every configuration gets the same
+offered rate (``--overload`` x the first configuration's capacity). The same open loop is then
+sent to benchmarks/echo_server.py (gRPC and protobuf with no work): the floor this machine can
+do at that rate, whatever admission does.
 
-    python -m benchmarks.bench_overload --artifacts /tmp/art [--seconds 15] [--promotions 50]
+The server's GC pauses (``recsys_gc_pause_seconds``), sheds (``recsys_requests_total``) and
+servicer time (``recsys_request_duration_seconds``) come from its /metrics: client latency
+minus servicer time is what a call spent in gRPC and the event loop before the servicer.
+
+    python -m benchmarks.bench_overload --artifacts /tmp/art [--seconds 10] [--promotions 50]
+        [--config old="--max-concurrent-rpcs 0"] [--config new=""]
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -47,28 +59,24 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 CHANNELS = 4
 SHED = "RESOURCE_EXHAUSTED"
+DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0", "new=")
 
 
 @dataclass
 class Tally:
-    """Status codes, latencies of answered calls, and how long sheds took to answer."""
+    """Status codes and latencies of answered calls (the light-load phase, in this process)."""
 
     codes: dict[str, int] = field(default_factory=dict)
     answered: list[float] = field(default_factory=list)
-    shed: list[float] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)
     """One example of each status's details."""
 
-    def add(
-        self, code: str, seconds: float, shed_seconds: float | None = None, details: str = ""
-    ) -> None:
+    def add(self, code: str, seconds: float, details: str = "") -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
         if code != "OK" and code not in self.details:
             self.details[code] = details
         if code == "OK":
             self.answered.append(seconds)
-        elif code == SHED:
-            self.shed.append(seconds if shed_seconds is None else shed_seconds)
 
 
 def loadavg() -> list[str]:
@@ -112,49 +120,15 @@ async def closed_loop(
     return tally
 
 
-async def timed_closed_loop(
-    stubs: Sequence[recommender_pb2_grpc.RecommenderAsyncStub],
-    requests: Sequence[recommender_pb2.RecommendRequest],
-    clients: int,
-    seconds: float,
-) -> Tally:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(seconds, stop.set)
-    return await closed_loop(stubs, requests, clients, stop)
-
-
-async def open_loop(
-    stubs: Sequence[recommender_pb2_grpc.RecommenderAsyncStub],
-    requests: Sequence[recommender_pb2.RecommendRequest],
-    rate: float,
-    seconds: float,
-) -> Tally:
-    """Send at ``rate`` per second on schedule: answered latency counts from the scheduled
-    time (a stall is not hidden), shed latency from the actual send."""
-    tally = Tally()
-    start = time.perf_counter()
-
-    async def one(n: int, due: float) -> None:
-        sent = time.perf_counter()
-        code, details = await call(stubs[n % len(stubs)], requests[n % len(requests)])
-        now = time.perf_counter()
-        tally.add(code, now - due, now - sent, details)
-
-    tasks = []
-    for n in range(int(rate * seconds)):
-        due = start + n / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(n, due)))
-    await asyncio.gather(*tasks)
-    return tally
-
-
 def scrape(port: int) -> dict[str, float]:
     """The server's GC pause and request counters, by sample name and labels."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    wanted = ("recsys_gc_pause_seconds", "recsys_requests_total")
+    wanted = (
+        "recsys_gc_pause_seconds",
+        "recsys_requests_total",
+        "recsys_request_duration_seconds_sum",
+        "recsys_request_duration_seconds_count",
+    )
     return {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -179,9 +153,35 @@ def gc_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, o
     return out
 
 
-async def run(
+def servicer_mean_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Mean time of a Recommend call inside the servicer between two scrapes."""
+    name = "recsys_request_duration_seconds"
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+    return round(total / count * 1000, 2) if count else None
+
+
+def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+def generate(args: argparse.Namespace, root: Path, target: str, **load: float) -> dict[str, object]:
+    """Run benchmarks/load_generator.py (``clients=N`` or ``rate=R``) and return its summary."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.load_generator", "--target", target,
+        "--artifacts", str(root), "--seconds", str(load.pop("seconds", args.seconds)),
+    ]  # fmt: skip
+    for name, value in load.items():
+        cmd += [f"--{name}", str(value)]
+    out = subprocess.run(pinned(args.generator_cpus, cmd), check=True, capture_output=True)
+    summary: dict[str, object] = json.loads(out.stdout)
+    return summary
+
+
+async def light_load(
     args: argparse.Namespace, root: Path, target: str, metrics_port: int
 ) -> dict[str, object]:
+    """Phase 1, in this process: closed-loop clients while routing writes alternate versions."""
     store = open_store(args.control, root, prefix=args.prefix)
     registry = ModelRegistry(ArtifactRoot(root), store)
     routing, _ = registry.routing()
@@ -190,11 +190,7 @@ async def run(
     requests = make_requests(root, 5000, seed=5)
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
     stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
-    result: dict[str, object] = {"loadavg_start": loadavg()}
     try:
-        await timed_closed_loop(stubs, requests, args.clients, 3.0)  # warm-up
-
-        # 1. light load with promotions
         before = scrape(metrics_port)
         stop = asyncio.Event()
         load = asyncio.ensure_future(closed_loop(stubs, requests, args.clients, stop))
@@ -207,52 +203,131 @@ async def run(
         stop.set()
         light = await load
         after = scrape(metrics_port)
-        result["light_load"] = {
-            "clients": args.clients,
-            "promotions": args.promotions,
-            "calls": sum(light.codes.values()),
-            "codes": light.codes,
-            "details": light.details,
-            "sheds": light.codes.get(SHED, 0),
-            "p50_ms": ms(light.answered, 50),
-            "p99_ms": ms(light.answered, 99),
-            "max_ms": ms(light.answered, 100),
-            "server_gc": gc_summary(before, after),
-            "loadavg": loadavg(),
-        }
-
-        # 2. unloaded, 3. capacity, 4. overload
-        unloaded = await timed_closed_loop(stubs, requests, 1, args.seconds)
-        saturated = await timed_closed_loop(stubs, requests, args.saturate_clients, args.seconds)
-        capacity = len(saturated.answered) / args.seconds
-        rate = args.overload * capacity
-        over = await open_loop(stubs, requests, rate, args.seconds)
-        unloaded_p99 = ms(unloaded.answered, 99)
-        admitted_p99 = ms(over.answered, 99)
-        result["overload"] = {
-            "unloaded_p50_ms": ms(unloaded.answered, 50),
-            "unloaded_p99_ms": unloaded_p99,
-            "capacity_per_s": round(capacity, 1),
-            "saturated_codes": saturated.codes,
-            "offered_per_s": round(rate, 1),
-            "codes": over.codes,
-            "details": over.details,
-            "admitted_per_s": round(len(over.answered) / args.seconds, 1),
-            "admitted_p50_ms": ms(over.answered, 50),
-            "admitted_p99_ms": admitted_p99,
-            "admitted_p99_over_unloaded_p99": (
-                round(admitted_p99 / unloaded_p99, 2) if admitted_p99 and unloaded_p99 else None
-            ),
-            "shed_p50_ms": ms(over.shed, 50),
-            "shed_p99_ms": ms(over.shed, 99),
-            "shed_max_ms": ms(over.shed, 100),
-            "loadavg": loadavg(),
-        }
     finally:
         for c in channels:
             await c.close(None)
         store.close()
+    return {
+        "clients": args.clients,
+        "promotions": args.promotions,
+        "calls": sum(light.codes.values()),
+        "codes": light.codes,
+        "details": light.details,
+        "sheds": light.codes.get(SHED, 0),
+        "p50_ms": ms(light.answered, 50),
+        "p99_ms": ms(light.answered, 99),
+        "max_ms": ms(light.answered, 100),
+        "server_gc": gc_summary(before, after),
+        "loadavg": loadavg(),
+    }
+
+
+def measure(
+    args: argparse.Namespace, root: Path, target: str, metrics_port: int, rate: float | None
+) -> dict[str, object]:
+    """Phases 1-4 against one running server. ``rate``: the open loop's calls/s (None: this
+    configuration's capacity x ``--overload``)."""
+    result: dict[str, object] = {"loadavg_start": loadavg()}
+    generate(args, root, target, clients=8, seconds=3.0)  # warm-up
+    if args.promotions:
+        result["light_load"] = asyncio.run(light_load(args, root, target, metrics_port))
+    unloaded = generate(args, root, target, clients=1)
+    saturated = generate(args, root, target, clients=args.saturate_clients)
+    capacity = float(saturated["answered_per_s"])  # type: ignore[arg-type]
+    offered = rate if rate is not None else args.overload * capacity
+    before = scrape(metrics_port)
+    over = generate(args, root, target, rate=round(offered, 1))
+    after = scrape(metrics_port)
+    unloaded_p99 = unloaded["answered_p99_ms"]
+    admitted_p99 = over["answered_p99_ms"]
+    result["overload"] = {
+        "unloaded_p50_ms": unloaded["answered_p50_ms"],
+        "unloaded_p99_ms": unloaded_p99,
+        "capacity_per_s": capacity,
+        "saturated_codes": saturated["codes"],
+        "offered_per_s": round(offered, 1),
+        "codes": over["codes"],
+        "details": over["details"],
+        "admitted_per_s": over["answered_per_s"],
+        "admitted_p50_ms": over["answered_p50_ms"],
+        "admitted_p99_ms": admitted_p99,
+        "admitted_p99_over_unloaded_p99": (
+            round(admitted_p99 / unloaded_p99, 2)  # type: ignore[operator]
+            if admitted_p99 and unloaded_p99
+            else None
+        ),
+        "shed_share": over["shed_share"],
+        "shed_p50_ms": over["shed_p50_ms"],
+        "shed_p99_ms": over["shed_p99_ms"],
+        "servicer_mean_ms": servicer_mean_ms(before, after),
+        "generator_send_lag_p99_ms": over["send_lag_p99_ms"],
+        "loadavg": loadavg(),
+    }
     return result
+
+
+def serve_config(
+    args: argparse.Namespace, root: Path, tmp: Path, serve_args: list[str], rate: float | None
+) -> dict[str, object]:
+    port, metrics_port = free_port(), free_port()
+    cmd = [
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(root),
+        "--port", str(port), "--metrics-port", str(metrics_port), "--cache-entries", "0",
+        "--control", args.control, "--control-prefix", args.prefix,
+        "--exposure-dir", str(tmp / "exposures"), *args.serve_arg, *serve_args,
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        pinned(args.server_cpus, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        asyncio.run(wait_serving_for(f"127.0.0.1:{port}", 300))
+        return measure(args, root, f"127.0.0.1:{port}", metrics_port, rate)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def echo_floor(args: argparse.Namespace, root: Path, rate: float) -> dict[str, object]:
+    """The same open loop against benchmarks/echo_server.py: gRPC's own cost at that rate."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)]
+    echo = subprocess.Popen(
+        pinned(args.server_cpus, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(3.0)  # the echo server has no health service
+        target = f"127.0.0.1:{port}"
+        unloaded = generate(args, root, target, clients=1)
+        over = generate(args, root, target, rate=round(rate, 1))
+    finally:
+        echo.terminate()
+        echo.wait(timeout=60)
+    return {
+        "unloaded_p99_ms": unloaded["answered_p99_ms"],
+        "offered_per_s": round(rate, 1),
+        "codes": over["codes"],
+        "answered_p50_ms": over["answered_p50_ms"],
+        "answered_p99_ms": over["answered_p99_ms"],
+        "loadavg": loadavg(),
+    }
+
+
+def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
+    """One line per configuration: the figures the targets are about."""
+    lines = []
+    for name, result in results.items():
+        o = result.get("overload", {})
+        assert isinstance(o, dict)
+        light = result.get("light_load", {})
+        assert isinstance(light, dict)
+        lines.append(
+            f"{name}: sheds at light load {light.get('sheds')} of {light.get('calls')}; "
+            f"unloaded p99 {o['unloaded_p99_ms']} ms; at {o['offered_per_s']}/s admitted p99 "
+            f"{o['admitted_p99_ms']} ms ({o['admitted_p99_over_unloaded_p99']}x), shed p50/p99 "
+            f"{o['shed_p50_ms']}/{o['shed_p99_ms']} ms, shed share {o['shed_share']}; "
+            f"load {' '.join(o['loadavg'])}"
+        )
+    return lines
 
 
 def main() -> None:
@@ -262,33 +337,48 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--promotions", type=int, default=50)
     parser.add_argument("--promotion-interval", type=float, default=0.5)
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--saturate-clients", type=int, default=32)
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=8, help="seed of the second ranker version")
-    parser.add_argument("--serve-arg", action="append", default=[], help="passed to recsys serve")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="NAME=SERVE_ARGS, one server configuration (repeat; default: "
+        + "; ".join(DEFAULT_CONFIGS)
+        + ")",
+    )
+    parser.add_argument("--serve-arg", action="append", default=[], help="passed to every serve")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the server (default: any)")
+    parser.add_argument("--generator-cpus", help="taskset CPU list for the load generator")
+    parser.add_argument("--no-echo", action="store_true", help="skip the echo-server floor")
     args = parser.parse_args()
     args.prefix = f"bench-overload-{uuid.uuid4().hex[:8]}:"
+    configs = [c.split("=", 1) for c in args.config or DEFAULT_CONFIGS]
 
+    results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)
-        port, metrics_port = free_port(), free_port()
-        cmd = [
-            sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(root),
-            "--port", str(port), "--metrics-port", str(metrics_port), "--cache-entries", "0",
-            "--control", args.control, "--control-prefix", args.prefix,
-            "--exposure-dir", str(Path(tmp) / "exposures"), *args.serve_arg,
-        ]  # fmt: skip
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rate: float | None = None
         try:
-            asyncio.run(wait_serving_for(f"127.0.0.1:{port}", 300))
-            result = asyncio.run(run(args, root, f"127.0.0.1:{port}", metrics_port))
+            for name, serve_args in configs:
+                results[name] = serve_config(args, root, Path(tmp), shlex.split(serve_args), rate)
+                overload = results[name]["overload"]
+                assert isinstance(overload, dict)
+                rate = float(overload["offered_per_s"])
+                print(side_by_side({name: results[name]})[0], file=sys.stderr, flush=True)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
             delete_prefix(args.control, args.prefix)
-    result["command"] = " ".join(["python -m benchmarks.bench_overload", *sys.argv[1:]])
-    print(json.dumps(result, indent=2))
+        echo = None if args.no_echo or rate is None else echo_floor(args, root, rate)
+    report = {
+        "command": " ".join(["python -m benchmarks.bench_overload", *sys.argv[1:]]),
+        "configs": dict(configs),
+        "side_by_side": side_by_side(results),
+        "echo_floor": echo,
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

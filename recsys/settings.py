@@ -60,6 +60,13 @@ class ServeSettings:
     default is ~75 MB per worker); see serving/cache.py."""
     max_in_flight: int = 512
     """Recommend calls served at once; beyond it, RESOURCE_EXHAUSTED at once (0: no bound)."""
+    max_concurrent_rpcs: int = 64
+    """Calls gRPC hands to this process at once (any method); beyond it gRPC answers
+    RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") before any request is parsed or the
+    servicer runs (0: no bound). Sized from the batch capacity: ``executor_threads`` x
+    ``batch_max_size`` (2 x 32) calls fill every batch slot once; a call beyond that could only
+    wait. Rejecting there costs far less than in the servicer, which is what keeps sheds fast
+    at overload (benchmarks/bench_overload.py). Change it with those two."""
     max_queue: int = 1_000
     """Requests waiting for a batch; beyond it, RESOURCE_EXHAUSTED at once."""
     max_queue_delay_ms: float = 50.0

@@ -155,6 +155,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "calls served at once per worker; more get RESOURCE_EXHAUSTED (0: no bound)",
     )
     flag(
+        "max_concurrent_rpcs",
+        "calls gRPC hands to the server at once per worker; more get RESOURCE_EXHAUSTED "
+        "before any request is parsed (0: no bound; default %(default)s)",
+    )
+    flag(
         "max_queue_delay_ms",
         "bound on a request's wait for a batch: new requests are shed at once when the queue "
         "ahead would take longer to drain, and a queued one that waited twice this is shed",
@@ -305,6 +310,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--cache-entries is {args.cache_entries}; expected >= 0 (0: off)")
     if args.max_in_flight < 0:
         raise CliError(f"--max-in-flight is {args.max_in_flight}; expected >= 0 (0: no bound)")
+    if args.max_concurrent_rpcs < 0:
+        raise CliError(
+            f"--max-concurrent-rpcs is {args.max_concurrent_rpcs}; expected >= 0 (0: no bound)"
+        )
     if args.gc_gen0_threshold < 0:
         raise CliError(f"--gc-gen0-threshold is {args.gc_gen0_threshold}; expected >= 0 (0: off)")
     if args.max_queue_delay_ms <= 0:
@@ -353,6 +362,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         cache_entries=args.cache_entries,
         max_in_flight=args.max_in_flight,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_queue_delay_ms=args.max_queue_delay_ms,
         gc_gen0_threshold=args.gc_gen0_threshold,
         exposure_dir=args.exposure_dir,

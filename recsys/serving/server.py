@@ -174,7 +174,10 @@ class RunningServer:
         service = RecommenderService(metrics, exposures, max_in_flight=settings.max_in_flight)
         # One process owns the port: SO_REUSEPORT would let a stale server share it silently.
         # Worker processes of `recsys serve --workers N` share it on purpose (serving/workers.py).
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        )
         add_to_server(service, server)
         health = AsyncHealthServicer()
         for name in HEALTH_SERVICES:

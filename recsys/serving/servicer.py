@@ -7,6 +7,8 @@ This is the one place where errors become gRPC status codes:
   handler's deserializer, so gRPC never sees the DecodeError);
 - :class:`~recsys.serving.validation.InvalidRequest` -> INVALID_ARGUMENT, naming the field;
 - no pipeline yet (still loading) -> UNAVAILABLE;
+- (more than ``max_concurrent_rpcs`` calls at once never reach this module: gRPC answers them
+  RESOURCE_EXHAUSTED itself, before parsing; serving/server.py)
 - more than ``max_in_flight`` calls at once, or
   :class:`~recsys.serving.batching.Overloaded` (the batch
   queue is full or behind) -> RESOURCE_EXHAUSTED, at once;

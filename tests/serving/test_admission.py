@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -131,19 +132,29 @@ class GatedPipeline:
         self.release.set()
 
 
-@pytest.fixture
-async def gated(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, GatedPipeline]]:
+@asynccontextmanager
+async def gated_server(
+    settings: ServeSettings,
+) -> AsyncIterator[tuple[RunningServer, GatedPipeline]]:
     pipeline = GatedPipeline()
 
     async def opener(_s: ServeSettings, _m: ServingMetrics) -> GatedPipeline:
         return pipeline
 
-    settings = ServeSettings(artifacts=tmp_path, port=0, metrics_port=0, max_in_flight=2)
     running = await RunningServer.start(settings, opener)
-    await running.wait_ready()
-    yield running, pipeline
-    pipeline.release.set()
-    await running.stop()
+    try:
+        await running.wait_ready()
+        yield running, pipeline
+    finally:
+        pipeline.release.set()
+        await running.stop()
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, GatedPipeline]]:
+    settings = ServeSettings(artifacts=tmp_path, port=0, metrics_port=0, max_in_flight=2)
+    async with gated_server(settings) as running:
+        yield running
 
 
 async def test_beyond_max_in_flight_calls_get_resource_exhausted_at_once(
@@ -162,6 +173,30 @@ async def test_beyond_max_in_flight_calls_get_resource_exhausted_at_once(
         pipeline.release.set()
         for call in held:
             await call
+
+
+async def test_beyond_max_concurrent_rpcs_grpc_answers_resource_exhausted_without_the_servicer(
+    tmp_path: Path,
+) -> None:
+    settings = ServeSettings(
+        artifacts=tmp_path, port=0, metrics_port=0, max_in_flight=0, max_concurrent_rpcs=2
+    )
+    async with (
+        gated_server(settings) as (server, pipeline),
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        request = recommender_pb2.RecommendRequest(user_id="u")
+        held = [asyncio.ensure_future(stub.Recommend(request)) for _ in range(2)]
+        await pipeline.two_waiting.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as shed:
+            await stub.Recommend(request, timeout=30)  # (the pipeline would say DEADLINE_EXCEEDED)
+        assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(pipeline.deadlines) == 2  # the extra call never reached the servicer
+        pipeline.release.set()
+        for call in held:
+            await call
+        await stub.Recommend(request)  # a slot is free again
 
 
 async def test_the_client_deadline_reaches_the_pipeline_and_maps_to_deadline_exceeded(

@@ -105,6 +105,24 @@ class ScoredItems:
         return int(self.sku_ids.shape[0])
 
 
+class Encodings:
+    """The wire forms of one computed answer, made once and shared by every cache hit on it.
+
+    Filled lazily by the servicer (the response) and the exposure writer (the record), so a hit
+    re-serialises nothing: ``response`` is the RecommendResponse without its ``request_id``
+    (field 1, which is serialized first, so a hit prefixes its own), ``record`` the exposure
+    line's fields from ``model_version`` on (see recsys/serving/record.py).
+    """
+
+    __slots__ = ("record", "response", "score_counts")
+
+    def __init__(self) -> None:
+        self.response: bytes | None = None
+        self.record: bytes | None = None
+        self.score_counts: object = None
+        """The live score histogram's bucket counts of the served scores (serving/metrics.py)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     """What Recommend answers, before it is turned into a protobuf response."""
@@ -126,6 +144,10 @@ class Recommendation:
     candidates: ScoredItems | None = None
     """Every ranked candidate with its final score, for the sampled share of requests whose
     record keeps the candidates the user did not see; None otherwise."""
+    cached: bool = False
+    """Served from the result cache (the answer computed for an earlier request)."""
+    encodings: Encodings | None = field(default=None, compare=False, repr=False)
+    """Where the wire forms of this answer are kept once made (None: made per response)."""
 
     @property
     def degraded(self) -> bool:

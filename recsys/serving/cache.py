@@ -3,9 +3,12 @@
 A result depends on the request (user, delivery location, surface, platform, number of results,
 exclusions, hour), on the user's assignment (the merged arm parameters, which carry the model
 version an arm pins), and on the serving snapshot (experiment config, routing, availability,
-model and index versions). The key holds the request's part and the parameters; the snapshot
-is held by identity: every control-plane or artifact change swaps in a new snapshot, and the
-first lookup against a new one empties the cache. Nothing stale can be served.
+model and index versions). The assignment is itself a function of the request's user, surface,
+platform and whether it has a location, under the snapshot's experiment config, so the key holds
+the request's part only and is looked up before the per-request stages: a hit runs none of them
+and answers with the assignment (exposures) the entry was computed with. The snapshot is held by
+identity: every control-plane or artifact change swaps in a new snapshot, and the first lookup
+against a new one empties the cache. Nothing stale can be served.
 
 The location is keyed by a cell of ``cell_degrees`` (about 500 m by default): refreshes from
 the same address (GPS jitter included) share an entry, and the answer is the one computed for
@@ -19,7 +22,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from recsys.types import Assignment, Recommendation, Request
+from recsys.types import Recommendation, Request
 
 DEFAULT_CELL_DEGREES = 0.005
 
@@ -30,10 +33,9 @@ def location_cell(lat: float, lon: float, cell_degrees: float) -> tuple[int, int
     return math.floor(lat / cell_degrees), math.floor(lon / cell_degrees)
 
 
-def cache_key(
-    request: Request, assignment: Assignment, cell_degrees: float = DEFAULT_CELL_DEGREES
-) -> CacheKey:
-    """Everything of the request and its assignment that the answer depends on."""
+def cache_key(request: Request, cell_degrees: float = DEFAULT_CELL_DEGREES) -> CacheKey:
+    """Everything of the request that the answer depends on under one snapshot (the user's
+    assignment included: it is drawn from the user, surface, platform and has-location)."""
     location = request.location
     cell = None if location is None else location_cell(location.lat, location.lon, cell_degrees)
     return (
@@ -44,7 +46,6 @@ def cache_key(
         request.num_results,
         request.exclude_sku_ids,
         request.hour,
-        assignment.params,
     )
 
 

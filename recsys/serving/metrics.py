@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
@@ -36,7 +38,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from recsys.ranking.stages import DEADLINE_UNRANKED, STALE_USER_VECTOR
 from recsys.retrieval.stage import UNKNOWN_USER
 from recsys.serving.batching import BatchStats
-from recsys.types import Recommendation, ServingVersions
+from recsys.types import Encodings, Recommendation, ServingVersions
 
 OTHER = "other"
 GAUGE_MERGE: dict[str, str] = {
@@ -80,6 +82,9 @@ A model version whose training baseline uses other edges registers them with
 :meth:`ServingMetrics.set_score_buckets`, so live and baseline histograms compare bin by bin."""
 
 
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
 class CappedLabels:
     """Admit at most ``cap`` distinct label tuples; later new ones map to ``("other", ...)``."""
 
@@ -110,6 +115,15 @@ def _check_edges(edges: Sequence[float]) -> npt.NDArray[np.float64]:
     return array
 
 
+@dataclass(frozen=True, slots=True)
+class _ScoreCounts:
+    """One answer's scores as bucket counts under ``edges`` (reused while the edges hold)."""
+
+    edges: npt.NDArray[np.float64]
+    counts: npt.NDArray[np.int64]
+    total: float
+
+
 class ScoreHistograms:
     """A histogram family per model version, filled a whole score array at a time.
 
@@ -136,22 +150,33 @@ class ScoreHistograms:
             self._counts.pop(version, None)
             self._sums.pop(version, None)
 
-    def observe(self, version: str, scores: npt.ArrayLike) -> None:
-        values = np.asarray(scores, dtype=np.float64).ravel()
-        values = values[np.isfinite(values)]
+    def observe(
+        self, version: str, scores: npt.ArrayLike, encodings: Encodings | None = None
+    ) -> None:
+        """Count ``scores`` under ``version``. With ``encodings`` (the answer's, shared by its
+        cache hits) the bucket counts are computed once per answer and edges, then added."""
         (key,) = self._versions.admit((version,))
         with self._lock:
             edges = self._edges.get(key, self._default_edges)
-            # searchsorted "left": bounds[i-1] < x <= bounds[i], Prometheus' "le" semantics.
-            counts = np.bincount(
-                np.searchsorted(edges, values, side="left"), minlength=edges.size + 1
-            )
+            memo = None if encodings is None else encodings.score_counts
+            if isinstance(memo, _ScoreCounts) and memo.edges is edges:
+                counts, total = memo.counts, memo.total
+            else:
+                values = np.asarray(scores, dtype=np.float64).ravel()
+                values = values[np.isfinite(values)]
+                # searchsorted "left": bounds[i-1] < x <= bounds[i], Prometheus' "le" semantics.
+                counts = np.bincount(
+                    np.searchsorted(edges, values, side="left"), minlength=edges.size + 1
+                ).astype(np.int64)
+                total = float(values.sum())
+                if encodings is not None:
+                    encodings.score_counts = _ScoreCounts(edges, counts, total)
             if key in self._counts:
                 self._counts[key] += counts
-                self._sums[key] += float(values.sum())
+                self._sums[key] += total
             else:
-                self._counts[key] = counts.astype(np.int64)
-                self._sums[key] = float(values.sum())
+                self._counts[key] = counts.copy()
+                self._sums[key] = total
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation, labels=["model_version"])]
@@ -204,6 +229,9 @@ class ServingMetrics:
         self._in_flight = Gauge(
             "recsys_requests_in_flight", "Recommend calls being served now.", registry=r
         )
+        self._calls_in_flight = 0  # a plain int on the request path, read at scrape time
+        self._in_flight.set_function(lambda: self._calls_in_flight)
+        self._children: dict[tuple[object, ...], Any] = {}
         self._model_info = Info(
             "recsys_model", "Production version serving per model name.", ["name"], registry=r
         )
@@ -323,29 +351,41 @@ class ServingMetrics:
     # Request path (the servicer).
 
     def request_started(self) -> None:
-        self._in_flight.inc()
+        self._calls_in_flight += 1
 
     def request_finished(self, code: str, seconds: float) -> None:
-        self._in_flight.dec()
-        self._requests.labels(code).inc()
+        self._calls_in_flight -= 1
+        self._child(self._requests, code).inc()
         self._latency.observe(seconds)
 
     def observe_recommendation(self, recommendation: Recommendation) -> None:
         """Stage timings, degraded reasons, experiment exposures and scores of one response."""
+        child = self._child
         for stage, seconds in recommendation.stage_seconds:
-            self._stage_latency.labels(stage).observe(seconds)
+            child(self._stage_latency, stage).observe(seconds)
         for reason in recommendation.degraded_reasons:
-            self._degraded.labels(DEGRADED_REASON_LABELS.get(reason, OTHER)).inc()
+            child(self._degraded, DEGRADED_REASON_LABELS.get(reason, OTHER)).inc()
         for e in recommendation.exposures:
             labels = self._exposure_labels.admit((e.layer, e.experiment, e.arm))
-            self._exposures.labels(*labels).inc()
+            child(self._exposures, *labels).inc()
         unranked = DEADLINE_UNRANKED in recommendation.degraded_reasons
         if len(recommendation.items) and not unranked:
-            self.observe_scores(recommendation.model_version, recommendation.items.scores)
+            self._scores.observe(
+                recommendation.model_version, recommendation.items.scores, recommendation.encodings
+            )
+
+    def _child(self, metric: _Metric, *labels: str) -> _Metric:
+        """``metric.labels(*labels)``, kept: the request path asks for the same few per call.
+        (Only for label sets that are never removed, and capped where they come from data.)"""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_versions(self, versions: ServingVersions) -> None:
         """Refresh the info metrics; cheap when nothing changed (call it per request)."""
-        if versions == self._versions:
+        if versions is self._versions or versions == self._versions:
             return
         previous = self._versions.model_versions if self._versions else {}
         for name in previous.keys() - versions.model_versions.keys():
@@ -368,7 +408,7 @@ class ServingMetrics:
     # Result cache (the pipeline).
 
     def observe_cache(self, hit: bool, entries: int) -> None:
-        self._cache_lookups.labels("hit" if hit else "miss").inc()
+        self._child(self._cache_lookups, "hit" if hit else "miss").inc()
         self._cache_entries.set(entries)
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).

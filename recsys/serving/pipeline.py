@@ -31,13 +31,16 @@ from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.stages import DEADLINE_UNRANKED, STALE_USER_VECTOR
 from recsys.settings import ServeSettings
 from recsys.stage import Batch, Stage, run_stages
-from recsys.types import Assignment, Recommendation, Request, ServingVersions
+from recsys.types import Assignment, Encodings, Recommendation, Request, ServingVersions
 
 from .batching import DeadlineExceeded, MicroBatcher
 from .cache import ResultCache, cache_key
 from .control import ControlFollower, last_good_instead, read_start_documents
 from .drift_metrics import ServingMonitor
 from .metrics import ServingMetrics
+
+HIT_STAGES: tuple[tuple[str, float], ...] = (("cache", 0.0),)
+"""The stages a cache hit went through: none but the lookup."""
 
 __all__ = [
     "DeadlineExceeded",
@@ -136,6 +139,7 @@ def _recommendations(
             snapshot_id=snapshot.snapshot_id,
             user_features=None if features is None or row < 0 else features[n],
             candidates=candidates,
+            encodings=Encodings(),
         )
         for n, (job, items, version, reasons, row, candidates) in enumerate(
             zip(
@@ -175,6 +179,8 @@ class Pipeline:
         self._store = store
         self._cache = cache if cache is not None else ResultCache(0)
         self._metrics = metrics
+        self._versions_of: ServingSnapshot | None = None
+        self._versions = snapshot.versions()
 
     @property
     def snapshot(self) -> ServingSnapshot:
@@ -185,30 +191,32 @@ class Pipeline:
 
     async def recommend(self, request: Request, deadline: float | None = None) -> Recommendation:
         snapshot = self._snapshot
-        early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)
-        assignment = early.assignments[0]
         cache = self._cache
-        key = cache_key(request, assignment) if cache.enabled else None
+        # Looked up before the per-request stages: under one snapshot they are a function of
+        # the key's fields (serving/cache.py), so a hit runs no stage at all.
+        key = cache_key(request) if cache.enabled else None
         if key is not None:
             cached = cache.get(snapshot, key)
             if self._metrics is not None:
                 self._metrics.observe_cache(cached is not None, len(cache))
             if cached is not None:
                 return replace(
-                    cached,
-                    request_id=request.request_id,
-                    exposures=assignment.exposures,
-                    stage_seconds=(*early.stage_seconds, ("cache", 0.0)),
+                    cached, request_id=request.request_id, stage_seconds=HIT_STAGES, cached=True
                 )
+        early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)
         rec = await self._batcher.submit(
-            Job(request, assignment, snapshot, deadline, early.stage_seconds)
+            Job(request, early.assignments[0], snapshot, deadline, early.stage_seconds)
         )
         if key is not None and not _transient(rec):
             cache.put(snapshot, key, rec)
         return rec
 
     def versions(self) -> ServingVersions:
-        return self._snapshot.versions()
+        snapshot = self._snapshot
+        if snapshot is not self._versions_of:  # built once per snapshot, not per call
+            self._versions = snapshot.versions()
+            self._versions_of = snapshot
+        return self._versions
 
     async def close(self) -> None:
         if self._follower is not None:

@@ -43,52 +43,71 @@ class ExposureRecord:
     recommendation: Recommendation
 
     def to_json(self) -> str:
+        """One JSON line. Its fields from ``model_version`` on are the answer's alone, the same
+        for every cache hit on it: encoded once and kept in the answer's
+        :class:`~recsys.types.Encodings`, so a hit's line costs the small request part only."""
         rec = self.recommendation
         request = self.request
         location = request.location
-        items = rec.items
-        line: dict[str, Any] = {
-            "record": RECORD_VERSION,
-            "ts": round(self.ts, 6),
-            "request_id": rec.request_id,
-            "snapshot_id": rec.snapshot_id,
-            "user_id": request.user_id,
-            "surface": request.surface,
-            "platform": request.platform,
-            "has_location": location is not None,
-            "location": None if location is None else [location.lat, location.lon],
-            "num_results": request.num_results,
-            "exclude_sku_ids": list(request.exclude_sku_ids),
-            "hour": request.hour,
-            "model_version": rec.model_version,
-            "index_version": rec.index_version,
-            "config_version": rec.config_version,
-            "exposures": [
-                {
-                    "layer": e.layer,
-                    "experiment": e.experiment,
-                    "arm": e.arm,
-                    "bucket": e.bucket,
-                    "forced": e.forced,
-                }
-                for e in rec.exposures
-            ],
-            "degraded": rec.degraded,
-            "degraded_reasons": list(rec.degraded_reasons),
-            "degraded_reason": rec.degraded_reason,
-            "sku_ids": _array(items.sku_ids),
-            "restaurant_ids": _array(items.restaurant_ids),
-            "scores": _array(items.scores),
-            "user_features": None if rec.user_features is None else _array(rec.user_features),
-            "candidates": None
-            if rec.candidates is None
-            else {
-                "sku_ids": _array(rec.candidates.sku_ids),
-                "restaurant_ids": _array(rec.candidates.restaurant_ids),
-                "scores": _array(rec.candidates.scores),
-            },
-        }
-        return orjson.dumps(line, option=_OPTIONS).decode()
+        head = orjson.dumps(
+            {
+                "record": RECORD_VERSION,
+                "ts": round(self.ts, 6),
+                "request_id": rec.request_id,
+                "snapshot_id": rec.snapshot_id,
+                "user_id": request.user_id,
+                "surface": request.surface,
+                "platform": request.platform,
+                "has_location": location is not None,
+                "location": None if location is None else [location.lat, location.lon],
+                "num_results": request.num_results,
+                "exclude_sku_ids": list(request.exclude_sku_ids),
+                "hour": request.hour,
+            }
+        )
+        encodings = rec.encodings
+        tail = None if encodings is None else encodings.record
+        if tail is None:
+            tail = _answer_fields(rec)
+            if encodings is not None:
+                encodings.record = tail
+        # '{head...}' and '{tail...}\n' -> '{head...,tail...}\n'
+        return b"".join((head[:-1], b",", tail[1:])).decode()
+
+
+def _answer_fields(rec: Recommendation) -> bytes:
+    """The record's fields that depend on the answer only, as a JSON object and a newline."""
+    items = rec.items
+    fields: dict[str, Any] = {
+        "model_version": rec.model_version,
+        "index_version": rec.index_version,
+        "config_version": rec.config_version,
+        "exposures": [
+            {
+                "layer": e.layer,
+                "experiment": e.experiment,
+                "arm": e.arm,
+                "bucket": e.bucket,
+                "forced": e.forced,
+            }
+            for e in rec.exposures
+        ],
+        "degraded": rec.degraded,
+        "degraded_reasons": list(rec.degraded_reasons),
+        "degraded_reason": rec.degraded_reason,
+        "sku_ids": _array(items.sku_ids),
+        "restaurant_ids": _array(items.restaurant_ids),
+        "scores": _array(items.scores),
+        "user_features": None if rec.user_features is None else _array(rec.user_features),
+        "candidates": None
+        if rec.candidates is None
+        else {
+            "sku_ids": _array(rec.candidates.sku_ids),
+            "restaurant_ids": _array(rec.candidates.restaurant_ids),
+            "scores": _array(rec.candidates.scores),
+        },
+    }
+    return orjson.dumps(fields, option=_OPTIONS)
 
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE

@@ -141,6 +141,8 @@ class RestServer:
         if response is None:
             return error(code, details)
         return web.Response(
-            body=orjson.dumps(json_format.MessageToDict(response)),
+            body=orjson.dumps(
+                json_format.MessageToDict(recommender_pb2.RecommendResponse.FromString(response))
+            ),
             content_type="application/json",
         )

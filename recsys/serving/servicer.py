@@ -35,7 +35,7 @@ from recsys.serving.logs import CALL
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.validation import InvalidRequest, new_request_id, validate_request
 from recsys.types import Recommendation, Request
-from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from recsys.v1 import recommender_pb2
 
 if TYPE_CHECKING:
     from recsys.serving.pipeline import RecommendPipeline
@@ -75,7 +75,7 @@ def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
         "Recommend": grpc.unary_unary_rpc_method_handler(
             service.Recommend,
             request_deserializer=parse_request,
-            response_serializer=recommender_pb2.RecommendResponse.SerializeToString,
+            response_serializer=_as_is,  # Recommend answers serialized bytes (response_bytes)
         )
     }
     server.add_generic_rpc_handlers(
@@ -85,13 +85,20 @@ def add_to_server(service: RecommenderService, server: grpc.aio.Server) -> None:
     registered.add_registered_method_handlers(RECOMMENDER_SERVICE, handlers)
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
 def local_hour() -> int:
     return time.localtime().tm_hour
 
 
-def to_response(recommendation: Recommendation) -> recommender_pb2.RecommendResponse:
+def to_response(
+    recommendation: Recommendation, request_id: str | None = None
+) -> recommender_pb2.RecommendResponse:
+    """The response message (``request_id``: instead of the recommendation's)."""
     response = recommender_pb2.RecommendResponse(
-        request_id=recommendation.request_id,
+        request_id=recommendation.request_id if request_id is None else request_id,
         model_version=recommendation.model_version,
         index_version=recommendation.index_version,
         config_version=recommendation.config_version,
@@ -117,6 +124,40 @@ def to_response(recommendation: Recommendation) -> recommender_pb2.RecommendResp
     return response
 
 
+_REQUEST_ID_TAG = b"\x0a"  # RecommendResponse.request_id: field 1, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def response_bytes(recommendation: Recommendation) -> bytes:
+    """The serialized RecommendResponse of ``recommendation``, byte for byte what
+    ``to_response(recommendation).SerializeToString()`` gives.
+
+    An answer that carries :class:`~recsys.types.Encodings` (every computed answer, and so every
+    cache hit on it) is serialized once without its request id; each response is then that id's
+    field followed by the shared bytes: protobuf writes fields in field-number order and
+    ``request_id`` is field 1, the only field that differs between the responses of one answer.
+    """
+    encodings = recommendation.encodings
+    if encodings is None:
+        return to_response(recommendation).SerializeToString()
+    tail = encodings.response
+    if tail is None:
+        tail = encodings.response = to_response(recommendation, "").SerializeToString()
+    request_id = recommendation.request_id
+    if not request_id:  # proto3 leaves an empty string out
+        return tail
+    data = request_id.encode()
+    return b"".join((_REQUEST_ID_TAG, _varint(len(data)), data, tail))
+
+
 class _Failure(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -124,7 +165,7 @@ class _Failure(Exception):
         self.details = details
 
 
-class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+class RecommenderService:
     """Serves Recommend once :meth:`attach` has handed it an open pipeline."""
 
     def __init__(
@@ -209,7 +250,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         context: grpc.aio.ServicerContext[
             recommender_pb2.RecommendRequest, recommender_pb2.RecommendResponse
         ],
-    ) -> recommender_pb2.RecommendResponse:
+    ) -> bytes:
         code, details, response = await self.serve(request, context.time_remaining())
         if response is None:
             await context.abort(code, details)
@@ -219,10 +260,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self,
         request: recommender_pb2.RecommendRequest | MalformedRequest,
         time_remaining: float | None,
-    ) -> tuple[grpc.StatusCode, str, recommender_pb2.RecommendResponse | None]:
+    ) -> tuple[grpc.StatusCode, str, bytes | None]:
         """One Recommend call, whatever the transport (gRPC here, HTTP/JSON in serving/rest.py):
         validated, admitted, served, counted and recorded the same way. Returns the status code,
-        its details and the response (None unless OK)."""
+        its details and the serialized RecommendResponse (None unless OK)."""
         started = time.perf_counter()
         task = asyncio.current_task()
         if task is not None:
@@ -233,7 +274,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self._metrics.request_started()
         code = grpc.StatusCode.OK
         details = ""
-        response: recommender_pb2.RecommendResponse | None = None
+        response: bytes | None = None
         try:
             response = await self._recommend(request, time_remaining)
         except _Failure as failure:
@@ -262,7 +303,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         self,
         message: recommender_pb2.RecommendRequest | MalformedRequest,
         time_remaining: float | None,
-    ) -> recommender_pb2.RecommendResponse:
+    ) -> bytes:
         deadline = None if time_remaining is None else time.perf_counter() + time_remaining
         if isinstance(message, MalformedRequest):
             self._log_malformed()
@@ -289,7 +330,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             )
         try:
             recommendation = await pipeline.recommend(request, deadline)
-            response = to_response(recommendation)
+            response = response_bytes(recommendation)
             self._record(pipeline, request, recommendation)
         except DeadlineExceeded as e:
             raise _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None

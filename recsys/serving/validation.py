@@ -57,6 +57,8 @@ def _check_coordinate(field: str, value: float, bound: float) -> None:
 
 
 def _validated_exclusions(ids: list[int]) -> tuple[int, ...]:
+    if not ids:  # the common case, without numpy's per-call cost
+        return ()
     if len(ids) > MAX_EXCLUDE_SKU_IDS:
         raise InvalidRequest(
             "exclude_sku_ids",

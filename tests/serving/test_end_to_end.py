@@ -208,3 +208,37 @@ async def test_exposure_log_records_what_each_customer_saw(
     assert record["sku_ids"] == [i.sku_id for i in reply.items]
     assert record["model_version"] == reply.model_version
     assert {e["layer"] for e in record["exposures"]} == {e.layer for e in reply.experiments}
+
+
+async def test_a_cache_hit_answers_as_the_computed_answer_with_its_own_record_and_metrics(
+    server: RunningServer, stub: recommender_pb2_grpc.RecommenderAsyncStub, artifacts: Path
+) -> None:
+    """The hit path answers with the computed answer's bytes and its own request id: the
+    response is what the first (uncached) call got, field for field and byte for byte; its
+    exposure record is written with its own request; every metric counts it."""
+    sample = server.metrics.registry.get_sample_value
+    users = load_world(next((artifacts / "world").iterdir())).users
+    where = recommender_pb2.Location(lat=float(users.home_lat[1]), lon=float(users.home_lon[1]))
+    located = {"user_id": KNOWN_USER, "location": where}
+    first = await stub.Recommend(_request(**located, request_id="first-1"))
+    hits_before = sample("recsys_result_cache_lookups_total", {"result": "hit"}) or 0.0
+    again = await stub.Recommend(_request(**located, request_id="again-22"))
+    assert sample("recsys_result_cache_lookups_total", {"result": "hit"}) == hits_before + 1
+    expected = recommender_pb2.RecommendResponse()
+    expected.CopyFrom(first)
+    expected.request_id = "again-22"
+    assert again == expected
+    assert again.SerializeToString() == expected.SerializeToString()
+    layer = first.experiments[0]
+    exposures = {"layer": layer.layer, "experiment": layer.experiment, "arm": layer.arm}
+    assert sample("recsys_experiment_exposures_total", exposures) is not None
+    assert sample("recsys_requests_total", {"code": "OK"}) is not None
+    await server.stop()
+    lines = [record for _, _, record in iter_exposure_lines(default_exposure_dir(artifacts))]
+    by_id = {r["request_id"]: r for r in lines}
+    assert by_id["again-22"]["sku_ids"] == [i.sku_id for i in again.items]
+    assert by_id["again-22"]["snapshot_id"] == again.snapshot_id
+    assert by_id["again-22"]["location"] == [where.lat, where.lon]
+    assert {k: v for k, v in by_id["again-22"].items() if k not in {"request_id", "ts"}} == {
+        k: v for k, v in by_id["first-1"].items() if k not in {"request_id", "ts"}
+    }

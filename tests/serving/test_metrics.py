@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 from recsys.ranking.stages import STALE_USER_VECTOR
 from recsys.serving.batching import BatchStats
 from recsys.serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
-from recsys.types import Exposure, Recommendation, ScoredItems, ServingVersions
+from recsys.types import Encodings, Exposure, Recommendation, ScoredItems, ServingVersions
 from tests.serving.metrics_page import fetch_metrics
 
 
@@ -204,3 +206,47 @@ def test_the_process_series_are_there() -> None:
     names = {s.name for family in ServingMetrics().registry.collect() for s in family.samples}
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
     assert "process_start_time_seconds" in names
+
+
+def test_an_answer_and_its_cache_hits_count_alike_with_its_bucket_counts_made_once() -> None:
+    """Every response counts (scores, exposures, stages) whether computed or a hit; the bucket
+    counts of one answer are computed once and kept in its Encodings until the edges change."""
+    metrics = ServingMetrics(score_buckets=[0.25, 0.5, 1.0])
+    arm = Exposure("retrieval", "retrieval-depth", "k200", 3)
+    answer = replace(recommendation([0.1, 0.3, 0.9], exposures=(arm,)), encodings=Encodings())
+    metrics.observe_recommendation(answer)
+    assert answer.encodings is not None
+    kept = answer.encodings.score_counts
+    assert kept is not None
+    hit = replace(answer, request_id="r2", stage_seconds=(("cache", 0.0),), cached=True)
+    metrics.observe_recommendation(hit)
+    metrics.observe_recommendation(hit)
+    assert answer.encodings.score_counts is kept
+    value = metrics.registry.get_sample_value
+    assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "0.5"}) == 6
+    assert value("recsys_live_score_count", {"model_version": "m1"}) == 9
+    assert value("recsys_live_score_sum", {"model_version": "m1"}) == pytest.approx(3 * 1.3)
+    labels = {"layer": "retrieval", "experiment": "retrieval-depth", "arm": "k200"}
+    assert value("recsys_experiment_exposures_total", labels) == 3
+    assert value("recsys_stage_duration_seconds_count", {"stage": "cache"}) == 2
+    metrics.set_score_buckets("m1", [0.2, 2.0])  # new edges: counted afresh, not the kept ones
+    metrics.observe_recommendation(hit)
+    assert answer.encodings.score_counts is not kept
+    assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "0.2"}) == 1
+    assert value("recsys_live_score_count", {"model_version": "m1"}) == 3
+
+
+def test_in_flight_calls_and_status_codes_are_counted() -> None:
+    metrics = ServingMetrics()
+    value = metrics.registry.get_sample_value
+    metrics.request_started()
+    metrics.request_started()
+    assert value("recsys_requests_in_flight") == 2
+    metrics.request_finished("OK", 0.001)
+    metrics.request_finished("RESOURCE_EXHAUSTED", 0.001)
+    metrics.request_started()
+    metrics.request_finished("OK", 0.003)
+    assert value("recsys_requests_in_flight") == 0
+    assert value("recsys_requests_total", {"code": "OK"}) == 2
+    assert value("recsys_requests_total", {"code": "RESOURCE_EXHAUSTED"}) == 1
+    assert value("recsys_request_duration_seconds_count") == 3

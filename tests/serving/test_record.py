@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 
 from recsys.replay import LoggedRequest
 from recsys.serving.record import RECORD_VERSION, ExposureRecord
-from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
+from recsys.types import Encodings, Exposure, Location, Recommendation, Request, ScoredItems
 
 
 def _record(*, candidates: bool, location: bool) -> ExposureRecord:
@@ -77,3 +78,41 @@ def test_a_request_without_location_or_sampled_candidates_records_nulls() -> Non
     assert parsed["has_location"] is False
     assert parsed["candidates"] is None
     assert LoggedRequest.parse(parsed).request.location is None
+
+
+FIELD_ORDER = [
+    "record", "ts", "request_id", "snapshot_id", "user_id", "surface", "platform",
+    "has_location", "location", "num_results", "exclude_sku_ids", "hour", "model_version",
+    "index_version", "config_version", "exposures", "degraded", "degraded_reasons",
+    "degraded_reason", "sku_ids", "restaurant_ids", "scores", "user_features", "candidates",
+]  # fmt: skip
+
+
+def test_a_cache_hit_shares_the_answers_encoded_fields_and_writes_its_own_request() -> None:
+    """The answer's part of the line is encoded once (kept in its Encodings) and every hit's
+    line is the same as one encoded whole: own request id, time and request fields."""
+    first = _record(candidates=True, location=True)
+    plain = first.to_json()  # no Encodings: everything encoded for this line
+    answer = replace(first.recommendation, encodings=Encodings())
+    line = replace(first, recommendation=answer).to_json()
+    assert line == plain
+    assert answer.encodings is not None
+    assert answer.encodings.record is not None
+    hit_request = replace(first.request, request_id="req-2", location=Location(52.501, 13.401))
+    hit = ExposureRecord(
+        1_700_000_001.5, hit_request, replace(answer, request_id="req-2", cached=True)
+    )
+    hit_line = hit.to_json()
+    assert hit_line.endswith("\n")
+    assert hit_line.count("\n") == 1
+    parsed = json.loads(hit_line)
+    assert list(parsed) == FIELD_ORDER
+    assert (parsed["request_id"], parsed["ts"], parsed["location"]) == (
+        "req-2",
+        1_700_000_001.5,
+        [52.501, 13.401],
+    )
+    uncached = replace(hit.recommendation, encodings=None)
+    expected = json.loads(replace(hit, recommendation=uncached).to_json())
+    assert parsed == expected
+    assert list(json.loads(plain)) == FIELD_ORDER

@@ -26,9 +26,22 @@ from recsys.serving.exposure import ExposureSink, JsonlFileWriter
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import RecommendPipeline
 from recsys.serving.server import OpenPipeline, RunningServer
-from recsys.serving.servicer import RecommenderService, local_hour, to_response
+from recsys.serving.servicer import (
+    RecommenderService,
+    add_to_server,
+    local_hour,
+    response_bytes,
+    to_response,
+)
 from recsys.settings import ServeSettings
-from recsys.types import Exposure, Recommendation, Request, ScoredItems, ServingVersions
+from recsys.types import (
+    Encodings,
+    Exposure,
+    Recommendation,
+    Request,
+    ScoredItems,
+    ServingVersions,
+)
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.serving.test_server import Client
 from tests.serving.toy_pipeline import (
@@ -170,7 +183,7 @@ async def standalone(
     if pipeline is not None:
         service.attach(pipeline)
     server = grpc.aio.server()
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(service, server)
+    add_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -534,3 +547,23 @@ async def test_only_answered_calls_reach_the_exposure_log(tmp_path: Path) -> Non
     assert line["model_version"] == "model-7"
     assert line["snapshot_id"] == "0123456789abcdef"
     assert line["sku_ids"] == [42, 7, 1_000_000_000_123]
+
+
+@pytest.mark.parametrize("request_id", ["r", "x" * 127, "y" * 128, "zäöü-ñ-€" * 10, ""])
+def test_response_bytes_are_the_serialized_response_with_each_answers_own_request_id(
+    request_id: str,
+) -> None:
+    """A computed answer is serialized once; each response sharing it (its cache hits) prefixes
+    its own request id: byte for byte what serializing the whole response gives."""
+    answer = replace(FULL, encodings=Encodings())
+    assert response_bytes(answer) == to_response(FULL).SerializeToString()
+    shared = answer.encodings
+    assert shared is not None
+    assert shared.response is not None
+    hit = replace(answer, request_id=request_id, cached=True)
+    expected = to_response(replace(FULL, request_id=request_id)).SerializeToString()
+    assert response_bytes(hit) == expected
+    assert recommender_pb2.RecommendResponse.FromString(response_bytes(hit)).request_id == (
+        request_id
+    )
+    assert response_bytes(replace(FULL, request_id=request_id)) == expected  # no Encodings

@@ -411,16 +411,20 @@ def _age_key(path: Path) -> tuple[int, int, int, str]:
 
 
 def iter_log_lines(
-    directory: Path, stats: LineReadStats | None = None
+    directory: Path, stats: LineReadStats | None = None, *, modified_since: float | None = None
 ) -> Iterator[tuple[Path, int, dict[str, Any]]]:
     """``(file, line number, record)`` for every record in ``directory``, oldest file first.
 
     Lines that do not parse are skipped and counted in ``stats`` (``truncated`` for a last line
     cut short, ``malformed`` otherwise). A plain file compressed between the listing and the
-    read is read from its ``.jsonl.gz``.
+    read is read from its ``.jsonl.gz``. ``modified_since`` (Unix time) skips the files last
+    written before it: a record is written after the time it records, so they hold only
+    records older than that (a reader of recent records need not open a long archive).
     """
     counts = LineReadStats() if stats is None else stats
     for path in log_files(directory):
+        if modified_since is not None and _modified_before(path, modified_since):
+            continue
         try:
             source = _open_log(path)
         except FileNotFoundError:
@@ -434,6 +438,13 @@ def iter_log_lines(
         counts.files += 1
         with source:
             yield from _read_lines(path, source, counts)
+
+
+def _modified_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime < when
+    except FileNotFoundError:
+        return False  # compressed or removed since the listing: the read copes
 
 
 def _open_log(path: Path) -> Any:

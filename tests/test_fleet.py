@@ -3,17 +3,22 @@
 Redis with the ACL users of deploy/redis-acl.conf on a free port, two serving "pods" (each the
 container command and environment of deploy/recsys.yaml: ``recsys serve --workers 2``, the
 control plane and exposure stream in Redis as ACL user recsys-server, compiled models in the
-pod's own cache, JSON logs), the exposure archiver of deploy/archiver.yaml (as recsys-ops), all
-as processes. Service names become 127.0.0.1 and the Redis port, pod paths become directories
-under the test's own, the shared artifact volume is one built root. A model version trained
-into the registry and promoted through the control plane (the ops commands, as recsys-ops)
-reaches both pods, over gRPC and HTTP/JSON, and their exposure records reach the archive.
+pod's own cache, JSON logs), the exposure and outcome archivers of deploy/archiver.yaml (as
+recsys-ops) and two replicas of the retraining controller of deploy/controller.yaml (as
+recsys-controller; one holds the lease), all as processes. Service names become 127.0.0.1 and
+the Redis port, pod paths become directories under the test's own, the shared volumes (the
+artifact root, the archive) are one directory each. A model version trained into the registry
+and promoted through the control plane (the ops commands, as recsys-ops) reaches both pods,
+over gRPC and HTTP/JSON, and their exposure records reach the archive; then a canary started by
+the ops command is judged by the controller on simulated traffic (outcome events appended to
+the outcome stream as recsys-outcomes, archived) and promoted, and reaches both pods.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -38,7 +43,7 @@ from tests.serving.metrics_page import fetch_metrics, post_json
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICES = ("recsys-redis:6379", "recsys-exposures:6379")
-SHARED_VOLUME = "/data/artifacts"
+SHARED_VOLUMES = ("/data/artifacts", "/data/archive")
 POD_PATHS = ("/data/", "/etc/recsys/")
 START_SECONDS = 240.0
 
@@ -50,16 +55,20 @@ def manifests() -> list[dict[str, Any]]:
     return documents
 
 
-def container(kind: str, name: str) -> dict[str, Any]:
-    """The first container of the pod template of ``kind``/``name`` in deploy/."""
+def container(kind: str, name: str, container_name: str = "") -> dict[str, Any]:
+    """A container (default: the first) of the pod template of ``kind``/``name`` in deploy/."""
     (found,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
-    spec: dict[str, Any] = found["spec"]["template"]["spec"]["containers"][0]
+    containers: list[dict[str, Any]] = found["spec"]["template"]["spec"]["containers"]
+    if not container_name:
+        return containers[0]
+    (spec,) = [c for c in containers if c["name"] == container_name]
     return spec
 
 
 @dataclass
 class Pod:
-    """A pod's filesystem on this machine: its own directory, the shared artifact root."""
+    """A pod's filesystem on this machine: its own directory, the shared volumes (the
+    artifact root, and the archive under the test's directory)."""
 
     root: Path
     artifacts: Path
@@ -71,8 +80,11 @@ class Pod:
             value = value.replace(service, f"127.0.0.1:{self.redis_port}")
         if value == "0.0.0.0":
             return "127.0.0.1"
-        if value.startswith(SHARED_VOLUME):
-            return str(self.artifacts) + value.removeprefix(SHARED_VOLUME)
+        artifacts, archive = SHARED_VOLUMES
+        if value.startswith(artifacts):
+            return str(self.artifacts) + value.removeprefix(artifacts)
+        if value.startswith(archive):
+            return str(self.root.parent / "archive") + value.removeprefix(archive)
         if value.startswith(POD_PATHS):
             return str(self.root / value.lstrip("/"))
         return value
@@ -193,15 +205,38 @@ def ops(argv: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
+TEST_POLICY = """
+format = 1
+revision = 1
+[canary]
+ramp = [5, 50, 100]
+min_requests_per_step = 20
+margin = 0.5
+max_p99_ms = 60000.0
+"""
+"""Short canary steps and a wide margin, so a canary as good as production is promoted within
+a few hundred simulated requests; no latency guardrail to speak of (a loaded test machine's p99
+is noise)."""
+
+USERS = ("recsys-server", "recsys-ops", "recsys-controller", "recsys-outcomes")
+
+
+def controller_metric(port: int, sample: str) -> float:
+    for line in fetch_metrics(port, timeout=10).splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return -1.0
+
+
 @pytest.mark.slow
-def test_a_promoted_model_reaches_both_pods_of_the_fleet(
+def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
     artifacts: Path, tmp_path: Path, processes: list[Process]
 ) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it)")
     logs = tmp_path / "logs"
     logs.mkdir()
-    passwords = {name: secrets.token_hex(16) for name in ("recsys-server", "recsys-ops")}
+    passwords = {name: secrets.token_hex(16) for name in USERS}
     redis_port = free_port()
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
@@ -244,12 +279,27 @@ def test_a_promoted_model_reaches_both_pods_of_the_fleet(
         )
         start(processes, f"pod-{n}", argv, env, logs)
         pods.append((pod, ports))
-    archiver_spec = container("Deployment", "recsys-archiver")
+    # Both archivers of the archiver pod: the exposure stream and the outcome stream.
     archiver_pod = Pod(tmp_path / "archiver", artifacts, redis_port)
-    archiver_pod.mount_password(archiver_spec, passwords)
-    (archiver_pod.root / "data" / "archive").mkdir(parents=True)
-    argv, env = archiver_pod.command(archiver_spec)
-    start(processes, "archiver", argv, env, logs)
+    for name in ("archiver", "outcomes"):
+        spec = container("Deployment", "recsys-archiver", name)
+        archiver_pod.mount_password(spec, passwords)
+        argv, env = archiver_pod.command(spec)
+        start(processes, f"archiver-{name}", argv, env, logs)
+    # Two controller replicas (the Deployment has one; a second shows the lease): the manifest's
+    # command with a shorter look and join window for simulated minutes, and the test's policy.
+    controller_spec = container("Deployment", "recsys-controller")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(TEST_POLICY)
+    controllers = []
+    for n in range(2):
+        pod = Pod(tmp_path / f"controller-{n}", artifacts, redis_port)
+        pod.mount_password(controller_spec, passwords)
+        port = free_port()
+        argv, env = pod.command(controller_spec, RECSYS_METRICS_PORT=str(port))
+        argv += ["--look-seconds", "1", "--late-seconds", "10", "--policy", str(policy)]
+        start(processes, f"controller-{n}", argv, env, logs)
+        controllers.append(port)
 
     for _pod, ports in pods:  # both workers of both pods up and connected to the control plane
 
@@ -265,6 +315,19 @@ def test_a_promoted_model_reaches_both_pods_of_the_fleet(
     before = {served_version(ports["grpc"], "user-0000001") for _pod, ports in pods}
     assert len(before) == 1
 
+    # One controller replica holds the lease and looks; the other stands by.
+    def lease_holders() -> list[float]:
+        return sorted(controller_metric(p, "recsys_controller_lease_held") for p in controllers)
+
+    wait_for("the lease", lambda: lease_holders() == [0.0, 1.0], processes, START_SECONDS)
+    (acting,) = [p for p in controllers if controller_metric(p, "recsys_controller_lease_held")]
+    wait_for(
+        "a controller's look",
+        lambda: controller_metric(acting, "recsys_controller_looks_total") >= 1,
+        processes,
+        START_SECONDS,
+    )
+
     # The training Job of deploy/artifacts.yaml (as recsys-ops), then a promotion from the same
     # environment, as an operator runs it.
     cronjob = next(d for d in manifests() if d["metadata"]["name"] == "recsys-train")
@@ -273,35 +336,96 @@ def test_a_promoted_model_reaches_both_pods_of_the_fleet(
     job = Pod(tmp_path / "train", artifacts, redis_port)
     job.mount_password(train_spec, passwords, train_volumes)
     argv, ops_env = job.command(train_spec)
-    trained = subprocess.run(  # another seed than the build's (11): another version
-        [*argv, "--seed", "12"], env=ops_env, capture_output=True, text=True, timeout=600
-    )
-    assert trained.returncode == 0, trained.stdout + trained.stderr
-    version = trained.stdout.split()[-1]
+
+    def train(seed: int) -> str:  # another seed than the build's (11): another version
+        trained = subprocess.run(
+            [*argv, "--seed", str(seed)], env=ops_env, capture_output=True, text=True, timeout=600
+        )
+        assert trained.returncode == 0, trained.stdout + trained.stderr
+        return trained.stdout.split()[-1]
+
+    version = train(12)
     assert version not in before
     ops(["models", "promote", "ranker", version, "--artifacts", str(artifacts), "--force"], ops_env)
 
-    for _pod, ports in pods:
-        wait_for(
-            "the promoted version on a pod",
-            lambda port=ports["grpc"]: served_version(port, "user-0000002") == version,
-            processes,
-            START_SECONDS,
-        )
-        status, body = post_json(ports["http"], {"userId": "user-0000003"})
-        assert status == 200
-        assert body["modelVersion"] == version
+    def reaches_both_pods(version: str) -> None:
+        for _pod, ports in pods:
+            wait_for(
+                "the promoted version on a pod",
+                lambda port=ports["grpc"]: served_version(port, "user-0000002") == version,
+                processes,
+                START_SECONDS,
+            )
+            status, body = post_json(ports["http"], {"userId": "user-0000003"})
+            assert status == 200
+            assert body["modelVersion"] == version
+
+    reaches_both_pods(version)
     # Each pod compiled the version into its own cache, not into the shared volume.
     for pod, _ports in pods:
         compiled = pod.root / "data" / "cache" / "recsys" / "compiled" / "ranker" / version
         assert any(compiled.glob("*.bin")), f"nothing compiled in {compiled}"
 
     # The exposure records went to the stream, and the archiver moved them into files.
-    def archived() -> bool:
-        files = [f for f in (archiver_pod.root / "data" / "archive").rglob("*") if f.is_file()]
+    archive = tmp_path / "archive"
+
+    def archived(kind: str, text: bytes) -> bool:
+        files = [f for f in (archive / kind).rglob("*") if f.is_file()]
         texts = (
             gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes() for f in files
         )
-        return any(version.encode() in text for text in texts)
+        return any(text in t for t in texts)
 
-    wait_for("the archiver", archived, processes, 60)
+    wait_for("the archiver", lambda: archived("exposures", version.encode()), processes, 60)
+
+    # A canary started by the ops command (gates, no analysis), traffic on one pod with the
+    # outcome events appended to the outcome stream as recsys-outcomes: the controller judges it
+    # from the archive, ramps it and promotes it, and both pods serve it.
+    challenger = train(13)
+    ops(
+        [
+            "models", "canary", "ranker", challenger, "--percent", "5",
+            "--artifacts", str(artifacts), "--policy", str(policy),
+        ],
+        ops_env,
+    )  # fmt: skip
+    mobile = tmp_path / "mobile-backend"
+    mobile.mkdir()
+    (mobile / "password").write_text(passwords["recsys-outcomes"])
+    simulation = start(
+        processes,
+        "simulate",
+        [
+            sys.executable, "-m", "recsys.cli.main", "simulate",
+            "--target", f"127.0.0.1:{pods[0][1]['grpc']}", "--artifacts", str(artifacts),
+            "--outcome-sink", f"redis://recsys-outcomes@127.0.0.1:{redis_port}/0",
+            "--redis-password-file", str(mobile / "password"),
+            "--minutes", "600", "--speed", "120", "--rate", "20", "--users", "800",
+            "--concurrency", "8", "--start-hour", "11.5", "--timeout", "30",
+        ],
+        {**os.environ, "RECSYS_CONTROL": ""},
+        logs,
+    )  # fmt: skip
+    decisions = "recsys_controller_decisions_total"
+    wait_for(
+        "the controller's promotion",
+        lambda: controller_metric(acting, f'{decisions}{{action="promote"}}') >= 1,
+        [p for p in processes if p is not simulation],
+        START_SECONDS,
+    )
+    simulation.popen.send_signal(signal.SIGTERM)
+    assert archived("outcomes", b'"request_id"')
+    assert controller_metric(acting, f'{decisions}{{action="ramp"}}') >= 1
+    assert controller_metric(acting, f'{decisions}{{action="rollback"}}') == 0
+    reaches_both_pods(challenger)
+    records = [
+        json.loads(line)
+        for line in (artifacts / "models" / "ranker" / "decisions.jsonl").read_text().splitlines()
+    ]
+    promotion = records[-1]
+    assert promotion["decision"] == "canary-promote"
+    assert promotion["author"] == "recsys controller"
+    assert promotion["state"]["version"] == challenger
+    assert promotion["evidence"]["canary_requests"] > 0
+    standby = next(p for p in controllers if p != acting)
+    assert controller_metric(standby, "recsys_controller_looks_total") == 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import signal
 import socket
 import sys
@@ -33,13 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys.artifacts import ArtifactRoot
 from recsys.cli.common import CliError, tracking_arguments, tracking_settings
 from recsys.control.backends import open_store
-from recsys.pipeline.archive import snapshot_directory
-from recsys.promotion.canary import CanaryDecision
-from recsys.promotion.controller import CanaryController, LogSources, joined_since, wilson_separated
-from recsys.promotion.judge import LoggedTraffic, run_gates
-from recsys.promotion.loop import start_canary
+from recsys.promotion.controller import LogSources
+from recsys.promotion.loop import LoopController, LoopSettings
 from recsys.promotion.policy import Policy, load_policy
-from recsys.promotion.retrain import RetrainError, retrain
 from recsys.promotion.tracking import TrackingError, open_tracker
 from recsys.ranking.registry import ModelRegistry
 from recsys.settings import DEFAULT_ARTIFACTS, env_default
@@ -205,114 +200,40 @@ async def _steps(
     tracker: Any,
     sim_task: asyncio.Task[Any],
 ) -> str:
-    def record(version: str, entry: dict[str, Any]) -> None:
-        if tracker is not None:
-            with contextlib.suppress(TrackingError):
-                tracker.log_decision(registry.root, NAME, version, entry)
-
+    """The shared loop controller (recsys/promotion/loop.py), one look at a time, until the
+    challenger is refused, promoted or rolled back or the simulated traffic ends."""
     table, _ = registry.routing()
     champion = table.models[NAME].production
+    controller = LoopController(
+        registry,
+        policy,
+        sources,
+        LoopSettings(
+            name=NAME,
+            window_requests=args.window_requests,
+            retrain_requests=args.retrain_requests,
+            shuffle_labels=args.sabotage,
+            force_canary=args.force_canary,
+        ),
+        say=lambda text, mark: timeline.say(text, mark=mark),
+        tracker=tracker,
+        since=timeline.started,
+    )
     onset_said = False
-
-    # 1. the monitor: production's click rate, reference window against the latest one
-    drift_window_start = 0.0
     while True:
-        await asyncio.sleep(2.0)
+        judging = controller.judging.get(NAME)
+        await asyncio.sleep(args.look_seconds if judging else 2.0)
         if sim_task.done():
+            if judging:
+                return f"canary {NAME}/{judging.version} undecided at {judging.percent:g}%"
+            if "drift" in timeline.marks:
+                return f"simulation ended before a challenger was judged; production {champion}"
             return "simulation ended before drift was flagged"
         if not onset_said and time.time() >= timeline.onset_wall:
             timeline.say(f"onset: the world changes ({args.scenario})", mark="onset")
             onset_said = True
-        flagged, window_start, numbers = await asyncio.to_thread(
-            _drift, sources, timeline.started, champion, args.window_requests
-        )
-        if flagged:
-            drift_window_start = window_start
-            timeline.say(f"monitor: drift flagged on {NAME}/{champion}: {numbers}", mark="drift")
-            break
-
-    # 2. retrain on the traffic logged since the drifted window began
-    while True:
-        await asyncio.sleep(2.0)
-        logged = await asyncio.to_thread(_count_since, sources, drift_window_start)
-        if logged >= args.retrain_requests or sim_task.done():
-            break
-    until = time.time() - sources.late_seconds
-    timeline.say(f"retraining on {logged:,} requests logged since the drifted window")
-    try:
-        result = await asyncio.to_thread(
-            retrain,
-            registry,
-            NAME,
-            exposures=sources.exposures,
-            outcomes=sources.outcomes,
-            since=drift_window_start,
-            until=until,
-            late_seconds=sources.late_seconds,
-            shuffle_labels=args.sabotage,
-        )
-    except RetrainError as e:
-        timeline.say(f"retrain failed: {e}")
-        return "retrain failed"
-    version = result.version
-    if tracker is not None:
-        with contextlib.suppress(TrackingError):
-            await asyncio.to_thread(
-                tracker.log_version, registry.root, NAME, version, "retrain", lineage=result.lineage
-            )
-    timeline.say(
-        f"registered challenger {NAME}/{version} (ndcg@20 on held-out logged requests "
-        f"{result.metrics.get('ndcg@20.ranker', math.nan):.4f}, "
-        f"shuffled labels: {args.sabotage})",
-        mark="retrained",
-    )
-
-    # 3. gates against production on the same held-out logged requests
-    report = await asyncio.to_thread(
-        run_gates,
-        registry,
-        NAME,
-        version,
-        policy,
-        eval_set=result.data.eval_set(),
-        traffic=LoggedTraffic(sources.exposures, snapshot_directory(sources.exposures)),
-    )
-    for line in report.lines()[:2] + [f"  {c.line()}" for c in report.failures][:6]:
-        timeline.say(line)
-    first = policy.canary.ramp[0]
-    started = await asyncio.to_thread(
-        start_canary, registry, report, first, force=args.force_canary, on_record=record
-    )
-    if started is None:
-        timeline.say("gates refused the challenger; production untouched", mark="refused")
-        return f"refused by the gates; production {champion} untouched"
-    if not report.passed:
-        timeline.say("gates refused the challenger; forced onto the canary (--force-canary)")
-    timeline.say(f"canary {NAME}/{version} at {first:g}% of users", mark="canary")
-
-    # 4. the canary controller
-    controller = CanaryController(registry, policy.canary, sources, on_record=record)
-    state = controller.begin(NAME, version, first)
-    last_action = ""
-
-    def say(decision: CanaryDecision) -> None:
-        nonlocal last_action
-        if decision.action != "continue" or last_action != "continue":
-            timeline.say(f"canary: {decision.line()}", mark=decision.action)
-        last_action = decision.action
-
-    state, decision = await asyncio.to_thread(
-        controller.run,
-        state,
-        look_seconds=args.look_seconds,
-        max_seconds=max(60.0, args.minutes * 60 / args.speed - (time.time() - timeline.started)),
-        say=say,
-    )
-    if decision.action == "promote":
-        return f"promoted {NAME}/{version}"
-    if decision.action == "rollback":
-        return f"rolled back {NAME}/{version}; production {champion} untouched"
-    return f"canary {NAME}/{version} undecided at {state.percent:g}%"
+        for outcome in await asyncio.to_thread(controller.look):
+            return outcome.text
 
 
 def _sync_aliases(tracker: Any, registry: ModelRegistry) -> None:
@@ -375,33 +296,6 @@ class ServerProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
-
-
-def _drift(
-    sources: LogSources, since: float, champion: str, window: int
-) -> tuple[bool, float, str]:
-    """Production's click-through rate (clicks per impression): the first ``window`` complete
-    requests against the latest ``window`` (drift when the latest's 99% interval lies below
-    the first's)."""
-    rows: list[tuple[float, int, int]] = []
-    for request in joined_since(sources, since, time.time()):
-        if request.complete and request.model_version == champion:
-            clicked = request.clicked | request.ordered
-            rows.append((request.ts, int(clicked.sum()), int(request.impressed.sum())))
-    if len(rows) < 2 * window:
-        return False, 0.0, f"{len(rows)} requests"
-    reference, current = rows[:window], rows[-window:]
-    ref = (sum(r[1] for r in reference), sum(r[2] for r in reference))
-    cur = (sum(r[1] for r in current), sum(r[2] for r in current))
-    numbers = (
-        f"CTR {ref[0] / max(ref[1], 1):.4f} in the first {window} requests, "
-        f"{cur[0] / max(cur[1], 1):.4f} in the latest {window} (99% Wilson intervals apart)"
-    )
-    return wilson_separated(ref, cur), current[0][0], numbers
-
-
-def _count_since(sources: LogSources, since: float) -> int:
-    return sum(1 for _ in joined_since(sources, since, time.time()))
 
 
 def _summary(timeline: Timeline, outcome: str, failed: int) -> None:

@@ -18,6 +18,7 @@ from recsys.cli import (
     availability,
     build,
     control,
+    controller,
     experiments,
     exposures,
     loop,
@@ -36,7 +37,7 @@ from recsys.settings import SettingError
 
 COMMANDS = (
     build, serve, experiments, models, availability, replay, exposures, control, simulate, monitor,
-    loop,
+    loop, controller,
 )  # fmt: skip
 
 USER_ERRORS: tuple[type[Exception], ...] = (

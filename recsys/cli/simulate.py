@@ -11,7 +11,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from recsys.cli.common import CliError, control_plane_arguments
+from recsys.cli.common import CliError, control_plane_arguments, redis_auth
 from recsys.settings import env_default
 from recsys.simulation.scenarios import SCENARIOS
 
@@ -66,8 +66,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sink.add_argument(
         "--outcome-sink",
         default=env_default("outcome_sink", ""),
-        help="redis://HOST:PORT/DB: events to a Redis Stream instead (default: "
-        "$RECSYS_OUTCOME_SINK)",
+        help="redis://[USER@]HOST:PORT/DB: events to a Redis Stream instead, as that ACL user "
+        "with --redis-password-file (default: $RECSYS_OUTCOME_SINK)",
     )
     p.add_argument("--outcome-stream", default=DEFAULT_STREAM, help="stream key (%(default)s)")
     p.add_argument(
@@ -109,11 +109,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         control_prefix=args.control_prefix,
         feature_store=args.feature_store,
         timeout_seconds=args.timeout,
+        redis_auth=redis_auth(args),
     )
     try:
         settings.check()
         make_scenario(settings.scenario)
-        world = load_simulated_world(settings.artifacts, settings.control, settings.control_prefix)
+        world = load_simulated_world(
+            settings.artifacts, settings.control, settings.control_prefix, settings.redis_auth
+        )
         simulation = Simulation(settings, world, say=print)
         print(
             f"simulating {simulation.plan.sessions:,} sessions ({simulation.plan.requests:,} "

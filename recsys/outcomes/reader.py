@@ -28,9 +28,10 @@ def iter_outcomes(
     stats: OutcomeReadStats | None = None,
 ) -> Iterator[OutcomeEvent]:
     """Every outcome event in ``directory`` with ``since <= ts < until``, oldest file first
-    (mirrors :func:`recsys.serving.exposure.iter_exposure_lines`)."""
+    (mirrors :func:`recsys.serving.exposure.iter_exposure_lines`); files last written before
+    ``since`` are not opened (their events are not counted in ``stats``)."""
     counts = OutcomeReadStats() if stats is None else stats
-    for _path, _number, record in iter_log_lines(directory, counts):
+    for _path, _number, record in iter_log_lines(directory, counts, modified_since=since):
         try:
             event = OutcomeEvent.from_record(record)
         except InvalidOutcome:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from recsys.linelog import LineWriter, RedisStreamWriter, RotatingFileWriter
 from recsys.outcomes.events import OutcomeEvent, encode_events
+from recsys.settings import RedisAuth
 
 OUTCOME_PREFIX = "outcomes"
 DEFAULT_STREAM = "recsys:outcomes"
@@ -33,10 +34,12 @@ def open_outcome_writer(
     maxlen: int = DEFAULT_STREAM_MAXLEN,
     max_bytes: int = 64 * 1024 * 1024,
     max_age_seconds: float = 3600.0,
+    auth: RedisAuth | None = None,
 ) -> LineWriter:
-    """A Redis Stream writer when ``redis_url`` is given, else rotating files in ``directory``."""
+    """A Redis Stream writer when ``redis_url`` is given (as the ACL user the URL names, with
+    ``auth``'s password file), else rotating files in ``directory``."""
     if redis_url:
-        return RedisStreamWriter(redis_url, stream, maxlen)
+        return RedisStreamWriter(redis_url, stream, maxlen, auth=auth)
     if directory is None:
         raise ValueError("outcome sink: give a directory or a redis:// URL")
     return RotatingFileWriter(

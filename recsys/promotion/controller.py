@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys.linelog import iter_log_lines
 from recsys.outcomes.join import JoinedRequest, join_outcomes
 from recsys.outcomes.reader import iter_outcomes
 from recsys.promotion.canary import (
@@ -37,7 +38,6 @@ from recsys.promotion.canary import (
 )
 from recsys.promotion.policy import CanaryPolicy
 from recsys.ranking.registry import ModelRegistry
-from recsys.serving.exposure import iter_exposure_lines
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def scrape(url: str, timeout: float = 2.0) -> ServerCounters | None:
 def joined_since(sources: LogSources, since: float, now: float) -> Iterator[JoinedRequest]:
     records = (
         record
-        for _path, _number, record in iter_exposure_lines(sources.exposures)
+        for _path, _number, record in iter_log_lines(sources.exposures, modified_since=since)
         if isinstance(record.get("ts"), int | float) and record["ts"] >= since
     )
     events = iter_outcomes(sources.outcomes, since) if sources.outcomes.is_dir() else iter(())

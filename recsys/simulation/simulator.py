@@ -46,7 +46,7 @@ from recsys.outcomes import (
     open_outcome_writer,
 )
 from recsys.ranking.features import load_feature_tables, user_row_width
-from recsys.settings import DEFAULT_ARTIFACTS
+from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth
 from recsys.simulation.behaviour import (
     MAX_DELAY_SECONDS,
     Page,
@@ -101,6 +101,8 @@ class SimulateSettings:
     control_prefix: str = "recsys:"
     feature_store: str = ""
     """The online feature store the server reads (``broken-feature`` corrupts it)."""
+    redis_auth: RedisAuth = field(default_factory=RedisAuth)
+    """The password file (and CA) of the Redis user the control and outcome URLs name."""
     timeout_seconds: float = 2.0
 
     def check(self) -> None:
@@ -159,10 +161,12 @@ class SimulatedWorld:
     """Columns of a user's row in the online feature store."""
 
 
-def load_simulated_world(artifacts: Path, control: str, control_prefix: str) -> SimulatedWorld:
+def load_simulated_world(
+    artifacts: Path, control: str, control_prefix: str, auth: RedisAuth | None = None
+) -> SimulatedWorld:
     """The routed index's world, its truth regenerated from the seed and checked against the
     saved catalogue (a world built by other code would not match: refused)."""
-    store = open_store(control, artifacts, prefix=control_prefix)
+    store = open_store(control, artifacts, prefix=control_prefix, auth=auth)
     try:
         routing = store.read(ROUTING)
     finally:
@@ -405,7 +409,9 @@ class Simulation:
             await asyncio.to_thread(fault.check)
         if settings.outcome_sink:
             writer = open_outcome_writer(
-                redis_url=settings.outcome_sink, stream=settings.outcome_stream
+                redis_url=settings.outcome_sink,
+                stream=settings.outcome_stream,
+                auth=settings.redis_auth,
             )
             self.report.outcomes = f"{settings.outcome_sink} stream {settings.outcome_stream}"
         else:

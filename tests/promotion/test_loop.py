@@ -1,5 +1,6 @@
 """The loop's steps on a real registry: a challenger the gates refuse stays off the canary
-unless forced, and the force is recorded like ``recsys models canary --force``."""
+unless forced, and the force is recorded like ``recsys models canary --force``; a canary's
+analysis state is recovered from the routing history after a restart."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 from recsys.artifacts import ArtifactRoot
 from recsys.control.backends import open_store
+from recsys.promotion.controller import LogSources
 from recsys.promotion.judge import run_gates
-from recsys.promotion.loop import start_canary
+from recsys.promotion.loop import resume, start_canary
 from recsys.promotion.policy import load_policy
 from recsys.ranking.registry import ModelRegistry
 from tests.cli.test_models_gates import _noise_model
@@ -50,3 +52,38 @@ def test_a_refused_challenger_is_forced_onto_the_canary_only_when_asked(
     assert logged == [(bad, "refused"), (bad, "forced")]
     (change,) = registry.store.history("routing", limit=1)
     assert "forced past failed gates" in change.author
+
+
+def test_a_restarted_controller_resumes_a_canary_from_the_routing_history(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    version = registry.train(NAME, seed=5)
+    production = registry.routing()[0].models[NAME].production
+    registry.canary(NAME, version, 5.0)
+    started = registry.store.history("routing", limit=1)[0].updated_at
+    registry.canary(NAME, version, 50.0)
+    stepped = registry.store.history("routing", limit=1)[0].updated_at
+    sources = LogSources(tmp_path / "exposures", tmp_path / "outcomes", late_seconds=1.0)
+
+    state = resume(registry, sources, NAME, version, production, now=stepped + 60.0)
+
+    assert (state.version, state.champion, state.percent) == (version, production, 50.0)
+    assert state.started_at == started
+    assert state.step_started_at == stepped
+    assert state.step_start_requests == 0  # nothing logged
+
+
+def test_a_canary_ended_and_started_again_is_a_new_canary(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    version = registry.train(NAME, seed=5)
+    production = registry.routing()[0].models[NAME].production
+    registry.canary(NAME, version, 5.0)
+    registry.canary(NAME, version, 0.0)
+    registry.canary(NAME, version, 5.0)
+    restarted = registry.store.history("routing", limit=1)[0].updated_at
+    sources = LogSources(tmp_path / "exposures", tmp_path / "outcomes", late_seconds=1.0)
+
+    state = resume(registry, sources, NAME, version, production, now=restarted + 1.0)
+
+    assert state.started_at == restarted == state.step_started_at

@@ -54,7 +54,7 @@ class LoopSettings:
     retrain_requests: int = 6000
     """Logged requests after the drifted window began before retraining."""
     shuffle_labels: bool = False
-    """Retrain on shuffled labels (the sabotage demo)."""
+    """Retrain on shuffled labels from scratch, no warm start (the sabotage demo)."""
     force_canary: bool = False
     """Put a challenger the gates refused on the canary anyway, recorded as forced."""
     min_scores: int = 2000
@@ -218,6 +218,9 @@ class LoopController:
                 until=self.clock() - sources.late_seconds,
                 late_seconds=sources.late_seconds,
                 shuffle_labels=self.settings.shuffle_labels,
+                # Sabotage is a model that learned nothing: warm-started, it would keep
+                # production's trees under the noise (such a one was not worse on live orders).
+                warm_start=not self.settings.shuffle_labels,
             )
         except RetrainError as e:
             self.say(f"retrain failed: {e}", "")

@@ -1,14 +1,14 @@
-"""The whole loop twice on a copy of a built world: a drift that ends promoted, a sabotage that
-must not reach production.
+"""The whole loop three times on a copy of a built world: a drift that ends promoted, a sabotage
+the gates refuse, and the same sabotage forced onto the canary, which the canary must roll back.
 
 Each run is ``recsys loop`` (a real server process, simulated users with a drift scenario, the
 monitor, retraining from the logged traffic, the gates, the canary controller) on a fresh copy
-of ``--artifacts``; the benchmark prints both timelines and the figures: time from the drift's
-onset to the promotion, from the bad canary's start to its rollback (or the gates' refusal),
-failed requests over the whole run, and production after each run.
+of ``--artifacts``; the benchmark prints the three timelines and the figures: time from the
+drift's onset to the promotion, the gates' refusal, the time from the forced bad canary's start
+to its rollback, failed requests over each run, and production after each run.
 
     recsys build --out /tmp/w/artifacts --skus 4000 --users 1500 --seed 11 --dim 16
-    python -m benchmarks.bench_loop --artifacts /tmp/w/artifacts [-- extra recsys loop flags]
+    python -m benchmarks.bench_loop --artifacts /tmp/w/artifacts [--only forced] [-- extra flags]
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RUNS = {
+    "drift": [],
+    "sabotage": ["--sabotage"],
+    "forced": ["--sabotage", "--force-canary"],
+}
+"""Each run's `recsys loop` flags beyond the common ones."""
 
 
 def production(artifacts: Path) -> str:
@@ -54,14 +61,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True, help="a built artifact root")
     parser.add_argument("--scenario", default="taste-shift")
+    parser.add_argument(
+        "--only", choices=sorted(RUNS), action="append", help="this run only (repeatable)"
+    )
     parser.add_argument("extra", nargs="*", help="more `recsys loop` flags (after --)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         work = Path(tmp)
         flags = ["--scenario", args.scenario, *args.extra]
         results = [
-            run(args.artifacts, work, "drift", flags),
-            run(args.artifacts, work, "sabotage", [*flags, "--sabotage"]),
+            run(args.artifacts, work, label, [*flags, *more])
+            for label, more in RUNS.items()
+            if not args.only or label in args.only
         ]
     print("\nproduction before -> after")
     for r in results:

@@ -63,6 +63,8 @@ from recsys.simulation.simulator import (
 NAME = "ranker"
 ROTATE_SECONDS = 5.0
 """The server's exposure files rotate this often; closed ones older than a trial are moved out."""
+WARM_SECONDS = 30.0
+"""Production-only traffic a world's worse model is retrained from (shuffled labels)."""
 _SEED_PARAMETER = re.compile(r"\[data_random_seed: -?\d+\]")
 
 
@@ -274,13 +276,13 @@ class World:
 
     async def worse_model(self) -> str:
         """A ranker trained with shuffled labels (no warm start: it learns nothing), as ``recsys
-        loop --sabotage`` trains its challenger, on a minute of production-only traffic."""
+        loop --sabotage`` trains its challenger, on ``WARM_SECONDS`` of production-only traffic."""
         seed = 1000 * self.number + 999
         outcomes = self.dir / f"warm-{seed}" / "outcomes"
         since = time.time()
         task = asyncio.create_task(self.simulation(seed, outcomes).run())
         late = longest_tail_seconds(self.settings.speed)
-        await asyncio.sleep(60.0 + late)
+        await asyncio.sleep(WARM_SECONDS + late)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -355,7 +357,22 @@ def load_results(path: Path) -> list[Trial]:
     return [Trial(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _pooled(runs: Sequence[Trial]) -> str:
+    """Champion and canary order rates over all the runs' judged requests, and their ratio."""
+    a = sum(t.champion_requests for t in runs)
+    b = sum(t.canary_requests for t in runs)
+    champion = sum(t.champion_rate * t.champion_requests for t in runs) / max(a, 1)
+    canary = sum(t.canary_rate * t.canary_requests for t in runs) / max(b, 1)
+    return (
+        f"champion {champion:.4f} (n {a:,}), canary {canary:.4f} (n {b:,}), canary/champion "
+        f"{canary / champion if champion else math.nan:.3f}"
+    )
+
+
 def summary(trials: Sequence[Trial]) -> list[str]:
+    """Per kind: outcomes, the wrong decision's rate with its 95% Wilson interval, time and
+    requests to a decision, pooled rates; then per world (its trials share the user split:
+    the canary's users are those whose hash falls in its share, whatever the version)."""
     lines = []
     for kind, wrong in (("A/A", "rollback"), ("worse", "promote")):
         runs = [t for t in trials if t.kind == kind]
@@ -386,15 +403,14 @@ def summary(trials: Sequence[Trial]) -> list[str]:
         guard = sum(t.outcome == "rollback" and "guardrail" in t.reason for t in runs)
         if guard:
             lines.append(f"  of the rollbacks, {guard} by a guardrail (the rest by the test)")
-        champion = sum(t.champion_rate * t.champion_requests for t in runs)
-        canary = sum(t.canary_rate * t.canary_requests for t in runs)
-        a = sum(t.champion_requests for t in runs)
-        b = sum(t.canary_requests for t in runs)
         lines.append(
-            f"  pooled order rate per request: champion {champion / max(a, 1):.4f} (n {a:,}), "
-            f"canary {canary / max(b, 1):.4f} (n {b:,}); failed requests "
+            f"  pooled order rate per request: {_pooled(runs)}; failed requests "
             f"{sum(t.failed_requests for t in runs)} of {sum(t.requests_served for t in runs):,};"
             f" load average (1 min) during the trials {min(t.load_average for t in runs):.1f}-"
             f"{max(t.load_average for t in runs):.1f}"
         )
+        for world in sorted({t.world for t in runs}):
+            mine = [t for t in runs if t.world == world]
+            outcomes = " ".join(t.outcome[0] for t in mine)
+            lines.append(f"    {world}: {outcomes:12s} {_pooled(mine)}")
     return lines

@@ -42,6 +42,8 @@ def new_request_id() -> str:
 
 
 def _check_text(field: str, value: str, *, max_bytes: int, required: bool) -> None:
+    if len(value) * 4 <= max_bytes and (value or not required):
+        return  # short enough whatever its characters (UTF-8: at most 4 bytes each)
     size = len(value.encode("utf-8"))
     if required and size == 0:
         raise InvalidRequest(field, f"must not be empty (expected 1..{max_bytes} bytes)")

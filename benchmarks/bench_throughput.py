@@ -10,8 +10,8 @@ Starts each server in turn as a subprocess on free ports and drives it from this
 - ``recsys-mix``: ``recsys serve`` (cache on) on a realistic mix: users drawn Zipf(1.1) over
   the world's users, each visit a burst of feed refreshes from the same address, 80% home
   surface; unknown users 5%;
-- ``recsys-hit``: ``recsys serve`` (cache on) on one request repeated: every call a cache hit,
-  to set against echo.
+- ``recsys-hit``: ``recsys serve`` (cache on) on one request repeated (each call with its own
+  request id): every call a cache hit, to set against echo.
 
 Every request carries a delivery location (near the user's home) unless ``--located-share``
 says otherwise: a request without one is served at the user's home anyway, so leaving it out
@@ -54,6 +54,7 @@ from recsys.world import load_world
 
 CHANNELS = 4
 ZIPF_EXPONENT = 1.1
+HIT_REQUEST_IDS = 1_000
 REFRESHES_PER_VISIT = (1, 6)
 """A visit is 1-5 feed loads from one address (open, pull to refresh, come back)."""
 
@@ -87,11 +88,15 @@ def make_requests(
     rng = np.random.default_rng(seed)
     out: list[recommender_pb2.RecommendRequest] = []
     if kind == "hit":  # one request repeated: every call after the first a cache hit
-        req = recommender_pb2.RecommendRequest(
-            user_id=str(users.user_ids[0]), num_results=20, request_id="h"
-        )
-        req.location.lat, req.location.lon = float(users.home_lat[0]), float(users.home_lon[0])
-        return [req]
+        # Each call with its own request id, as clients send them (the response carries it).
+        for i in range(min(n, HIT_REQUEST_IDS)):
+            req = recommender_pb2.RecommendRequest(
+                user_id=str(users.user_ids[0]), num_results=20, request_id=f"h{i}"
+            )
+            req.location.lat = float(users.home_lat[0])
+            req.location.lon = float(users.home_lon[0])
+            out.append(req)
+        return out
     if kind == "distinct":  # every request differs: no cache could help
         rows = rng.integers(0, users.n_users, size=n)
         for i, row in enumerate(rows.tolist()):

@@ -19,9 +19,10 @@ batcher) with the control plane in Redis (a private key prefix, removed at the e
 Phases 2-4 run in a separate load-generator process (benchmarks/load_generator.py), so the load
 is not generated on the measuring process's event loop; ``--server-cpus`` and
 ``--generator-cpus`` pin the two apart with ``taskset``. Every configuration gets the same
-offered rate (``--overload`` x the first configuration's capacity). The same open loop is then
-sent to benchmarks/echo_server.py (gRPC and protobuf with no work): the floor this machine can
-do at that rate, whatever admission does.
+offered rate (``--overload`` x the first configuration's capacity); ``--rounds`` runs them in
+turn again, so a change in the machine's load shows in every configuration alike. The same open
+loop is then sent to benchmarks/echo_server.py (gRPC and protobuf with no work): the floor this
+machine can do at that rate, whatever admission does.
 
 The server's GC pauses (``recsys_gc_pause_seconds``), sheds (``recsys_requests_total``) and
 servicer time (``recsys_request_duration_seconds``) come from its /metrics: client latency
@@ -349,6 +350,9 @@ def main() -> None:
         + "; ".join(DEFAULT_CONFIGS)
         + ")",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the configurations in turn this many times"
+    )
     parser.add_argument("--serve-arg", action="append", default=[], help="passed to every serve")
     parser.add_argument("--server-cpus", help="taskset CPU list for the server (default: any)")
     parser.add_argument("--generator-cpus", help="taskset CPU list for the load generator")
@@ -362,12 +366,16 @@ def main() -> None:
         root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)
         rate: float | None = None
         try:
-            for name, serve_args in configs:
-                results[name] = serve_config(args, root, Path(tmp), shlex.split(serve_args), rate)
-                overload = results[name]["overload"]
-                assert isinstance(overload, dict)
-                rate = float(overload["offered_per_s"])
-                print(side_by_side({name: results[name]})[0], file=sys.stderr, flush=True)
+            for round_ in range(1, args.rounds + 1):
+                for name, serve_args in configs:
+                    key = name if args.rounds == 1 else f"{name} (round {round_})"
+                    results[key] = serve_config(
+                        args, root, Path(tmp), shlex.split(serve_args), rate
+                    )
+                    overload = results[key]["overload"]
+                    assert isinstance(overload, dict)
+                    rate = float(overload["offered_per_s"])
+                    print(side_by_side({key: results[key]})[0], file=sys.stderr, flush=True)
         finally:
             delete_prefix(args.control, args.prefix)
         echo = None if args.no_echo or rate is None else echo_floor(args, root, rate)

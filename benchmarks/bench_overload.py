@@ -2,7 +2,7 @@
 server configurations side by side in one run.
 
 Copies ``--artifacts`` to a temporary root, makes sure it holds a second ranker version, and for
-each configuration (``--config NAME=SERVE_ARGS``; default ``old``, gRPC's concurrency bound off,
+each configuration (``--config NAME=SERVE_ARGS``; default ``old``, gRPC's bounds off,
 and ``new``, the defaults) starts `recsys serve` on it (cache off, so every call reaches the
 batcher) with the control plane in Redis (a private key prefix, removed at the end). Then:
 
@@ -14,7 +14,8 @@ batcher) with the control plane in Redis (a private key prefix, removed at the e
 3. **capacity**: ``--saturate-clients`` closed-loop clients for ``--seconds``: answered calls/s.
 4. **overload**: an open loop at ``--overload`` x capacity (3) for ``--seconds``: p99 of the
    admitted (answered) calls, counted from each call's scheduled send time, against the
-   unloaded p99; how fast sheds answer (from the call's actual send) and their share.
+   unloaded p99; how fast sheds answer (from the call's actual send) and their share; and the
+   calls gRPC core ended itself (CANCELLED: beyond ``--max-pending-rpcs``) and how fast.
 
 Phases 2-4 run in a separate load-generator process (benchmarks/load_generator.py), so the load
 is not generated on the measuring process's event loop; ``--server-cpus`` and
@@ -29,7 +30,7 @@ servicer time (``recsys_request_duration_seconds``) come from its /metrics: clie
 minus servicer time is what a call spent in gRPC and the event loop before the servicer.
 
     python -m benchmarks.bench_overload --artifacts /tmp/art [--seconds 10] [--promotions 50]
-        [--config old="--max-concurrent-rpcs 0"] [--config new=""]
+        [--config old="--max-concurrent-rpcs 0 --max-pending-rpcs 0"] [--config new=""]
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 CHANNELS = 4
 SHED = "RESOURCE_EXHAUSTED"
-DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0", "new=")
+DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0 --max-pending-rpcs 0", "new=")
 
 
 @dataclass
@@ -260,6 +261,8 @@ def measure(
         "shed_share": over["shed_share"],
         "shed_p50_ms": over["shed_p50_ms"],
         "shed_p99_ms": over["shed_p99_ms"],
+        "other_codes_p50_ms": over["failed_p50_ms"],
+        "other_codes_p99_ms": over["failed_p99_ms"],
         "servicer_mean_ms": servicer_mean_ms(before, after),
         "generator_send_lag_p99_ms": over["send_lag_p99_ms"],
         "loadavg": loadavg(),
@@ -321,11 +324,14 @@ def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
         assert isinstance(o, dict)
         light = result.get("light_load", {})
         assert isinstance(light, dict)
+        calls = sum(o["codes"].values())
         lines.append(
             f"{name}: sheds at light load {light.get('sheds')} of {light.get('calls')}; "
             f"unloaded p99 {o['unloaded_p99_ms']} ms; at {o['offered_per_s']}/s admitted p99 "
             f"{o['admitted_p99_ms']} ms ({o['admitted_p99_over_unloaded_p99']}x), shed p50/p99 "
             f"{o['shed_p50_ms']}/{o['shed_p99_ms']} ms, shed share {o['shed_share']}; "
+            f"ended by gRPC core (CANCELLED) {o['codes'].get('CANCELLED', 0)} of {calls}, "
+            f"p50/p99 {o['other_codes_p50_ms']}/{o['other_codes_p99_ms']} ms; "
             f"load {' '.join(o['loadavg'])}"
         )
     return lines

@@ -41,6 +41,8 @@ class Tally:
         self.details: dict[str, str] = {}
         self.answered: list[float] = []
         self.shed: list[float] = []
+        self.failed: list[float] = []
+        """Other codes (CANCELLED, DEADLINE_EXCEEDED, ...), from the actual send."""
         self.send_lag: list[float] = []
 
     def add(self, code: str, details: str, latency: float, from_send: float) -> None:
@@ -51,6 +53,8 @@ class Tally:
             self.answered.append(latency)
         elif code == SHED:
             self.shed.append(from_send)
+        else:
+            self.failed.append(from_send)
 
     def summary(self, seconds: float) -> dict[str, object]:
         calls = sum(self.codes.values())
@@ -64,6 +68,8 @@ class Tally:
             "shed_share": round(len(self.shed) / calls, 3) if calls else None,
             "shed_p50_ms": ms(self.shed, 50),
             "shed_p99_ms": ms(self.shed, 99),
+            "failed_p50_ms": ms(self.failed, 50),
+            "failed_p99_ms": ms(self.failed, 99),
             "send_lag_p50_ms": ms(self.send_lag, 50),
             "send_lag_p99_ms": ms(self.send_lag, 99),
         }

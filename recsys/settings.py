@@ -67,6 +67,13 @@ class ServeSettings:
     ``batch_max_size`` (2 x 32) calls fill every batch slot once; a call beyond that could only
     wait. Rejecting there costs far less than in the servicer, which is what keeps sheds fast
     at overload (benchmarks/bench_overload.py). Change it with those two."""
+    max_pending_rpcs: int = 32
+    """Calls gRPC core holds for the event loop to pick up. grpc.aio takes calls from the core
+    one at a time on the event loop, so a loop busy with the work it admitted falls behind and
+    calls queue there, unseen, for seconds (admitted or shed alike). Beyond this many (refused
+    with a probability rising to 1 at twice this many), gRPC core ends a new call at once on its
+    own threads, before any Python runs; clients see CANCELLED. 0: gRPC's default (1,000, up
+    to 3,000). One batch (``batch_max_size``) of calls waiting is ample at normal load."""
     max_queue: int = 1_000
     """Requests waiting for a batch; beyond it, RESOURCE_EXHAUSTED at once."""
     max_queue_delay_ms: float = 50.0

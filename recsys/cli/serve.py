@@ -160,6 +160,12 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "before any request is parsed (0: no bound; default %(default)s)",
     )
     flag(
+        "max_pending_rpcs",
+        "calls gRPC core holds for the event loop per worker; beyond it (up to twice it) gRPC "
+        "core ends new calls at once, clients see CANCELLED (0: gRPC's default 1,000; default "
+        "%(default)s)",
+    )
+    flag(
         "max_queue_delay_ms",
         "bound on a request's wait for a batch: new requests are shed at once when the queue "
         "ahead would take longer to drain, and a queued one that waited twice this is shed",
@@ -314,6 +320,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(
             f"--max-concurrent-rpcs is {args.max_concurrent_rpcs}; expected >= 0 (0: no bound)"
         )
+    if args.max_pending_rpcs < 0:
+        raise CliError(
+            f"--max-pending-rpcs is {args.max_pending_rpcs}; expected >= 0 (0: gRPC's default)"
+        )
     if args.gc_gen0_threshold < 0:
         raise CliError(f"--gc-gen0-threshold is {args.gc_gen0_threshold}; expected >= 0 (0: off)")
     if args.max_queue_delay_ms <= 0:
@@ -363,6 +373,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         cache_entries=args.cache_entries,
         max_in_flight=args.max_in_flight,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_pending_rpcs=args.max_pending_rpcs,
         max_queue_delay_ms=args.max_queue_delay_ms,
         gc_gen0_threshold=args.gc_gen0_threshold,
         exposure_dir=args.exposure_dir,

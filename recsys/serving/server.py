@@ -96,6 +96,20 @@ def bind_failure_reason(host: str, port: int) -> str | None:
     return None
 
 
+def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
+    """gRPC core's server options. One process owns the port: SO_REUSEPORT would let a stale
+    server share it silently (worker processes of `recsys serve --workers N` share it on
+    purpose, serving/workers.py). Calls waiting for the event loop are bounded in the core
+    (``max_pending_rpcs``: refused at random above it, always at twice it)."""
+    options = [("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
+    if settings.max_pending_rpcs:
+        options += [
+            ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_rpcs),
+        ]
+    return options
+
+
 def add_port(server: grpc.aio.Server, address: str, tls: CertificateFiles | None) -> int:
     """Listen on ``address``: TLS (mutual when a client CA is set) or, without it, plaintext."""
     if tls is None:
@@ -172,10 +186,8 @@ class RunningServer:
         exposures = ExposureSink(writer, queue_size=settings.exposure_queue_size, observer=metrics)
         exposures.start()
         service = RecommenderService(metrics, exposures, max_in_flight=settings.max_in_flight)
-        # One process owns the port: SO_REUSEPORT would let a stale server share it silently.
-        # Worker processes of `recsys serve --workers N` share it on purpose (serving/workers.py).
         server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)],
+            options=grpc_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         add_to_server(service, server)

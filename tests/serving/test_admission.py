@@ -199,6 +199,30 @@ async def test_beyond_max_concurrent_rpcs_grpc_answers_resource_exhausted_withou
         await stub.Recommend(request)  # a slot is free again
 
 
+async def test_calls_beyond_max_pending_rpcs_are_ended_by_grpc_core_while_the_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    settings = ServeSettings(artifacts=tmp_path, port=0, metrics_port=0, max_pending_rpcs=1)
+    async with gated_server(settings) as (server, pipeline):
+        pipeline.release.set()
+        # A synchronous channel: its calls are sent by gRPC's own threads, not by this loop.
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        request = recommender_pb2.RecommendRequest(user_id="u")
+        try:
+            calls = [stub.Recommend.future(request) for _ in range(10)]
+            # Hold the event loop as a server busy with admitted work does: no call is taken
+            # from gRPC core meanwhile, so the calls queue there until the core ends some.
+            give_up = time.monotonic() + 10  # (gRPC core itself ends calls at 30 s)
+            while not any(c.done() for c in calls) and time.monotonic() < give_up:
+                time.sleep(0.01)  # noqa: ASYNC251 (holding the loop is the point)
+            codes = await asyncio.to_thread(lambda: [c.code() for c in calls])
+        finally:
+            channel.close()
+    assert grpc.StatusCode.CANCELLED in codes  # ended by the core while the loop was held
+    assert grpc.StatusCode.OK in codes  # the ones it held were served once the loop was free
+
+
 async def test_the_client_deadline_reaches_the_pipeline_and_maps_to_deadline_exceeded(
     gated: tuple[RunningServer, GatedPipeline],
 ) -> None:

@@ -461,18 +461,26 @@ class Simulation:
     ) -> None:
         gate = asyncio.Semaphore(self.settings.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        for session in range(self.plan.sessions):
-            await asyncio.sleep(max(0.0, float(self.plan.start[session]) - self._now()))
-            if self._now() >= self._duration:
-                break
-            await gate.acquire()
-            task = asyncio.create_task(self._session(stub, events, session))
-            task.add_done_callback(lambda _t: gate.release())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            self.report.sessions += 1
-        if tasks:
-            await asyncio.gather(*tasks)
+        try:
+            for session in range(self.plan.sessions):
+                await asyncio.sleep(max(0.0, float(self.plan.start[session]) - self._now()))
+                if self._now() >= self._duration:
+                    break
+                await gate.acquire()
+                task = asyncio.create_task(self._session(stub, events, session))
+                task.add_done_callback(lambda _t: gate.release())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                self.report.sessions += 1
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            # Cancelled (the caller stops the run) or failed: the sessions still in flight end
+            # here, before the channel they call on is closed under them.
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _session(
         self, stub: recommender_pb2_grpc.RecommenderAsyncStub, events: _EventQueue, session: int

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import math
 from pathlib import Path
 
@@ -71,6 +74,33 @@ async def test_the_run_is_bounded_by_max_requests(
     assert simulation.plan.requests <= 5
     report = await simulation.run()
     assert 0 < report.requests <= 5
+
+
+async def test_a_cancelled_run_ends_its_sessions_before_closing_the_channel(
+    server: RunningServer, simulated_world: SimulatedWorld, tmp_path: Path
+) -> None:
+    """`recsys loop` cancels the simulation when the canary is decided: sessions in flight were
+    left calling on the closed channel ("Channel is closed", task exceptions never retrieved)."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        settings = quick(f"127.0.0.1:{server.port}", tmp_path / "o", minutes=60.0, speed=60.0)
+        simulation = Simulation(settings, simulated_world)
+        run = asyncio.create_task(simulation.run())
+        while simulation.report.requests < 20:  # sessions are in flight
+            assert not run.done()
+            await asyncio.sleep(0.05)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        for _ in range(3):  # let any orphaned task fail and be collected
+            await asyncio.sleep(0.2)
+            gc.collect()
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(previous)
 
 
 @pytest.mark.parametrize("scenario", ["taste-shift", "price-inflation", "new-restaurants"])

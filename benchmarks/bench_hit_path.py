@@ -1,0 +1,98 @@
+"""The servicer's own CPU per cache hit, without gRPC: what the hit path adds to the echo floor.
+
+Opens the real pipeline on a built world (as ``recsys serve`` does, exposure log in a temporary
+directory), then calls :meth:`RecommenderService.serve` on one request repeated, each call with
+its own request id (every call after the first a cache hit): validation, the lookup, the
+response bytes, metrics and the exposure record, whose lines the writer thread encodes and
+writes. Process CPU (all threads) per call, over ``--rounds`` rounds; run it from another
+checkout (``PYTHONPATH=<checkout>``) to compare code in one sitting.
+
+    python -m benchmarks.bench_hit_path --artifacts /tmp/hit-art [--calls 10000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from recsys.serving.exposure import ExposureSink, open_exposure_writer
+from recsys.serving.metrics import ServingMetrics
+from recsys.serving.pipeline import open_pipeline
+from recsys.serving.servicer import RecommenderService
+from recsys.settings import ServeSettings
+from recsys.v1 import recommender_pb2
+from recsys.world import load_world
+
+WARM_UP_CALLS = 2_000
+FLUSH_SECONDS = 0.1
+"""After each round, time for the exposure writer to take the round's records (counted)."""
+
+
+def hit_requests(artifacts: Path, calls: int) -> list[recommender_pb2.RecommendRequest]:
+    world_dir = sorted((artifacts / "world").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+    users = load_world(world_dir).users
+    requests = []
+    for i in range(calls):
+        request = recommender_pb2.RecommendRequest(
+            user_id=str(users.user_ids[0]), num_results=20, request_id=f"h{i}"
+        )
+        request.location.lat = float(users.home_lat[0])
+        request.location.lon = float(users.home_lon[0])
+        requests.append(request)
+    return requests
+
+
+async def measure(artifacts: Path, calls: int, rounds: int) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="bench-hit-path-") as exposures:
+        settings = ServeSettings(
+            artifacts=artifacts, port=0, metrics_port=0, exposure_dir=Path(exposures)
+        )
+        metrics = ServingMetrics()
+        pipeline = await open_pipeline(settings, metrics)
+        sink = ExposureSink(open_exposure_writer(settings), observer=metrics)
+        sink.start()
+        service = RecommenderService(metrics, sink)
+        service.attach(pipeline)
+        requests = hit_requests(artifacts, calls)
+        try:
+            for request in requests[:WARM_UP_CALLS]:
+                await service.serve(request, None)
+            per_call = []
+            for _ in range(rounds):
+                start = time.process_time()
+                for request in requests:
+                    code, details, _response = await service.serve(request, None)
+                    if code.name != "OK":
+                        raise RuntimeError(f"a hit was answered {code.name}: {details}")
+                await asyncio.sleep(FLUSH_SECONDS)
+                per_call.append((time.process_time() - start) / calls * 1e6)
+            return per_call
+        finally:
+            await sink.close()
+            await pipeline.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    per_call = asyncio.run(measure(args.artifacts, args.calls, args.rounds))
+    print(
+        json.dumps(
+            {
+                "servicer_cpu_us_per_hit": [round(us, 1) for us in per_call],
+                "load": os.getloadavg(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,11 @@
 
 Opens the real pipeline on a built world (as ``recsys serve`` does, exposure log in a temporary
 directory), then calls :meth:`RecommenderService.serve` on one request repeated, each call with
-its own request id (every call after the first a cache hit): validation, the lookup, the
-response bytes, metrics and the exposure record, whose lines the writer thread encodes and
-writes. Process CPU (all threads) per call, over ``--rounds`` rounds; run it from another
-checkout (``PYTHONPATH=<checkout>``) to compare code in one sitting.
+its own request id (1,000 in turn, as in ``bench_throughput``'s hit case), so every call after
+the first is a cache hit: validation, the lookup, the response bytes, metrics and the exposure
+record, whose lines the writer thread encodes and writes. Process CPU (all threads) per call,
+over ``--rounds`` rounds; run it from another checkout (``PYTHONPATH=<checkout>``) to compare
+code in one sitting.
 
     python -m benchmarks.bench_hit_path --artifacts /tmp/hit-art [--calls 10000] [--rounds 3]
 """
@@ -20,31 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.bench_throughput import make_requests
 from recsys.serving.exposure import ExposureSink, open_exposure_writer
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import open_pipeline
 from recsys.serving.servicer import RecommenderService
 from recsys.settings import ServeSettings
-from recsys.v1 import recommender_pb2
-from recsys.world import load_world
 
 WARM_UP_CALLS = 2_000
 FLUSH_SECONDS = 0.1
 """After each round, time for the exposure writer to take the round's records (counted)."""
-
-
-def hit_requests(artifacts: Path, calls: int) -> list[recommender_pb2.RecommendRequest]:
-    world_dir = sorted((artifacts / "world").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
-    users = load_world(world_dir).users
-    requests = []
-    for i in range(calls):
-        request = recommender_pb2.RecommendRequest(
-            user_id=str(users.user_ids[0]), num_results=20, request_id=f"h{i}"
-        )
-        request.location.lat = float(users.home_lat[0])
-        request.location.lon = float(users.home_lon[0])
-        requests.append(request)
-    return requests
 
 
 async def measure(artifacts: Path, calls: int, rounds: int) -> list[float]:
@@ -58,7 +44,8 @@ async def measure(artifacts: Path, calls: int, rounds: int) -> list[float]:
         sink.start()
         service = RecommenderService(metrics, sink)
         service.attach(pipeline)
-        requests = hit_requests(artifacts, calls)
+        ids = make_requests(artifacts, calls, 0, "hit")  # bench_throughput's hit case
+        requests = [ids[i % len(ids)] for i in range(calls)]
         try:
             for request in requests[:WARM_UP_CALLS]:
                 await service.serve(request, None)

@@ -50,17 +50,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from benchmarks.bench_latency import free_port, make_requests, wait_serving_for
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
+from benchmarks.load_generator import CHANNELS, SHED, call, ms
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
-CHANNELS = 4
-SHED = "RESOURCE_EXHAUSTED"
 DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0 --max-pending-rpcs 0", "new=")
 
 
@@ -84,21 +82,6 @@ class Tally:
 def loadavg() -> list[str]:
     with open("/proc/loadavg") as f:
         return f.read().split()[:3]
-
-
-def ms(values: Sequence[float], q: float) -> float | None:
-    return round(float(np.percentile(np.array(values) * 1000, q)), 2) if values else None
-
-
-async def call(
-    stub: recommender_pb2_grpc.RecommenderAsyncStub, request: recommender_pb2.RecommendRequest
-) -> tuple[str, str]:
-    """The call's status code name and details."""
-    try:
-        await stub.Recommend(request, timeout=10)
-    except grpc.aio.AioRpcError as e:
-        return str(e.code().name), e.details() or ""
-    return "OK", ""
 
 
 async def closed_loop(

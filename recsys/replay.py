@@ -81,6 +81,9 @@ class LoggedRequest:
     def parse(cls, record: Mapping[str, Any]) -> LoggedRequest:
         try:
             location = record["location"]
+            origin = record.get("answer_of")
+            if record.get("cached") and origin is not None:
+                location = origin["location"]  # a hit: the answer was computed there
             request = Request(
                 request_id=str(record["request_id"]),
                 user_id=str(record["user_id"]),

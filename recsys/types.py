@@ -146,6 +146,9 @@ class Recommendation:
     record keeps the candidates the user did not see; None otherwise."""
     cached: bool = False
     """Served from the result cache (the answer computed for an earlier request)."""
+    computed_for: Request | None = field(default=None, compare=False, repr=False)
+    """The request the answer was computed for: this one, or for a cache hit the earlier request
+    in the same cache cell whose answer it shares (its location is what a replay must use)."""
     encodings: Encodings | None = field(default=None, compare=False, repr=False)
     """Where the wire forms of this answer are kept once made (None: made per response)."""
 

@@ -21,6 +21,7 @@ from recsys.replay import LoggedRequest, Replayer, ReplayError, find_record
 from recsys.serving.pipeline import open_pipeline
 from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
+from recsys.types import Location
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 USER = "user-0000007"
@@ -173,3 +174,52 @@ def test_a_missing_snapshot_manifest_is_named(artifacts_dir: Path, tmp_path: Pat
 def test_a_record_without_the_replay_fields_is_refused_with_the_field_named() -> None:
     with pytest.raises(ReplayError, match="'location'"):
         LoggedRequest.parse({"request_id": "r1"})
+
+
+async def test_a_cache_hit_replays_exactly_from_the_request_its_answer_was_computed_for(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    """A hit shares the answer computed for an earlier request in the same ~500 m cell: its
+    record names that request and location, and the replay uses them (the hit's own location
+    gives other distances, so other scores)."""
+    exposures = tmp_path / "exposures"
+    settings = ServeSettings(
+        artifacts=artifacts,
+        port=0,
+        metrics_port=0,
+        drain_seconds=2,
+        exposure_dir=exposures,
+        cache_entries=1000,
+    )
+    server = await RunningServer.start(settings, open_pipeline)
+    replies = []
+    try:
+        await server.wait_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            for lat, lon in ((52.5201, 13.4001), (52.5239, 13.4039)):  # one cache cell
+                replies.append(
+                    await stub.Recommend(
+                        recommender_pb2.RecommendRequest(
+                            user_id=USER,
+                            num_results=12,
+                            location=recommender_pb2.Location(lat=lat, lon=lon),
+                        )
+                    )
+                )
+    finally:
+        await server.stop()  # flushes the exposure log
+
+    computed, hit = (LoggedRequest.parse(find_record(exposures, r.request_id)) for r in replies)
+    assert (computed.record["cached"], hit.record["cached"]) == (False, True)
+    assert hit.record["answer_of"] == {
+        "request_id": replies[0].request_id,
+        "location": [52.5201, 13.4001],
+    }
+    assert hit.request.location == Location(52.5201, 13.4001)  # the answer's, for replay
+    assert hit.record["location"] == [52.5239, 13.4039]  # what the user sent, kept
+    replayer = Replayer(artifacts, snapshot_directory(exposures))
+    for reply, logged in zip(replies, (computed, hit), strict=True):
+        replayed = replayer.replay(logged)
+        assert replayed.exact, (reply.request_id, replayed)
+        assert list(replayed.sku_ids) == [i.sku_id for i in reply.items]

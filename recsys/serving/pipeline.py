@@ -139,6 +139,7 @@ def _recommendations(
             snapshot_id=snapshot.snapshot_id,
             user_features=None if features is None or row < 0 else features[n],
             candidates=candidates,
+            computed_for=job.request,
             encodings=Encodings(),
         )
         for n, (job, items, version, reasons, row, candidates) in enumerate(

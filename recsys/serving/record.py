@@ -1,12 +1,17 @@
 """The exposure record: what one response showed one user, and everything that produced it.
 
 Captured on the request path as references (no copying, no encoding); encoded to one JSON line
-later, in the sink's writer thread. Fields (``RECORD_VERSION`` 2)::
+later, in the sink's writer thread. Fields (``RECORD_VERSION`` 3; 2 had no ``cached`` and
+``answer_of``)::
 
     record, ts, request_id, snapshot_id            which serving snapshot answered (its manifest
                                                    names every version: see pipeline/archive.py)
     user_id, surface, platform, has_location,
     location [lat, lon] | null, num_results, exclude_sku_ids, hour      the request as validated
+    cached                                        answered from the result cache
+    answer_of {request_id, location} | null       the request the answer was computed for (a
+                                                   hit's: the earlier one in its cache cell, whose
+                                                   location a replay uses)
     model_version, index_version, config_version  as in the response
     exposures [{layer, experiment, arm, bucket, forced}]
     degraded, degraded_reasons [...], degraded_reason
@@ -31,7 +36,7 @@ import orjson
 
 from recsys.types import Recommendation, Request
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,7 @@ class ExposureRecord:
                 "num_results": request.num_results,
                 "exclude_sku_ids": list(request.exclude_sku_ids),
                 "hour": request.hour,
+                "cached": rec.cached,
             }
         )
         encodings = rec.encodings
@@ -78,7 +84,16 @@ class ExposureRecord:
 def _answer_fields(rec: Recommendation) -> bytes:
     """The record's fields that depend on the answer only, as a JSON object and a newline."""
     items = rec.items
+    origin = rec.computed_for
     fields: dict[str, Any] = {
+        "answer_of": None
+        if origin is None
+        else {
+            "request_id": origin.request_id,
+            "location": None
+            if origin.location is None
+            else [origin.location.lat, origin.location.lon],
+        },
         "model_version": rec.model_version,
         "index_version": rec.index_version,
         "config_version": rec.config_version,

@@ -25,7 +25,7 @@ from recsys.serving.exposure import (
     exposure_log_files,
     iter_exposure_lines,
 )
-from recsys.serving.record import ExposureRecord
+from recsys.serving.record import RECORD_VERSION, ExposureRecord
 from recsys.serving.workers import free_port
 from recsys.types import Exposure
 from tests.serving.test_exposure import response
@@ -97,7 +97,7 @@ def test_once_archives_every_entry_and_acknowledges_it(
     assert pending(client, stream) == 0
     records = [r for _, _, r in iter_exposure_lines(tmp_path / "archive")]
     assert records[0]["sku_ids"] == [0, 1, 2]  # the record as the server wrote it
-    assert all(r["record"] == 2 for r in records)
+    assert all(r["record"] == RECORD_VERSION for r in records)
 
 
 def test_a_second_run_archives_only_what_came_since(

@@ -239,6 +239,9 @@ async def test_a_cache_hit_answers_as_the_computed_answer_with_its_own_record_an
     assert by_id["again-22"]["sku_ids"] == [i.sku_id for i in again.items]
     assert by_id["again-22"]["snapshot_id"] == again.snapshot_id
     assert by_id["again-22"]["location"] == [where.lat, where.lon]
-    assert {k: v for k, v in by_id["again-22"].items() if k not in {"request_id", "ts"}} == {
-        k: v for k, v in by_id["first-1"].items() if k not in {"request_id", "ts"}
+    assert (by_id["first-1"]["cached"], by_id["again-22"]["cached"]) == (False, True)
+    assert by_id["again-22"]["answer_of"]["request_id"] == "first-1"
+    same = {"request_id", "ts", "cached"}
+    assert {k: v for k, v in by_id["again-22"].items() if k not in same} == {
+        k: v for k, v in by_id["first-1"].items() if k not in same
     }

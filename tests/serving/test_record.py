@@ -82,8 +82,8 @@ def test_a_request_without_location_or_sampled_candidates_records_nulls() -> Non
 
 FIELD_ORDER = [
     "record", "ts", "request_id", "snapshot_id", "user_id", "surface", "platform",
-    "has_location", "location", "num_results", "exclude_sku_ids", "hour", "model_version",
-    "index_version", "config_version", "exposures", "degraded", "degraded_reasons",
+    "has_location", "location", "num_results", "exclude_sku_ids", "hour", "cached", "answer_of",
+    "model_version", "index_version", "config_version", "exposures", "degraded", "degraded_reasons",
     "degraded_reason", "sku_ids", "restaurant_ids", "scores", "user_features", "candidates",
 ]  # fmt: skip
 

@@ -41,6 +41,9 @@ class ServeSettings:
     http_port: int = -1
     """Port of the HTTP/JSON endpoint (``POST /v1/recommend``, serving/rest.py) beside gRPC;
     -1: off (the default), 0: any free port."""
+    health_port: int = -1
+    """Port of a plaintext listener serving only the gRPC health service, outside the admission
+    bounds (for kubelet probes); -1: off (the default: health on ``port`` only), 0: any."""
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint: the loopback unless told otherwise (``0.0.0.0`` for a
     Prometheus that scrapes the pod). Workers of ``--workers N`` always use the loopback: only

@@ -36,6 +36,7 @@ import grpc
 import pytest
 import redis
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.control.redis_helpers import free_port
@@ -270,11 +271,12 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
     for n in range(2):
         pod = Pod(tmp_path / f"pod-{n}", artifacts, redis_port)
         pod.mount_password(serving, passwords)
-        ports = {name: free_port() for name in ("grpc", "http", "metrics")}
+        ports = {name: free_port() for name in ("grpc", "http", "health", "metrics")}
         argv, env = pod.command(
             serving,
             RECSYS_PORT=str(ports["grpc"]),
             RECSYS_HTTP_PORT=str(ports["http"]),
+            RECSYS_HEALTH_PORT=str(ports["health"]),
             RECSYS_METRICS_PORT=str(ports["metrics"]),
         )
         start(processes, f"pod-{n}", argv, env, logs)
@@ -312,6 +314,16 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
             )
 
         wait_for("a pod's two workers", ready, processes, START_SECONDS)
+    # The kubelet's probes go to the health port the manifest gives the server.
+    probed = {serving[probe]["grpc"]["port"] for probe in ("startupProbe", "readinessProbe")}
+    probed.add(serving["livenessProbe"]["grpc"]["port"])
+    variables = {e["name"]: e["value"] for e in serving["env"]}
+    assert probed == {int(variables["RECSYS_HEALTH_PORT"])}
+    for _pod, ports in pods:
+        with grpc.insecure_channel(f"127.0.0.1:{ports['health']}") as channel:
+            probe = health_pb2.HealthCheckRequest(service="recsys.v1.Recommender")
+            status = health_pb2_grpc.HealthStub(channel).Check(probe, timeout=30).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
     before = {served_version(ports["grpc"], "user-0000001") for _pod, ports in pods}
     assert len(before) == 1
 

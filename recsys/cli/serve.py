@@ -132,6 +132,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     flag("redis_ca_file", "PEM CA certificates of the Redis servers, for rediss:// URLs")
     flag("http_port", "HTTP/JSON endpoint, POST /v1/recommend (-1: off, the default; 0: any)")
+    flag(
+        "health_port",
+        "plaintext gRPC health service only, outside the admission bounds, for kubelet probes "
+        "(-1: off, the default; 0: any)",
+    )
     flag("control", "control plane: empty for files in the artifact root, or redis://HOST:PORT/DB")
     flag(
         "feature_store",
@@ -330,6 +335,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--max-queue-delay-ms is {args.max_queue_delay_ms}; expected > 0")
     if not -1 <= args.http_port <= 65535:
         raise CliError(f"--http-port is {args.http_port}; expected -1 (off) or a port in 0..65535")
+    if not -1 <= args.health_port <= 65535:
+        raise CliError(
+            f"--health-port is {args.health_port}; expected -1 (off) or a port in 0..65535"
+        )
     for flag, value in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         if not 0 <= value <= 65535:
             raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
@@ -361,6 +370,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         port=args.port,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
+        health_port=args.health_port,
         control=args.control,
         control_prefix=args.control_prefix,
         feature_store=args.feature_store,

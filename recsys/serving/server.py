@@ -14,6 +14,12 @@ arrived for :data:`DRAIN_QUIET_SECONDS` (gRPC cancels the calls it still holds f
 when it stops), then the gRPC server stops, the exposure log is flushed, the pipeline closed and
 the metrics endpoint shut.
 
+Health port (``health_port``, -1: off): a second gRPC server on the same event loop serving only
+the health service (the same servicer, so the same status), plaintext (kubelet probes cannot do
+TLS) and without the admission bounds (``max_concurrent_rpcs``, ``max_pending_rpcs``), so probes
+are answered while the main port sheds load. It stops after the main server, so it answers
+NOT_SERVING throughout the grace and the drain.
+
 A port that cannot be bound raises :class:`BindError` naming the setting and the reason.
 """
 
@@ -64,7 +70,8 @@ OpenPipeline: TypeAlias = "Callable[[ServeSettings, ServingMetrics], Awaitable[R
 
 
 class BindError(RuntimeError):
-    """A port of the settings (``port`` or ``metrics_port``) could not be bound."""
+    """A port of the settings (``port``, ``metrics_port``, ``http_port`` or ``health_port``)
+    could not be bound."""
 
     def __init__(self, setting: str, host: str, port: int, reason: str) -> None:
         super().__init__(f"cannot bind {setting} {host}:{port}: {reason}")
@@ -155,6 +162,9 @@ class RunningServer:
         self.rest: RestServer | None = None
         """The HTTP/JSON endpoint when ``http_port`` is not -1 (serving/rest.py)."""
         self.http_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        """The health-only server when ``health_port`` is not -1."""
+        self.health_port: int | None = None
 
     @classmethod
     async def start(
@@ -227,9 +237,12 @@ class RunningServer:
         running = cls(
             settings, server, port, metrics, metrics_port, health, service, exposures, tls
         )
-        if settings.http_port >= 0 and not settings.reuse_port:
+        if not settings.reuse_port:
             try:
-                await running._start_rest()
+                if settings.health_port >= 0:
+                    await running._start_health()
+                if settings.http_port >= 0:
+                    await running._start_rest()
             except BaseException:
                 await running.stop()
                 raise
@@ -259,6 +272,8 @@ class RunningServer:
         if self.settings.reuse_port:
             add_port(self._server, f"{self.settings.host}:{self.port}", self.tls)
             await self._server.start()
+            if self.settings.health_port >= 0:
+                await self._start_health()
             if self.settings.http_port >= 0:
                 await self._start_rest()
         log.info("recsys serving on %s:%d", self.settings.host, self.port)
@@ -275,6 +290,22 @@ class RunningServer:
             raise BindError("http_port", host, port, why) from e
         self.rest = rest
         log.info("recsys HTTP/JSON on %s:%d%s", host, self.http_port, RECOMMEND_PATH)
+
+    async def _start_health(self) -> None:
+        """The health-only listener: no admission bounds, plaintext (for kubelet probes)."""
+        host, port = self.settings.host, self.settings.health_port
+        reason = None if self.settings.reuse_port or not port else bind_failure_reason(host, port)
+        if reason is not None:
+            raise BindError("health_port", host, port, reason)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.settings.reuse_port))])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:  # taken since the probe, or a reason gRPC alone sees
+            raise BindError("health_port", host, port, "cannot bind") from e
+        await server.start()
+        self._health_server, self.health_port = server, bound
+        log.info("recsys health (plaintext, no admission bounds) on %s:%d", host, bound)
 
     async def wait_ready(self) -> None:
         """Wait until the pipeline is open and health is SERVING; raises if opening failed."""
@@ -328,6 +359,8 @@ class RunningServer:
         # Handlers have returned; the grace lets gRPC write their answers and lets a call that
         # arrives meanwhile be refused UNAVAILABLE rather than cancelled.
         await self._server.stop(STOP_GRACE_SECONDS)
+        if self._health_server is not None:  # NOT_SERVING until the main port is gone
+            await self._health_server.stop(0)
         if self.rest is not None:
             await self.rest.stop()
         # The metrics endpoint takes up to half a second to stop: let it do so meanwhile.

@@ -147,6 +147,10 @@ def run_workers(settings: ServeSettings) -> int:
         reserve_port(settings.host, settings.http_port) if settings.http_port >= 0 else None
     )
     http_port = int(http_reserved.getsockname()[1]) if http_reserved is not None else -1
+    health_reserved = (
+        reserve_port(settings.host, settings.health_port) if settings.health_port >= 0 else None
+    )
+    health_port = int(health_reserved.getsockname()[1]) if health_reserved is not None else -1
     metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
     registry = CollectorRegistry()
     registry.register(WorkerMetrics(metric_ports))
@@ -170,6 +174,7 @@ def run_workers(settings: ServeSettings) -> int:
                 settings,
                 port=port,
                 http_port=http_port,
+                health_port=health_port,
                 metrics_port=metrics_port,
                 metrics_host=WORKER_METRICS_HOST,
                 workers=1,
@@ -211,5 +216,6 @@ def run_workers(settings: ServeSettings) -> int:
         http.server_close()
         http_thread.join()
         reserved.close()
-        if http_reserved is not None:
-            http_reserved.close()
+        for extra in (http_reserved, health_reserved):
+            if extra is not None:
+                extra.close()

@@ -72,6 +72,8 @@ def test_serve_defaults_come_from_recsys_variables(
         (["--max-in-flight", "-1"], "--max-in-flight is -1"),
         (["--port", "70000"], "--port is 70000"),
         (["--metrics-port", "-1"], "--metrics-port is -1"),
+        (["--health-port", "-2"], "--health-port is -2; expected -1 \\(off\\)"),
+        (["--health-port", "65536"], "--health-port is 65536"),
         (["--batch-max-size", "0"], "--batch-max-size is 0"),
         (["--batch-max-delay-ms", "-1"], "--batch-max-delay-ms is -1"),
     ],

@@ -17,13 +17,9 @@ from recsys.serving.exposure import (
     iter_exposure_lines,
 )
 from recsys.types import Exposure, Location, Recommendation, Request, ScoredItems
+from tests.serving.test_record import FIELD_ORDER
 
-LINE_KEYS = {
-    "record", "ts", "request_id", "snapshot_id", "user_id", "surface", "platform",
-    "has_location", "location", "num_results", "exclude_sku_ids", "hour", "model_version",
-    "index_version", "config_version", "exposures", "degraded", "degraded_reasons",
-    "degraded_reason", "sku_ids", "restaurant_ids", "scores", "user_features", "candidates",
-}  # fmt: skip
+LINE_KEYS = set(FIELD_ORDER)  # the exposure record's fields (tests/serving/test_record.py)
 
 
 class Counts:

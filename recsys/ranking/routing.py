@@ -65,7 +65,7 @@ class RoutingTable:
         route = self.models.get(name)
         if route is None:
             raise RoutingError(f"models.{name}: no route for this model name")
-        if route.canary and canary_bucket(name, user_id) < route.canary_percent * 100:
+        if route.canary and canary_bucket(name, route.canary, user_id) < route.canary_percent * 100:
             return route.canary
         return route.production
 
@@ -120,8 +120,12 @@ def _param(params: Any, key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def canary_bucket(name: str, user_id: str) -> int:
-    digest = hashlib.sha256(f"canary:{name}:{user_id}".encode()).digest()
+def canary_bucket(name: str, version: str, user_id: str) -> int:
+    """The user's bucket (0..9,999) for the canary ``version`` of model ``name``: fixed while that
+    version is the canary, so a ramp keeps its users; salted by the version, so each canary
+    draws its own users (with one draw for every canary of a model, a group of users that
+    happened to order less than the rest judged every canary of it worse)."""
+    digest = hashlib.sha256(f"canary:{name}:{version}:{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % CANARY_BUCKETS
 
 

@@ -485,14 +485,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from recsys.artifacts import ArtifactError
     from recsys.serving.server import BindError
 
-    if settings.workers > 1:
-        from recsys.serving.workers import run_workers
-
-        return run_workers(settings)
-    from recsys.serving.pipeline import open_pipeline  # loads FAISS and LightGBM: not for --help
-    from recsys.serving.server import run
-
     try:
+        if settings.workers > 1:
+            from recsys.serving.workers import run_workers
+
+            return run_workers(settings)
+        from recsys.serving.pipeline import open_pipeline  # FAISS and LightGBM: not for --help
+        from recsys.serving.server import run
+
         run(settings, open_pipeline)
     except ArtifactError as e:
         raise CliError(f"cannot serve {settings.artifacts}: {e}") from e

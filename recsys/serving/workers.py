@@ -20,6 +20,7 @@ exits non-zero, so the supervisor (Kubernetes) restarts the pod as a whole.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import signal
@@ -38,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.serving.logs import configure_logging
 from recsys.serving.metrics import GAUGE_MERGE
+from recsys.serving.server import BindError
 from recsys.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,19 @@ def free_port(host: str) -> int:
         return port
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int, setting: str) -> socket.socket:
     """A bound (not listening) SO_REUSEPORT socket: fixes the port number for the workers when
-    ``port`` is 0, and keeps another program from taking it while they start."""
+    ``port`` is 0, and keeps another program from taking it while they start. Raises
+    :class:`BindError` naming ``setting`` when the port cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise BindError(setting, host, port, why) from e
     return s
 
 
@@ -141,22 +149,34 @@ def run_workers(settings: ServeSettings) -> int:
     """Serve with ``settings.workers`` processes until SIGTERM/SIGINT; returns the exit code."""
     if settings.workers < 2:
         raise ValueError(f"workers is {settings.workers}; expected >= 2 (1 runs in-process)")
-    reserved = reserve_port(settings.host, settings.port)
-    port = int(reserved.getsockname()[1])
-    http_reserved = (
-        reserve_port(settings.host, settings.http_port) if settings.http_port >= 0 else None
-    )
-    http_port = int(http_reserved.getsockname()[1]) if http_reserved is not None else -1
-    health_reserved = (
-        reserve_port(settings.host, settings.health_port) if settings.health_port >= 0 else None
-    )
-    health_port = int(health_reserved.getsockname()[1]) if health_reserved is not None else -1
-    metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
-    registry = CollectorRegistry()
-    registry.register(WorkerMetrics(metric_ports))
-    http, http_thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_host or settings.host, registry=registry
-    )
+    reserved: list[socket.socket] = []
+
+    def reserve(setting: str, wanted: int) -> int:
+        """Reserve ``wanted`` (-1: off) for the workers; the port number, or -1."""
+        if wanted < 0:
+            return -1
+        reserved.append(reserve_port(settings.host, wanted, setting))
+        return int(reserved[-1].getsockname()[1])
+
+    try:
+        port = reserve("port", settings.port)
+        http_port = reserve("http_port", settings.http_port)
+        health_port = reserve("health_port", settings.health_port)
+        metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
+        registry = CollectorRegistry()
+        registry.register(WorkerMetrics(metric_ports))
+        metrics_host = settings.metrics_host or settings.host
+        try:
+            http, http_thread = start_http_server(
+                settings.metrics_port, addr=metrics_host, registry=registry
+            )
+        except OSError as e:
+            why = "address already in use" if e.errno == errno.EADDRINUSE else str(e)
+            raise BindError("metrics_port", metrics_host, settings.metrics_port, why) from e
+    except BindError:
+        for s in reserved:
+            s.close()
+        raise
     context = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = []
     stopping = threading.Event()
@@ -215,7 +235,5 @@ def run_workers(settings: ServeSettings) -> int:
         http.shutdown()
         http.server_close()
         http_thread.join()
-        reserved.close()
-        for extra in (http_reserved, health_reserved):
-            if extra is not None:
-                extra.close()
+        for s in reserved:
+            s.close()

@@ -144,3 +144,34 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_2(
         )  # fmt: skip
     assert code == 2
     assert one_error_line(capsys) == f"recsys: --metrics-port {port}: address already in use"
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--health-port", "--metrics-port"])
+def test_with_workers_a_port_in_use_is_one_line_and_exit_2(
+    artifacts_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """`--workers N` reserves its ports in the parent before any worker starts: a port in use
+    there is the same one line as with one process, and no worker is started."""
+    ports = {"--port": "0", "--http-port": "0", "--health-port": "0", "--metrics-port": ""}
+    with socket.socket() as free:  # the merged metrics endpoint needs a number with workers
+        free.bind(("127.0.0.1", 0))
+        ports["--metrics-port"] = str(free.getsockname()[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports[flag] = str(port)
+        code = main(
+            [
+                "serve",
+                "--artifacts", str(artifacts_dir),
+                "--exposure-dir", str(tmp_path / "exposures"),
+                "--host", "127.0.0.1",
+                "--workers", "2",
+                *[part for pair in ports.items() for part in pair],
+            ]
+        )  # fmt: skip
+    assert code == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err == f"recsys: {flag} {port}: address already in use\n"

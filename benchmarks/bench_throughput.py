@@ -27,6 +27,7 @@ answered OK) beside the shed share; requests/s per core is successful calls per 
 
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
         [--baseline DIR]   # also the recsys servers of another checkout (old vs new, one run)
+        [--variant d2='--batch-max-delay-ms 2']  # also each recsys server with other flags
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -306,6 +308,17 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
             process.wait()
 
 
+def variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=FLAGS`` of ``--variant``: a server name suffix and the serve flags it adds."""
+    name, sep, flags = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected NAME=FLAGS with NAME a word, "
+            "e.g. d2='--batch-max-delay-ms 2'"
+        )
+    return name, shlex.split(flags)
+
+
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
     py = sys.executable
     art = str(args.artifacts.resolve())
@@ -319,6 +332,18 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
     if args.baseline is not None:  # each followed by the same server from another checkout
         code = args.baseline.resolve()
         recsys = [s for r in recsys for s in (r, replace(r, name=f"{r.name}-baseline", code=code))]
+    if args.variant:  # each followed by the same server with other serve flags
+        recsys = [
+            s
+            for r in recsys
+            for s in (
+                r,
+                *(
+                    replace(r, name=f"{r.name}-{name}", command=[*r.command, *flags])
+                    for name, flags in args.variant
+                ),
+            )
+        ]
     return [
         Server("echo", [py, "-m", "benchmarks.echo_server", "--port", str(port)], "distinct"),
         Server(
@@ -344,6 +369,15 @@ def main() -> None:
         "--baseline",
         type=Path,
         help="also run the recsys servers from this checkout (old code, same requests and run)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=variant,
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also run each recsys server with these extra serve flags, right after it, as "
+        "recsys-...-NAME (e.g. d2='--batch-max-delay-ms 2'; repeat for more)",
     )
     parser.add_argument(
         "--located-share",

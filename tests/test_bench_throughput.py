@@ -1,0 +1,45 @@
+"""The throughput benchmark's server list: variants and baselines are the same servers with
+other flags or code, each right after the one it is compared with."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_throughput import servers, variant
+
+
+def args(*, variants: list[str], baseline: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(
+        artifacts=Path("/tmp/art"),
+        serve_arg=["--batch-max-size", "16"],
+        baseline=baseline,
+        variant=[variant(v) for v in variants],
+    )
+
+
+def test_each_variant_follows_its_server_with_its_flags_added() -> None:
+    found = servers(args(variants=["d2=--batch-max-delay-ms 2", "d1=--batch-max-delay-ms 1"]), 5)
+    names = [s.name for s in found]
+    assert names[2:5] == ["recsys-uncached", "recsys-uncached-d2", "recsys-uncached-d1"]
+    assert names[5:8] == ["recsys-mix", "recsys-mix-d2", "recsys-mix-d1"]
+    by_name = {s.name: s for s in found}
+    base = by_name["recsys-uncached"].command
+    assert by_name["recsys-uncached-d2"].command == [*base, "--batch-max-delay-ms", "2"]
+    assert "--cache-entries" in by_name["recsys-uncached-d1"].command  # still uncached
+    assert by_name["recsys-hit-d1"].requests == "hit"
+
+
+def test_variants_of_a_baseline_run_the_baseline_code() -> None:
+    found = servers(args(variants=["d2=--batch-max-delay-ms 2"], baseline=Path("/tmp/old")), 5)
+    by_name = {s.name: s for s in found}
+    assert by_name["recsys-mix-baseline-d2"].code == Path("/tmp/old")
+    assert by_name["recsys-mix-d2"].code is None
+
+
+@pytest.mark.parametrize("text", ["d2", "=--x", "two words=--x"])
+def test_a_variant_without_a_name_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=FLAGS"):
+        variant(text)

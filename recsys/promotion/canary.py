@@ -15,7 +15,11 @@ metric) and the guardrails, and returns the next :class:`CanaryState` and a
 - **continue** otherwise.
 
 The test is :class:`~recsys.promotion.sequential.MixtureSPRT`, valid under any number of looks;
-``benchmarks/bench_canary.py`` measures its false-rollback and false-promotion rates. The state
+``benchmarks/bench_canary.py`` measures its false-rollback and false-promotion rates. Its
+variance is the user-level one (:func:`~recsys.promotion.sequential.clustered_variance` over
+each arm's users, at least the binomial): users are assigned to the canary, not requests, and
+one user's requests succeed or fail together, so counting them as independent made the test
+too sure of itself and rolled back equal models far more often than alpha. The state
 is an explicit frozen value passed in and out, so a controller can persist it between looks.
 """
 
@@ -32,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.monitoring.statistics import psi
 from recsys.outcomes.join import JoinedRequest
 from recsys.promotion.policy import CanaryPolicy
-from recsys.promotion.sequential import MixtureSPRT
+from recsys.promotion.sequential import MixtureSPRT, clustered_variance
 from recsys.ranking.evaluation import bin_counts
 
 ACTIONS = ("continue", "ramp", "promote", "rollback")
@@ -44,6 +48,11 @@ class ArmStats:
 
     requests: int = 0
     successes: int = 0
+    users: int = 0
+    """Distinct users among the requests (0: not counted)."""
+    variance: float = float("nan")
+    """The variance of the arm's rate at the user level (``clustered_variance``: a user's
+    requests are not independent of each other); NaN: not known, the test uses the binomial."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ def decide(
         (champion.successes, champion.requests),
         (canary.successes, canary.requests),
         (state.p_harm, state.p_noninferior),
+        (champion.variance, canary.variance),
     )
     p_harm = float(look.p_harm)
     p_noninf = float(look.p_noninferior)
@@ -129,6 +139,11 @@ def decide(
         "champion_requests": champion.requests,
         "champion_successes": champion.successes,
         "champion_rate": float(look.champion_rate),
+        "champion_users": champion.users,
+        "canary_users": canary.users,
+        "variance": "user level (delta method), at least the binomial"
+        if not (math.isnan(champion.variance) and math.isnan(canary.variance))
+        else "binomial (requests independent)",
         "canary_requests": canary.requests,
         "canary_successes": canary.successes,
         "canary_rate": float(look.canary_rate),
@@ -197,21 +212,34 @@ def arm_stats(
 ) -> tuple[ArmStats, ArmStats, list[np.ndarray]]:
     """Champion and canary counts over complete joined requests since the canary started, and
     the canary's served scores (for the score guardrail)."""
-    counts = {state.champion: [0, 0], state.version: [0, 0]}
+    # Per arm, per user: [requests, successes]. A user's requests are not independent (one
+    # user orders more than another, in both arms), so the test's variance is the user-level
+    # one (clustered_variance), not the binomial of independent requests.
+    by_user: dict[str, dict[str, list[int]]] = {state.champion: {}, state.version: {}}
     scores = []
     for request in joined:
         if request.ts < state.started_at or not request.complete:
             continue
-        arm = counts.get(request.model_version)
-        if arm is None:
+        users = by_user.get(request.model_version)
+        if users is None:
             continue
         hit = request.ordered if metric == "order_rate" else request.clicked | request.ordered
-        arm[0] += 1
-        arm[1] += int(bool(hit.any()))
+        counts = users.setdefault(request.user_id, [0, 0])
+        counts[0] += 1
+        counts[1] += int(bool(hit.any()))
         if request.model_version == state.version:
             scores.append(request.scores)
-    a, b = counts[state.champion], counts[state.version]
-    return ArmStats(a[0], a[1]), ArmStats(b[0], b[1]), scores
+    return _arm(by_user[state.champion]), _arm(by_user[state.version]), scores
+
+
+def _arm(users: dict[str, list[int]]) -> ArmStats:
+    if not users:
+        return ArmStats()
+    counts = np.array(list(users.values()), dtype=np.int64)
+    requests, successes = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+    return ArmStats(
+        requests, successes, len(users), clustered_variance(counts[:, 0], counts[:, 1])
+    )
 
 
 def score_psi(scores: list[np.ndarray], min_scores: int = 2000) -> float:

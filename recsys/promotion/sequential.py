@@ -5,7 +5,8 @@ than its alpha (benchmarks/bench_canary.py measures how much). This is the mixtu
 probability ratio test (mSPRT) of Johari, Koomen, Pekelis and Walsh ("Always valid inference:
 continuous monitoring of A/B tests", Operations Research 2022), on the normal approximation of
 the difference of two proportions: with ``d = rate_canary - rate_champion``, its variance ``V``
-(plug-in, ``p(1-p)/n`` per arm) and a normal mixture ``N(theta0, tau^2)`` over the alternative,
+(plug-in per arm: ``p(1-p)/n``, or a larger user-level variance when the trials cluster by user,
+:func:`clustered_variance`) and a normal mixture ``N(theta0, tau^2)`` over the alternative,
 
     Lambda = sqrt(V / (V + tau^2)) * exp(tau^2 (d - theta0)^2 / (2 V (V + tau^2)))
 
@@ -93,17 +94,26 @@ class MixtureSPRT:
         champion: tuple[npt.ArrayLike, npt.ArrayLike],
         canary: tuple[npt.ArrayLike, npt.ArrayLike],
         previous: tuple[npt.ArrayLike, npt.ArrayLike] = (1.0, 1.0),
+        variances: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
     ) -> Look:
         """Cumulative (successes, trials) per arm; ``previous`` (p_harm, p_noninferior) of the
-        last look (the p-values only go down)."""
+        last look (the p-values only go down).
+
+        ``variances`` (champion's, canary's): the variance of each arm's rate when its trials
+        are not independent, such as the user-level variance of :func:`clustered_variance`
+        (requests of one user succeed together). The larger of it and the binomial
+        ``p(1-p)/n`` is used (NaN: no estimate, the binomial); without it, the binomial."""
         x_a, n_a = (np.asarray(v, dtype=np.float64) for v in champion)
         x_b, n_b = (np.asarray(v, dtype=np.float64) for v in canary)
         with np.errstate(divide="ignore", invalid="ignore"):
             rate_a = np.where(n_a > 0, x_a / np.maximum(n_a, 1), 0.0)
             rate_b = np.where(n_b > 0, x_b / np.maximum(n_b, 1), 0.0)
-            variance = rate_a * (1 - rate_a) / np.maximum(n_a, 1) + rate_b * (
-                1 - rate_b
-            ) / np.maximum(n_b, 1)
+            var_a = rate_a * (1 - rate_a) / np.maximum(n_a, 1)
+            var_b = rate_b * (1 - rate_b) / np.maximum(n_b, 1)
+            if variances is not None:
+                var_a = np.fmax(var_a, np.asarray(variances[0], dtype=np.float64))
+                var_b = np.fmax(var_b, np.asarray(variances[1], dtype=np.float64))
+            variance = var_a + var_b
             difference = rate_b - rate_a
             margin = self.margin * rate_a
             tau2 = (self.tau * rate_a) ** 2
@@ -129,3 +139,26 @@ class MixtureSPRT:
             p_harm=np.minimum(np.asarray(previous[0], dtype=np.float64), p_harm),
             p_noninferior=np.minimum(np.asarray(previous[1], dtype=np.float64), p_noninf),
         )
+
+
+def clustered_variance(trials: npt.ArrayLike, successes: npt.ArrayLike) -> float:
+    """Variance of the rate ``sum(successes) / sum(trials)`` when the trials come in clusters
+    (one user's requests) that are independent of each other but not within: the delta-method
+    (cluster-robust) variance of a ratio of sums (Deng, Knoblich and Lu, "Applying the Delta
+    Method in Metric Analytics", KDD 2018),
+
+        var = K / (K - 1) * sum_u (x_u - r n_u)^2 / N^2
+
+    with ``n_u``, ``x_u`` the trials and successes of cluster ``u``, ``K`` clusters, ``N`` trials
+    and ``r`` the rate. With one trial per cluster it is the binomial ``r(1-r)/N`` (times
+    K/(K-1)); when a user's requests succeed together it is larger, as it must be. NaN with
+    fewer than two clusters (no estimate)."""
+    n = np.asarray(trials, dtype=np.float64)
+    x = np.asarray(successes, dtype=np.float64)
+    k = n.size
+    total = float(n.sum())
+    if k < 2 or total <= 0:
+        return float("nan")
+    rate = float(x.sum()) / total
+    residual = x - rate * n
+    return float(k / (k - 1) * np.dot(residual, residual) / total**2)

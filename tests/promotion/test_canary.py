@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
+
+from recsys.outcomes.join import JoinedRequest
 from recsys.promotion.canary import (
     ArmStats,
     Guardrails,
+    arm_stats,
     decide,
     decision_record,
     guardrails_between,
@@ -98,3 +103,45 @@ def test_error_rate_and_p99_come_from_two_scrapes_of_the_metrics() -> None:
     assert math.isclose(guardrails.error_rate, 10 / 1000)
     assert guardrails.p99_ms == 100.0  # 900 of 1000 under 10 ms: the 99th under 100 ms
     assert guardrails.score_psi == 0.1
+
+
+def _request(user: str, version: str, clicked: bool, ts: float = 10.0) -> JoinedRequest:
+    n = 3
+    click = np.zeros(n, dtype=np.bool_)
+    click[0] = clicked
+    return JoinedRequest(
+        request_id=f"{user}-{ts}", ts=ts, user_id=user, surface="home", model_version=version,
+        exposures=(), sku_ids=np.arange(n, dtype=np.int64), scores=np.ones(n, dtype=np.float32),
+        user_features=None, impressed=np.ones(n, dtype=np.bool_), clicked=click,
+        ordered=np.zeros(n, dtype=np.bool_), complete=True,
+    )  # fmt: skip
+
+
+def test_arm_stats_count_users_and_give_the_user_level_variance() -> None:
+    state = start("ranker", "v2", "v1", 5.0, now=0.0)
+    # Champion: 40 users with one request each. Canary: 4 users with 10 requests each, every
+    # request of a user clicked or none: the same 40 requests and 20 clicks, far less evidence.
+    requests = [_request(f"a{u}", "v1", u % 2 == 0) for u in range(40)]
+    requests += [_request(f"b{u}", "v2", u % 2 == 0, ts=10.0 + i) for u in range(4)
+                 for i in range(10)]  # fmt: skip
+    requests.append(_request("a0", "v1", True, ts=-1.0))  # before the canary: not counted
+    champion, canary, _ = arm_stats(requests, state, "click_rate")
+    assert (champion.requests, champion.successes, champion.users) == (40, 20, 40)
+    assert (canary.requests, canary.successes, canary.users) == (40, 20, 4)
+    binomial = 0.5 * 0.5 / 40
+    assert champion.variance == pytest.approx(binomial * 40 / 39)
+    assert canary.variance == pytest.approx(binomial * 10 * 4 / 3)  # design effect 10
+
+
+def test_the_decision_says_which_variance_the_test_used() -> None:
+    state = start("ranker", "v2", "v1", 5.0, now=0.0)
+    clustered = ArmStats(1000, 300, users=50, variance=0.004)
+    _, decision = decide(POLICY, state, ArmStats(20000, 8000), clustered, Guardrails(), 1.0)
+    # 0.30 vs 0.40 would be harm with independent requests; 50 users are not enough to say so
+    assert decision.action != "rollback"
+    assert decision.evidence["variance"].startswith("user level")
+    _, binomial = decide(
+        POLICY, state, ArmStats(20000, 8000), ArmStats(1000, 300), Guardrails(), 1.0
+    )
+    assert binomial.action == "rollback"
+    assert binomial.evidence["variance"].startswith("binomial")

@@ -118,7 +118,7 @@ def _clustered_aa_false_rollbacks(user_level: bool, runs: int = 600, seed: int =
             seen = [a[: k + 1].ravel() for a in arms]  # successes per user so far
             trials = [np.full(s.size, requests) for s in seen]
             variances = (
-                tuple(clustered_variance(t, s) for t, s in zip(trials, seen, strict=True))
+                (clustered_variance(trials[0], seen[0]), clustered_variance(trials[1], seen[1]))
                 if user_level
                 else None
             )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,11 +22,15 @@ from recsys import artifacts
 from recsys.artifacts import ArtifactRoot
 from recsys.settings import BuildSettings
 
+if TYPE_CHECKING:
+    from recsys.retrieval.index import FilteredRecall
+
 Progress = Callable[[str], None]
 INDEX_TARGET_RECALL = 0.95
 INDEX_RECALL_K = 500
 """The index's default nprobe is the smallest that reaches INDEX_TARGET_RECALL at this depth
-(recall@500 against exact search, on probe queries drawn from the real user vectors)."""
+(recall@500 against exact search, on probe queries drawn from the real user vectors), and that
+reaches it with the delivery filter too (:func:`_recall_under_filter`)."""
 
 
 @dataclass
@@ -38,6 +42,9 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     offline_metrics: dict[str, float] = field(default_factory=dict)
     index_recall: float = 0.0
+    index_filtered_recall: float | None = None
+    """recall@K of the retrieve stage with the delivery filter at the default nprobe (None: not
+    measured, an exact flat index)."""
     index_nlist: int = 0
     index_nprobe: int = 0
     bytes_on_disk: int = 0
@@ -147,17 +154,21 @@ def _build_stages(
         rng = np.random.default_rng(settings.seed)
         known = np.flatnonzero(np.abs(emb.user_vectors).sum(axis=1) > 0)
         probe_rows = rng.choice(known, size=min(256, known.size), replace=False)
+        probe_rows = np.sort(probe_rows)
         report.index_version = save_index_version(
             root,
             index,
             emb.item_vectors,
-            np.ascontiguousarray(emb.user_vectors[np.sort(probe_rows)]),
+            np.ascontiguousarray(emb.user_vectors[probe_rows]),
             features_version=report.features_version,
             k=INDEX_RECALL_K,
             target_recall=INDEX_TARGET_RECALL,
+            filtered=_recall_under_filter(index, world, tables, probe_rows),
         )
         manifest = artifacts.read_manifest(root.indexes / report.index_version)
         report.index_recall = float(manifest.get("recall", 0.0))
+        if "filtered_recall" in manifest:
+            report.index_filtered_recall = float(manifest["filtered_recall"])
         report.index_nlist = int(manifest.get("nlist", 0))
         report.index_nprobe = int(manifest.get("default_nprobe", 0))
 
@@ -215,3 +226,46 @@ def publish_control_documents(root: ArtifactRoot, report: BuildReport) -> None:
 
 def is_built(root: Path) -> bool:
     return (root / "control").is_dir() and bool(artifacts.versions(root / "indexes"))
+
+
+def _recall_under_filter(
+    index: Any, world: Any, tables: Any, probe_rows: Any
+) -> FilteredRecall | None:
+    """recall@K of the retrieve stage for the probe users at their homes, with the served
+    defaults' delivery radius and K and every item available (an IVF index only: a flat one is
+    exact). Measured on the unpublished index: the filter keeps a fraction of each list, so an
+    nprobe that reaches the target without it may not with it (0.949 at the 4M world's former
+    default, benchmarks/README.md)."""
+    import faiss
+
+    from recsys.retrieval.availability import Availability
+    from recsys.retrieval.index import FilteredRecall, ItemIndex, recall_ladder
+    from recsys.retrieval.retriever import Retriever, recall_under_filter
+    from recsys.types import Location, PipelineParams
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    defaults = PipelineParams()
+    ivf.make_direct_map()  # the top-up reconstructs items; dropped before the index is written
+    try:
+        candidate = ItemIndex(
+            version="unpublished", dimension=int(index.d) - 1, count=int(index.ntotal),
+            default_nprobe=int(ivf.nlist), manifest={}, faiss_index=index,
+        )  # fmt: skip
+        retriever = Retriever(
+            candidate, tables.user_vectors, world.catalogue, tables.item_popularity,
+            Availability.from_document(world.catalogue), cell_selectors=len(probe_rows),
+        )  # fmt: skip
+        homes = [
+            Location(float(world.users.home_lat[r]), float(world.users.home_lon[r]))
+            for r in probe_rows.tolist()
+        ]
+        by_nprobe = recall_under_filter(
+            retriever, tables.item_vectors, probe_rows, homes,
+            k=defaults.retrieval_k, radius_km=defaults.radius_km,
+            nprobes=[p for p in recall_ladder(int(ivf.nlist), 1) if p >= 16],
+        )  # fmt: skip
+    finally:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+    return FilteredRecall(defaults.retrieval_k, defaults.radius_km, len(homes), by_nprobe)

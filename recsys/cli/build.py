@@ -58,9 +58,15 @@ def _run(args: argparse.Namespace) -> int:
     report = build(settings, say=lambda msg: tqdm.write(msg, file=sys.stderr))
     print(f"world     {report.world_version}")
     print(f"features  {report.features_version}")
+    filtered = (
+        ""
+        if report.index_filtered_recall is None
+        else f", {report.index_filtered_recall:.3f} with the delivery filter"
+    )
     print(
         f"index     {report.index_version}  (nlist {report.index_nlist}, default nprobe "
-        f"{report.index_nprobe}: recall@{INDEX_RECALL_K} vs exact {report.index_recall:.3f})"
+        f"{report.index_nprobe}: recall@{INDEX_RECALL_K} vs exact {report.index_recall:.3f}"
+        f"{filtered})"
     )
     print(f"ranker    {report.model_version}")
     for key, value in sorted(report.offline_metrics.items()):

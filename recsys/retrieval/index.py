@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +53,7 @@ KMEANS_ITERATIONS = 10
 a fraction of the time with no measurable loss of recall at the served nprobe."""
 ADD_CHUNK = 262_144
 """Items added per FAISS call, so a build can report progress."""
-RECALL_LADDER = (4, 8, 16, 32, 64, 128, 256)
+RECALL_LADDER = (4, 8, 16, 32, 64, 96, 128, 160, 192, 256)
 """nprobe values whose recall a published version records, besides its default."""
 KIND_FLAT = "flat_ip"
 KIND_IVF = "ivf_flat_ip"
@@ -202,6 +202,24 @@ def _search(
     return np.asarray(distances, dtype=np.float32), np.asarray(ids, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class FilteredRecall:
+    """recall@``k`` of the retrieve stage with the delivery filter (users at their homes, items
+    available and within ``radius_km``), by nprobe: what a request gets. Measured before
+    publishing (``recsys.retrieval.retriever.recall_under_filter``)."""
+
+    k: int
+    radius_km: float
+    queries: int
+    by_nprobe: Mapping[int, float]
+
+
+def recall_ladder(nlist: int, nprobe: int) -> list[int]:
+    """The nprobe values a version's recall is measured at: :data:`RECALL_LADDER`, its default
+    and every list (exact), capped at ``nlist``; [0] for an exact flat index."""
+    return sorted({min(p, nlist) for p in (*RECALL_LADDER, nprobe, nlist)}) if nlist else [0]
+
+
 def save_index_version(
     root: ArtifactRoot,
     index: faiss.Index,
@@ -212,13 +230,16 @@ def save_index_version(
     k: int = 200,
     nprobe: int = 16,
     target_recall: float | None = None,
+    filtered: FilteredRecall | None = None,
 ) -> str:
     """Publish ``index`` under ``root.indexes`` with its probe set and measured recall@k.
 
     ``probe_queries`` should be a seeded sample of real user vectors: recall on them is what a
     server re-measures before serving. The manifest records recall@k at ``nprobe`` (the
     version's default) and at a ladder of other values. With ``target_recall``, the default is
-    raised to the smallest ladder value that reaches it. Returns the content-addressed version.
+    raised to the smallest ladder value that reaches it, and, with ``filtered``, that also
+    reaches it with the delivery filter (an nprobe it was not measured at does not). Returns
+    the content-addressed version.
     """
     x = _as_matrix("item_vectors", item_vectors)
     probe = _as_matrix("probe_queries", probe_queries, x.shape[1])
@@ -234,15 +255,19 @@ def save_index_version(
     truth = exact_neighbours(x, probe, k)
     padded = pad_queries(probe, d)
     nlist = _nlist(index)
-    ladder = sorted({min(p, nlist) for p in (*RECALL_LADDER, nprobe, nlist)}) if nlist else [0]
+    ladder = recall_ladder(nlist, nprobe)
     recall_by_nprobe = {
         p: recall_at_k(_search(index, padded, k, p, None)[1], truth) for p in ladder
     }
+
+    def reaches(p: int) -> bool:
+        assert target_recall is not None
+        under_filter = 1.0 if filtered is None or not nlist else filtered.by_nprobe.get(p, 0.0)
+        return recall_by_nprobe[p] >= target_recall and under_filter >= target_recall
+
     default_nprobe = min(nprobe, nlist)
-    if target_recall is not None and recall_by_nprobe[default_nprobe] < target_recall:
-        reaching = [
-            p for p in ladder if p > default_nprobe and recall_by_nprobe[p] >= target_recall
-        ]
+    if target_recall is not None and not reaches(default_nprobe):
+        reaching = [p for p in ladder if p > default_nprobe and reaches(p)]
         default_nprobe = reaching[0] if reaching else ladder[-1]
     manifest = {
         "kind": KIND_IVF if nlist else KIND_FLAT,
@@ -256,6 +281,19 @@ def save_index_version(
         "recall": round(recall_by_nprobe[default_nprobe], 6),
         "recall_by_nprobe": {str(p): round(r, 6) for p, r in recall_by_nprobe.items()},
         "probe_queries": int(probe.shape[0]),
+        **(
+            {
+                "filtered_recall_k": filtered.k,
+                "filtered_radius_km": filtered.radius_km,
+                "filtered_queries": filtered.queries,
+                "filtered_recall": round(filtered.by_nprobe.get(default_nprobe, 0.0), 6),
+                "filtered_recall_by_nprobe": {
+                    str(p): round(r, 6) for p, r in sorted(filtered.by_nprobe.items())
+                },
+            }
+            if filtered is not None and nlist
+            else {}
+        ),
         "features_version": features_version,
         "faiss_version": faiss.__version__,
     }

@@ -523,3 +523,42 @@ class Retriever:
             best = np.argpartition(rank, need - 1)[:need]
             ids, rank = ids[best], rank[best]
         return np.asarray(ids[np.argsort(rank)], dtype=np.int32)
+
+
+def recall_under_filter(
+    retriever: Retriever,
+    item_vectors: Float32Array,
+    users: Int64Array,
+    places: Sequence[Location],
+    *,
+    k: int,
+    radius_km: float,
+    nprobes: Sequence[int],
+) -> dict[int, float]:
+    """recall@k of the retrieve stage at each of ``nprobes``, for ``users`` (rows with a vector)
+    at ``places``: the share of the exact top ``k`` over the eligible items (available in the
+    retriever's snapshot and within ``radius_km``) that the stage returns. This is the quality
+    a request gets, filters included; recall without them says little about it, since the
+    filter keeps a fraction of each list."""
+    if len(places) != len(users):
+        raise ValueError(f"places: expected one per user ({len(users)}), got {len(places)}")
+    items = np.asarray(item_vectors, dtype=np.float32)
+    truth = []
+    for row, place in zip(users.tolist(), places, strict=True):  # a few hundred probe users
+        eligible = retriever._geo.items_near(place, radius_km).astype(np.int64)
+        eligible = eligible[retriever.availability.item_mask[eligible]]
+        scores = items[eligible] @ retriever._user_vectors[row]
+        truth.append(eligible[np.argsort(-scores, kind="stable")[:k]])
+    out = {}
+    for nprobe in nprobes:
+        queries = [
+            RetrievalQuery(user_row=row, location=place, k=k, nprobe=nprobe, radius_km=radius_km)
+            for row, place in zip(users.tolist(), places, strict=True)
+        ]
+        found = []
+        for start in range(0, len(queries), 32):  # batches as served
+            found += retriever.retrieve_batch(queries[start : start + 32])
+        hits = sum(int(np.isin(t, f.sku_ids).sum()) for t, f in zip(truth, found, strict=True))
+        total = sum(t.size for t in truth)
+        out[nprobe] = hits / total if total else 1.0
+    return out

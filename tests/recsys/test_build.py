@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import pytest
 
 from recsys.artifacts import ArtifactRoot, read_manifest
@@ -14,8 +15,12 @@ from recsys.build import (
     STAGES,
     BuildReport,
     _progress_bar,
+    build,
     peak_rss_mb,
 )
+from recsys.retrieval.index import EXACT_BELOW, INDEX_FILE
+from recsys.settings import BuildSettings
+from recsys.types import PipelineParams
 
 
 def test_the_index_default_is_the_smallest_nprobe_reaching_the_recall_target(
@@ -53,3 +58,33 @@ def test_progress_bars_go_to_stderr_and_can_be_off(capsys: pytest.CaptureFixture
     with _progress_bar(False, 3, "build", "stage") as none:
         assert none is None
     assert capsys.readouterr().err == ""
+
+
+def test_an_ivf_index_default_also_reaches_the_target_with_the_delivery_filter(
+    tmp_path: Path,
+) -> None:
+    """A catalogue large enough for IVF: the build measures recall@K of the retrieve stage at
+    the users' homes with the served radius, and the default nprobe reaches the target there
+    too; the direct map it needed for that is not written with the index."""
+    settings = BuildSettings(
+        skus=EXACT_BELOW, users=600, seed=5, dim=16, progress=False, out=tmp_path
+    )
+    report = build(settings, say=lambda _msg: None)
+    manifest = read_manifest(ArtifactRoot(tmp_path).indexes / report.index_version)
+    assert manifest["nlist"] > 0
+    filtered = {int(p): r for p, r in manifest["filtered_recall_by_nprobe"].items()}
+    default = manifest["default_nprobe"]
+    assert manifest["filtered_recall_k"] == PipelineParams().retrieval_k
+    assert manifest["filtered_radius_km"] == PipelineParams().radius_km
+    assert filtered[default] >= INDEX_TARGET_RECALL
+    assert report.index_filtered_recall == pytest.approx(filtered[default])
+    unfiltered = {int(p): r for p, r in manifest["recall_by_nprobe"].items()}
+    # the smallest nprobe of the ladder that reaches the target both ways
+    both = [p for p in sorted(unfiltered) if unfiltered[p] >= INDEX_TARGET_RECALL
+            and filtered.get(p, 0.0) >= INDEX_TARGET_RECALL]  # fmt: skip
+    assert default == both[0]
+    index = faiss.read_index(
+        str(ArtifactRoot(tmp_path).indexes / report.index_version / INDEX_FILE)
+    )
+    no_map = faiss.DirectMap.NoMap  # type: ignore[attr-defined]  # not in the stubs
+    assert faiss.extract_index_ivf(index).direct_map.type == no_map

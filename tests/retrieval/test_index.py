@@ -15,6 +15,7 @@ from recsys.retrieval.index import (
     EXACT_BELOW,
     MAX_NLIST,
     MIN_POINTS_PER_LIST,
+    FilteredRecall,
     IndexValidationError,
     ItemIndex,
     augment_items,
@@ -23,6 +24,7 @@ from recsys.retrieval.index import (
     exact_neighbours,
     pad_queries,
     recall_at_k,
+    recall_ladder,
     save_index_version,
 )
 from recsys.types import Float32Array
@@ -322,3 +324,31 @@ def test_a_target_recall_raises_the_default_nprobe(
     assert manifest["default_nprobe"] == reaching[0] > 1
     assert manifest["recall"] == ladder[reaching[0]]
     assert load(root.indexes / version, min_recall=0.97).default_nprobe == reaching[0]
+
+
+def test_a_filtered_recall_below_the_target_raises_the_default_nprobe_further(
+    tmp_path: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> None:
+    root = ArtifactRoot(tmp_path)
+    plain = read_manifest(
+        root.indexes
+        / save_index_version(
+            root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9
+        )
+    )
+    unfiltered_choice = plain["default_nprobe"]
+    later = [p for p in recall_ladder(NLIST, 1) if p > unfiltered_choice]
+    # With the filter, the unfiltered choice and the next ladder value fall short; the one
+    # after reaches the target; an nprobe not measured under the filter never counts.
+    by_nprobe = {unfiltered_choice: 0.85, later[0]: 0.88, later[1]: 0.96}
+    filtered = FilteredRecall(k=20, radius_km=8.0, queries=64, by_nprobe=by_nprobe)
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9,
+        filtered=filtered,
+    )  # fmt: skip
+    manifest = read_manifest(root.indexes / version)
+    assert manifest["default_nprobe"] == later[1]
+    assert manifest["filtered_recall"] == 0.96
+    assert manifest["filtered_recall_k"] == 20
+    assert manifest["filtered_radius_km"] == 8.0
+    assert manifest["filtered_recall_by_nprobe"][str(later[0])] == 0.88

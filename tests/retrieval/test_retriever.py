@@ -16,7 +16,13 @@ from recsys.artifacts import ArtifactRoot
 from recsys.geo import haversine_km
 from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.retrieval.index import ItemIndex, build_index, save_index_version
-from recsys.retrieval.retriever import CatalogueGeo, RetrievalQuery, Retriever, cell_of
+from recsys.retrieval.retriever import (
+    CatalogueGeo,
+    RetrievalQuery,
+    Retriever,
+    cell_of,
+    recall_under_filter,
+)
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
 from recsys.world import Catalogue
 
@@ -601,3 +607,35 @@ def test_a_cells_reach_covers_the_radius_around_every_point_of_the_cell(
     assume(haversine_km(point.lat, point.lon, *there) <= radius_km)  # the offset may overshoot
     centre, reach = retriever_module.cell_reach_km(cell, radius_km)
     assert haversine_km(centre.lat, centre.lon, *there) <= reach
+
+
+def test_recall_under_filter_against_a_brute_force_reference(
+    world: World, index: ItemIndex
+) -> None:
+    """The build's quality measure: exact search is recall 1 under the filter; an IVF index
+    probing one list of 32 is not, and probing all of them is again exact."""
+    retriever = make_retriever(world, index, {"restaurants_off": [0, 1, 2, 3]})
+    rows = np.arange(40, dtype=np.int64)
+    rng = np.random.default_rng(5)
+    places = [Location(*rng.uniform((52.4, 13.2), (52.6, 13.6))) for _ in rows]
+    measured = recall_under_filter(
+        retriever, world.items, rows, places, k=30, radius_km=8.0, nprobes=[1, 32]
+    )
+
+    # the reference: exact top 30 over the eligible items, one query at a time
+    def recall_of(nprobe: int) -> float:
+        hits = total = 0
+        for row, place in zip(rows.tolist(), places, strict=True):
+            top = exact_top(world, row, eligible(world, retriever.availability, place, 8.0), 30)
+            q = RetrievalQuery(user_row=row, location=place, k=30, nprobe=nprobe, radius_km=8.0)
+            hits += int(np.isin(top, retriever.retrieve_batch([q])[0].sku_ids).sum())
+            total += top.size
+        return hits / total
+
+    assert measured == pytest.approx({1: recall_of(1), 32: recall_of(32)})
+    assert measured[32] == 1.0
+    if index.nlist:
+        assert measured[1] < 0.95
+    with pytest.raises(ValueError, match="places: expected one per user"):
+        recall_under_filter(retriever, world.items, rows, places[:3], k=30, radius_km=8.0,
+                            nprobes=[1])  # fmt: skip

@@ -1,10 +1,10 @@
 """The exposure log: what each user was shown, by which versions and experiment arms.
 
-:meth:`ExposureSink.record` never waits: it puts the record into a bounded asyncio queue, or
-drops and counts it when the queue is full. A background task takes records in batches and
-hands them to a :class:`LineWriter` in a dedicated thread (JSON encoding and writes both happen
-there). A batch whose write raises is logged (rate-limited), counted as a sink error and its
-records as dropped. :meth:`ExposureSink.close` writes everything still queued before returning.
+:meth:`ExposureSink.record` never waits: it puts the record into a bounded queue, or drops
+and counts it when the queue is full. A writer thread of the sink's own takes records in
+batches and hands them to a :class:`LineWriter` (JSON encoding and writes both happen there).
+A batch whose write raises is logged (rate-limited), counted as a sink error and its records
+as dropped. :meth:`ExposureSink.close` writes everything still queued before returning.
 
 One JSON object per line (:class:`recsys.serving.record.ExposureRecord`). The writers live in
 :mod:`recsys.linelog` (shared with the outcome events) and are re-exported here;
@@ -24,11 +24,12 @@ first, counting what it had to skip (:class:`ExposureReadStats`). See docs/expos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from queue import Empty
 from typing import Protocol
 
 from recsys.linelog import (
@@ -74,13 +75,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
-DRAIN_GATHER_SECONDS = 0.02
-"""After a write of fewer than ``max_batch`` records, wait this long for more before handing
-the next batch to the writer thread: each hand-off costs the event loop a thread wake-up, and
-under load one per few records was ~9% of a cache hit's samples (py-spy). Records reach the
-log at most this much later; responses are not delayed."""
 """After a failed write is logged with its traceback, further failures are summed up in one
 line at most this often (a Redis outage must not flood the log with one traceback a batch)."""
+DRAIN_GATHER_SECONDS = 0.02
+"""Woken by a record after its queue was empty, the writer thread waits this long for more
+before taking a batch: one wake-up (and one ``write``) per batch instead of per few records.
+Records reach the log at most this much later; responses are not delayed."""
 
 ExposureReadStats = LineReadStats
 exposure_log_files = log_files
@@ -167,7 +167,15 @@ class _FailureLog:
 
 
 class ExposureSink:
-    """Bounded, off-the-hot-path exposure log. ``start`` on the loop, ``close`` to flush."""
+    """Bounded, off-the-hot-path exposure log: a writer thread of its own, ``start`` it, then
+    ``close`` it on the event loop to flush.
+
+    The request path only puts the record into a :class:`queue.SimpleQueue` (no event-loop work
+    per record or per batch): the thread sleeps in ``get`` while nothing is queued, so a put
+    wakes it only when the queue was empty; it then gathers for
+    :data:`DRAIN_GATHER_SECONDS`, takes up to ``max_batch`` records, encodes and writes them,
+    and takes the next batch at once while a full one was waiting.
+    """
 
     def __init__(
         self,
@@ -176,6 +184,7 @@ class ExposureSink:
         queue_size: int = 10_000,
         max_batch: int = 512,
         observer: ExposureObserver | None = None,
+        gather_seconds: float = DRAIN_GATHER_SECONDS,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"exposure queue_size is {queue_size}; expected >= 1")
@@ -184,74 +193,77 @@ class ExposureSink:
         self._writer = writer
         self._queue_size = queue_size
         self._max_batch = max_batch
+        self._gather_seconds = gather_seconds
         self._observer: ExposureObserver = observer or _NullObserver()
-        self._queue: asyncio.Queue[ExposureRecord] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exposure-writer")
+        self._queue: queue.SimpleQueue[ExposureRecord | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._failures = _FailureLog(FAILURE_LOG_INTERVAL_SECONDS)
         self._closed = False
 
     @property
     def queue_depth(self) -> int:
-        return 0 if self._queue is None else self._queue.qsize()
+        return self._queue.qsize()
 
     def start(self) -> None:
-        if self._task is not None:
+        if self._thread is not None:
             raise RuntimeError("exposure sink is already started")
-        self._queue = asyncio.Queue(maxsize=self._queue_size)
-        self._task = asyncio.get_running_loop().create_task(self._drain(), name="exposure-sink")
+        self._thread = threading.Thread(target=self._run, name="exposure-writer", daemon=True)
+        self._thread.start()
 
     def record(self, request: Request, recommendation: Recommendation) -> bool:
         """Queue one response's record; False (and counted as dropped) if it cannot be queued."""
-        if self._queue is None or self._closed:
+        if self._thread is None or self._closed or self._queue.qsize() >= self._queue_size:
             self._observer.exposures_dropped(1)
             return False
-        try:
-            self._queue.put_nowait(ExposureRecord(time.time(), request, recommendation))
-        except asyncio.QueueFull:
-            self._observer.exposures_dropped(1)
-            return False
+        self._queue.put(ExposureRecord(time.time(), request, recommendation))
         return True
 
     async def close(self) -> None:
-        """Write every queued record, then stop the writer and close it (errors are logged and
-        counted, never raised: the server's stop goes on)."""
-        self._closed = True
-        if self._queue is not None and self._task is not None:
-            await self._queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        loop = asyncio.get_running_loop()
+        """Write every queued record, then close the writer (errors are logged and counted,
+        never raised: the server's stop goes on)."""
+        self._closed = True  # records from now on are refused: none comes after the stop mark
+        thread = self._thread
+        if thread is None:
+            await asyncio.to_thread(self._close_writer)
+            return
+        self._queue.put(None)  # the stop mark: the thread writes what precedes it, then stops
+        await asyncio.to_thread(thread.join)
+
+    def _run(self) -> None:
+        pending = self._queue
+        full = False
+        while True:
+            batch = [pending.get()]  # asleep while nothing is queued
+            if batch[0] is not None and not full and not self._closed:
+                time.sleep(self._gather_seconds)  # one wake-up per batch, not per record
+            while batch[-1] is not None and len(batch) < self._max_batch:
+                try:
+                    batch.append(pending.get_nowait())
+                except Empty:
+                    break
+            stop = batch[-1] is None
+            records = [record for record in batch if record is not None]
+            full = len(records) >= self._max_batch
+            if records:
+                self._write(records)
+            if stop:
+                self._close_writer()
+                return
+
+    def _write(self, batch: list[ExposureRecord]) -> None:
         try:
-            await loop.run_in_executor(self._thread, self._writer.close)
+            self._writer.write_lines([record.to_json() for record in batch])
+        except Exception as e:
+            self._observer.exposure_sink_errors(1)
+            self._observer.exposures_dropped(len(batch))
+            self._failures.failed(len(batch), e)
+        else:
+            self._observer.exposures_written(len(batch))
+            self._failures.succeeded()
+
+    def _close_writer(self) -> None:
+        try:
+            self._writer.close()
         except Exception:
             log.exception("exposure log: closing the writer failed")
             self._observer.exposure_sink_errors(1)
-        self._thread.shutdown(wait=True)
-
-    def _write(self, batch: list[ExposureRecord]) -> None:
-        self._writer.write_lines([record.to_json() for record in batch])
-
-    async def _drain(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            while len(batch) < self._max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            try:
-                await loop.run_in_executor(self._thread, self._write, batch)
-            except Exception as e:
-                self._observer.exposure_sink_errors(1)
-                self._observer.exposures_dropped(len(batch))
-                self._failures.failed(len(batch), e)
-            else:
-                self._observer.exposures_written(len(batch))
-                self._failures.succeeded()
-            finally:
-                for _ in batch:
-                    queue.task_done()
-            if len(batch) < self._max_batch and not self._closed:
-                await asyncio.sleep(DRAIN_GATHER_SECONDS)

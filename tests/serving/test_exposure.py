@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,77 @@ async def test_records_after_close_are_dropped_and_counted(tmp_path: Path) -> No
     await sink.close()
     assert sink.record(*response(0)) is False
     assert counts.dropped == 1
+
+
+class BatchLog:
+    """Keeps every batch it is given, in memory."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.closed = False
+
+    def write_lines(self, lines: list[str]) -> None:
+        self.batches.append(list(lines))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def wait_written(counts: Counts, records: int, seconds: float = 10.0) -> None:
+    """Poll until the sink's writer thread has counted ``records`` written; fail after
+    ``seconds``. Run it with ``asyncio.to_thread``."""
+    deadline = time.monotonic() + seconds
+    while counts.written < records:
+        assert time.monotonic() < deadline, "the writer thread did not get there in time"
+        time.sleep(0.005)
+
+
+async def test_records_put_within_the_gather_time_are_written_in_one_batch() -> None:
+    writer = BatchLog()
+    counts = Counts()
+    sink = ExposureSink(writer, queue_size=1_000, observer=counts, gather_seconds=0.5)
+    sink.start()
+    for n in range(50):
+        assert sink.record(*response(n))
+    await asyncio.to_thread(wait_written, counts, 50)
+    assert [len(batch) for batch in writer.batches] == [50]
+    await sink.close()
+
+
+async def test_a_record_after_the_writer_went_idle_wakes_it_without_a_close() -> None:
+    writer = BatchLog()
+    counts = Counts()
+    sink = ExposureSink(writer, observer=counts, gather_seconds=0.001)
+    sink.start()
+    for n in range(3):  # each after the previous was written: the queue was empty each time
+        assert sink.record(*response(n))
+        await asyncio.to_thread(wait_written, counts, n + 1)
+    assert [json.loads(line)["request_id"] for b in writer.batches for line in b] == [
+        "r0",
+        "r1",
+        "r2",
+    ]
+    await sink.close()
+
+
+async def test_nothing_queued_is_lost_when_the_sink_closes_while_the_writer_is_busy(
+    tmp_path: Path,
+) -> None:
+    files = RotatingFileWriter(tmp_path)
+    writer = GatedWriter(files)
+    counts = Counts()
+    sink = ExposureSink(writer, queue_size=10_000, max_batch=64, observer=counts)
+    sink.start()
+    assert sink.record(*response(0))
+    await asyncio.to_thread(writer.entered.wait)  # the first batch is stuck in the writer
+    for n in range(1, 1_000):  # queued behind it, more than one full batch
+        assert sink.record(*response(n))
+    closing = asyncio.ensure_future(sink.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # close waits for the writer
+    assert sink.record(*response(1_000)) is False  # refused once the close began
+    writer.gate.set()
+    await closing
+    assert [line["request_id"] for line in read_lines(tmp_path)] == [f"r{n}" for n in range(1_000)]
+    assert (counts.written, counts.dropped) == (1_000, 1)
+    assert files.active_path is None  # the writer was closed after the last batch

@@ -89,14 +89,17 @@ def validate_request(
     request that sets its own ``hour`` (a client in another time zone, the traffic simulator)
     is ranked for that hour.
     """
-    _check_text("user_id", message.user_id, max_bytes=MAX_USER_ID_BYTES, required=True)
-    _check_text("request_id", message.request_id, max_bytes=MAX_REQUEST_ID_BYTES, required=False)
-    _check_text("surface", message.surface, max_bytes=MAX_LABEL_BYTES, required=False)
-    _check_text("platform", message.platform, max_bytes=MAX_LABEL_BYTES, required=False)
-    if not 0 <= message.num_results <= MAX_NUM_RESULTS:
+    # Each field read from the message makes a new Python object: read each once.
+    user_id, request_id = message.user_id, message.request_id
+    surface, platform, num_results = message.surface, message.platform, message.num_results
+    _check_text("user_id", user_id, max_bytes=MAX_USER_ID_BYTES, required=True)
+    _check_text("request_id", request_id, max_bytes=MAX_REQUEST_ID_BYTES, required=False)
+    _check_text("surface", surface, max_bytes=MAX_LABEL_BYTES, required=False)
+    _check_text("platform", platform, max_bytes=MAX_LABEL_BYTES, required=False)
+    if not 0 <= num_results <= MAX_NUM_RESULTS:
         raise InvalidRequest(
             "num_results",
-            f"is {message.num_results}; expected 0..{MAX_NUM_RESULTS} "
+            f"is {num_results}; expected 0..{MAX_NUM_RESULTS} "
             f"(0 means the default, {DEFAULT_NUM_RESULTS})",
         )
     if message.HasField("hour"):
@@ -106,17 +109,20 @@ def validate_request(
 
     location = None
     if message.HasField("location"):
-        _check_coordinate("location.lat", message.location.lat, 90.0)
-        _check_coordinate("location.lon", message.location.lon, 180.0)
-        location = Location(lat=message.location.lat, lon=message.location.lon)
+        point = message.location
+        lat, lon = point.lat, point.lon
+        _check_coordinate("location.lat", lat, 90.0)
+        _check_coordinate("location.lon", lon, 180.0)
+        location = Location(lat=lat, lon=lon)
 
+    exclusions = message.exclude_sku_ids
     return Request(
-        request_id=message.request_id or make_request_id(),
-        user_id=message.user_id,
-        num_results=message.num_results or DEFAULT_NUM_RESULTS,
+        request_id=request_id or make_request_id(),
+        user_id=user_id,
+        num_results=num_results or DEFAULT_NUM_RESULTS,
         location=location,
-        surface=message.surface or DEFAULT_SURFACE,
-        platform=message.platform,
-        exclude_sku_ids=_validated_exclusions(list(message.exclude_sku_ids)),
+        surface=surface or DEFAULT_SURFACE,
+        platform=platform,
+        exclude_sku_ids=_validated_exclusions(list(exclusions)) if exclusions else (),
         hour=hour,
     )

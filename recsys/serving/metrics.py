@@ -337,6 +337,8 @@ class ServingMetrics:
         self._cache_entries = Gauge(
             "recsys_result_cache_entries", "Recommendations held in the result cache.", registry=r
         )
+        self._cache_entries_now = 0  # a plain int on the request path, read at scrape time
+        self._cache_entries.set_function(lambda: self._cache_entries_now)
         self._scores = ScoreHistograms(
             "recsys_live_score",
             "Scores served, per model version (compare with the training baseline).",
@@ -409,7 +411,7 @@ class ServingMetrics:
 
     def observe_cache(self, hit: bool, entries: int) -> None:
         self._child(self._cache_lookups, "hit" if hit else "miss").inc()
-        self._cache_entries.set(entries)
+        self._cache_entries_now = entries
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
 

@@ -250,3 +250,15 @@ def test_in_flight_calls_and_status_codes_are_counted() -> None:
     assert value("recsys_requests_total", {"code": "OK"}) == 2
     assert value("recsys_requests_total", {"code": "RESOURCE_EXHAUSTED"}) == 1
     assert value("recsys_request_duration_seconds_count") == 3
+
+
+def test_cache_lookups_are_counted_and_the_entries_gauge_shows_the_last_size() -> None:
+    metrics = ServingMetrics()
+    value = metrics.registry.get_sample_value
+    assert value("recsys_result_cache_entries") == 0
+    metrics.observe_cache(False, 0)
+    metrics.observe_cache(True, 1)
+    metrics.observe_cache(True, 7)
+    assert value("recsys_result_cache_lookups_total", {"result": "miss"}) == 1
+    assert value("recsys_result_cache_lookups_total", {"result": "hit"}) == 2
+    assert value("recsys_result_cache_entries") == 7

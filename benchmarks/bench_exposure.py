@@ -6,10 +6,10 @@ and the file still open at the stop compressed by the next writer, timed too: ev
 up compressed, the steady-state cost of a record on disk); ``redis``, a RedisStreamWriter to
 ``--redis`` on a stream key of its own, deleted afterwards (the Redis server's own CPU is not
 counted). ``--records`` records go through ``ExposureSink.record`` on an event loop in bursts
-of ``--burst`` (one ``asyncio.sleep(0)`` between bursts, so the drain task hands batches to the
-writer thread while records keep coming), then ``close`` writes what is still queued. The
-figure is the whole process's CPU time (``time.process_time``: the loop thread's ``record`` and
-drain task, the writer thread's encoding, write and compression, the Redis client) divided by
+of ``--burst`` (one ``asyncio.sleep(0)`` between bursts, so the writer thread takes batches
+while records keep coming), then ``close`` writes what is still queued. The figure is the
+whole process's CPU time (``time.process_time``: the loop thread's ``record``, the writer
+thread's batching, encoding, write and compression, the Redis client) divided by
 the records; wall time is printed too. ``encode`` is ``ExposureRecord.to_json`` alone, and
 ``encode-before`` the first wave's smaller record encoded the way it was (json over tolist), on
 the same records in the same run.

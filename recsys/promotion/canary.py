@@ -237,9 +237,7 @@ def _arm(users: dict[str, list[int]]) -> ArmStats:
         return ArmStats()
     counts = np.array(list(users.values()), dtype=np.int64)
     requests, successes = int(counts[:, 0].sum()), int(counts[:, 1].sum())
-    return ArmStats(
-        requests, successes, len(users), clustered_variance(counts[:, 0], counts[:, 1])
-    )
+    return ArmStats(requests, successes, len(users), clustered_variance(counts[:, 0], counts[:, 1]))
 
 
 def score_psi(scores: list[np.ndarray], min_scores: int = 2000) -> float:

@@ -2,26 +2,39 @@
 
 The product serves more than twenty ranking model versions at the same time (surfaces such as
 the home feed, "near me" and promotions, each with production, canary and experiment-arm
-versions). This benchmark stands up that situation in-process on a built world:
+versions). This benchmark stands up that situation on a built world:
 
-- trains ``--versions`` - 1 further versions of the ranker (seeds 101, 102, ...; the registry's
-  own ``train``: registered, validated, compiled) into a private copy of ``--artifacts``;
+- trains further versions of the ranker until a private copy of ``--artifacts`` holds
+  ``--versions`` (seeds 101, 102, ... after the built one; the registry's own ``train``:
+  registered, validated, compiled);
 - loads them all through the serving model cache in a fresh process and reports the RSS each
   version after the first adds (the compiled library, the booster, the golden rows);
 - an experiments document (in this benchmark only, not the served default) that routes the
   versions: 3 surfaces x 8 arms each pinning one version (``model_version`` per arm); every
   request of a batch lands in a random (surface, arm) cell, so a batch splits across up to 24
   versions as it would in production;
-- runs the batched stages over batches of ``--batch`` requests, alternating rounds where every
-  request is pinned to one version and rounds where the batch splits over all versions (same
-  users, same candidates), and reports CPU per request and the batch wall-time p50/p99 of each.
+- in process (the default): runs the batched stages over batches of ``--batch`` requests,
+  alternating rounds where every request is pinned to one version and rounds where the batch
+  splits over all versions (same users, same candidates), and reports CPU per request and the
+  batch wall-time p50/p99 of each;
+- ``--served``: starts a real `recsys serve` on the copy (result cache off, so every call runs
+  the ranker) and alternates two experiments documents on it, published to its control store
+  like any change: ``one`` (every arm pins the production version) and ``many`` (the 3 x 8 arms
+  pin all the versions). Each request goes to the surface on which its user is in an arm, so
+  every call is routed by an arm and the arms get users evenly. Per document and round: a
+  warm-up, the capacity (closed loop, ``--concurrency`` in flight), then an open loop at 70% of
+  the first round's one-version capacity (the same rate for both documents): p50/p99, the
+  server's CPU per call and share of a core, and the versions the answers name.
 
     python -m benchmarks.bench_models --artifacts /tmp/art20k [--versions 24] [--batch 16]
+    python -m benchmarks.bench_models --artifacts /tmp/art20k --served [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
 import os
 import resource
@@ -30,31 +43,104 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 
+from benchmarks.bench_latency import free_port
 from benchmarks.bench_rank_cut import load_state
+from benchmarks.bench_throughput import (
+    children_cpu,
+    closed_loop,
+    make_requests,
+    open_loop,
+    percentiles,
+    wait_answering,
+)
 from recsys.artifacts import ArtifactRoot
 from recsys.control.backends import open_store
+from recsys.control.store import EXPERIMENTS
+from recsys.experiments.assignment import RequestAttributes, compile_config
+from recsys.experiments.config import DEFAULT_NUM_BUCKETS, SCHEMA_VERSION
 from recsys.pipeline.stages import build_stages
 from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.registry import ModelRegistry
 from recsys.serving.pipeline import Job, recommend_batch
 from recsys.types import Assignment, Location, PipelineParams, Request
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 SURFACES = ("home", "near_me", "promotions")
 ARMS_PER_SURFACE = 8
+MODEL_LAYER = "models"
 
 
-def experiments_document(versions: list[str]) -> dict[str, str]:
-    """Which version each (surface, arm) cell pins: the routing this benchmark serves."""
-    cells = [(s, a) for s in SURFACES for a in range(ARMS_PER_SURFACE)]
+def experiments_document(versions: Sequence[str]) -> dict[str, Any]:
+    """The routing this benchmark serves (in this benchmark only, not the served default).
+
+    One layer (``model_version`` may be set in one layer only) with one experiment per surface,
+    targeted at it; running experiments of a layer own disjoint buckets, so each owns a third of
+    them. Each has ``ARMS_PER_SURFACE`` equal arms; arm n of the 24 pins
+    ``versions[n % len(versions)]``. Given one version, every arm pins it: the same assignment
+    work and exposures, one model. The salts do not depend on the versions, so a user lands in
+    the same (surface, arm) under either document.
+    """
+    share = DEFAULT_NUM_BUCKETS // len(SURFACES)
+    experiments = []
+    for s, surface in enumerate(SURFACES):
+        end = DEFAULT_NUM_BUCKETS if s == len(SURFACES) - 1 else (s + 1) * share
+        arms = [
+            {
+                "name": f"arm-{a}",
+                "weight": 1,
+                "params": {"model_version": versions[(s * ARMS_PER_SURFACE + a) % len(versions)]},
+            }
+            for a in range(ARMS_PER_SURFACE)
+        ]
+        experiments.append(
+            {
+                "name": f"models-{surface}",
+                "status": "running",
+                "epoch": 0,
+                "buckets": [[s * share, end]],
+                "targeting": {"surfaces": [surface]},
+                "arms": arms,
+            }
+        )
     return {
-        f"{surface}/arm-{arm}": versions[n % len(versions)]
-        for n, (surface, arm) in enumerate(cells)
+        "schema": SCHEMA_VERSION,
+        "num_buckets": DEFAULT_NUM_BUCKETS,
+        "layers": [{"name": MODEL_LAYER, "salt": MODEL_LAYER, "experiments": experiments}],
     }
+
+
+def cell_versions(document: Mapping[str, Any]) -> dict[str, str]:
+    """``surface/arm`` -> the version that cell pins."""
+    [layer] = document["layers"]
+    return {
+        f"{exp['targeting']['surfaces'][0]}/{arm['name']}": arm["params"]["model_version"]
+        for exp in layer["experiments"]
+        for arm in exp["arms"]
+    }
+
+
+def surface_of_users(document: Mapping[str, Any], user_ids: Iterable[str]) -> dict[str, str]:
+    """The surface on which each user falls into an arm (the one whose experiment owns the
+    user's bucket), by the serving assignment code. Sending each user on that surface puts
+    every request in an arm, and the arms get users evenly (by hash)."""
+    assigner = compile_config(document)
+    found: dict[str, str] = {}
+    for user in user_ids:
+        for surface in SURFACES:
+            attributes = RequestAttributes(surface=surface, has_location=True)
+            if assigner.assign(user, attributes).exposures:
+                found[user] = surface
+                break
+    return found
 
 
 def rss_mb() -> float:
@@ -87,6 +173,198 @@ def loaded_version_mb(artifacts: Path, versions: list[str]) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def production_version(artifacts: Path) -> str:
+    store = open_store("", artifacts)
+    try:
+        return (
+            ModelRegistry(ArtifactRoot(artifacts), store).routing()[0].models["ranker"].production
+        )
+    finally:
+        store.close()
+
+
+def publish(artifacts: Path, document: Mapping[str, Any]) -> int:
+    """Write ``document`` as the experiments document of ``artifacts``' control store."""
+    store = open_store("", artifacts)
+    try:
+        current = store.read(EXPERIMENTS)
+        expected = current.version if current is not None else 0
+        return store.write(EXPERIMENTS, document, expected_version=expected, author="bench").version
+    finally:
+        store.close()
+
+
+async def wait_config(target: str, version: int, seconds: float) -> None:
+    """Until the server answers with experiments document ``version`` (it polls the store)."""
+    request = recommender_pb2.RecommendRequest(user_id="warm-up", num_results=20)
+    async with asyncio.timeout(seconds), grpc.aio.insecure_channel(target) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        while True:
+            if (await stub.Recommend(request, timeout=10)).config_version == str(version):
+                return
+            await asyncio.sleep(0.2)
+
+
+def served_requests(
+    artifacts: Path, document: Mapping[str, Any], n: int, seed: int
+) -> list[recommender_pb2.RecommendRequest]:
+    """Distinct requests of known users (located near home), each on the surface where the
+    user is in an arm, so every request is routed by an arm of ``document``."""
+    requests = make_requests(artifacts, n, seed, "distinct")
+    surfaces = surface_of_users(document, {r.user_id for r in requests})
+    for request in requests:
+        request.surface = surfaces[request.user_id]
+    return requests
+
+
+def count_version(seen: Counter[str], response: recommender_pb2.RecommendResponse) -> None:
+    seen[response.model_version] += 1
+
+
+def server_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def measure_served(
+    args: argparse.Namespace, artifacts: Path, versions: list[str], production: str
+) -> None:
+    """A real `recsys serve` (result cache off: every call runs the ranker) on the private copy,
+    one configuration at a time by publishing its experiments document: ``one`` (every arm
+    pins production) and ``many`` (the arms pin all the versions). Per configuration and round:
+    a warm-up, capacity (closed loop), then an open loop at 70% of the first round's one-version
+    capacity (the same rate for both), server CPU per call and the versions the answers name."""
+    documents = {"one": experiments_document([production]), "many": experiments_document(versions)}
+    requests = served_requests(artifacts, documents["many"], args.requests, args.seed)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts),
+        "--port", str(port), "--metrics-port", str(free_port()), "--cache-entries", "0",
+    ]  # fmt: skip
+    publish(artifacts, documents["one"])
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rate: float | None = None
+    try:
+        asyncio.run(wait_answering(target, 600))
+        for round_ in range(args.rounds):
+            for name, document in documents.items():
+                asyncio.run(wait_config(target, publish(artifacts, document), 120))
+                asyncio.run(closed_loop(target, requests, args.concurrency, args.warmup))
+                seen: Counter[str] = Counter()
+                count = functools.partial(count_version, seen)
+                cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
+                latencies, codes = asyncio.run(
+                    closed_loop(target, requests, args.concurrency, args.seconds, count)
+                )
+                capacity = len(latencies) / (time.perf_counter() - wall0)
+                cpu_closed = children_cpu(process.pid) - cpu0
+                # The share of a core the server got: on a shared machine a low capacity with a
+                # low share is the machine's doing, not the server's.
+                cores_closed = cpu_closed / (time.perf_counter() - wall0)
+                load_closed = os.getloadavg()[0]
+                rate = rate or 0.7 * capacity
+                cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
+                open_latencies, open_codes = asyncio.run(
+                    open_loop(target, requests, rate, args.seconds, count)
+                )
+                cpu_open = children_cpu(process.pid) - cpu0
+                cores_open = cpu_open / (time.perf_counter() - wall0)
+                row = {
+                    "round": round_,
+                    "config": name,
+                    "capacity_per_s": round(capacity, 1),
+                    "closed_cpu_us_per_call": round(cpu_closed / max(len(latencies), 1) * 1e6),
+                    "closed_server_cores": round(cores_closed, 2),
+                    "closed_codes": codes,
+                    "load_closed": round(load_closed, 2),
+                    "open_rate": round(rate, 1),
+                    **percentiles(open_latencies),
+                    "open_cpu_us_per_call": round(cpu_open / max(len(open_latencies), 1) * 1e6),
+                    "open_server_cores": round(cores_open, 2),
+                    "open_codes": open_codes,
+                    "load_open": round(os.getloadavg()[0], 2),
+                    "versions_served": len(seen),
+                    "calls_per_version_min_max": [min(seen.values()), max(seen.values())],
+                    "server_rss_mb": round(server_rss_mb(process.pid), 1),
+                }
+                print(json.dumps(row), flush=True)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure_in_process(
+    args: argparse.Namespace, artifacts: Path, versions: list[str], document: Mapping[str, Any]
+) -> None:
+    """The batched stages in this process: one version against batches split over the cells."""
+    root = ArtifactRoot(artifacts)
+    snapshot = load_state(artifacts)
+    base = dict(snapshot.models)
+    cache = ModelCache(root)
+    cache_models = {version: cache.get("ranker", version) for version in versions}
+    snapshot = replace(snapshot, models={**base, **cache_models})
+    stages = build_stages().batched
+    tables = snapshot.tables
+    rng = np.random.default_rng(args.seed)
+    known = np.flatnonzero(np.abs(np.asarray(tables.user_vectors)).sum(axis=1) > 0)
+    cells = list(cell_versions(document).values())
+    one = versions[0]
+
+    def jobs(split: bool, rows: np.ndarray) -> list[Job]:
+        out = []
+        for n, row in enumerate(rows.tolist()):
+            version = cells[int(rng.integers(len(cells)))] if split else one
+            params = PipelineParams(model_version=version)
+            home = Location(float(tables.user_home_lat[row]), float(tables.user_home_lon[row]))
+            request = Request(f"r{n}", str(tables.user_ids[row]), 20, home)
+            out.append(Job(request, Assignment((), params, "1"), snapshot))
+        return out
+
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"cpu": [], "wall": []} for k in ("one", "split")
+    }
+    for round_ in range(args.rounds + 1):  # the first round warms up
+        for split in (False, True):
+            name = "split" if split else "one"
+            batches = [jobs(split, rng.choice(known, size=args.batch)) for _ in range(args.batches)]
+            cpu = time.process_time()
+            for batch in batches:
+                t = time.perf_counter()
+                recommend_batch(batch, stages)
+                if round_:
+                    results[name]["wall"].append(time.perf_counter() - t)
+            if round_:
+                spent = time.process_time() - cpu
+                results[name]["cpu"].append(spent / (args.batches * args.batch) * 1e6)
+    summary = {
+        name: {
+            "cpu_us_per_request_median": round(float(np.median(r["cpu"])), 1),
+            "batch_wall_p50_ms": round(float(np.percentile(r["wall"], 50)) * 1e3, 2),
+            "batch_wall_p99_ms": round(float(np.percentile(r["wall"], 99)) * 1e3, 2),
+        }
+        for name, r in results.items()
+    }
+    ratio = (
+        summary["split"]["cpu_us_per_request_median"] / summary["one"]["cpu_us_per_request_median"]
+    )
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                **summary,
+                "split_vs_one_cpu": round(ratio, 3),
+                "load_after": os.getloadavg(),
+            }
+        ),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -95,6 +373,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60, help="batches per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--served", action="store_true", help="against a real `recsys serve` (see above)"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="--served: each phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="--served: seconds")
+    parser.add_argument("--concurrency", type=int, default=16, help="--served: closed loop")
+    parser.add_argument("--requests", type=int, default=20_000, help="--served: the stream")
     args = parser.parse_args()
     print(json.dumps({"load_before": os.getloadavg()}), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
@@ -104,90 +389,33 @@ def main() -> None:
         store = open_store("", artifacts)
         registry = ModelRegistry(root, store)
         start = time.perf_counter()
-        for n in range(args.versions - 1):
-            registry.train("ranker", seed=101 + n)
+        present = len(root.model_versions().get("ranker", ()))
+        for n in range(present, args.versions):  # a root that holds them already trains none
+            registry.train("ranker", seed=100 + n)
         train_s = time.perf_counter() - start
         store.close()
-        snapshot = load_state(artifacts)
-        base = dict(snapshot.models)
         versions = sorted(root.model_versions()["ranker"])
         per_version_mb = loaded_version_mb(artifacts, versions)
-        cache = ModelCache(root)
-        cache_models = {version: cache.get("ranker", version) for version in versions}
-        snapshot = replace(snapshot, models={**base, **cache_models})
         document = experiments_document(versions)
         print(
             json.dumps(
                 {
-                    "versions_loaded": len(snapshot.models),
+                    "versions": len(versions),
                     "train_s": round(train_s, 1),
+                    "load_after_training": os.getloadavg(),
                     "rss_mb_per_added_version": round(per_version_mb, 1),
                     "peak_rss_mb": round(
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
                     ),
-                    "experiments": document,
+                    "experiments": cell_versions(document),
                 }
             ),
             flush=True,
         )
-        stages = build_stages().batched
-        tables = snapshot.tables
-        rng = np.random.default_rng(args.seed)
-        known = np.flatnonzero(np.abs(np.asarray(tables.user_vectors)).sum(axis=1) > 0)
-        cells = list(document.values())
-        one = versions[0]
-
-        def jobs(split: bool, rows: np.ndarray) -> list[Job]:
-            out = []
-            for n, row in enumerate(rows.tolist()):
-                version = cells[int(rng.integers(len(cells)))] if split else one
-                params = PipelineParams(model_version=version)
-                home = Location(float(tables.user_home_lat[row]), float(tables.user_home_lon[row]))
-                request = Request(f"r{n}", str(tables.user_ids[row]), 20, home)
-                out.append(Job(request, Assignment((), params, "1"), snapshot))
-            return out
-
-        results: dict[str, dict[str, list[float]]] = {
-            k: {"cpu": [], "wall": []} for k in ("one", "split")
-        }
-        for round_ in range(args.rounds + 1):  # the first round warms up
-            for split in (False, True):
-                name = "split" if split else "one"
-                batches = [
-                    jobs(split, rng.choice(known, size=args.batch)) for _ in range(args.batches)
-                ]
-                cpu = time.process_time()
-                for batch in batches:
-                    t = time.perf_counter()
-                    recommend_batch(batch, stages)
-                    if round_:
-                        results[name]["wall"].append(time.perf_counter() - t)
-                if round_:
-                    spent = time.process_time() - cpu
-                    results[name]["cpu"].append(spent / (args.batches * args.batch) * 1e6)
-        summary = {
-            name: {
-                "cpu_us_per_request_median": round(float(np.median(r["cpu"])), 1),
-                "batch_wall_p50_ms": round(float(np.percentile(r["wall"], 50)) * 1e3, 2),
-                "batch_wall_p99_ms": round(float(np.percentile(r["wall"], 99)) * 1e3, 2),
-            }
-            for name, r in results.items()
-        }
-        ratio = (
-            summary["split"]["cpu_us_per_request_median"]
-            / summary["one"]["cpu_us_per_request_median"]
-        )
-        print(
-            json.dumps(
-                {
-                    "batch": args.batch,
-                    **summary,
-                    "split_vs_one_cpu": round(ratio, 3),
-                    "load_after": os.getloadavg(),
-                }
-            ),
-            flush=True,
-        )
+        if args.served:
+            measure_served(args, artifacts, versions, production_version(artifacts))
+        else:
+            measure_in_process(args, artifacts, versions, document)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -148,8 +148,9 @@ async def wait_answering(target: str, seconds: float) -> None:
 
 async def closed_loop(
     target: str, requests: Sequence[recommender_pb2.RecommendRequest], concurrency: int,
-    seconds: float,
+    seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
 ) -> tuple[list[float], dict[str, int]]:  # fmt: skip
+    """``concurrency`` calls in flight for ``seconds``; ``on_response`` sees every answer."""
     latencies: list[float] = []
     codes: dict[str, int] = {}
     end = time.perf_counter() + seconds
@@ -165,8 +166,10 @@ async def closed_loop(
             position += 1
             start = time.perf_counter()
             try:
-                await stub.Recommend(req, timeout=10)
+                response = await stub.Recommend(req, timeout=10)
                 latencies.append(time.perf_counter() - start)
+                if on_response is not None:
+                    on_response(response)
                 codes["OK"] = codes.get("OK", 0) + 1
             except grpc.aio.AioRpcError as e:
                 codes[e.code().name] = codes.get(e.code().name, 0) + 1
@@ -181,7 +184,7 @@ async def closed_loop(
 
 async def open_loop(
     target: str, requests: Sequence[recommender_pb2.RecommendRequest], rate: float,
-    seconds: float,
+    seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
 ) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
     latencies: list[float] = []
@@ -193,8 +196,10 @@ async def open_loop(
 
     async def one(n: int, due: float) -> None:
         try:
-            await stubs[n % CHANNELS].Recommend(requests[n % len(requests)], timeout=10)
+            response = await stubs[n % CHANNELS].Recommend(requests[n % len(requests)], timeout=10)
             latencies.append(time.perf_counter() - due)
+            if on_response is not None:
+                on_response(response)
             codes["OK"] = codes.get("OK", 0) + 1
         except grpc.aio.AioRpcError as e:
             codes[e.code().name] = codes.get(e.code().name, 0) + 1

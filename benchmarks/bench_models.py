@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -221,9 +222,52 @@ def count_version(seen: Counter[str], response: recommender_pb2.RecommendRespons
     seen[response.model_version] += 1
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """How long the threads of ``pid`` have waited, runnable, for a CPU (/proc schedstat): the
+    time the machine, not the process, kept it from running."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def server_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+SUMMARY_FIELDS = (
+    "capacity_per_s",
+    "closed_cpu_us_per_call",
+    "p50_ms",
+    "p99_ms",
+    "open_cpu_us_per_call",
+    "open_server_runqueue_wait",
+    "load_open",
+)
+
+
+def served_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per document, the median over rounds of each figure (a round the machine starved the
+    server of CPU moves a median less than a mean), and the 24-version p99 over one's."""
+    medians = {
+        config: {
+            field: round(float(np.median([r[field] for r in rows if r["config"] == config])), 2)
+            for field in SUMMARY_FIELDS
+        }
+        for config in ("one", "many")
+    }
+    return {
+        "median_over_rounds": medians,
+        "many_vs_one_p99": round(medians["many"]["p99_ms"] / medians["one"]["p99_ms"], 2),
+        "many_vs_one_cpu_per_call_open": round(
+            medians["many"]["open_cpu_us_per_call"] / medians["one"]["open_cpu_us_per_call"], 3
+        ),
+        "versions_served_many": sorted(
+            {r["versions_served"] for r in rows if r["config"] == "many"}
+        ),
+    }
 
 
 def measure_served(
@@ -245,6 +289,7 @@ def measure_served(
     publish(artifacts, documents["one"])
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rate: float | None = None
+    rows: list[dict[str, Any]] = []
     try:
         asyncio.run(wait_answering(target, 600))
         for round_ in range(args.rounds):
@@ -253,6 +298,7 @@ def measure_served(
                 asyncio.run(closed_loop(target, requests, args.concurrency, args.warmup))
                 seen: Counter[str] = Counter()
                 count = functools.partial(count_version, seen)
+                wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
                 latencies, codes = asyncio.run(
                     closed_loop(target, requests, args.concurrency, args.seconds, count)
@@ -262,26 +308,35 @@ def measure_served(
                 # The share of a core the server got: on a shared machine a low capacity with a
                 # low share is the machine's doing, not the server's.
                 cores_closed = cpu_closed / (time.perf_counter() - wall0)
+                waited_closed = (runqueue_wait_seconds(process.pid) - wait0) / (
+                    time.perf_counter() - wall0
+                )
                 load_closed = os.getloadavg()[0]
                 rate = rate or 0.7 * capacity
+                wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
                 open_latencies, open_codes = asyncio.run(
                     open_loop(target, requests, rate, args.seconds, count)
                 )
                 cpu_open = children_cpu(process.pid) - cpu0
                 cores_open = cpu_open / (time.perf_counter() - wall0)
+                waited_open = (runqueue_wait_seconds(process.pid) - wait0) / (
+                    time.perf_counter() - wall0
+                )
                 row = {
                     "round": round_,
                     "config": name,
                     "capacity_per_s": round(capacity, 1),
                     "closed_cpu_us_per_call": round(cpu_closed / max(len(latencies), 1) * 1e6),
                     "closed_server_cores": round(cores_closed, 2),
+                    "closed_server_runqueue_wait": round(waited_closed, 2),
                     "closed_codes": codes,
                     "load_closed": round(load_closed, 2),
                     "open_rate": round(rate, 1),
                     **percentiles(open_latencies),
                     "open_cpu_us_per_call": round(cpu_open / max(len(open_latencies), 1) * 1e6),
                     "open_server_cores": round(cores_open, 2),
+                    "open_server_runqueue_wait": round(waited_open, 2),
                     "open_codes": open_codes,
                     "load_open": round(os.getloadavg()[0], 2),
                     "versions_served": len(seen),
@@ -289,6 +344,8 @@ def measure_served(
                     "server_rss_mb": round(server_rss_mb(process.pid), 1),
                 }
                 print(json.dumps(row), flush=True)
+                rows.append(row)
+        print(json.dumps(served_summary(rows)), flush=True)
     finally:
         process.terminate()
         try:

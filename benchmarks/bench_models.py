@@ -23,8 +23,9 @@ versions). This benchmark stands up that situation on a built world:
   pin all the versions). Each request goes to the surface on which its user is in an arm, so
   every call is routed by an arm and the arms get users evenly. Per document and round: a
   warm-up, the capacity (closed loop, ``--concurrency`` in flight), then an open loop at 70% of
-  the first round's one-version capacity (the same rate for both documents): p50/p99, the
-  server's CPU per call and share of a core, and the versions the answers name.
+  the one-version capacity (the median of ``--calibrate`` closed loops before the rounds; the
+  same rate for both documents): p50/p99, the server's CPU per call, share of a core and
+  runqueue wait, and the versions the answers name.
 
     python -m benchmarks.bench_models --artifacts /tmp/art20k [--versions 24] [--batch 16]
     python -m benchmarks.bench_models --artifacts /tmp/art20k --served [--seconds 10] [--rounds 3]
@@ -270,14 +271,43 @@ def served_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def one_version_capacity(
+    args: argparse.Namespace, target: str, requests: Sequence[recommender_pb2.RecommendRequest]
+) -> float:
+    """The median of ``--calibrate`` closed loops (half a phase each) on the one-version
+    document the server starts with: on a shared machine one sample of the capacity can be far
+    from the next, and an open loop at 70% of a lucky sample is an overload."""
+    asyncio.run(closed_loop(target, requests, args.concurrency, args.warmup))
+    samples = []
+    for _ in range(args.calibrate):
+        start = time.perf_counter()
+        latencies, _ = asyncio.run(
+            closed_loop(target, requests, args.concurrency, args.seconds / 2)
+        )
+        samples.append(len(latencies) / (time.perf_counter() - start))
+    capacity = float(np.median(samples))
+    print(
+        json.dumps(
+            {
+                "calibration_per_s": [round(x, 1) for x in samples],
+                "open_rate": round(0.7 * capacity, 1),
+                "load": os.getloadavg()[0],
+            }
+        ),
+        flush=True,
+    )
+    return capacity
+
+
 def measure_served(
     args: argparse.Namespace, artifacts: Path, versions: list[str], production: str
 ) -> None:
     """A real `recsys serve` (result cache off: every call runs the ranker) on the private copy,
     one configuration at a time by publishing its experiments document: ``one`` (every arm
     pins production) and ``many`` (the arms pin all the versions). Per configuration and round:
-    a warm-up, capacity (closed loop), then an open loop at 70% of the first round's one-version
-    capacity (the same rate for both), server CPU per call and the versions the answers name."""
+    a warm-up, capacity (closed loop), then an open loop at ``--rate`` or 70% of the calibrated
+    one-version capacity (the same rate for both), server CPU per call and the versions the
+    answers name."""
     documents = {"one": experiments_document([production]), "many": experiments_document(versions)}
     requests = served_requests(artifacts, documents["many"], args.requests, args.seed)
     port = free_port()
@@ -288,10 +318,10 @@ def measure_served(
     ]  # fmt: skip
     publish(artifacts, documents["one"])
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rate: float | None = None
     rows: list[dict[str, Any]] = []
     try:
         asyncio.run(wait_answering(target, 600))
+        rate = args.rate or 0.7 * one_version_capacity(args, target, requests)
         for round_ in range(args.rounds):
             for name, document in documents.items():
                 asyncio.run(wait_config(target, publish(artifacts, document), 120))
@@ -312,7 +342,6 @@ def measure_served(
                     time.perf_counter() - wall0
                 )
                 load_closed = os.getloadavg()[0]
-                rate = rate or 0.7 * capacity
                 wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
                 open_latencies, open_codes = asyncio.run(
@@ -437,6 +466,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="--served: seconds")
     parser.add_argument("--concurrency", type=int, default=16, help="--served: closed loop")
     parser.add_argument("--requests", type=int, default=20_000, help="--served: the stream")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=3,
+        help="--served: closed loops whose median one-version capacity sets the open loop's rate",
+    )
+    parser.add_argument(
+        "--rate", type=float, help="--served: the open loop's calls/s (default: 70%% of capacity)"
+    )
     args = parser.parse_args()
     print(json.dumps({"load_before": os.getloadavg()}), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:

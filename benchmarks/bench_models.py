@@ -69,6 +69,7 @@ from recsys.control.backends import open_store
 from recsys.control.store import EXPERIMENTS
 from recsys.experiments.assignment import RequestAttributes, compile_config
 from recsys.experiments.config import DEFAULT_NUM_BUCKETS, SCHEMA_VERSION
+from recsys.monitoring.baseline import BaselineCache
 from recsys.pipeline.stages import build_stages
 from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.registry import ModelRegistry
@@ -393,7 +394,10 @@ def measure_in_process(
     base = dict(snapshot.models)
     cache = ModelCache(root)
     cache_models = {version: cache.get("ranker", version) for version in versions}
-    snapshot = replace(snapshot, models={**base, **cache_models})
+    models = {**base, **cache_models}
+    # Every version's training baseline, as a server compiles them: without it the monitor stage
+    # skips the versions it has none for, and the split batches would look cheaper than served.
+    snapshot = replace(snapshot, models=models, baselines=BaselineCache().for_models(models))
     stages = build_stages().batched
     tables = snapshot.tables
     rng = np.random.default_rng(args.seed)

@@ -62,6 +62,7 @@ from benchmarks.bench_throughput import (
     make_requests,
     open_loop,
     percentiles,
+    stop,
     wait_answering,
 )
 from recsys.artifacts import ArtifactRoot
@@ -377,12 +378,7 @@ def measure_served(
                 rows.append(row)
         print(json.dumps(served_summary(rows)), flush=True)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def measure_in_process(

@@ -305,12 +305,17 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
             }
         return result
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server and wait for its drain; kill it if it has not stopped within a minute."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def variant(text: str) -> tuple[str, list[str]]:

@@ -327,7 +327,7 @@ def _radius_row(
     load_s: float,
     memory_mb: float,
 ) -> Iterator[Row]:
-    from recsys.retrieval.retriever import RetrievalQuery
+    from recsys.retrieval.retriever import RetrievalQuery, exact_top_eligible
 
     availability = retriever.availability
     queries = [
@@ -343,10 +343,7 @@ def _radius_row(
     recalls = []
     for q in queries:  # the brute-force reference, one query at a time: not timed
         assert q.location is not None
-        eligible = retriever._geo.items_near(q.location, radius_km).astype(np.int64)
-        eligible = eligible[availability.item_mask[eligible]]
-        scores = items[eligible] @ tables.user_vectors[q.user_row]
-        top = eligible[np.argsort(-scores, kind="stable")[:k]]
+        top = exact_top_eligible(retriever, items, q.user_row, q.location, k=k, radius_km=radius_km)
         got = retriever.retrieve_batch([q])[0].sku_ids
         recalls.append(np.isin(top, got).mean() if top.size else 1.0)
     with cpu_timer() as t_alone:

@@ -26,6 +26,7 @@ Every row is one JSON line with the load average.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from recsys.retrieval.retriever import (
     Retriever,
     cell_of,
     cell_reach_km,
+    exact_top_eligible,
 )
 from recsys.types import Int64Array, Location
 from recsys.world import load_world
@@ -113,10 +115,7 @@ def setup(artifacts: Path, n_queries: int, k: int, seed: int) -> Setup:
             float(tables.user_home_lat[u]) + rng.normal(0, JITTER_DEG),
             float(tables.user_home_lon[u]) + rng.normal(0, JITTER_DEG),
         )
-        eligible = retriever._geo.items_near(location, RADIUS_KM).astype(np.int64)
-        eligible = eligible[availability.item_mask[eligible]]
-        scores = items[eligible] @ vectors[u]
-        truth[u] = eligible[np.argsort(-scores, kind="stable")[:k]]
+        truth[u] = exact_top_eligible(retriever, items, u, location, k=k, radius_km=RADIUS_KM)
         queries.append(
             RetrievalQuery(user_row=u, location=location, k=k, nprobe=0, radius_km=RADIUS_KM)
         )
@@ -129,7 +128,7 @@ def recall(s: Setup, found: Callable[[RetrievalQuery], Int64Array]) -> float:
 
 def stage_row(s: Setup, retriever: Retriever, label: str, nprobe: int) -> None:
     """The whole retrieve stage at ``nprobe`` (0: the index default), one query per call."""
-    queries = [RetrievalQuery(**{**q.__dict__, "nprobe": nprobe}) for q in s.queries]
+    queries = [dataclasses.replace(q, nprobe=nprobe) for q in s.queries]
     for q in queries:  # builds the cells' bitmaps: not timed
         retriever.retrieve_batch([q])
     by_row = {q.user_row: q for q in queries}
@@ -327,7 +326,7 @@ def nlist_rows(s: Setup, nlist: int, nprobes: list[int]) -> None:
         version=f"nlist{nlist}", dimension=s.index.dimension, count=s.index.count,
         default_nprobe=nprobes[0], manifest={}, faiss_index=built,
     )  # fmt: skip
-    retriever = s.retriever.__class__(
+    retriever = Retriever(
         index, s.retriever._user_vectors, s.retriever._geo.catalogue, s.retriever._popularity,
         s.availability, cell_selectors=4 * len(s.queries),
     )  # fmt: skip

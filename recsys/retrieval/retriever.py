@@ -525,6 +525,26 @@ class Retriever:
         return np.asarray(ids[np.argsort(rank)], dtype=np.int32)
 
 
+def exact_top_eligible(
+    retriever: Retriever,
+    item_vectors: Float32Array,
+    user_row: int,
+    place: Location,
+    *,
+    k: int,
+    radius_km: float,
+) -> Int64Array:
+    """The right answer under the filter: the exact top ``k`` by inner product among the items
+    available in the retriever's snapshot and within ``radius_km`` of ``place`` (brute force
+    over the eligible items, for measuring recall)."""
+    eligible = retriever._geo.items_near(place, radius_km).astype(np.int64)
+    eligible = eligible[retriever.availability.item_mask[eligible]]
+    scores = (
+        np.asarray(item_vectors, dtype=np.float32)[eligible] @ retriever._user_vectors[user_row]
+    )
+    return np.asarray(eligible[np.argsort(-scores, kind="stable")[:k]], dtype=np.int64)
+
+
 def recall_under_filter(
     retriever: Retriever,
     item_vectors: Float32Array,
@@ -542,13 +562,10 @@ def recall_under_filter(
     filter keeps a fraction of each list."""
     if len(places) != len(users):
         raise ValueError(f"places: expected one per user ({len(users)}), got {len(places)}")
-    items = np.asarray(item_vectors, dtype=np.float32)
-    truth = []
-    for row, place in zip(users.tolist(), places, strict=True):  # a few hundred probe users
-        eligible = retriever._geo.items_near(place, radius_km).astype(np.int64)
-        eligible = eligible[retriever.availability.item_mask[eligible]]
-        scores = items[eligible] @ retriever._user_vectors[row]
-        truth.append(eligible[np.argsort(-scores, kind="stable")[:k]])
+    truth = [  # a few hundred probe users
+        exact_top_eligible(retriever, item_vectors, row, place, k=k, radius_km=radius_km)
+        for row, place in zip(users.tolist(), places, strict=True)
+    ]
     out = {}
     for nprobe in nprobes:
         queries = [

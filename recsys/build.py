@@ -23,7 +23,12 @@ from recsys.artifacts import ArtifactRoot
 from recsys.settings import BuildSettings
 
 if TYPE_CHECKING:
+    import faiss
+
+    from recsys.ranking.features import FeatureTables
     from recsys.retrieval.index import FilteredRecall
+    from recsys.types import Int64Array
+    from recsys.world import World
 
 Progress = Callable[[str], None]
 INDEX_TARGET_RECALL = 0.95
@@ -153,8 +158,7 @@ def _build_stages(
             )
         rng = np.random.default_rng(settings.seed)
         known = np.flatnonzero(np.abs(emb.user_vectors).sum(axis=1) > 0)
-        probe_rows = rng.choice(known, size=min(256, known.size), replace=False)
-        probe_rows = np.sort(probe_rows)
+        probe_rows = np.sort(rng.choice(known, size=min(256, known.size), replace=False))
         report.index_version = save_index_version(
             root,
             index,
@@ -229,7 +233,7 @@ def is_built(root: Path) -> bool:
 
 
 def _recall_under_filter(
-    index: Any, world: Any, tables: Any, probe_rows: Any
+    index: faiss.Index, world: World, tables: FeatureTables, probe_rows: Int64Array
 ) -> FilteredRecall | None:
     """recall@K of the retrieve stage for the probe users at their homes, with the served
     defaults' delivery radius and K and every item available (an IVF index only: a flat one is

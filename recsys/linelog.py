@@ -49,9 +49,6 @@ DEFAULT_PREFIX = "exposures"
 _DEFAULTS = ServeSettings()
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
-FAILURE_LOG_INTERVAL_SECONDS = 60.0
-"""After a failed write is logged with its traceback, further failures are summed up in one
-line at most this often (a Redis outage must not flood the log with one traceback a batch)."""
 
 _LOG_NAME = re.compile(
     r"(?P<prefix>.+?)-(?P<pid>\d+)-(?P<start>\d+)(?:-(?P<seq>\d+))?\.jsonl(?:\.gz)?"

@@ -44,7 +44,7 @@ from typing import Any
 import redis
 
 from benchmarks.bench_latency import free_port, wait_serving_for
-from recsys.linelog import iter_log_lines
+from recsys.linelog.reading import iter_log_lines
 from recsys.monitoring.alerts import quality_drops, window_flags
 from recsys.monitoring.quality import QualityStats, quality_record, quality_stats
 from recsys.monitoring.report import write_report

@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from recsys.cli.common import CliError, parse_time
 from recsys.cli.exposures import log_directory, log_directory_arguments
-from recsys.linelog import iter_log_lines
+from recsys.linelog.reading import iter_log_lines
 from recsys.monitoring.alerts import QUALITY_MIN_IMPRESSIONS
 from recsys.monitoring.quality import QualityStats, quality_record, tumbling_windows
 from recsys.monitoring.report import write_report

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.linelog import LineReadStats, iter_log_lines
+from recsys.linelog.reading import LineReadStats, iter_log_lines
 from recsys.outcomes.events import InvalidOutcome, OutcomeEvent
 
 

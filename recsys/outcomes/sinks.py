@@ -11,7 +11,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from recsys.linelog import LineWriter, RedisStreamWriter, RotatingFileWriter
+from recsys.linelog import LineWriter
+from recsys.linelog.files import RotatingFileWriter
+from recsys.linelog.streams import RedisStreamWriter
 from recsys.outcomes.events import OutcomeEvent, encode_events
 from recsys.settings import RedisAuth
 

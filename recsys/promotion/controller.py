@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recsys.linelog import iter_log_lines
+from recsys.linelog.reading import iter_log_lines
 from recsys.outcomes.join import JoinedRequest, join_outcomes
 from recsys.outcomes.reader import iter_outcomes
 from recsys.promotion.canary import (

@@ -32,22 +32,17 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Protocol
 
-from recsys.linelog import (
+from recsys.linelog import LineWriter
+from recsys.linelog.files import (
     DEFAULT_PREFIX,
     DIRECTORY_MODE,
     FILE_MODE,
-    STREAM_FIELD,
-    ArchiveStats,
     JsonlFileWriter,
-    LineReadStats,
-    LineWriter,
-    RedisStreamWriter,
     RotatingFileWriter,
-    StreamArchiver,
-    iter_log_lines,
-    log_files,
     own_directory,
 )
+from recsys.linelog.reading import LineReadStats, iter_log_lines, log_files
+from recsys.linelog.streams import STREAM_FIELD, ArchiveStats, RedisStreamWriter, StreamArchiver
 from recsys.serving.record import ExposureRecord
 from recsys.settings import ServeSettings
 from recsys.types import Recommendation, Request

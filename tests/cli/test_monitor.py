@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from recsys.cli.main import main
-from recsys.linelog import RotatingFileWriter
+from recsys.linelog.files import RotatingFileWriter
 from recsys.monitoring.summaries import iter_summaries
 from recsys.outcomes.events import OutcomeEvent, encode_events
 from tests.monitoring.test_report import summaries

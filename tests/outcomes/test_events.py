@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis
 
-from recsys.linelog import StreamArchiver
+from recsys.linelog.streams import StreamArchiver
 from recsys.outcomes import (
     EVENT_KINDS,
     InvalidOutcome,

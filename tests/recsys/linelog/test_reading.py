@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from recsys.linelog import LineReadStats, iter_log_lines
+from recsys.linelog.reading import LineReadStats, iter_log_lines
 
 
 def test_files_last_written_before_modified_since_are_not_opened(tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ top-500 by brute force, then builds each index kind and measures, per search par
   against exact search over the allowed items; and the full retrieve stage with the default
   delivery radius around each user's home, against brute force over the eligible items.
 
-Every index stores the augmented vectors retrieval/index.py serves (norm-equalising extra
-coordinate), so inner-product order equals L2 order and HNSW (L2) can be compared fairly. The
-IVF kinds share one coarse quantizer (trained once; its time is added to each build time).
+The kinds compared here store the augmented vectors (norm-equalising extra coordinate), so
+inner-product order equals L2 order and HNSW (L2) can be compared fairly. The IVF kinds share
+one coarse quantizer (trained once; its time is added to each build time). The radius part runs
+the served version as it is (since the raw-lists change, builds store raw vectors and choose
+lists by inner product; on a version of the older layout it adds that layout's lists re-laid).
 
     python -m benchmarks.bench_index --artifacts /tmp/art4m [--queries 200] [--kinds ...]
 """
@@ -255,7 +257,7 @@ def fp16_copy(index: Any, items: Float32Array) -> Any:
     from recsys.retrieval.index import ItemIndex
 
     ivf = faiss.extract_index_ivf(index.faiss_index)
-    x = augment_items(items)
+    x = augment_items(items) if index.augmented else np.ascontiguousarray(items, np.float32)
     sq = faiss.IndexIVFScalarQuantizer(
         ivf.quantizer, x.shape[1], int(ivf.nlist), faiss.ScalarQuantizer.QT_fp16,
         faiss.METRIC_INNER_PRODUCT,
@@ -268,13 +270,41 @@ def fp16_copy(index: Any, items: Float32Array) -> Any:
     return ItemIndex(**fields)
 
 
+def raw_lists_copy(index: Any, items: Float32Array) -> Any:
+    """A version of the older layout (augmented vectors, lists chosen by L2 distance) with the
+    same lists re-laid as :func:`recsys.retrieval.index.build_index` lays them now: the raw
+    vectors, and the lists chosen by inner product with the centroids' first coordinates.
+    Exactly what a build would make of the same k-means, as an ItemIndex."""
+    from recsys.retrieval.index import ItemIndex
+
+    ivf = faiss.extract_index_ivf(index.faiss_index)
+    d = index.dimension
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist)[:, :d]))
+    raw = faiss.IndexIVFFlat(quantizer, d, int(ivf.nlist), faiss.METRIC_INNER_PRODUCT)
+    raw.is_trained = True
+    lists = np.asarray(faiss.vector_to_array(ivf.direct_map.array) >> 32, dtype=np.int64)
+    x = np.ascontiguousarray(items, dtype=np.float32)
+    raw.add_core(x.shape[0], faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+    raw.make_direct_map()
+    fields = {**index.__dict__, "faiss_index": raw, "version": index.version + "-raw"}
+    return ItemIndex(**fields)
+
+
 def radius_rows(
-    artifacts: Path, rng: np.random.Generator, n_queries: int, batch: int, radius_km: float
+    artifacts: Path,
+    rng: np.random.Generator,
+    n_queries: int,
+    batch: int,
+    radius_km: float,
+    nprobes: tuple[int, ...] = (),
 ) -> Iterator[Row]:
     """The whole retrieve stage (serving's Retriever on the served index) with a delivery
     radius around each user's home, against brute force over the eligible items: the radius
     filtered after an 8x search (the old path), inside the search per delivery cell (served),
-    and inside the search on fp16 inverted lists."""
+    and inside the search on fp16 inverted lists. On a version of the older layout
+    (augmented vectors, L2 probes), also its lists re-laid as builds lay them now (raw vectors,
+    probes by inner product: :func:`raw_lists_copy`), at the default nprobe and ``nprobes``."""
     from recsys.ranking.features import load_feature_tables
     from recsys.retrieval.index import ItemIndex
     from recsys.retrieval.retriever import Retriever
@@ -297,20 +327,27 @@ def radius_rows(
     faiss.omp_set_num_threads(2)
     fp16 = fp16_copy(index, items)
     faiss.omp_set_num_threads(1)
-    variants = (
-        ("radius after an 8x search", index, False),
-        ("radius inside the search (cells)", index, True),
-        ("radius inside the search, fp16 lists", fp16, True),
-    )
-    memory = {id(i): index_megabytes(i.faiss_index) for i in (index, fp16)}
-    for (label, searched, in_search), k in itertools.product(variants, KS):
+    variants = [
+        ("radius after an 8x search", index, False, 0),
+        ("radius inside the search (cells)", index, True, 0),
+        ("radius inside the search, fp16 lists", fp16, True, 0),
+    ]
+    variants += [("radius inside the search (cells)", index, True, p) for p in nprobes]
+    searched_indexes = [index, fp16]
+    if index.augmented and index.nlist:
+        raw = raw_lists_copy(index, items)
+        searched_indexes.append(raw)
+        label = "radius inside the search, raw lists, inner-product probes"
+        variants += [(label, raw, True, p) for p in (0, *nprobes)]
+    memory = {id(i): index_megabytes(i.faiss_index) for i in searched_indexes}
+    for (label, searched, in_search, nprobe), k in itertools.product(variants, KS):
         retriever = Retriever(
             searched, tables.user_vectors, world.catalogue, tables.item_popularity, availability,
             radius_in_search=in_search, cell_selectors=4 * n_queries,
         )  # fmt: skip
         yield from _radius_row(
             retriever, label, searched, items, tables, users, k, radius_km, batch, load_s,
-            memory[id(searched)],
+            memory[id(searched)], nprobe,
         )  # fmt: skip
 
 
@@ -326,6 +363,7 @@ def _radius_row(
     batch: int,
     load_s: float,
     memory_mb: float,
+    nprobe: int = 0,
 ) -> Iterator[Row]:
     from recsys.retrieval.retriever import RetrievalQuery, exact_top_eligible
 
@@ -335,7 +373,7 @@ def _radius_row(
             user_row=int(u),
             location=Location(float(tables.user_home_lat[u]), float(tables.user_home_lon[u])),
             k=k,
-            nprobe=0,
+            nprobe=nprobe,
             radius_km=radius_km,
         )
         for u in users
@@ -360,9 +398,9 @@ def _radius_row(
     recall = {kk: float(np.mean(recalls)) if kk == k else float("nan") for kk in KS}
     yield Row(
         f"served {index.manifest.get('kind')} nlist {index.nlist} (Retriever): {label}",
-        f"default nprobe {index.default_nprobe}, k={k}",
+        f"nprobe {nprobe}, k={k}" if nprobe else f"default nprobe {index.default_nprobe}, k={k}",
         load_s,
-        index_megabytes(index.faiss_index),
+        memory_mb,
         recall,
         1e3 * t_alone[0] / len(queries),
         1e3 * t_batch[0] / len(queries),
@@ -387,6 +425,9 @@ def main() -> None:
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--radius-km", type=float, default=8.0)
     parser.add_argument("--off-share", type=float, default=0.5, help="restaurants switched off")
+    parser.add_argument(
+        "--radius-nprobes", default="64,96,128", help="the radius part's nprobe values"
+    )
     args = parser.parse_args()
     kinds = set(args.kinds.split(","))
 
@@ -480,7 +521,10 @@ def main() -> None:
                 print(row.markdown(), flush=True)
     if "radius" in kinds:
         faiss.omp_set_num_threads(1)
-        for row in radius_rows(args.artifacts, rng, args.queries, args.batch, args.radius_km):
+        nprobes = tuple(int(p) for p in args.radius_nprobes.split(",") if p)
+        for row in radius_rows(
+            args.artifacts, rng, args.queries, args.batch, args.radius_km, nprobes
+        ):
             print(row.markdown().replace("nan", "-"), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:,.0f} MB")

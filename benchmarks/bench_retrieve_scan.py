@@ -45,7 +45,7 @@ from recsys.artifacts import ArtifactRoot
 from recsys.geo import EARTH_RADIUS_KM, haversine_km
 from recsys.ranking.features import load_feature_tables
 from recsys.retrieval.availability import Availability
-from recsys.retrieval.index import ItemIndex, build_index, pad_queries
+from recsys.retrieval.index import ItemIndex, build_index
 from recsys.retrieval.retriever import (
     RetrievalQuery,
     Retriever,
@@ -144,7 +144,7 @@ def stage_row(s: Setup, retriever: Retriever, label: str, nprobe: int) -> None:
 def scan_rows(s: Setup) -> None:
     index = s.index.faiss_index
     ivf = faiss.extract_index_ivf(index)
-    x = pad_queries(s.retriever._user_vectors[[q.user_row for q in s.queries]], s.index.dimension)
+    x = s.index.query_matrix(s.retriever._user_vectors[[q.user_row for q in s.queries]])
     n = len(s.queries)
     cells = [s.retriever.cells.get(cell_of(q.location), RADIUS_KM, s.availability)
              for q in s.queries if q.location is not None]  # fmt: skip
@@ -238,7 +238,7 @@ def region_rows(s: Setup, region_deg: float) -> None:
         assert q.location is not None
         cell = cell_of(q.location)
         xq = np.ascontiguousarray(  # swig_ptr reads the raw buffer: C order, float32
-            pad_queries(s.retriever._user_vectors[[q.user_row]], s.index.dimension),
+            s.index.query_matrix(s.retriever._user_vectors[[q.user_row]]),
             dtype=np.float32,
         )
         _, clusters = ivf.quantizer.search(xq, s.index.default_nprobe)
@@ -274,7 +274,7 @@ def fastscan_rows(s: Setup, m: int) -> None:
     """4-bit PQ fast-scan codes (``m`` sub-quantizers) on the served coarse centroids, with the
     cell selector, then the fetched items re-ranked exactly."""
     ivf = faiss.extract_index_ivf(s.index.faiss_index)
-    quantizer = faiss.IndexFlatL2(ivf.d)
+    quantizer = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)  # as the served one
     quantizer.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
     index = faiss.IndexIVFPQFastScan(quantizer, ivf.d, ivf.nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
     index.by_residual = False
@@ -295,9 +295,7 @@ def fastscan_rows(s: Setup, m: int) -> None:
         params.nprobe = nprobe
         allowed = s.retriever.cells.get(cell_of(q.location), RADIUS_KM, s.availability)
         params.sel = allowed.faiss_selector  # ``allowed`` owns the bitmap: keep it alive
-        _, ids = index.search(
-            pad_queries(users[[q.user_row]], s.index.dimension), fetch, params=params
-        )
+        _, ids = index.search(s.index.query_matrix(users[[q.user_row]]), fetch, params=params)
         found = ids[0][ids[0] >= 0]
         found = found[s.retriever._geo.within(q.location.lat, q.location.lon, RADIUS_KM, found)]
         exact = s.items[found] @ users[q.user_row]

@@ -254,7 +254,8 @@ def _recall_under_filter(
     ivf.make_direct_map()  # the top-up reconstructs items; dropped before the index is written
     try:
         candidate = ItemIndex(
-            version="unpublished", dimension=int(index.d) - 1, count=int(index.ntotal),
+            version="unpublished", dimension=int(tables.item_vectors.shape[1]),
+            count=int(index.ntotal),
             default_nprobe=int(ivf.nlist), manifest={}, faiss_index=index,
         )  # fmt: skip
         retriever = Retriever(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -13,8 +14,10 @@ from recsys.artifacts import ArtifactRoot, read_manifest
 from recsys.retrieval.availability import AvailabilitySelector
 from recsys.retrieval.index import (
     EXACT_BELOW,
+    KMEANS_ITERATIONS,
     MAX_NLIST,
     MIN_POINTS_PER_LIST,
+    TRAIN_POINTS_PER_LIST,
     FilteredRecall,
     IndexValidationError,
     ItemIndex,
@@ -87,7 +90,66 @@ def test_small_catalogue_gets_exact_flat_index(items: Float32Array) -> None:
     index = build_index(items)
     assert N_ITEMS < EXACT_BELOW
     assert faiss.try_extract_index_ivf(index) is None
-    assert (index.ntotal, index.d) == (N_ITEMS, DIM + 1)  # one extra coordinate per item
+    assert (index.ntotal, index.d) == (N_ITEMS, DIM)  # the raw vectors
+
+
+def older_layout(items: Float32Array, seed: int, nlist: int) -> faiss.Index:
+    """An IVF index as versions built before raw lists were: the augmented vectors stored,
+    trained the same way (sample, seed, iterations), lists chosen by L2 distance."""
+    augmented = augment_items(items)
+    index = faiss.IndexIVFFlat(
+        faiss.IndexFlatL2(DIM + 1), DIM + 1, nlist, faiss.METRIC_INNER_PRODUCT
+    )
+    index.cp.spherical = False
+    index.cp.seed = seed
+    index.cp.niter = KMEANS_ITERATIONS
+    n_train = nlist * TRAIN_POINTS_PER_LIST
+    rows = np.sort(np.random.default_rng(seed).choice(len(items), size=n_train, replace=False))
+    index.train(augmented[rows])
+    index.add(augmented)
+    return index
+
+
+def test_ivf_lists_are_the_sphere_clusters_and_probes_go_by_inner_product(
+    ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> None:
+    """k-means runs on the augmented items (all of norm M) and each item sits in the list of
+    its nearest centroid there, as before; the lists hold the raw vectors and the coarse
+    quantizer the centroids' first DIM coordinates, searched by inner product."""
+    lists: Any = faiss.extract_index_ivf(ivf)
+    assert (ivf.ntotal, ivf.d) == (N_ITEMS, DIM)
+    assert lists.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
+    older: Any = older_layout(items, seed=3, nlist=NLIST)
+    assert np.allclose(
+        lists.quantizer.reconstruct_n(0, NLIST), older.quantizer.reconstruct_n(0, NLIST)[:, :DIM]
+    )
+    for index in (lists, older):
+        index.make_direct_map()
+    list_of = faiss.vector_to_array(lists.direct_map.array) >> 32
+    assert np.array_equal(list_of, faiss.vector_to_array(older.direct_map.array) >> 32)
+    centroids = lists.quantizer.reconstruct_n(0, NLIST)
+    probes = lists.quantizer.search(users[:8], 4)[1]
+    assert np.array_equal(probes, np.argsort(-(users[:8] @ centroids.T), axis=1)[:, :4])
+    assert np.array_equal(lists.reconstruct_batch(np.arange(0, N_ITEMS, 7)), items[::7])
+
+
+def test_a_version_of_the_older_layout_still_loads_and_searches_padded(
+    tmp_path: Path, items: Float32Array, users: Float32Array
+) -> None:
+    older = older_layout(items, seed=3, nlist=NLIST)
+    root = ArtifactRoot(tmp_path)
+    version = save_index_version(root, older, items, users[:64], features_version="f", k=50)
+    manifest = read_manifest(root.indexes / version)
+    assert (manifest["index_dimension"], manifest["probe_metric"]) == (DIM + 1, "l2")
+    loaded = load(root.indexes / version)
+    assert loaded.augmented
+    scores, ids = loaded.search(users, 30)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = loaded.default_nprobe
+    want_scores, want_ids = older.search(pad_queries(users, DIM), 30, params=params)
+    assert np.array_equal(ids, want_ids)
+    assert np.allclose(scores, want_scores)
+    assert np.array_equal(loaded.reconstruct(ids[0]), items[ids[0]])
 
 
 def in_memory(index: faiss.Index) -> ItemIndex:
@@ -187,10 +249,10 @@ def test_save_and_load_round_trip(
     scores, ids = loaded.search(users, 30)
     params = faiss.SearchParametersIVF()
     params.nprobe = 16
-    want_scores, want_ids = ivf.search(pad_queries(users, DIM), 30, params=params)
+    want_scores, want_ids = ivf.search(users, 30, params=params)
     assert np.array_equal(ids, want_ids)
     assert np.allclose(scores, want_scores)
-    # the extra coordinate leaves the scores the plain inner products
+    # the scores are the plain inner products
     assert np.allclose(scores, np.einsum("qd,qkd->qk", users, items[ids]), atol=1e-5)
     assert np.array_equal(loaded.reconstruct(ids[0]), items[ids[0]])  # IVF-Flat stores them as is
 
@@ -248,7 +310,7 @@ def test_load_refuses_an_index_file_that_disagrees_with_its_manifest(
 
     manifest["files"]["index.faiss"] = sha256_file(copy / "index.faiss")
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexValidationError, match=r"holds 4000 vectors .* expected 5000 x 17"):
+    with pytest.raises(IndexValidationError, match=r"holds 4000 vectors .* expected 5000 x 16"):
         load(copy)
 
 

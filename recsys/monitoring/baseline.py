@@ -18,12 +18,16 @@ Every column has *slots*, laid out one column after the other in one flat vector
 For PSI and Jensen-Shannon the live counts fold back onto the baseline's bins (below into the
 first bin, above into the last; an unseen code is a bin of its own, baseline share 0); ``nan``,
 ``below``/``above`` and ``unseen`` are also reported as shares of their own.
+
+:class:`BaselineSet` holds a snapshot's compiled versions and stacks them once more, so that
+the monitor stage bins a batch split over many model versions in one pass, the same slots as
+each version's :meth:`BaselineBins.slots`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -151,14 +155,11 @@ class BaselineBins:
         columns = self.columns
         numeric = [j for j, c in enumerate(columns) if c.kind == "numeric"]
         categorical = [j for j, c in enumerate(columns) if c.kind == "categorical"]
-        # Edge e as the largest float32 <= e: for a float32 x, x > e exactly when x > that.
         keyed: list[IntArray] = []
         starts: list[int] = []
         for i, j in enumerate(numeric):
-            e32 = columns[j].edges.astype(np.float32)
-            e32 = np.where(e32 > columns[j].edges, np.nextafter(e32, np.float32(-np.inf)), e32)
             starts.append(sum(k.size for k in keyed))
-            keyed.append(_order_keys(e32) + (i << 32))
+            keyed.append(_edge_keys(columns[j]) + (i << 32))
         lookups = [columns[j].lookup for j in categorical]
         sizes = np.array([t.size for t in lookups], dtype=np.int64).reshape(-1, 1)
         set_ = object.__setattr__
@@ -266,11 +267,134 @@ class BaselineBins:
         return {c.name: counts[c.offset : c.offset + c.size] for c in self.columns}
 
 
+def _edge_keys(column: Column) -> IntArray:
+    """A numeric column's edges as order keys (:func:`_order_keys`), each edge e first made the
+    largest float32 <= e: for a float32 x, x > e exactly when x > that."""
+    e32 = column.edges.astype(np.float32)
+    e32 = np.where(e32 > column.edges, np.nextafter(e32, np.float32(-np.inf)), e32)
+    return _order_keys(e32)
+
+
 def _order_keys(values: npt.NDArray[np.float32]) -> IntArray:
     """float32 values as int64 keys in [0, 2**32) that sort as the values do (-0.0 as 0.0;
     NaN keys are meaningless: callers mask NaN)."""
     bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)
     return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
+class BaselineSet(Mapping[str, BaselineBins]):
+    """The compiled baselines of a snapshot's model versions, by version, and all of them
+    stacked into one search, so that a batch split over many versions is binned in one pass
+    (:meth:`slots`); built once per snapshot, off the request path.
+
+    Every (version, column) is a segment of one sorted vector of int64 keys, its index in the
+    high 32 bits and its boundaries as order-preserving float32 bits in the low ones (as
+    :meth:`BaselineBins.slots` keys columns), closed by a sentinel: a numeric column's edges; a
+    categorical column's codes ``0..n`` as the largest float32 below each (so a value counts
+    the codes it has reached, as truncating it to a code does). One ``searchsorted`` of every
+    value's key then gives a position that one lookup turns into its slot: the numeric bin, the
+    code's slot, or unseen (a negative code, one past the table, or one training never saw).
+
+    A row reads its version's fields (the keys' high bits, the nan slots, and the feature
+    column at each place unless every version reads the same, as versions of one model do) with
+    one gather. A version that monitors fewer columns than another has absent places, dropped.
+    The score is always the last place."""
+
+    def __init__(self, baselines: Mapping[str, BaselineBins]) -> None:
+        self._bins = dict(sorted(baselines.items()))
+        self._versions = tuple(self._bins)
+        self._index = {version: i for i, version in enumerate(self._versions)}
+        self.sizes = np.array([b.size for b in self._bins.values()], dtype=np.int64)
+        """Length of each version's flat slot-count vector, in :attr:`versions` order."""
+        width = max((len(b.columns) for b in self._bins.values()), default=1)
+        source, key_base, nan_slot, present = np.zeros((4, len(self._bins), width), np.int64)
+        keyed: list[IntArray] = []
+        slot_of: list[IntArray] = []
+        bounds = [0]  # where each version's keys start, and the last one's end
+        for v, bins in enumerate(self._bins.values()):
+            places = [*range(len(bins.columns) - 1), width - 1]
+            source[v, places[:-1]] = bins.feature_index
+            for place, column in zip(places, bins.columns, strict=True):
+                present[v, place] = 1
+                key_base[v, place] = len(keyed) << 32
+                nan_slot[v, place] = column.offset + column.nan_slot
+                if column.kind == "numeric":
+                    keys = _edge_keys(column)
+                    slots = np.arange(keys.size + 1)
+                else:
+                    codes = np.arange(column.lookup.size + 1, dtype=np.float32)
+                    keys = _order_keys(np.nextafter(codes, np.float32(-np.inf)))
+                    unseen = [column.size - 2]
+                    slots = np.concatenate([unseen, column.lookup, unseen])
+                keyed.append(np.append(keys, _SENTINEL) + key_base[v, place])
+                slot_of.append(slots + column.offset)
+            bounds.append(sum(k.size for k in keyed))
+        self._keys = np.concatenate([np.zeros(0, dtype=np.int64), *keyed])
+        self._slot_of = np.concatenate([np.zeros(0, dtype=np.int64), *slot_of])
+        self._bounds = np.array(bounds, dtype=np.int64)
+        # Laid out [..., places, versions]: a batch's values are binned place by place (the
+        # keys of one column one after the other search faster than a row's mixed columns).
+        self._by_version = np.stack([key_base.T, nan_slot.T])
+        """``[2, places, versions]``: the keys' high bits and the nan slots, one gather."""
+        self._present = present.T
+        self._ragged = not present.all()
+        # Versions of one model read the same feature columns (their edges and slot counts
+        # differ): then the sources are read once, not gathered per row.
+        self._same_sources = not self._ragged and bool((source == source[:1]).all())
+        self._source = source.T[:-1, :1] if self._same_sources else source.T[:-1]
+
+    def __getitem__(self, version: str) -> BaselineBins:
+        return self._bins[version]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bins)
+
+    def __len__(self) -> int:
+        return len(self._bins)
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions in sorted order: index ``i`` in :meth:`indices` is ``versions[i]``."""
+        return self._versions
+
+    def indices(self, versions: Sequence[str]) -> IntArray:
+        """Each version's index in :attr:`versions`; -1 for a version without a baseline."""
+        index = self._index
+        return np.array([index.get(v, -1) for v in versions], dtype=np.int64)
+
+    def slots(
+        self,
+        features: npt.NDArray[np.floating[Any]],
+        rows: IntArray,
+        scores: npt.NDArray[np.floating[Any]],
+        versions: IntArray,
+        starts: IntArray,
+    ) -> IntArray:
+        """The slot of every monitored value of every row in one flat count vector. Row ``r``
+        is the feature row ``features[rows[r]]`` and the score ``scores[r]``, binned into the
+        baseline of version ``versions[r]`` (an index in :attr:`versions`), its slots shifted
+        by ``starts[r]`` (where its count vector starts in the flat one).
+
+        The same slots as :meth:`BaselineBins.slots` gives (values are float32), in a fixed
+        number of numpy calls whatever the number of versions and columns."""
+        source = self._source if self._same_sources else self._source[:, versions]
+        key_base, nan_slot = self._by_version[:, :, versions]  # [places, rows] each
+        values = np.empty(key_base.shape, dtype=np.float32)
+        values[:-1] = features.take(source + rows * features.shape[1])
+        values[-1] = scores
+        keys = _order_keys(values) + key_base
+        # Only the span of the versions present is searched: a batch of few versions (one, most
+        # often) pays for a binary search over their keys, not over every version's.
+        lo, hi = self._bounds[versions.min()], self._bounds[versions.max() + 1]
+        at = self._keys[lo:hi].searchsorted(keys.ravel(), side="left") + lo
+        out: IntArray = np.where(np.isnan(values), nan_slot, self._slot_of[at].reshape(keys.shape))
+        out += starts
+        return out[self._present[:, versions] == 1] if self._ragged else out.ravel()
+
+
+_SENTINEL = (1 << 32) - 1
+"""The last key of every segment: no value's key is above it (NaN's are binned apart anyway),
+so a value's position never runs into the next segment's."""
 
 
 class MonitoredModel(Protocol):
@@ -291,7 +415,7 @@ class BaselineCache:
     def __init__(self) -> None:
         self._compiled: dict[str, tuple[MonitoredModel, BaselineBins | None]] = {}
 
-    def for_models(self, models: Mapping[str, MonitoredModel]) -> dict[str, BaselineBins]:
+    def for_models(self, models: Mapping[str, MonitoredModel]) -> BaselineSet:
         kept: dict[str, tuple[MonitoredModel, BaselineBins | None]] = {}
         for version, model in models.items():
             hit = self._compiled.get(version)
@@ -299,7 +423,9 @@ class BaselineCache:
                 hit = (model, _compile_or_none(version, model))
             kept[version] = hit
         self._compiled = kept
-        return {version: bins for version, (_, bins) in kept.items() if bins is not None}
+        return BaselineSet(
+            {version: bins for version, (_, bins) in kept.items() if bins is not None}
+        )
 
 
 def _compile_or_none(version: str, model: MonitoredModel) -> BaselineBins | None:

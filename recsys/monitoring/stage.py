@@ -5,10 +5,12 @@ What is binned is what users are shown (the arranged items), because that is the
 baseline describes: training rows are logged impressions. The feature rows come from the rank
 stage (``Batch.ranked_features``) and the served items' places among the candidates from the
 arrange stage (``Batch.served_positions``), so nothing is recomputed: one ``searchsorted`` finds
-the served rows, every column is binned with one ``searchsorted`` (or one table lookup), and all
-counts of a model version come from one ``bincount``. Requests answered in retrieval order
-(no time to rank) have no feature rows and are not counted. The stage only reads the batch; it
-never changes what is served.
+the served rows, and every column of every model version in the batch is binned with one
+``searchsorted`` (and one table lookup) over the versions' stacked baselines
+(:class:`~recsys.monitoring.baseline.BaselineSet`), and all counts of the batch come from one
+``bincount``: the cost does not grow with the number of versions a batch is split over.
+Requests answered in retrieval order (no time to rank) have no feature rows and are not
+counted. The stage only reads the batch; it never changes what is served.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
-from recsys.monitoring.baseline import BaselineBins
+from recsys.monitoring.baseline import BaselineBins, BaselineSet
 from recsys.stage import Batch
-from recsys.types import Exposure, Int64Array
+from recsys.types import Exposure
 
 NO_ARM = "none"
 """The arm label of a request in no experiment."""
@@ -40,7 +42,9 @@ class MonitorSnapshot(Protocol):
 
     @property
     def baselines(self) -> Mapping[str, BaselineBins]:
-        """Compiled training baselines by model version (a version without one is skipped)."""
+        """Compiled training baselines by model version (a version without one is skipped);
+        a :class:`BaselineSet` as the snapshot compiler builds it (any other mapping is stacked
+        on every batch)."""
         ...
 
 
@@ -67,29 +71,54 @@ class Monitor:
         matched = ranked[at] == flat
         rows, request, flat = at[matched], request[matched], flat[matched]
 
+        baselines = snapshot.baselines
+        stacked = baselines if isinstance(baselines, BaselineSet) else BaselineSet(baselines)
+        # Each request's (version, arm) code, once for the whole batch: codes order the groups
+        # by version, then arm, as the counts are reported; negative for a version without a
+        # baseline, whose rows are dropped.
         arms = [arm_label(a.exposures) for a in batch.assignments]
-        out: list[tuple[str, str, int, Int64Array]] = []
-        for version in sorted(set(batch.model_versions)):
-            bins = snapshot.baselines.get(version)
-            if bins is None:
-                continue
-            labels = sorted(
-                {a for a, v in zip(arms, batch.model_versions, strict=True) if v == version}
+        arm_names = sorted(set(arms))
+        arm_of = {name: i for i, name in enumerate(arm_names)}
+        n_arms = len(arm_names)
+        version = stacked.indices(batch.model_versions)
+        code = version * n_arms + np.array([arm_of[a] for a in arms], dtype=np.int64)
+        if version.min() < 0:
+            take = code[request] >= 0
+            rows, request, flat = rows[take], request[take], flat[take]
+        row_code = code[request]
+        # Reported: every (version, arm) of the batch whose version has a counted row, even
+        # an arm with no rows of its own; a version without counted rows is not reported.
+        reported = np.zeros((len(stacked), n_arms), dtype=bool)
+        reported.ravel()[code[code >= 0]] = True
+        counted = np.zeros(len(stacked), dtype=bool)
+        counted[row_code // n_arms] = True
+        reported &= counted[:, None]
+        pairs = np.flatnonzero(reported)
+        if pairs.size == 0:
+            return replace(batch, drift_counts=())
+        group = np.cumsum(reported) - 1  # code -> group
+        # Every group's counts in one flat vector, each at its own offset, from one bincount.
+        pair_version = pairs // n_arms
+        sizes = stacked.sizes[pair_version]
+        ends = np.cumsum(sizes)
+        begins = ends - sizes
+        slots = stacked.slots(
+            features, rows, scores[flat], row_code // n_arms, begins[group[row_code]]
+        )
+        binned = np.bincount(slots, minlength=int(ends[-1]))
+        has_rows = np.zeros(n, dtype=bool)
+        has_rows[request] = True
+        requests = np.bincount(group[code[has_rows]], minlength=pairs.size)
+        names = stacked.versions
+        out = tuple(
+            (names[v], arm_names[a], r, binned[s:e])
+            for v, a, r, s, e in zip(
+                pair_version.tolist(),
+                (pairs % n_arms).tolist(),
+                requests.tolist(),
+                begins.tolist(),
+                ends.tolist(),
+                strict=True,
             )
-            group = np.array(
-                [
-                    labels.index(a) if v == version else -1
-                    for a, v in zip(arms, batch.model_versions, strict=True)
-                ],
-                dtype=np.int64,
-            )[request]  # one entry per request, then spread to its rows
-            take = group >= 0
-            if not take.any():
-                continue
-            binned = bins.count(features[rows[take]], scores[flat[take]], group[take], len(labels))
-            requests = np.bincount(
-                np.unique(request[take] * len(labels) + group[take]) % len(labels),
-                minlength=len(labels),
-            )
-            out.extend((version, arm, int(requests[i]), binned[i]) for i, arm in enumerate(labels))
-        return replace(batch, drift_counts=tuple(out))
+        )
+        return replace(batch, drift_counts=out)

@@ -15,8 +15,11 @@ versions). This benchmark stands up that situation on a built world:
   versions as it would in production;
 - in process (the default): runs the batched stages over batches of ``--batch`` requests,
   alternating rounds where every request is pinned to one version and rounds where the batch
-  splits over all versions (same users, same candidates), and reports CPU per request and the
-  batch wall-time p50/p99 of each;
+  splits over all versions (same users, same candidates), and reports CPU per request, the
+  batch wall-time p50/p99 and each batched stage's wall time per request of each;
+- ``--monitor``: the monitor stage alone, ``Monitor.run`` over the same batches of one version
+  and split over the versions, CPU per request; with ``--monitor-baseline CHECKOUT`` also that
+  checkout's monitor stage (checked to report the same counts), old and new in one run;
 - ``--served``: starts a real `recsys serve` on the copy (result cache off, so every call runs
   the ranker) and alternates two experiments documents on it, published to its control store
   like any change: ``one`` (every arm pins the production version) and ``many`` (the 3 x 8 arms
@@ -29,6 +32,7 @@ versions). This benchmark stands up that situation on a built world:
 
     python -m benchmarks.bench_models --artifacts /tmp/art20k [--versions 24] [--batch 16]
     python -m benchmarks.bench_models --artifacts /tmp/art20k --served [--seconds 10] [--rounds 3]
+    python -m benchmarks.bench_models --artifacts /tmp/art20k --monitor [--monitor-baseline ../main]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import resource
@@ -71,10 +76,13 @@ from recsys.control.store import EXPERIMENTS
 from recsys.experiments.assignment import RequestAttributes, compile_config
 from recsys.experiments.config import DEFAULT_NUM_BUCKETS, SCHEMA_VERSION
 from recsys.monitoring.baseline import BaselineCache
+from recsys.monitoring.stage import Monitor
+from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
 from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.registry import ModelRegistry
 from recsys.serving.pipeline import Job, recommend_batch
+from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Assignment, Location, PipelineParams, Request
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
@@ -381,69 +389,165 @@ def measure_served(
         stop(process)
 
 
+def in_process_snapshot(artifacts: Path, versions: list[str]) -> ServingSnapshot:
+    """The built world's snapshot with every version loaded and its baseline compiled."""
+    root = ArtifactRoot(artifacts)
+    snapshot = load_state(artifacts)
+    cache = ModelCache(root)
+    models = {**snapshot.models, **{v: cache.get("ranker", v) for v in versions}}
+    # Every version's training baseline, as a server compiles them: without it the monitor stage
+    # skips the versions it has none for, and the split batches would look cheaper than served.
+    return replace(snapshot, models=models, baselines=BaselineCache().for_models(models))
+
+
+def make_jobs(
+    snapshot: ServingSnapshot,
+    rng: np.random.Generator,
+    versions: Sequence[str],
+    users: np.ndarray,
+) -> list[Job]:
+    """A job per user row (known users at home), each pinned to a random one of ``versions``."""
+    tables = snapshot.tables
+    out = []
+    for n, row in enumerate(users.tolist()):
+        params = PipelineParams(model_version=versions[int(rng.integers(len(versions)))])
+        home = Location(float(tables.user_home_lat[row]), float(tables.user_home_lon[row]))
+        request = Request(f"r{n}", str(tables.user_ids[row]), 20, home)
+        out.append(Job(request, Assignment((), params, "1"), snapshot))
+    return out
+
+
+def known_users(snapshot: ServingSnapshot) -> np.ndarray:
+    return np.flatnonzero(np.abs(np.asarray(snapshot.tables.user_vectors)).sum(axis=1) > 0)
+
+
 def measure_in_process(
     args: argparse.Namespace, artifacts: Path, versions: list[str], document: Mapping[str, Any]
 ) -> None:
-    """The batched stages in this process: one version against batches split over the cells."""
-    root = ArtifactRoot(artifacts)
-    snapshot = load_state(artifacts)
-    base = dict(snapshot.models)
-    cache = ModelCache(root)
-    cache_models = {version: cache.get("ranker", version) for version in versions}
-    models = {**base, **cache_models}
-    # Every version's training baseline, as a server compiles them: without it the monitor stage
-    # skips the versions it has none for, and the split batches would look cheaper than served.
-    snapshot = replace(snapshot, models=models, baselines=BaselineCache().for_models(models))
+    """The batched stages in this process: one version against batches split over the cells.
+    Beside the CPU, each batched stage's wall time per request (the stage timings the batch
+    carries), so the rank and monitor stages' shares show."""
+    snapshot = in_process_snapshot(artifacts, versions)
     stages = build_stages().batched
-    tables = snapshot.tables
     rng = np.random.default_rng(args.seed)
-    known = np.flatnonzero(np.abs(np.asarray(tables.user_vectors)).sum(axis=1) > 0)
-    cells = list(cell_versions(document).values())
-    one = versions[0]
-
-    def jobs(split: bool, rows: np.ndarray) -> list[Job]:
-        out = []
-        for n, row in enumerate(rows.tolist()):
-            version = cells[int(rng.integers(len(cells)))] if split else one
-            params = PipelineParams(model_version=version)
-            home = Location(float(tables.user_home_lat[row]), float(tables.user_home_lon[row]))
-            request = Request(f"r{n}", str(tables.user_ids[row]), 20, home)
-            out.append(Job(request, Assignment((), params, "1"), snapshot))
-        return out
-
+    known = known_users(snapshot)
+    choices = {"one": [versions[0]], "split": list(cell_versions(document).values())}
     results: dict[str, dict[str, list[float]]] = {
         k: {"cpu": [], "wall": []} for k in ("one", "split")
     }
+    stage_us: dict[str, dict[str, list[float]]] = {k: {} for k in choices}
     for round_ in range(args.rounds + 1):  # the first round warms up
-        for split in (False, True):
-            name = "split" if split else "one"
-            batches = [jobs(split, rng.choice(known, size=args.batch)) for _ in range(args.batches)]
+        for name, cells in choices.items():
+            batches = [
+                make_jobs(snapshot, rng, cells, rng.choice(known, size=args.batch))
+                for _ in range(args.batches)
+            ]
+            spent_by_stage: Counter[str] = Counter()
             cpu = time.process_time()
             for batch in batches:
                 t = time.perf_counter()
-                recommend_batch(batch, stages)
+                first = recommend_batch(batch, stages)[0]
                 if round_:
                     results[name]["wall"].append(time.perf_counter() - t)
+                    assert not isinstance(first, Exception)
+                    spent_by_stage.update(dict(first.stage_seconds))
             if round_:
                 spent = time.process_time() - cpu
                 results[name]["cpu"].append(spent / (args.batches * args.batch) * 1e6)
+                for stage, seconds in spent_by_stage.items():
+                    per_request = seconds / (args.batches * args.batch) * 1e6
+                    stage_us[name].setdefault(stage, []).append(per_request)
+    cpu_median = {name: round(float(np.median(r["cpu"])), 1) for name, r in results.items()}
     summary = {
         name: {
-            "cpu_us_per_request_median": round(float(np.median(r["cpu"])), 1),
+            "cpu_us_per_request_median": cpu_median[name],
             "batch_wall_p50_ms": round(float(np.percentile(r["wall"], 50)) * 1e3, 2),
             "batch_wall_p99_ms": round(float(np.percentile(r["wall"], 99)) * 1e3, 2),
+            "stage_wall_us_per_request_median": {
+                stage: round(float(np.median(us)), 1) for stage, us in stage_us[name].items()
+            },
         }
         for name, r in results.items()
     }
-    ratio = (
-        summary["split"]["cpu_us_per_request_median"] / summary["one"]["cpu_us_per_request_median"]
-    )
+    ratio = cpu_median["split"] / cpu_median["one"]
     print(
         json.dumps(
             {
                 "batch": args.batch,
                 **summary,
                 "split_vs_one_cpu": round(ratio, 3),
+                "load_after": os.getloadavg(),
+            }
+        ),
+        flush=True,
+    )
+
+
+def stage_module(checkout: Path) -> Any:
+    """The monitor stage module of another checkout (e.g. main's, as the baseline), loaded
+    beside this one's; it bins with this checkout's ``recsys.monitoring.baseline``."""
+    path = checkout / "recsys" / "monitoring" / "stage.py"
+    spec = importlib.util.spec_from_file_location("baseline_monitor_stage", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--monitor-baseline: no monitor stage at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_monitor(
+    args: argparse.Namespace, artifacts: Path, versions: list[str], document: Mapping[str, Any]
+) -> None:
+    """The monitor stage alone: the batched stages before it run once over ``--batches``
+    batches of one version and as many split over the cells; then, per round, ``Monitor.run``
+    (this checkout's, and ``--monitor-baseline``'s if given, checked to report the same counts)
+    over each set ``--repeat`` times, CPU per request; median of the rounds."""
+    snapshot = in_process_snapshot(artifacts, versions)
+    before = [s for s in build_stages().batched if s.name != Monitor.name]
+    rng = np.random.default_rng(args.seed)
+    known = known_users(snapshot)
+    choices = {"one": [versions[0]], "split": list(cell_versions(document).values())}
+    batches: dict[str, list[Batch]] = {}
+    for name, cells in choices.items():
+        batches[name] = []
+        for _ in range(args.batches):
+            jobs = make_jobs(snapshot, rng, cells, rng.choice(known, size=args.batch))
+            batch = Batch(
+                requests=tuple(j.request for j in jobs),
+                deadlines=tuple(j.deadline for j in jobs),
+                assignments=tuple(j.assignment for j in jobs),
+            )
+            batches[name].append(run_stages(before, batch, snapshot))
+    monitors: dict[str, Stage[ServingSnapshot]] = {"new": Monitor()}
+    if args.monitor_baseline:
+        monitors["old"] = stage_module(args.monitor_baseline).Monitor()
+        for batch in (*batches["one"], *batches["split"]):
+            new = monitors["new"].run(batch, snapshot).drift_counts
+            old = monitors["old"].run(batch, snapshot).drift_counts
+            assert [c[:3] for c in new] == [c[:3] for c in old]
+            assert all(np.array_equal(a[3], b[3]) for a, b in zip(new, old, strict=True))
+    cpu: dict[str, list[float]] = {}
+    for round_ in range(args.rounds + 1):  # the first round warms up
+        for code, monitor in monitors.items():
+            for name, sample in batches.items():
+                start = time.process_time()
+                for _ in range(args.repeat):
+                    for batch in sample:
+                        monitor.run(batch, snapshot)
+                spent = time.process_time() - start
+                if round_:
+                    per_request = spent / (args.repeat * len(sample) * args.batch) * 1e6
+                    cpu.setdefault(f"{code}_{name}", []).append(per_request)
+    medians = {key: round(float(np.median(us)), 2) for key, us in cpu.items()}
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "versions_per_split_batch": round(
+                    float(np.mean([len(set(b.model_versions)) for b in batches["split"]])), 1
+                ),
+                "monitor_cpu_us_per_request_median": medians,
+                "rounds": {key: [round(x, 2) for x in us] for key, us in cpu.items()},
                 "load_after": os.getloadavg(),
             }
         ),
@@ -462,6 +566,15 @@ def main() -> None:
     parser.add_argument(
         "--served", action="store_true", help="against a real `recsys serve` (see above)"
     )
+    parser.add_argument(
+        "--monitor", action="store_true", help="the monitor stage alone, 1 vs 24 (see above)"
+    )
+    parser.add_argument(
+        "--monitor-baseline",
+        type=Path,
+        help="--monitor: also time the monitor stage of this checkout (e.g. main's)",
+    )
+    parser.add_argument("--repeat", type=int, default=20, help="--monitor: runs of each batch")
     parser.add_argument("--seconds", type=float, default=10.0, help="--served: each phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="--served: seconds")
     parser.add_argument("--concurrency", type=int, default=16, help="--served: closed loop")
@@ -509,6 +622,8 @@ def main() -> None:
         )
         if args.served:
             measure_served(args, artifacts, versions, production_version(artifacts))
+        elif args.monitor:
+            measure_monitor(args, artifacts, versions, document)
         else:
             measure_in_process(args, artifacts, versions, document)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ CELL_SELECTORS = 256
 """Cells whose nearby items are kept (least recently used dropped; shared by every
 availability snapshot of a catalogue): one bit per item each, 0.5 MB at 4M items. A 30 km
 metro holds about 150 cells (188 hold the 4M world's 10,000 homes); building one costs ~17 ms
-of CPU there."""
+of CPU there. Each cell's selector for the current availability is kept as well (another
+0.5 MB a cell at 4M: :class:`CellSelectors`)."""
 CELL_FETCH_MARGIN = 1.15
 """Search this many times the candidates wanted beyond the share of the cell's items the exact
 radius is expected to drop (the area ratio of the two circles)."""
@@ -192,7 +194,10 @@ class CellSelectors:
     What is near a cell depends only on the catalogue, so it is built once per cell (~17 ms at
     4M items), packed one bit per item, and kept in an LRU shared by every availability
     snapshot; a selector is that bitmap AND the snapshot's availability bitmap (a byte-wise AND
-    over N / 8 bytes: ~0.05 ms at 4M), so an availability change costs nothing here.
+    over N / 8 bytes: ~0.05-0.1 ms at 4M), so an availability change costs nothing here. The
+    selector of each cell is kept too, for the availability it was made with (a weak
+    reference: it is made again once that availability is replaced), so the requests of a cell
+    share it until availability changes: another N / 8 bytes per cell.
     Thread-safe; two threads may build one cell at once.
     """
 
@@ -201,6 +206,10 @@ class CellSelectors:
         self._size = size
         self._lock = threading.Lock()
         self._near: OrderedDict[tuple[int, int, float], npt.NDArray[np.uint8]] = OrderedDict()
+        self._selected: OrderedDict[
+            tuple[int, int, float],
+            tuple[weakref.ref[AvailabilitySelector], AvailabilitySelector],
+        ] = OrderedDict()
 
     def near(self, cell: tuple[int, int], radius_km: float) -> npt.NDArray[np.uint8]:
         """The packed bitmap (FAISS's bit order) of the items near enough to ``cell``."""
@@ -226,8 +235,20 @@ class CellSelectors:
     ) -> AvailabilitySelector:
         """A selector of the items near ``cell`` that ``availability`` allows."""
         allowed = availability.selector
+        key = (*cell, radius_km)
+        with self._lock:
+            found = self._selected.get(key)
+            if found is not None and found[0]() is allowed:
+                self._selected.move_to_end(key)
+                return found[1]
         bitmap = np.bitwise_and(self.near(cell, radius_km), allowed.bitmap)
-        return AvailabilitySelector.from_bitmap(bitmap, allowed.size)
+        selector = AvailabilitySelector.from_bitmap(bitmap, allowed.size)
+        with self._lock:
+            self._selected[key] = (weakref.ref(allowed), selector)
+            self._selected.move_to_end(key)
+            while len(self._selected) > self._size:
+                self._selected.popitem(last=False)
+        return selector
 
     @property
     def size(self) -> int:

@@ -370,6 +370,32 @@ def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
     assert int(c_before.sku_ids[0]) == top
 
 
+def test_retrievers_of_two_availability_snapshots_each_serve_their_own_in_one_cell(
+    world: World, index: ItemIndex
+) -> None:
+    """The cell's selector is kept for one availability at a time: calls that alternate between
+    two snapshots' retrievers (sharing the cells) each filter by their own snapshot."""
+    located = query(12, k=10, location=CENTRE, radius_km=8.0)
+    before = make_retriever(world, index)
+    (c,) = before.retrieve_batch([located])
+    top = int(c.sku_ids[0])
+    after = before.with_availability(
+        Availability.from_document(world.catalogue, {"skus_off": [top]})
+    )
+    assert after.cells is before.cells
+    for _ in range(2):
+        (c_after,) = after.retrieve_batch([located])
+        assert top not in c_after.sku_ids.tolist()
+        (c_before,) = before.retrieve_batch([located])
+        assert int(c_before.sku_ids[0]) == top
+    cell = cell_of(CENTRE)
+    shared = after.cells.get(cell, 8.0, after.availability)
+    assert after.cells.get(cell, 8.0, after.availability) is shared  # kept while unchanged
+    near = np.unpackbits(after.cells.near(cell, 8.0), bitorder="little")[: world.catalogue.n_items]
+    allowed = np.unpackbits(shared.bitmap, bitorder="little")[: world.catalogue.n_items]
+    assert np.array_equal(allowed, near & after.availability.item_mask)
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [

@@ -17,9 +17,9 @@ centroids (their first ``dimension`` coordinates) have the largest inner product
 extra coordinate adds nothing to an inner product with a query (whose coordinate there would be
 0), so storing it only cost memory and scan time; and choosing lists by inner product rather
 than by L2 distance to the augmented centroid (which favours centroids of small norm) finds the
-same recall with fewer probes: on the 4M world recall@200 under the delivery filter 0.961 at
-nprobe 96 against 0.928 (benchmarks/README.md, "Index: raw lists, probes by inner product").
-Versions built before this store the augmented vectors with an L2 coarse quantizer; they still
+same recall with fewer probes: on the 4M world, recall@200 under the delivery filter ~1 km
+from home is 0.961 at nprobe 96 against 0.928 (benchmarks/README.md, "Fourth round: raw lists,
+lists chosen by inner product"). Versions built before this store the augmented vectors with an L2 coarse quantizer; they still
 load and are searched with padded queries (:attr:`ItemIndex.augmented`).
 
 Item ids in the index are catalogue rows (``sku_id``): vectors are added in row order.

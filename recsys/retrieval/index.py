@@ -19,8 +19,9 @@ extra coordinate adds nothing to an inner product with a query (whose coordinate
 than by L2 distance to the augmented centroid (which favours centroids of small norm) finds the
 same recall with fewer probes: on the 4M world, recall@200 under the delivery filter ~1 km
 from home is 0.961 at nprobe 96 against 0.928 (benchmarks/README.md, "Fourth round: raw lists,
-lists chosen by inner product"). Versions built before this store the augmented vectors with an L2 coarse quantizer; they still
-load and are searched with padded queries (:attr:`ItemIndex.augmented`).
+lists chosen by inner product"). Versions built before this store the augmented vectors with
+an L2 coarse quantizer; they still load and are searched with padded queries
+(:attr:`ItemIndex.augmented`).
 
 Item ids in the index are catalogue rows (``sku_id``): vectors are added in row order.
 """

@@ -28,6 +28,11 @@ answered OK) beside the shed share; requests/s per core is successful calls per 
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
         [--baseline DIR]   # also the recsys servers of another checkout (old vs new, one run)
         [--variant d2='--batch-max-delay-ms 2']  # also each recsys server with other flags
+        [--rounds 2]       # the whole list twice, in turn (ratios from the median per server)
+
+Each recsys server's result also has ``stages_saturated``: the mean wall time of each stage per
+run in the saturated phase (per batch for the batched stages) and the mean batch size, from the
+server's metrics page.
 """
 
 from __future__ import annotations
@@ -233,23 +238,66 @@ def shed_share(codes: dict[str, int]) -> float:
     return round(codes.get("RESOURCE_EXHAUSTED", 0) / total, 4) if total else 0.0
 
 
-def cache_hit_rate(command: list[str]) -> float | None:
-    """Hit rate of a recsys server's result cache, from its metrics endpoint."""
+def metric_samples(command: list[str]) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample on a recsys server's metrics page (name, labels, value); [] without one."""
     if "--metrics-port" not in command:
-        return None
+        return []
     port = command[command.index("--metrics-port") + 1]
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     except OSError:
-        return None
+        return []
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def cache_hit_rate(command: list[str]) -> float | None:
+    """Hit rate of a recsys server's result cache, from its metrics endpoint."""
     counts = {"hit": 0.0, "miss": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "recsys_result_cache_lookups_total":
-                counts[sample.labels["result"]] += sample.value
+    for name, labels, value in metric_samples(command):
+        if name == "recsys_result_cache_lookups_total":
+            counts[labels["result"]] += value
     total = counts["hit"] + counts["miss"]
     return round(counts["hit"] / total, 3) if total else None
+
+
+def stage_totals(command: list[str]) -> dict[str, tuple[float, float]]:
+    """(seconds, runs) of each stage so far, and of ``batch`` (items, batches), from a recsys
+    server's metrics page: what :func:`stage_means` takes the difference of."""
+    totals: dict[str, tuple[float, float]] = {}
+    for name, labels, value in metric_samples(command):
+        if name.startswith("recsys_stage_duration_seconds_"):
+            key = labels["stage"]
+        elif name.startswith("recsys_batch_size_"):
+            key = "batch"
+        else:
+            continue
+        seconds, runs = totals.get(key, (0.0, 0.0))
+        if name.endswith("_sum"):
+            totals[key] = (seconds + value, runs)
+        elif name.endswith("_count"):
+            totals[key] = (seconds, runs + value)
+    return totals
+
+
+def stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Between two :func:`stage_totals`: each stage's mean wall ms per run (a batched stage
+    runs once per batch, a per-request one once per request) and the mean batch size."""
+    out: dict[str, float] = {}
+    for key, (seconds, runs) in after.items():
+        seconds0, runs0 = before.get(key, (0.0, 0.0))
+        if runs > runs0:
+            mean = (seconds - seconds0) / (runs - runs0)
+            out["mean_batch_size" if key == "batch" else f"{key}_ms"] = round(
+                mean if key == "batch" else mean * 1e3, 3
+            )
+    return out
 
 
 def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str, object]:
@@ -271,12 +319,14 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
         )
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
         asyncio.run(closed_loop(target, requests, args.concurrency, args.seconds / 3))
+        stages0 = stage_totals(server.command)
         cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
         latencies, codes = asyncio.run(
             closed_loop(target, requests, args.concurrency, args.seconds)
         )
         wall = time.perf_counter() - wall0
         cpu = children_cpu(process.pid) - cpu0
+        stages = stage_means(stages0, stage_totals(server.command))
         done = len(latencies)
         saturated = done / wall
         result: dict[str, object] = {
@@ -289,6 +339,7 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
             "requests_per_s_per_core": round(done / cpu, 1) if cpu else None,
             "codes": codes,
             "cache_hit_rate": cache_hit_rate(server.command),
+            "stages_saturated": stages,
         }
         if args.open_loop:
             rate = 0.7 * saturated
@@ -316,6 +367,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def cpu_per_call(result: dict[str, object]) -> float:
+    value = result["server_cpu_us_per_request"]
+    assert isinstance(value, int | float)
+    return float(value)
 
 
 def variant(text: str) -> tuple[str, list[str]]:
@@ -390,6 +447,13 @@ def main() -> None:
         "recsys-...-NAME (e.g. d2='--batch-max-delay-ms 2'; repeat for more)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list of servers this many times in turn (A B A B ...): on a shared "
+        "machine, the spread between rounds shows how far one figure can be trusted",
+    )
+    parser.add_argument(
         "--located-share",
         type=float,
         default=1.0,
@@ -397,23 +461,26 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
-    results = {}
-    for server in servers(args, free_port()):
-        if args.only and server.name not in args.only:
-            continue
-        # A fresh port per server: the previous one may linger in TIME_WAIT.
-        server = next(s for s in servers(args, free_port()) if s.name == server.name)
-        port = int(server.command[server.command.index("--port") + 1])
-        results[server.name] = run_server(server, args, port)
-        print(json.dumps(results[server.name]), flush=True)
-    cpu = {k: v["server_cpu_us_per_request"] for k, v in results.items()}
+    runs: dict[str, list[dict[str, object]]] = {}
+    for round_number in range(args.rounds):
+        for server in servers(args, free_port()):
+            if args.only and server.name not in args.only:
+                continue
+            # A fresh port per server: the previous one may linger in TIME_WAIT.
+            server = next(s for s in servers(args, free_port()) if s.name == server.name)
+            port = int(server.command[server.command.index("--port") + 1])
+            result = {**run_server(server, args, port), "round": round_number}
+            runs.setdefault(server.name, []).append(result)
+            print(json.dumps(result), flush=True)
+    # With several rounds, the ratios compare each server's median CPU per call.
+    cpu = {name: float(np.median([cpu_per_call(r) for r in rs])) for name, rs in runs.items()}
     ratios = {}
     for name in [k for k in cpu if k.startswith("recsys-")]:
-        if name in cpu and "naive" in cpu:
-            ratios[f"{name}_vs_naive_per_core"] = round(float(cpu["naive"]) / float(cpu[name]), 2)  # type: ignore[arg-type]
-        if name in cpu and "echo" in cpu:
-            ratios[f"{name}_vs_echo_per_core"] = round(float(cpu["echo"]) / float(cpu[name]), 3)  # type: ignore[arg-type]
-            ratios[f"{name}_cpu_per_call_vs_echo"] = round(float(cpu[name]) / float(cpu["echo"]), 2)  # type: ignore[arg-type]
+        if "naive" in cpu:
+            ratios[f"{name}_vs_naive_per_core"] = round(cpu["naive"] / cpu[name], 2)
+        if "echo" in cpu:
+            ratios[f"{name}_vs_echo_per_core"] = round(cpu["echo"] / cpu[name], 3)
+            ratios[f"{name}_cpu_per_call_vs_echo"] = round(cpu[name] / cpu["echo"], 2)
     print(json.dumps({"ratios": ratios, "load_after": os.getloadavg()}), flush=True)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_throughput import servers, variant
+from benchmarks.bench_throughput import servers, stage_means, variant
 
 
 def args(*, variants: list[str], baseline: Path | None = None) -> argparse.Namespace:
@@ -43,3 +43,18 @@ def test_variants_of_a_baseline_run_the_baseline_code() -> None:
 def test_a_variant_without_a_name_is_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=FLAGS"):
         variant(text)
+
+
+def test_stage_means_are_per_run_between_two_scrapes() -> None:
+    before = {"retrieve": (2.0, 100.0), "assign": (0.5, 400.0), "batch": (400.0, 100.0)}
+    after = {
+        "retrieve": (2.6, 120.0),  # 20 batches took 0.6 s: 30 ms each
+        "assign": (0.58, 480.0),  # 80 requests took 0.08 s: 1 ms each
+        "batch": (720.0, 120.0),  # 320 items in 20 batches
+        "monitor": (0.01, 5.0),  # first seen after the first scrape
+        "capture": (0.0, 0.0),  # never ran: left out
+    }
+    means = stage_means(before, after)
+    assert means == pytest.approx(
+        {"retrieve_ms": 30.0, "assign_ms": 1.0, "mean_batch_size": 16.0, "monitor_ms": 2.0}
+    )

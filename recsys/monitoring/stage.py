@@ -15,13 +15,12 @@ counted. The stage only reads the batch; it never changes what is served.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 
-from recsys.monitoring.baseline import BaselineBins, BaselineSet
+from recsys.monitoring.baseline import BaselineSet
 from recsys.stage import Batch
 from recsys.types import Exposure
 
@@ -41,10 +40,9 @@ class MonitorSnapshot(Protocol):
     """The part of the serving snapshot the monitor stage reads."""
 
     @property
-    def baselines(self) -> Mapping[str, BaselineBins]:
-        """Compiled training baselines by model version (a version without one is skipped);
-        a :class:`BaselineSet` as the snapshot compiler builds it (any other mapping is stacked
-        on every batch)."""
+    def baselines(self) -> BaselineSet:
+        """Compiled training baselines by model version, stacked once per snapshot (a version
+        without one is skipped)."""
         ...
 
 
@@ -71,8 +69,7 @@ class Monitor:
         matched = ranked[at] == flat
         rows, request, flat = at[matched], request[matched], flat[matched]
 
-        baselines = snapshot.baselines
-        stacked = baselines if isinstance(baselines, BaselineSet) else BaselineSet(baselines)
+        stacked = snapshot.baselines
         # Each request's (version, arm) code, once for the whole batch: codes order the groups
         # by version, then arm, as the counts are reported; negative for a version without a
         # baseline, whose rows are dropped.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recsys.experiments.assignment import Assigner
-from recsys.monitoring.baseline import BaselineBins
+from recsys.monitoring.baseline import BaselineSet
 from recsys.ranking.feature_store import UserStore
 from recsys.ranking.features import FeatureTables
 from recsys.ranking.model import RankingModel
@@ -63,8 +63,9 @@ class ServingSnapshot:
     documents: Mapping[str, ControlDocument] = field(default_factory=dict)
     """The control documents compiled into this snapshot, by name."""
     world_version: str = ""
-    baselines: Mapping[str, BaselineBins] = field(default_factory=dict)
-    """Training baselines of the loaded model versions, compiled for the monitor stage."""
+    baselines: BaselineSet = field(default_factory=lambda: BaselineSet({}))
+    """Training baselines of the loaded model versions, compiled and stacked for the monitor
+    stage (:meth:`~recsys.monitoring.baseline.BaselineCache.for_models`)."""
     snapshot_id: str = ""
     """Content hash of :meth:`manifest` (set by the compiler once the snapshot is complete)."""
 

@@ -109,9 +109,15 @@ def pad_queries(queries: Float32Array, dimension: int) -> Float32Array:
     return np.hstack([q, np.zeros((q.shape[0], 1), dtype=np.float32)])
 
 
+def _stores_augmented(index: faiss.Index, dimension: int) -> bool:
+    """Whether ``index`` holds items of ``dimension`` with the extra coordinate (versions built
+    before the lists held raw vectors)."""
+    return int(index.d) == dimension + 1
+
+
 def _query_matrix(index: faiss.Index, queries: Float32Array, dimension: int) -> Float32Array:
     """``queries`` as ``index`` takes them: padded if it stores augmented vectors."""
-    if int(index.d) == dimension + 1:
+    if _stores_augmented(index, dimension):
         return pad_queries(queries, dimension)
     return _as_matrix("queries", queries, dimension)
 
@@ -138,7 +144,7 @@ def build_index(
     n, d = x.shape
     if nlist is None and n < EXACT_BELOW:
         flat = faiss.IndexFlatIP(d)
-        _add_in_chunks(flat, x, None, on_added)
+        _add_in_chunks(flat, x, on_added)
         return flat
     lists = default_nlist(n) if nlist is None else nlist
     if not 1 <= lists <= n:
@@ -159,24 +165,24 @@ def build_index(
     quantizer.add(np.ascontiguousarray(sphere.reconstruct_n(0, lists)[:, :d]))
     index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
     index.is_trained = True
-    _add_in_chunks(index, x, sphere, on_added, augmented)
+    _add_in_chunks(index, x, on_added, lists_by=(sphere, augmented))
     return index
 
 
 def _add_in_chunks(
     index: faiss.Index,
     x: Float32Array,
-    sphere: faiss.Index | None,
     on_added: Callable[[int], None] | None,
-    augmented: Float32Array | None = None,
+    lists_by: tuple[faiss.Index, Float32Array] | None = None,
 ) -> None:
-    """Add ``x`` to ``index``; with ``sphere`` (an IVF index), each item to the list of its
-    nearest centroid in ``sphere`` by its ``augmented`` vector."""
+    """Add ``x`` to ``index``. With ``lists_by`` = (sphere, augmented) (an IVF index), each item
+    goes to the list of the centroid in ``sphere`` nearest its row of ``augmented``."""
     for start in range(0, x.shape[0], ADD_CHUNK):  # a few dozen chunks at 4M: progress only
         chunk = np.ascontiguousarray(x[start : start + ADD_CHUNK])
-        if sphere is None or augmented is None:
+        if lists_by is None:
             index.add(chunk)
         else:
+            sphere, augmented = lists_by
             _, nearest = sphere.search(augmented[start : start + ADD_CHUNK], 1)
             lists = np.ascontiguousarray(nearest[:, 0], dtype=np.int64)
             # add_core with the lists given; both arrays stay referenced through the call.
@@ -390,7 +396,7 @@ class ItemIndex:
     def augmented(self) -> bool:
         """Whether the version stores items with the extra coordinate (built before the lists
         held raw vectors): queries are then padded with a 0 there."""
-        return int(self.faiss_index.d) == self.dimension + 1
+        return _stores_augmented(self.faiss_index, self.dimension)
 
     def query_matrix(self, queries: Float32Array) -> Float32Array:
         """``queries`` ([n, dimension]) as the FAISS index takes them."""

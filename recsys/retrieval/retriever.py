@@ -18,6 +18,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -188,6 +189,36 @@ def cell_reach_km(cell: tuple[int, int], radius_km: float) -> tuple[Location, fl
     return centre, radius_km + float(corners.max()) * 1.01 + 1e-6
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(Generic[K, V]):
+    """A thread-safe map of at most ``size`` entries, the least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class CellSelectors:
     """FAISS selectors per (delivery cell, radius): the available items near the cell.
 
@@ -204,30 +235,23 @@ class CellSelectors:
     def __init__(self, geo: CatalogueGeo, size: int = CELL_SELECTORS):
         self._geo = geo
         self._size = size
-        self._lock = threading.Lock()
-        self._near: OrderedDict[tuple[int, int, float], npt.NDArray[np.uint8]] = OrderedDict()
-        self._selected: OrderedDict[
-            tuple[int, int, float],
-            tuple[weakref.ref[AvailabilitySelector], AvailabilitySelector],
-        ] = OrderedDict()
+        self._near: _Lru[tuple[int, int, float], npt.NDArray[np.uint8]] = _Lru(size)
+        self._selected: _Lru[
+            tuple[int, int, float], tuple[weakref.ref[AvailabilitySelector], AvailabilitySelector]
+        ] = _Lru(size)
 
     def near(self, cell: tuple[int, int], radius_km: float) -> npt.NDArray[np.uint8]:
         """The packed bitmap (FAISS's bit order) of the items near enough to ``cell``."""
         key = (*cell, radius_km)
-        with self._lock:
-            found = self._near.get(key)
-            if found is not None:
-                self._near.move_to_end(key)
-                return found
+        found = self._near.get(key)
+        if found is not None:
+            return found
         centre, reach = cell_reach_km(cell, radius_km)
         c = self._geo.catalogue
         near = np.zeros(c.n_restaurants, dtype=np.bool_)
         near[self._geo.restaurants_near(centre, reach)] = True
         bitmap = np.packbits(near[c.item_restaurant], bitorder="little")
-        with self._lock:
-            self._near[key] = bitmap
-            while len(self._near) > self._size:
-                self._near.popitem(last=False)
+        self._near.put(key, bitmap)
         return bitmap
 
     def get(
@@ -236,18 +260,12 @@ class CellSelectors:
         """A selector of the items near ``cell`` that ``availability`` allows."""
         allowed = availability.selector
         key = (*cell, radius_km)
-        with self._lock:
-            found = self._selected.get(key)
-            if found is not None and found[0]() is allowed:
-                self._selected.move_to_end(key)
-                return found[1]
+        found = self._selected.get(key)
+        if found is not None and found[0]() is allowed:
+            return found[1]
         bitmap = np.bitwise_and(self.near(cell, radius_km), allowed.bitmap)
         selector = AvailabilitySelector.from_bitmap(bitmap, allowed.size)
-        with self._lock:
-            self._selected[key] = (weakref.ref(allowed), selector)
-            self._selected.move_to_end(key)
-            while len(self._selected) > self._size:
-                self._selected.popitem(last=False)
+        self._selected.put(key, (weakref.ref(allowed), selector))
         return selector
 
     @property

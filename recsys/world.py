@@ -132,13 +132,22 @@ def save_world(world: World, directory: Path) -> None:
     (directory / "world.json").write_text(json.dumps(asdict(world.meta), indent=2) + "\n")
 
 
+def load_column(path: Path, *, mmap: bool = True) -> npt.NDArray[Any]:
+    """One saved array; with ``mmap``, memory-mapped read-only and returned as a plain ndarray
+    view of the mapping. The view shares the mapping (pages stay shared between processes)
+    without the ``np.memmap`` subclass, whose Python-level ``__getitem__`` and
+    ``__array_finalize__`` every fancy index on the request path would otherwise pay."""
+    if not mmap:
+        return np.asarray(np.load(path, allow_pickle=False))
+    return np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
+
+
 def load_world(directory: Path, *, mmap: bool = True) -> World:
     """Load a world saved by :func:`save_world`; columns are memory-mapped by default."""
-    mode: Any = "r" if mmap else None
     parts: dict[str, Any] = {}
     for part, cls in _PARTS.items():
         columns = {
-            f.name: np.load(directory / f"{part}.{f.name}.npy", mmap_mode=mode, allow_pickle=False)
+            f.name: load_column(directory / f"{part}.{f.name}.npy", mmap=mmap)
             for f in fields(cls)
         }
         parts[part] = cls(**columns)

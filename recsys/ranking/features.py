@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.geo import haversine_km
-from recsys.world import CATEGORIES, CUISINES, Catalogue, World
+from recsys.world import CATEGORIES, CUISINES, Catalogue, World, load_column
 
 FEATURE_NAMES: tuple[str, ...] = (
     "mf_score",  # user . item, the retrieval score
@@ -268,12 +268,11 @@ def load_feature_tables(
 
     Raises :class:`FeatureTablesError` if a table is missing or does not fit ``catalogue``.
     """
-    mode: Any = "r" if mmap else None
     arrays: dict[str, Any] = {}
     for name in _TABLE_ARRAYS:
         path = directory / f"{name}.npy"
         try:
-            arrays[name] = np.load(path, mmap_mode=mode, allow_pickle=False)
+            arrays[name] = load_column(path, mmap=mmap)
         except FileNotFoundError as e:
             raise FeatureTablesError(f"{path}: missing feature table {name!r}") from e
     arrays["population_price_mean"] = float(arrays["population_price_mean"])

@@ -242,7 +242,9 @@ def test_tables_see_only_the_history_window(planted: PlantedWorld, tables: Featu
 def test_save_load_round_trip(tables: FeatureTables, tmp_path: Path, mmap: bool) -> None:
     save_feature_tables(tables, tmp_path)
     loaded = load_feature_tables(tmp_path, tables.catalogue, mmap=mmap)
-    assert isinstance(loaded.item_vectors, np.memmap) == mmap
+    # Mapped (a plain ndarray view of the mapping), or read into memory.
+    assert type(loaded.item_vectors) is np.ndarray
+    assert isinstance(loaded.item_vectors.base, np.memmap) == mmap
     assert loaded.population_price_mean == tables.population_price_mean
     batch = serving_batch(tables, 500)
     np.testing.assert_array_equal(

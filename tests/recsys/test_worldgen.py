@@ -127,6 +127,20 @@ def test_save_and_load_round_trip(world: World, tmp_path: Path) -> None:
         assert np.array_equal(column, original[name]), name
 
 
+def test_loaded_columns_are_plain_read_only_views_of_the_mapped_files(
+    world: World, tmp_path: Path
+) -> None:
+    """Mapped, not copied (the pages stay shared), but not the np.memmap subclass, whose
+    Python-level indexing every gather on the request path would pay."""
+    save_world(world, tmp_path)
+    for name, column in _columns(load_world(tmp_path)).items():
+        assert type(column) is np.ndarray, name
+        assert isinstance(column.base, np.memmap), name
+        assert not column.flags.writeable, name
+    for name, column in _columns(load_world(tmp_path, mmap=False)).items():
+        assert type(column) is np.ndarray and not isinstance(column.base, np.memmap), name
+
+
 def test_progress_reports_milestones() -> None:
     messages: list[str] = []
     generate_world(200, 20, 3, progress=messages.append)

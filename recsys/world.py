@@ -147,8 +147,7 @@ def load_world(directory: Path, *, mmap: bool = True) -> World:
     parts: dict[str, Any] = {}
     for part, cls in _PARTS.items():
         columns = {
-            f.name: load_column(directory / f"{part}.{f.name}.npy", mmap=mmap)
-            for f in fields(cls)
+            f.name: load_column(directory / f"{part}.{f.name}.npy", mmap=mmap) for f in fields(cls)
         }
         parts[part] = cls(**columns)
     meta = WorldMeta(**json.loads((directory / "world.json").read_text()))

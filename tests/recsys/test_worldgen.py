@@ -138,7 +138,8 @@ def test_loaded_columns_are_plain_read_only_views_of_the_mapped_files(
         assert isinstance(column.base, np.memmap), name
         assert not column.flags.writeable, name
     for name, column in _columns(load_world(tmp_path, mmap=False)).items():
-        assert type(column) is np.ndarray and not isinstance(column.base, np.memmap), name
+        assert type(column) is np.ndarray, name
+        assert not isinstance(column.base, np.memmap), name
 
 
 def test_progress_reports_milestones() -> None:

@@ -24,6 +24,7 @@ lists by inner product; on a version of the older layout it adds that layout's l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import resource
@@ -254,7 +255,6 @@ def filtered_rows(
 def fp16_copy(index: Any, items: Float32Array) -> Any:
     """The served IVF index with its inverted lists stored as fp16 (same coarse quantizer and
     list assignment, vectors themselves, not residuals), as an ItemIndex."""
-    from recsys.retrieval.index import ItemIndex
 
     ivf = faiss.extract_index_ivf(index.faiss_index)
     x = augment_items(items) if index.augmented else np.ascontiguousarray(items, np.float32)
@@ -266,8 +266,7 @@ def fp16_copy(index: Any, items: Float32Array) -> Any:
     sq.train(x[:1024])  # the quantizer is trained already; fp16 codes need no training
     sq.add(x)
     sq.make_direct_map()  # the quantizer stays the served index's: keep that one alive
-    fields = {**index.__dict__, "faiss_index": sq, "version": index.version + "-fp16"}
-    return ItemIndex(**fields)
+    return dataclasses.replace(index, faiss_index=sq, version=index.version + "-fp16")
 
 
 def raw_lists_copy(index: Any, items: Float32Array) -> Any:
@@ -275,7 +274,6 @@ def raw_lists_copy(index: Any, items: Float32Array) -> Any:
     same lists re-laid as :func:`recsys.retrieval.index.build_index` lays them now: the raw
     vectors, and the lists chosen by inner product with the centroids' first coordinates.
     Exactly what a build would make of the same k-means, as an ItemIndex."""
-    from recsys.retrieval.index import ItemIndex
 
     ivf = faiss.extract_index_ivf(index.faiss_index)
     d = index.dimension
@@ -287,8 +285,7 @@ def raw_lists_copy(index: Any, items: Float32Array) -> Any:
     x = np.ascontiguousarray(items, dtype=np.float32)
     raw.add_core(x.shape[0], faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
     raw.make_direct_map()
-    fields = {**index.__dict__, "faiss_index": raw, "version": index.version + "-raw"}
-    return ItemIndex(**fields)
+    return dataclasses.replace(index, faiss_index=raw, version=index.version + "-raw")
 
 
 def radius_rows(

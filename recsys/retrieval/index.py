@@ -232,10 +232,12 @@ def _search(
     k: int,
     nprobe: int,
     selector: faiss.IDSelector | None,
+    nlist: int | None = None,
 ) -> tuple[Float32Array, Int64Array]:
-    """One FAISS call; the parameters object holds ``selector`` for the call's duration."""
+    """One FAISS call; the parameters object holds ``selector`` for the call's duration.
+    ``nlist``: the index's list count when the caller knows it (0: not IVF)."""
     params: faiss.SearchParameters
-    if _nlist(index):
+    if _nlist(index) if nlist is None else nlist:
         ivf_params = faiss.SearchParametersIVF()
         ivf_params.nprobe = nprobe
         params = ivf_params
@@ -387,10 +389,11 @@ class ItemIndex:
     faiss_index: faiss.Index = field(repr=False)
     measured_recall: float = 0.0
     """recall@k on the version's probe queries, re-measured at load."""
+    nlist: int = field(init=False)
+    """IVF lists (0: exact flat index); read from FAISS once, not on every search."""
 
-    @property
-    def nlist(self) -> int:
-        return _nlist(self.faiss_index)
+    def __post_init__(self) -> None:
+        self.nlist = _nlist(self.faiss_index)
 
     @property
     def augmented(self) -> bool:
@@ -488,7 +491,7 @@ class ItemIndex:
                     f"allowed: selector covers {allowed.size} items, index has {self.count}"
                 )
             selector = allowed.faiss_selector
-        return _search(self.faiss_index, q, k, min(probe, self.nlist), selector)
+        return _search(self.faiss_index, q, k, min(probe, self.nlist), selector, self.nlist)
 
     def reconstruct(self, ids: Int64Array) -> Float32Array:
         """The stored vectors of ``ids`` (catalogue rows), shape [len(ids), dimension]."""

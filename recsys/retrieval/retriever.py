@@ -12,6 +12,7 @@ a learned vector) get popular eligible items near their location, flagged ``fall
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import weakref
@@ -23,7 +24,13 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from recsys.geo import EARTH_RADIUS_KM, haversine_km
+from recsys.geo import (
+    BOUNDARY_TOLERANCE,
+    EARTH_RADIUS_KM,
+    half_chord_squared_limit,
+    haversine_km,
+    unit_vectors,
+)
 from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.retrieval.index import ItemIndex
 from recsys.types import BoolArray, Candidates, Float32Array, Int64Array, Location
@@ -61,6 +68,13 @@ MAX_GRID_ROWS = 64
 
 _NO_IDS: Int64Array = np.zeros(0, dtype=np.int64)
 Int32Array = npt.NDArray[np.int32]
+
+
+def _sorted_exclusions(q: RetrievalQuery) -> Int64Array:
+    """The query's excluded ids, sorted and unique (most queries exclude nothing)."""
+    if not q.exclude:
+        return _NO_IDS
+    return np.unique(np.asarray(q.exclude, dtype=np.int64))
 
 
 def _isin_sorted(ids: npt.NDArray[np.integer], sorted_ids: Int64Array) -> BoolArray:
@@ -109,6 +123,7 @@ class CatalogueGeo:
         self._items: Int32Array = np.lexsort((popularity_rank, restaurant)).astype(np.int32)
         counts = np.bincount(restaurant, minlength=catalogue.n_restaurants)
         self._offsets: Int64Array = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._unit = unit_vectors(lat, lon)  # [R, 3]: 24 bytes a restaurant
 
     def within(
         self,
@@ -117,12 +132,37 @@ class CatalogueGeo:
         radius_km: float | npt.NDArray[np.float64],
         ids: npt.NDArray[np.integer],
     ) -> BoolArray:
-        """Whether each item's restaurant is within ``radius_km`` of (lat, lon); broadcasts,
-        so one call covers a whole batch (one location per row of ``ids``)."""
+        """Whether each item's restaurant is within ``radius_km`` of its place: scalars with
+        ``ids`` [F], or one place per row with ``lat``, ``lon``, ``radius_km`` [B] and ``ids``
+        [B, F] (a whole batch in one call).
+
+        Decides exactly as ``haversine_km(...) <= radius_km`` does, without its trigonometry per
+        item: a dot product of unit vectors against the radius's bound, and haversine itself
+        only for the rare item within :data:`~recsys.geo.BOUNDARY_TOLERANCE` of the bound.
+        """
         c = self.catalogue
-        restaurants = c.item_restaurant[ids]
-        km = haversine_km(lat, lon, c.restaurant_lat[restaurants], c.restaurant_lon[restaurants])
-        return np.asarray(km <= radius_km)
+        # np.take, not fancy indexing: 2-3x faster for these gathers (rows of a 2-D table).
+        restaurants = np.take(c.item_restaurant, ids)
+        centre = unit_vectors(lat, lon)  # [3] or [B, 3]
+        points = np.take(self._unit, restaurants, axis=0)
+        cos_angle = np.matmul(points, centre[..., None])[..., 0]
+        half_chord_sq = 0.5 * (1.0 - cos_angle)
+        limit = half_chord_squared_limit(radius_km)
+        if limit.ndim:
+            limit = limit[:, None]
+        near = half_chord_sq <= limit
+        unsure = np.abs(half_chord_sq - limit) <= BOUNDARY_TOLERANCE
+        if unsure.any():
+            at = restaurants[unsure]
+            place_lat, place_lon, radius = (
+                np.broadcast_to(np.asarray(v, dtype=np.float64)[..., None], ids.shape)[unsure]
+                if np.ndim(v)
+                else v
+                for v in (lat, lon, radius_km)
+            )
+            km = haversine_km(place_lat, place_lon, c.restaurant_lat[at], c.restaurant_lon[at])
+            near[unsure] = km <= radius
+        return np.asarray(near)
 
     def restaurants_near(self, location: Location, radius_km: float) -> Int64Array:
         """Restaurants within ``radius_km`` of ``location`` (exact: haversine on the box)."""
@@ -175,9 +215,11 @@ def cell_of(location: Location) -> tuple[int, int]:
     return math.floor(location.lat / CELL_DEG), math.floor(location.lon / CELL_DEG)
 
 
+@functools.lru_cache(maxsize=4096)
 def cell_reach_km(cell: tuple[int, int], radius_km: float) -> tuple[Location, float]:
     """The centre of ``cell`` and the distance from it that covers ``radius_km`` around every
-    point of the cell: the radius plus the farthest corner (with a margin for rounding)."""
+    point of the cell: the radius plus the farthest corner (with a margin for rounding).
+    Kept per cell and radius: every query of a cell asks for it."""
     lat0, lon0 = cell[0] * CELL_DEG, cell[1] * CELL_DEG
     centre = Location(lat0 + CELL_DEG / 2, lon0 + CELL_DEG / 2)
     corners = haversine_km(
@@ -419,7 +461,7 @@ class Retriever:
         """A deeper search for a query whose radius left fewer than ``k`` of a full result (the
         cell's selector holds more items than the radius): rare, and what keeps the in-search
         radius from losing recall to the popular top-up."""
-        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        exclude = _sorted_exclusions(q)
         for _ in range(MAX_REFETCH):
             kept = usable & ~_isin_sorted(ids, exclude) if exclude.size else usable
             if int(np.count_nonzero(kept)) >= q.k or ids[-1] < 0 or ids.size >= self._index.count:
@@ -465,9 +507,9 @@ class Retriever:
         located = np.array([q.location is not None for q in queries])
         if not located.any():
             return np.ones(ids.shape, dtype=np.bool_)
-        lat = np.array([q.location.lat if q.location else 0.0 for q in queries])[:, None]
-        lon = np.array([q.location.lon if q.location else 0.0 for q in queries])[:, None]
-        radius = np.array([q.radius_km for q in queries])[:, None]
+        lat = np.array([q.location.lat if q.location else 0.0 for q in queries])
+        lon = np.array([q.location.lon if q.location else 0.0 for q in queries])
+        radius = np.array([q.radius_km for q in queries])
         near = self._geo.within(lat, lon, radius, np.maximum(ids, 0))
         return np.asarray(near | ~located[:, None])
 
@@ -481,7 +523,7 @@ class Retriever:
     ) -> Candidates:
         """A known user's candidates from their share of the search (``usable``: returned and
         within the radius), topped up with popular eligible items if too few remain."""
-        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        exclude = _sorted_exclusions(q)
         keep = usable.copy()
         if exclude.size:
             keep &= ~_isin_sorted(ids, exclude)
@@ -496,7 +538,7 @@ class Retriever:
         return Candidates(sku_ids=ids, retrieval_scores=scores.astype(np.float32, copy=False))
 
     def _popular_fallback(self, q: RetrievalQuery) -> Candidates:
-        exclude = np.unique(np.asarray(q.exclude, dtype=np.int64))
+        exclude = _sorted_exclusions(q)
         ids = self._popular_eligible(q, q.k, exclude, _NO_IDS)
         return Candidates(sku_ids=ids, retrieval_scores=self._popularity[ids], fallback=True)
 

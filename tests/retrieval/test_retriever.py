@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import recsys.retrieval.retriever as retriever_module
 from recsys.artifacts import ArtifactRoot
-from recsys.geo import haversine_km
+from recsys.geo import EARTH_RADIUS_KM, haversine_km
 from recsys.retrieval.availability import Availability, AvailabilitySelector
 from recsys.retrieval.index import ItemIndex, build_index, save_index_version
 from recsys.retrieval.retriever import (
@@ -314,7 +314,7 @@ class CountingIndex(ItemIndex):
 
 
 def test_one_search_per_batch_nprobe_and_delivery_cell(world: World, index: ItemIndex) -> None:
-    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex) if f.init}
     counting = CountingIndex(**fields)
     retriever = make_retriever(world, counting)
     queries = mixed_queries()
@@ -335,7 +335,7 @@ def test_one_search_per_batch_nprobe_and_delivery_cell(world: World, index: Item
 def test_one_search_per_batch_and_nprobe_with_the_radius_after_the_search(
     world: World, index: ItemIndex
 ) -> None:
-    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex) if f.init}
     counting = CountingIndex(**fields)
     retriever = make_retriever(world, counting, radius_in_search=False)
     retriever.retrieve_batch(mixed_queries())
@@ -346,7 +346,7 @@ def test_one_search_per_batch_and_nprobe_with_the_radius_after_the_search(
 
 
 def test_nprobe_zero_searches_with_the_index_default(world: World, index: ItemIndex) -> None:
-    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex)}
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex) if f.init}
     counting = CountingIndex(**fields)
     retriever = make_retriever(world, counting)
     (default,) = retriever.retrieve_batch([query(3, nprobe=0)])
@@ -560,6 +560,65 @@ def test_restaurants_near_finds_exactly_those_within_the_radius(
     assert sorted(found.tolist()) == expected.tolist()
     items = globe.items_near(Location(lat, lon), radius_km)
     assert sorted(items.tolist()) == expected.tolist()  # one item per restaurant here
+
+
+def destinations(
+    lat: float, lon: float, km: npt.NDArray[np.float64], bearing: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The points ``km`` away from (lat, lon) along ``bearing`` (radians), in degrees."""
+    p1, l1, d = np.radians(lat), np.radians(lon), km / EARTH_RADIUS_KM
+    p2 = np.arcsin(np.sin(p1) * np.cos(d) + np.cos(p1) * np.sin(d) * np.cos(bearing))
+    l2 = l1 + np.arctan2(
+        np.sin(bearing) * np.sin(d) * np.cos(p1), np.cos(d) - np.sin(p1) * np.sin(p2)
+    )
+    return np.degrees(p2), (np.degrees(l2) + 540.0) % 360.0 - 180.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lat=st.one_of(st.floats(-89.9, 89.9), st.floats(52.3, 52.7)),
+    lon=st.floats(-180, 180),
+    radius_km=st.one_of(st.floats(0.01, 30.0), st.floats(30.0, 20_000.0)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_within_decides_exactly_as_haversine_even_a_hair_from_the_radius(
+    globe: CatalogueGeo, lat: float, lon: float, radius_km: float, seed: int
+) -> None:
+    """The dot-product radius check agrees with ``haversine_km(...) <= radius`` for every
+    item, including restaurants placed within rounding of the radius (where it falls back to
+    haversine itself), one place at a time and a batch of places at once."""
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([0.0, 1e-15, 1e-13, 1e-11, 1e-9, 1e-6, 1e-3], 400)
+    km = radius_km * (1.0 + scale * rng.choice([-1.0, 1.0], 400))
+    edge_lat, edge_lon = destinations(lat, lon, km, rng.uniform(0, 2 * np.pi, 400))
+    c = globe.catalogue
+    geo = CatalogueGeo(
+        catalogue_at(
+            np.concatenate([c.restaurant_lat, edge_lat]),
+            np.concatenate([c.restaurant_lon, edge_lon]),
+        ),
+        np.arange(c.n_restaurants + 400, dtype=np.int32),
+    )
+    ids = np.arange(geo.catalogue.n_items)
+    truth = (
+        haversine_km(lat, lon, geo.catalogue.restaurant_lat, geo.catalogue.restaurant_lon)
+        <= radius_km
+    )
+    assert truth[-400:].any()  # the edge straddles the radius
+    assert not truth[-400:].all()
+    assert geo.within(lat, lon, radius_km, ids).tolist() == truth.tolist()
+    places = np.array([[lat, lon], [52.5, 13.4], [-lat, lon]])
+    radii = np.array([radius_km, 8.0, radius_km / 2])
+    rows = np.stack([ids, ids[::-1], ids])
+    batch = geo.within(places[:, 0], places[:, 1], radii, rows)
+    for n in range(3):
+        expected = haversine_km(
+            places[n, 0],
+            places[n, 1],
+            geo.catalogue.restaurant_lat[rows[n]],
+            geo.catalogue.restaurant_lon[rows[n]],
+        )
+        assert batch[n].tolist() == (expected <= radii[n]).tolist()
 
 
 CELL = retriever_module.CELL_DEG

@@ -333,7 +333,8 @@ def assemble_features(
     restaurant = cat.item_restaurant[items]
     user = _UserColumns.of(tables, row, user_rows_features)
 
-    mf = np.einsum("ij,ij->i", user.vectors, tables.item_vectors[items])
+    # np.take, not fancy indexing: 2-3x faster for row gathers from a 2-D table.
+    mf = np.einsum("ij,ij->i", user.vectors, np.take(tables.item_vectors, items, axis=0))
     out[:, col["mf_score"]] = np.where(known, mf, 0.0)
 
     lat = lat.astype(np.float64, copy=False)
@@ -397,7 +398,7 @@ class _UserColumns:
     ) -> _UserColumns:
         if rows_features is None:
             return cls(
-                tables.user_vectors[row],
+                np.take(tables.user_vectors, row, axis=0),
                 tables.user_price_mean[row],
                 tables.user_activity[row],
                 tables.user_home_lat[row],

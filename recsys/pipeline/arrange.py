@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from recsys.stage import Batch
 from recsys.types import Float32Array, Int64Array, ScoredItems
@@ -28,6 +29,11 @@ def rank_within_group(groups: Int64Array) -> Int64Array:
     return out
 
 
+PREFIX_FACTOR = 4
+"""The rules first run on about this many times ``num_results`` of the best candidates (cheap:
+a partition, then a sort of the few); only if too few of those survive do they run on all."""
+
+
 def arranged_positions(
     sku_ids: Int64Array,
     restaurant_ids: Int64Array,
@@ -39,8 +45,42 @@ def arranged_positions(
 ) -> Int64Array:
     """Positions (into the inputs) of the best-first top-``num_results``: no duplicate SKU, no
     excluded SKU, at most ``max_per_restaurant`` items per restaurant. Ties break on the lower
-    SKU id."""
-    order = np.lexsort((sku_ids, -scores.astype(np.float64)))
+    SKU id.
+
+    Each rule decides an item from the items before it in that order only, so the rules over
+    a prefix of the order keep exactly the prefix of what they keep over all of it: the best
+    ``PREFIX_FACTOR * num_results`` (every item tied with the last of them included) are tried
+    first, and all candidates only when fewer than ``num_results`` of those survive.
+    """
+    negated = -scores.astype(np.float64)
+    size = PREFIX_FACTOR * num_results
+    if size < negated.shape[0]:
+        bound = np.partition(negated, size - 1)[size - 1]
+        if not np.isnan(bound):
+            prefix = np.flatnonzero(negated <= bound)  # every item ordered before the bound's
+            at = _arranged(
+                sku_ids[prefix], restaurant_ids[prefix], negated[prefix],
+                num_results=num_results, max_per_restaurant=max_per_restaurant, exclude=exclude,
+            )  # fmt: skip
+            if at.shape[0] >= num_results:
+                return prefix[at]
+    return _arranged(
+        sku_ids, restaurant_ids, negated,
+        num_results=num_results, max_per_restaurant=max_per_restaurant, exclude=exclude,
+    )  # fmt: skip
+
+
+def _arranged(
+    sku_ids: Int64Array,
+    restaurant_ids: Int64Array,
+    negated_scores: npt.NDArray[np.float64],
+    *,
+    num_results: int,
+    max_per_restaurant: int,
+    exclude: Int64Array | None,
+) -> Int64Array:
+    """:func:`arranged_positions` over all of the given candidates."""
+    order = np.lexsort((sku_ids, negated_scores))
     sku, rest = sku_ids[order], restaurant_ids[order]
     keep = np.ones(sku.shape[0], dtype=np.bool_)
     if exclude is not None and exclude.size:

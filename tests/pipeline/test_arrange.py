@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.pipeline.arrange import arrange, rank_within_group
+from recsys.pipeline.arrange import arrange, arranged_positions, rank_within_group
 
 
 def test_rank_within_group_counts_in_display_order() -> None:
@@ -57,3 +57,71 @@ def test_arrange_rules_hold_for_any_input(
     assert all(out.scores[i] == np.float32(best[s]) for i, s in enumerate(got))
     fill = sum(min(cap, len({s for s in eligible if s % 7 == r})) for r in range(7))
     assert len(got) == min(n, fill)
+
+
+def reference_positions(
+    sku: list[int], rest: list[int], score: list[float], n: int, cap: int, exclude: set[int]
+) -> list[int]:
+    """The rules one item at a time, best first (ties on the lower SKU id, then position)."""
+    order = sorted(range(len(sku)), key=lambda i: (-float(np.float32(score[i])), sku[i], i))
+    seen: set[int] = set()
+    per_restaurant: dict[int, int] = {}
+    out: list[int] = []
+    for i in order:
+        if sku[i] in exclude or sku[i] in seen:
+            continue
+        seen.add(sku[i])
+        if per_restaurant.get(rest[i], 0) >= cap:
+            continue
+        per_restaurant[rest[i]] = per_restaurant.get(rest[i], 0) + 1
+        out.append(i)
+        if len(out) == n:
+            break
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 300),
+            st.one_of(st.sampled_from([0.0, -0.0, 0.5, 1.0]), st.floats(-5, 5, width=32)),
+        ),
+        max_size=300,
+    ),
+    st.integers(1, 12),
+    st.integers(1, 3),
+    st.sets(st.integers(0, 300), max_size=40),
+    st.integers(2, 60),
+)
+def test_arranged_positions_match_the_rules_applied_one_by_one(
+    rows: list[tuple[int, float]], n: int, cap: int, exclude: set[int], restaurants: int
+) -> None:
+    """Whether the best few candidates suffice (the usual case) or all are needed (ties at the
+    prefix's bound, heavy exclusions, a restaurant cap that drops most), the positions are
+    exactly those of the rules applied item by item over the whole best-first order."""
+    sku = [r[0] for r in rows]
+    rest = [s % restaurants for s in sku]
+    score = [r[1] for r in rows]
+    at = arranged_positions(
+        np.array(sku, dtype=np.int64),
+        np.array(rest, dtype=np.int64),
+        np.array(score, dtype=np.float32),
+        num_results=n,
+        max_per_restaurant=cap,
+        exclude=np.array(sorted(exclude), dtype=np.int64),
+    )
+    assert at.tolist() == reference_positions(sku, rest, score, n, cap, exclude)
+
+
+def test_when_the_best_few_are_not_enough_all_candidates_are_arranged() -> None:
+    """The best 4 x num_results all come from one restaurant (capped at one): the second
+    result is found further down, as over the whole order."""
+    sku = np.arange(30, dtype=np.int64)
+    rest = np.where(sku < 12, 0, sku).astype(np.int64)
+    score = (1.0 - sku / 100).astype(np.float32)
+    at = arranged_positions(sku, rest, score, num_results=2, max_per_restaurant=1)
+    assert at.tolist() == [0, 12]
+    assert at.tolist() == reference_positions(
+        sku.tolist(), rest.tolist(), score.tolist(), 2, 1, set()
+    )

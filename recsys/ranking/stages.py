@@ -193,11 +193,18 @@ class Rank:
             snapshot.routing.resolve(a.params.model_name, r.user_id, a.params.model_version)
             for r, a in zip(batch.requests, batch.assignments, strict=True)
         ]
-        row_version = np.repeat(np.array(versions, dtype=object), counts)[scored]
+        # One predict per version: rows matched by an integer code per request, not by
+        # comparing version strings row by row.
+        distinct = sorted(set(versions))
+        code = {version: n for n, version in enumerate(distinct)}
+        request_codes = np.array([code[v] for v in versions], dtype=np.int32)
+        row_code = np.repeat(request_codes, counts)[scored]
         model_scores = np.empty(features.shape[0], dtype=np.float32)
-        for version in sorted(set(row_version.tolist())):
-            rows = row_version == version
-            model_scores[rows] = snapshot.models[version].predict(features[rows])
+        for n, version in enumerate(distinct):
+            rows = row_code == n if len(distinct) > 1 else slice(None)
+            chosen = features[rows]
+            if chosen.shape[0]:  # a version whose requests have no scored row: no predict
+                model_scores[rows] = snapshot.models[version].predict(chosen)
         scores = np.zeros(items.shape[0], dtype=np.float32)
         scores[scored] = model_scores
         return scores, versions, features

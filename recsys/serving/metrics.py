@@ -106,6 +106,12 @@ class CappedLabels:
         return self._other
 
 
+def _counted(answer: Recommendation) -> bool:
+    """Whether an answer's scores go into the live score histogram: it has items and they were
+    ranked (answers in retrieval order carry retrieval scores, on another scale)."""
+    return bool(len(answer.items)) and DEADLINE_UNRANKED not in answer.degraded_reasons
+
+
 def _check_edges(edges: Sequence[float]) -> npt.NDArray[np.float64]:
     array = np.asarray(edges, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
@@ -149,6 +155,32 @@ class ScoreHistograms:
             self._edges[version] = checked
             self._counts.pop(version, None)
             self._sums.pop(version, None)
+
+    def count_ahead(self, answers: Sequence[Recommendation]) -> None:
+        """Fill each computed answer's ``encodings.score_counts`` for the edges of its version,
+        one vectorised pass per version for a whole batch (the batch's thread calls this, so
+        :meth:`observe` on the event loop only adds the counts). Changes no series."""
+        groups: dict[str, list[Recommendation]] = {}
+        for answer in answers:
+            if answer.encodings is not None and _counted(answer):
+                groups.setdefault(answer.model_version, []).append(answer)
+        for version, group in groups.items():
+            (key,) = self._versions.admit((version,))
+            with self._lock:
+                edges = self._edges.get(key, self._default_edges)
+            values = np.concatenate([np.asarray(a.items.scores, np.float64) for a in group])
+            owner = np.repeat(np.arange(len(group)), [len(a.items) for a in group])
+            finite = np.isfinite(values)
+            values, owner = values[finite], owner[finite]
+            width = edges.size + 1
+            buckets = np.searchsorted(edges, values, side="left")
+            counts = np.bincount(owner * width + buckets, minlength=len(group) * width)
+            totals = np.bincount(owner, weights=values, minlength=len(group))
+            for n, (answer, row) in enumerate(
+                zip(group, counts.reshape(len(group), width).astype(np.int64), strict=True)
+            ):
+                assert answer.encodings is not None
+                answer.encodings.score_counts = _ScoreCounts(edges, row, float(totals[n]))
 
     def observe(
         self, version: str, scores: npt.ArrayLike, encodings: Encodings | None = None
@@ -370,8 +402,7 @@ class ServingMetrics:
         for e in recommendation.exposures:
             labels = self._exposure_labels.admit((e.layer, e.experiment, e.arm))
             child(self._exposures, *labels).inc()
-        unranked = DEADLINE_UNRANKED in recommendation.degraded_reasons
-        if len(recommendation.items) and not unranked:
+        if _counted(recommendation):
             self._scores.observe(
                 recommendation.model_version, recommendation.items.scores, recommendation.encodings
             )
@@ -402,6 +433,11 @@ class ServingMetrics:
 
     def observe_scores(self, model_version: str, scores: npt.ArrayLike) -> None:
         self._scores.observe(model_version, scores)
+
+    def count_scores_ahead(self, answers: Sequence[Recommendation]) -> None:
+        """Bucket the scores of a batch's answers ahead of :meth:`observe_recommendation`
+        (:meth:`ScoreHistograms.count_ahead`)."""
+        self._scores.count_ahead(answers)
 
     def set_score_buckets(self, model_version: str, edges: Sequence[float]) -> None:
         """Use the training baseline's bin edges for this model version's live histogram."""

@@ -83,13 +83,15 @@ def recommend_batch(
     jobs: Sequence[Job],
     stages: Sequence[Stage[ServingSnapshot]],
     monitor: ServingMonitor | None = None,
+    metrics: ServingMetrics | None = None,
 ) -> list[Recommendation | Exception]:
     """Run the batched ``stages`` over ``jobs``: in an executor thread, never on the loop.
 
     Jobs normally share one snapshot; if a swap happened while the batch formed, each group of
     jobs is served by the snapshot it started on. A job whose deadline already passed gets
     :class:`DeadlineExceeded` and is not run. ``monitor`` accumulates each batch's drift
-    counts (the monitor stage's output).
+    counts (the monitor stage's output); ``metrics`` buckets the answers' scores for the live
+    score histogram here, per batch, so the per-response count on the loop only adds them.
     """
     now = time.perf_counter()
     out: list[Recommendation | Exception | None] = [None] * len(jobs)
@@ -115,7 +117,10 @@ def recommend_batch(
         )
         if monitor is not None:
             monitor.observe(batch, snapshot.baselines)
-        for i, rec in zip(positions, _recommendations(group, batch, snapshot), strict=True):
+        answers = _recommendations(group, batch, snapshot)
+        if metrics is not None:
+            metrics.count_scores_ahead(answers)
+        for i, rec in zip(positions, answers, strict=True):
             out[i] = rec
     return [r for r in out if r is not None]
 
@@ -322,7 +327,7 @@ async def open_pipeline(
         summary_dir=settings.monitor_path,
     )
     batcher: MicroBatcher[Job, Recommendation] = MicroBatcher(
-        partial(recommend_batch, stages=plan.batched, monitor=monitor),
+        partial(recommend_batch, stages=plan.batched, monitor=monitor, metrics=metrics),
         name="recommend",
         max_batch_size=settings.batch_max_size,
         max_delay=settings.batch_max_delay_ms / 1000,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from recsys.ranking.stages import STALE_USER_VECTOR
+from recsys.ranking.stages import DEADLINE_UNRANKED, STALE_USER_VECTOR
 from recsys.serving.batching import BatchStats
 from recsys.serving.metrics import DEFAULT_SCORE_BUCKETS, CappedLabels, ServingMetrics
 from recsys.types import Encodings, Exposure, Recommendation, ScoredItems, ServingVersions
@@ -234,6 +234,59 @@ def test_an_answer_and_its_cache_hits_count_alike_with_its_bucket_counts_made_on
     assert answer.encodings.score_counts is not kept
     assert value("recsys_live_score_bucket", {"model_version": "m1", "le": "0.2"}) == 1
     assert value("recsys_live_score_count", {"model_version": "m1"}) == 3
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["m1", "m2", "m3"]),
+            st.lists(
+                st.one_of(
+                    st.floats(-2, 3, width=32),
+                    st.sampled_from([0.25, 0.5, 1.0, float("nan"), float("inf")]),
+                ),
+                max_size=25,
+            ),
+            st.booleans(),
+        ),
+        max_size=12,
+    )
+)
+def test_a_batch_counted_ahead_gives_the_series_counted_one_answer_at_a_time(
+    answers: list[tuple[str, list[float], bool]],
+) -> None:
+    """Bucketing a whole batch's scores ahead (in the batch's thread) and then observing each
+    answer gives the same live score series as observing each answer alone; unranked answers
+    and answers with no items are left out either way, and observing reuses the counts."""
+    made = [
+        replace(
+            recommendation(scores, model_version=version, degraded=(DEADLINE_UNRANKED,) * late),
+            encodings=Encodings(),
+        )
+        for version, scores, late in answers
+    ]
+    alone, ahead = (ServingMetrics(score_buckets=[0.25, 0.5, 1.0]) for _ in range(2))
+    for metrics in (alone, ahead):
+        metrics.set_score_buckets("m2", [0.0, 2.0])
+    ahead.count_scores_ahead(made)
+    counted = [a.encodings.score_counts for a in made if a.encodings is not None]
+    for answer in made:
+        ahead.observe_recommendation(answer)
+    kept = [a.encodings.score_counts for a in made if a.encodings is not None]
+    assert all(k is c for k, c in zip(kept, counted, strict=True))
+    for answer in made:
+        alone.observe_recommendation(replace(answer, encodings=Encodings()))
+    for version in ("m1", "m2", "m3"):
+        for suffix in ("count", "sum"):
+            name, labels = f"recsys_live_score_{suffix}", {"model_version": version}
+            got = ahead.registry.get_sample_value(name, labels)
+            assert got == pytest.approx(alone.registry.get_sample_value(name, labels))
+        for le in ("0.0", "0.25", "0.5", "1.0", "2.0", "+Inf"):
+            labels = {"model_version": version, "le": le}
+            assert ahead.registry.get_sample_value(
+                "recsys_live_score_bucket", labels
+            ) == alone.registry.get_sample_value("recsys_live_score_bucket", labels)
 
 
 def test_in_flight_calls_and_status_codes_are_counted() -> None:

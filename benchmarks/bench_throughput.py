@@ -23,12 +23,18 @@ so a stall is not hidden). Server CPU per request is user+system time of the ser
 (and its children, for ``--workers``) from /proc divided by the calls answered, over each phase:
 on a shared machine this is the robust figure. It is reported per successful call (the
 process's whole CPU, including what the calls shed with RESOURCE_EXHAUSTED cost, over the calls
-answered OK) beside the shed share; requests/s per core is successful calls per CPU second.
+answered OK) beside the shed share (RESOURCE_EXHAUSTED from the servicer and CANCELLED from gRPC
+core's bound on waiting calls alike); requests/s per core is successful calls per CPU second.
+A call's CPU depends on the rate it is served at (batch sizes, loop wake-ups), and a saturated
+phase full of refusals charges their CPU to the answered calls: ``--same-rate`` compares CPU per
+call in open-loop phases at one rate instead.
 
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
         [--baseline DIR]   # also the recsys servers of another checkout (old vs new, one run)
         [--variant d2='--batch-max-delay-ms 2']  # also each recsys server with other flags
         [--rounds 2]       # the whole list twice, in turn (ratios from the median per server)
+        [--same-rate]      # baselines and variants at the open-loop rate of what they are
+                           # compared with, and echo at the hit's rate: CPU per call at equal load
 
 Each recsys server's result also has ``stages_saturated``: the mean wall time of each stage per
 run in the saturated phase (per batch for the batched stages) and the mean batch size, from the
@@ -74,6 +80,9 @@ class Server:
     """``distinct``, ``mix`` or ``hit``."""
     code: Path | None = None
     """Run the server from this checkout (``--baseline``); None: this one."""
+    rate_of: str | None = None
+    """With ``--same-rate``: run the open-loop phase at this server's open-loop rate (the one it
+    is compared with), not at 70% of its own saturation."""
 
 
 def children_cpu(pid: int) -> float:
@@ -232,10 +241,17 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
     }
 
 
+SHED_CODES = ("RESOURCE_EXHAUSTED", "CANCELLED")
+"""The answers of refused calls: RESOURCE_EXHAUSTED from the servicer's admission, CANCELLED
+from gRPC core's bound on calls waiting for the event loop (``--max-pending-rpcs``). The
+client never cancels a call itself."""
+
+
 def shed_share(codes: dict[str, int]) -> float:
-    """Share of the calls answered RESOURCE_EXHAUSTED (shed by admission control)."""
+    """Share of the calls refused (:data:`SHED_CODES`), whichever bound refused them."""
     total = sum(codes.values())
-    return round(codes.get("RESOURCE_EXHAUSTED", 0) / total, 4) if total else 0.0
+    shed = sum(codes.get(code, 0) for code in SHED_CODES)
+    return round(shed / total, 4) if total else 0.0
 
 
 def metric_samples(command: list[str]) -> list[tuple[str, dict[str, str], float]]:
@@ -300,7 +316,10 @@ def stage_means(
     return out
 
 
-def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str, object]:
+def run_server(
+    server: Server, args: argparse.Namespace, port: int, rate: float | None = None
+) -> dict[str, object]:
+    """Saturation, then the open loop at ``rate`` calls/s (None: 70% of the saturation)."""
     target = f"127.0.0.1:{port}"
     env = None
     if server.code is not None:  # the baseline's own recsys package, not this checkout's
@@ -342,7 +361,7 @@ def run_server(server: Server, args: argparse.Namespace, port: int) -> dict[str,
             "stages_saturated": stages,
         }
         if args.open_loop:
-            rate = 0.7 * saturated
+            rate = 0.7 * saturated if rate is None else rate
             cpu0 = children_cpu(process.pid)
             lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
             cpu70 = children_cpu(process.pid) - cpu0
@@ -396,9 +415,17 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         Server("recsys-mix", serve, "mix"),
         Server("recsys-hit", serve, "hit"),
     ]
+    same = getattr(args, "same_rate", False)
     if args.baseline is not None:  # each followed by the same server from another checkout
         code = args.baseline.resolve()
-        recsys = [s for r in recsys for s in (r, replace(r, name=f"{r.name}-baseline", code=code))]
+        recsys = [
+            s
+            for r in recsys
+            for s in (
+                r,
+                replace(r, name=f"{r.name}-baseline", code=code, rate_of=r.name if same else None),
+            )
+        ]
     if args.variant:  # each followed by the same server with other serve flags
         recsys = [
             s
@@ -406,20 +433,61 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
             for s in (
                 r,
                 *(
-                    replace(r, name=f"{r.name}-{name}", command=[*r.command, *flags])
+                    replace(
+                        r,
+                        name=f"{r.name}-{name}",
+                        command=[*r.command, *flags],
+                        rate_of=(r.rate_of or r.name) if same else None,
+                    )
                     for name, flags in args.variant
                 ),
             )
         ]
+    echo = [py, "-m", "benchmarks.echo_server", "--port", str(port)]
     return [
-        Server("echo", [py, "-m", "benchmarks.echo_server", "--port", str(port)], "distinct"),
+        Server("echo", echo, "distinct"),
         Server(
             "naive",
             [py, "-m", "benchmarks.naive_server", "--artifacts", art, "--port", str(port)],
             "distinct",
         ),
         *recsys,
+        # A call's CPU depends on the rate (batches, loop wake-ups): the hit is set against
+        # echo at the hit's own rate.
+        *([Server(ECHO_AT_HIT, echo, "distinct", rate_of="recsys-hit")] if same else []),
     ]
+
+
+ECHO_AT_HIT = "echo-at-hit-rate"
+
+
+def same_rate_ratios(runs: dict[str, list[dict[str, object]]]) -> dict[str, float]:
+    """Median CPU per call in the open-loop phase of each server run at another's rate, over
+    that other's, in the same rounds: the like-for-like comparison (``--same-rate``). For
+    echo at the hit's rate, the hit's CPU per call over echo's."""
+    out = {}
+    for name, results in runs.items():
+        base = next((r.get("rate_of") for r in results if r.get("rate_of")), None)
+        if not isinstance(base, str) or base not in runs:
+            continue
+        mine = [c for c in map(open_loop_cpu, results) if c is not None]
+        theirs = [c for c in map(open_loop_cpu, runs[base]) if c is not None]
+        if not mine or not theirs:
+            continue
+        if name == ECHO_AT_HIT:
+            key, value = "recsys-hit_vs_echo", np.median(theirs) / np.median(mine)
+        else:
+            key, value = f"{name}_vs_{base}", np.median(mine) / np.median(theirs)
+        out[f"{key}_cpu_per_call_same_rate"] = round(float(value), 3)
+    return out
+
+
+def open_loop_cpu(result: dict[str, object]) -> float | None:
+    phase = result.get("at_70pct")
+    if not isinstance(phase, dict):
+        return None
+    value = phase.get("server_cpu_us_per_request")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def main() -> None:
@@ -454,6 +522,13 @@ def main() -> None:
         "machine, the spread between rounds shows how far one figure can be trusted",
     )
     parser.add_argument(
+        "--same-rate",
+        action="store_true",
+        help="run each baseline and variant's open-loop phase at the rate of the server it is "
+        f"compared with, and echo once more at recsys-hit's rate ({ECHO_AT_HIT}): CPU per call "
+        "compared at equal load",
+    )
+    parser.add_argument(
         "--located-share",
         type=float,
         default=1.0,
@@ -469,7 +544,15 @@ def main() -> None:
             # A fresh port per server: the previous one may linger in TIME_WAIT.
             server = next(s for s in servers(args, free_port()) if s.name == server.name)
             port = int(server.command[server.command.index("--port") + 1])
-            result = {**run_server(server, args, port), "round": round_number}
+            rate = None
+            if server.rate_of is not None and runs.get(server.rate_of):
+                phase = runs[server.rate_of][-1].get("at_70pct")
+                rate = float(phase["rate"]) if isinstance(phase, dict) else None
+            result = {
+                **run_server(server, args, port, rate),
+                "round": round_number,
+                "rate_of": server.rate_of,
+            }
             runs.setdefault(server.name, []).append(result)
             print(json.dumps(result), flush=True)
     # With several rounds, the ratios compare each server's median CPU per call.
@@ -481,6 +564,7 @@ def main() -> None:
         if "echo" in cpu:
             ratios[f"{name}_vs_echo_per_core"] = round(cpu["echo"] / cpu[name], 3)
             ratios[f"{name}_cpu_per_call_vs_echo"] = round(cpu[name] / cpu["echo"], 2)
+    ratios.update(same_rate_ratios(runs))
     print(json.dumps({"ratios": ratios, "load_after": os.getloadavg()}), flush=True)
 
 

@@ -8,15 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_throughput import servers, stage_means, variant
+from benchmarks.bench_throughput import (
+    ECHO_AT_HIT,
+    same_rate_ratios,
+    servers,
+    shed_share,
+    stage_means,
+    variant,
+)
 
 
-def args(*, variants: list[str], baseline: Path | None = None) -> argparse.Namespace:
+def args(
+    *, variants: list[str], baseline: Path | None = None, same_rate: bool = False
+) -> argparse.Namespace:
     return argparse.Namespace(
         artifacts=Path("/tmp/art"),
         serve_arg=["--batch-max-size", "16"],
         baseline=baseline,
         variant=[variant(v) for v in variants],
+        same_rate=same_rate,
     )
 
 
@@ -58,3 +68,41 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
     assert means == pytest.approx(
         {"retrieve_ms": 30.0, "assign_ms": 1.0, "mean_batch_size": 16.0, "monitor_ms": 2.0}
     )
+
+
+def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:
+    found = servers(args(variants=["d2=--x"], baseline=Path("/tmp/old"), same_rate=True), 5)
+    rate_of = {s.name: s.rate_of for s in found}
+    assert rate_of["recsys-mix"] is None
+    assert rate_of["recsys-mix-baseline"] == "recsys-mix"
+    assert rate_of["recsys-mix-d2"] == "recsys-mix"
+    assert rate_of["recsys-mix-baseline-d2"] == "recsys-mix"
+    assert found[-1].name == ECHO_AT_HIT
+    assert found[-1].rate_of == "recsys-hit"
+    assert "echo_server" in " ".join(found[-1].command)
+    plain = servers(args(variants=["d2=--x"], baseline=Path("/tmp/old")), 5)
+    assert all(s.rate_of is None for s in plain)
+    assert ECHO_AT_HIT not in {s.name for s in plain}
+
+
+def test_same_rate_ratios_compare_open_loop_cpu_medians() -> None:
+    def run(cpu: float, rate_of: str | None = None) -> dict[str, object]:
+        return {"at_70pct": {"server_cpu_us_per_request": cpu}, "rate_of": rate_of}
+
+    runs = {
+        "recsys-hit": [run(300.0), run(280.0)],
+        "recsys-hit-baseline": [run(360.0, "recsys-hit"), run(320.0, "recsys-hit")],
+        ECHO_AT_HIT: [run(200.0, "recsys-hit"), run(180.0, "recsys-hit")],
+    }
+    assert same_rate_ratios(runs) == {
+        "recsys-hit-baseline_vs_recsys-hit_cpu_per_call_same_rate": pytest.approx(
+            340 / 290, abs=1e-3
+        ),
+        "recsys-hit_vs_echo_cpu_per_call_same_rate": pytest.approx(290 / 190, abs=1e-3),
+    }
+
+
+def test_refusals_by_gRPC_core_count_as_shed() -> None:
+    assert shed_share({"OK": 50, "RESOURCE_EXHAUSTED": 10, "CANCELLED": 40}) == 0.5
+    assert shed_share({"OK": 10}) == 0.0
+    assert shed_share({}) == 0.0

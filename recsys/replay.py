@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from recsys.artifacts import ArtifactError, ArtifactRoot
+from recsys.experiments.stage import Assign
 from recsys.geo import haversine_km
 from recsys.pipeline.archive import SnapshotArchive, SnapshotArchiveError
 from recsys.pipeline.capture import Capture
@@ -253,17 +254,23 @@ class Replayer:
         another model version (a challenger) instead of the one that served."""
         snapshot = snapshot or self.snapshot(logged.snapshot_id)
         plan = build_stages()
-        assigned = run_stages(plan.per_request, Batch(requests=(logged.request,)), snapshot)
+        assigned = run_stages(
+            (*plan.per_request, Assign()), Batch(requests=(logged.request,)), snapshot
+        )
         assignment = assigned.assignments[0]
         if model_version:
             assignment = replace(
                 assignment, params=replace(assignment.params, model_version=model_version)
             )
-        stages: list[Stage[ServingSnapshot]] = [LoggedFeatures([logged.user_features])]
+        # The batched stages as served (the assign stage keeps the assignment given here), with
+        # the user features as logged instead of a fresh read.
+        stages: list[Stage[ServingSnapshot]] = []
         deadline: float | None = None
-        for stage in plan.batched[1:]:
+        for stage in plan.batched:
             if isinstance(stage, Capture):
                 continue
+            if isinstance(stage, UserFeatures):
+                stage = LoggedFeatures([logged.user_features])
             if isinstance(stage, Rank) and DEADLINE_UNRANKED in logged.degraded_reasons:
                 stage = Rank(RankCost(seconds_per_row=math.inf))  # as it was: no time to rank
                 deadline = 0.0

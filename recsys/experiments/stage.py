@@ -1,7 +1,9 @@
 """The assign stage: each request's experiment exposures and merged pipeline parameters.
 
-Runs per request on the event loop, before the result cache (whose key depends on the arms):
-cost O(layers), never O(experiments).
+Runs at the head of the batched stages, for the whole batch in one vectorised pass
+(:meth:`~recsys.experiments.assignment.Assigner.assign_many`): cost O(layers) per request,
+never O(experiments). A batch that already carries its assignments (a replay, or a warm-up
+pinning a model version) keeps them.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ class Assign:
     name = "assign"
 
     def run(self, batch: Batch, snapshot: AssignSnapshot) -> Batch:
-        assigner = snapshot.assigner
+        if len(batch.assignments) == len(batch.requests):
+            return batch  # assigned already: kept as they are
         return replace(
             batch,
             assignments=tuple(
-                assigner.assign(
-                    r.user_id,
-                    RequestAttributes(
-                        surface=r.surface,
-                        platform=r.platform,
-                        has_location=r.location is not None,
-                    ),
+                snapshot.assigner.assign_many(
+                    [r.user_id for r in batch.requests],
+                    [
+                        RequestAttributes(
+                            surface=r.surface,
+                            platform=r.platform,
+                            has_location=r.location is not None,
+                        )
+                        for r in batch.requests
+                    ],
                 )
-                for r in batch.requests
             ),
         )

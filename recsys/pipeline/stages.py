@@ -2,10 +2,12 @@
 
 Two lists of the same shape (:class:`recsys.stage.Stage`):
 
-- ``per_request`` runs on the event loop for each request as it arrives, before the result
-  cache (whose key depends on the experiment arms): cheap, O(layers) work only;
-- ``batched`` runs in an executor thread over a micro-batch of requests: one feature-store
-  read, one FAISS search, one predict per model version.
+- ``per_request`` runs on the event loop for each request as it arrives, after the result
+  cache lookup (a hit runs no stage): cheap work that must precede batching, if any; the
+  served plan has none;
+- ``batched`` runs in an executor thread over a micro-batch of requests: one vectorised
+  experiment assignment, one feature-store read, one FAISS search, one predict per model
+  version.
 
 A new concern (a monitoring tap, a candidate logger) is one more object in one of these lists.
 """
@@ -35,14 +37,19 @@ class StagePlan:
 
 
 def build_stages(candidate_share: float = 0.0) -> StagePlan:
-    """assign -> (batch) features -> retrieve -> rank -> arrange -> capture -> monitor.
+    """(batch) assign -> features -> retrieve -> rank -> arrange -> capture -> monitor.
+
+    Assignment runs with the batch, not per request on the event loop: one vectorised pass
+    over the batch's requests costs less than one per request, and the loop is the server's
+    one serial thread.
 
     ``candidate_share``: the share of requests whose exposure record keeps every ranked
     candidate (``--exposure-candidates-share``).
     """
     return StagePlan(
-        per_request=(Assign(),),
+        per_request=(),
         batched=(
+            Assign(),
             UserFeatures(),
             Retrieve(),
             Rank(),

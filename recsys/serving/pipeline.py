@@ -23,6 +23,7 @@ from recsys.artifacts import make_directories
 from recsys.control.backends import open_store
 from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
 from recsys.control.store import EXPERIMENTS, Document, DocumentStore
+from recsys.experiments.stage import Assign
 from recsys.pipeline.archive import SnapshotArchive, snapshot_directory
 from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
@@ -71,7 +72,8 @@ class Job:
     """One request on its way to the batched stages, with the snapshot it started on."""
 
     request: Request
-    assignment: Assignment
+    assignment: Assignment | None
+    """Set when a per-request stage assigned it; None: the batched assign stage does."""
     snapshot: ServingSnapshot
     deadline: float | None = None
     """``time.perf_counter()`` by which the answer is due; None: no deadline."""
@@ -106,12 +108,13 @@ def recommend_batch(
     for positions in by_snapshot.values():
         group = [jobs[i] for i in positions]
         snapshot = group[0].snapshot
+        given = tuple(j.assignment for j in group if j.assignment is not None)
         batch = run_stages(
             stages,
             Batch(
                 requests=tuple(j.request for j in group),
                 deadlines=tuple(j.deadline for j in group),
-                assignments=tuple(j.assignment for j in group),
+                assignments=given if len(given) == len(group) else (),
             ),
             snapshot,
         )
@@ -138,7 +141,7 @@ def _recommendations(
             model_version=version,
             index_version=snapshot.index.version,
             config_version=snapshot.assigner.version,
-            exposures=job.assignment.exposures,
+            exposures=assignment.exposures,
             degraded_reasons=reasons,
             stage_seconds=(*job.stage_seconds, *batch.stage_seconds),
             snapshot_id=snapshot.snapshot_id,
@@ -147,9 +150,10 @@ def _recommendations(
             computed_for=job.request,
             encodings=Encodings(),
         )
-        for n, (job, items, version, reasons, row, candidates) in enumerate(
+        for n, (job, assignment, items, version, reasons, row, candidates) in enumerate(
             zip(
                 jobs,
+                batch.assignments,
                 batch.items,
                 batch.model_versions,
                 degraded,
@@ -210,8 +214,9 @@ class Pipeline:
                     cached, request_id=request.request_id, stage_seconds=HIT_STAGES, cached=True
                 )
         early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)
+        assignment = early.assignments[0] if early.assignments else None
         rec = await self._batcher.submit(
-            Job(request, early.assignments[0], snapshot, deadline, early.stage_seconds)
+            Job(request, assignment, snapshot, deadline, early.stage_seconds)
         )
         if key is not None and not _transient(rec):
             cache.put(snapshot, key, rec)
@@ -252,8 +257,8 @@ def warm_up(snapshot: ServingSnapshot, stages: StagePlan) -> None:
     requests = tuple(
         Request(request_id=f"warm-up-{n}", user_id=u, num_results=20) for n, u in enumerate(users)
     )
-    assigned = run_stages(stages.per_request, Batch(requests=requests), snapshot)
-    for version in snapshot.models:
+    assigned = run_stages((*stages.per_request, Assign()), Batch(requests=requests), snapshot)
+    for version in snapshot.models:  # the batched assign stage keeps these pinned assignments
         pinned = tuple(
             replace(a, params=replace(a.params, model_version=version))
             for a in assigned.assignments

@@ -148,9 +148,14 @@ attributes = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(documents(), st.lists(st.integers(0, 10**6), min_size=1, max_size=20), attributes)
+@given(
+    documents(),
+    st.lists(st.integers(0, 10**6), min_size=1, max_size=20),
+    attributes,
+    st.lists(attributes, min_size=21, max_size=21),
+)
 def test_assigner_agrees_with_the_reference(
-    doc: dict[str, Any], users: list[int], attrs: RequestAttributes
+    doc: dict[str, Any], users: list[int], attrs: RequestAttributes, mixed: list[RequestAttributes]
 ) -> None:
     config = parse_config(doc)
     assigner = compile_config(doc, version="7")
@@ -164,6 +169,11 @@ def test_assigner_agrees_with_the_reference(
         assert assigner.assign(user_id, attrs) == got  # deterministic
     many = assigner.assign_many(user_ids, [attrs] * len(user_ids))
     assert many == [assigner.assign(u, attrs) for u in user_ids]
+    # A batch of requests from different surfaces and platforms (how the batched stage calls it).
+    each = mixed[: len(user_ids)]
+    assert assigner.assign_many(user_ids, each) == [
+        assigner.assign(u, a) for u, a in zip(user_ids, each, strict=True)
+    ]
 
 
 def test_assignment_serves_arm_parameters_over_launch_defaults_over_defaults() -> None:

@@ -515,7 +515,7 @@ def measure_monitor(
             batch = Batch(
                 requests=tuple(j.request for j in jobs),
                 deadlines=tuple(j.deadline for j in jobs),
-                assignments=tuple(j.assignment for j in jobs),
+                assignments=tuple(j.assignment for j in jobs if j.assignment is not None),
             )
             batches[name].append(run_stages(before, batch, snapshot))
     monitors: dict[str, Stage[ServingSnapshot]] = {"new": Monitor()}

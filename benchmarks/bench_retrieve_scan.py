@@ -15,10 +15,13 @@ time of one FAISS thread, for known users at a place near their home (jittered ~
 - ``fastscan``: 4-bit PQ fast-scan codes on the served coarse centroids, searched with the
   cell selector, then an exact re-rank of the fetched items;
 - ``nlist``: an IVF-Flat index with ``--nlist`` lists built from the same items, at several
-  nprobe, through the whole stage.
+  nprobe, through the whole stage;
+- ``margin``: the whole stage at several ``CELL_FETCH_MARGIN`` (``--margins``): how deep each
+  cell's search fetches beyond the share the exact radius is expected to drop, against how many
+  queries then need a deeper search.
 
     python -m benchmarks.bench_retrieve_scan --artifacts /tmp/speed-art4m \
-        [--queries 150] [--k 200] [--parts scan,nprobe,regions,fastscan,nlist]
+        [--queries 150] [--k 200] [--parts scan,nprobe,regions,fastscan,nlist,margin]
 
 Every row is one JSON line with the load average.
 """
@@ -44,6 +47,7 @@ import numpy as np
 from recsys.artifacts import ArtifactRoot
 from recsys.geo import EARTH_RADIUS_KM, haversine_km
 from recsys.ranking.features import load_feature_tables
+from recsys.retrieval import retriever as retriever_module
 from recsys.retrieval.availability import Availability
 from recsys.retrieval.index import ItemIndex, build_index
 from recsys.retrieval.retriever import (
@@ -333,6 +337,31 @@ def nlist_rows(s: Setup, nlist: int, nprobes: list[int]) -> None:
         stage_row(s, retriever, f"nlist {nlist}", nprobe)
 
 
+def margin_rows(s: Setup, margins: list[float]) -> None:
+    """The served stage at each fetch margin, with the FAISS calls it made per query."""
+    served = retriever_module.CELL_FETCH_MARGIN
+    search = s.index.search
+    calls = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        calls[0] += 1
+        return search(*args, **kwargs)
+
+    s.index.search = counted  # type: ignore[method-assign]
+    try:
+        for margin in margins:
+            retriever_module.CELL_FETCH_MARGIN = margin
+            calls[0] = 0
+            for q in s.queries:
+                s.retriever.retrieve_batch([q])
+            emit({"part": "margin", "margin": margin,
+                  "searches_per_query": round(calls[0] / len(s.queries), 3)})  # fmt: skip
+            stage_row(s, s.retriever, f"margin {margin}", 0)
+    finally:
+        retriever_module.CELL_FETCH_MARGIN = served
+        del s.index.search
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -345,6 +374,7 @@ def main() -> None:
     parser.add_argument("--fastscan-m", type=int, default=33, help="must divide the index dim")
     parser.add_argument("--nlist", type=int, default=16_384)
     parser.add_argument("--nlist-nprobes", default="256,384,512")
+    parser.add_argument("--margins", default="1.15,1.3,1.5", help="the margin part's values")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     faiss.omp_set_num_threads(1)
@@ -362,6 +392,8 @@ def main() -> None:
         fastscan_rows(s, args.fastscan_m)
     if "nlist" in parts:
         nlist_rows(s, args.nlist, [int(p) for p in args.nlist_nprobes.split(",")])
+    if "margin" in parts:
+        margin_rows(s, [float(m) for m in args.margins.split(",")])
 
 
 if __name__ == "__main__":

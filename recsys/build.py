@@ -47,6 +47,8 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     offline_metrics: dict[str, float] = field(default_factory=dict)
     index_recall: float = 0.0
+    index_filtered_recall_by_k: dict[int, float] = field(default_factory=dict)
+    """The same at each deeper depth the default experiments serve (K=400: the k400 arm)."""
     index_filtered_recall: float | None = None
     """recall@K of the retrieve stage with the delivery filter at the default nprobe (None: not
     measured, an exact flat index)."""
@@ -173,6 +175,9 @@ def _build_stages(
         report.index_recall = float(manifest.get("recall", 0.0))
         if "filtered_recall" in manifest:
             report.index_filtered_recall = float(manifest["filtered_recall"])
+        report.index_filtered_recall_by_k = {
+            int(k): float(v["recall"]) for k, v in manifest.get("filtered_recall_by_k", {}).items()
+        }
         report.index_nlist = int(manifest.get("nlist", 0))
         report.index_nprobe = int(manifest.get("default_nprobe", 0))
 
@@ -232,14 +237,32 @@ def is_built(root: Path) -> bool:
     return (root / "control").is_dir() and bool(artifacts.versions(root / "indexes"))
 
 
+def served_depths() -> list[int]:
+    """The retrieval depths K the default experiments document serves: the defaults' K first,
+    then each deeper or shallower arm's (``retrieval-depth``: 200 and 400)."""
+    from recsys.experiments.config import default_config
+
+    doc = default_config()
+    first = int(doc["defaults"]["retrieval_k"])
+    arms = {
+        int(arm["params"]["retrieval_k"])
+        for layer in doc["layers"]
+        for experiment in layer["experiments"]
+        for arm in experiment["arms"]
+        if "retrieval_k" in arm.get("params", {})
+    }
+    return [first, *sorted(arms - {first})]
+
+
 def _recall_under_filter(
     index: faiss.Index, world: World, tables: FeatureTables, probe_rows: Int64Array
-) -> FilteredRecall | None:
+) -> list[FilteredRecall]:
     """recall@K of the retrieve stage for the probe users at their homes, with the served
-    defaults' delivery radius and K and every item available (an IVF index only: a flat one is
-    exact). Measured on the unpublished index: the filter keeps a fraction of each list, so an
-    nprobe that reaches the target without it may not with it (0.949 at the 4M world's former
-    default, benchmarks/README.md)."""
+    defaults' delivery radius and every item available, at each served depth K
+    (:func:`served_depths`; an IVF index only: a flat one is exact). Measured on the
+    unpublished index: the filter keeps a fraction of each list, so an nprobe that reaches the
+    target without it may not with it (0.949 at the 4M world's former default,
+    benchmarks/README.md), and a deeper K reaches less at the same nprobe."""
     import faiss
 
     from recsys.retrieval.availability import Availability
@@ -249,7 +272,7 @@ def _recall_under_filter(
 
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
-        return None
+        return []
     defaults = PipelineParams()
     ivf.make_direct_map()  # the top-up reconstructs items; dropped before the index is written
     try:
@@ -266,11 +289,14 @@ def _recall_under_filter(
             Location(float(world.users.home_lat[r]), float(world.users.home_lon[r]))
             for r in probe_rows.tolist()
         ]
-        by_nprobe = recall_under_filter(
-            retriever, tables.item_vectors, probe_rows, homes,
-            k=defaults.retrieval_k, radius_km=defaults.radius_km,
-            nprobes=[p for p in recall_ladder(int(ivf.nlist), 1) if p >= 16],
-        )  # fmt: skip
+        nprobes = [p for p in recall_ladder(int(ivf.nlist), 1) if p >= 16]
+        measured = []
+        for k in served_depths():
+            by_nprobe = recall_under_filter(
+                retriever, tables.item_vectors, probe_rows, homes,
+                k=k, radius_km=defaults.radius_km, nprobes=nprobes,
+            )  # fmt: skip
+            measured.append(FilteredRecall(k, defaults.radius_km, len(homes), by_nprobe))
     finally:
         ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
-    return FilteredRecall(defaults.retrieval_k, defaults.radius_km, len(homes), by_nprobe)
+    return measured

@@ -58,10 +58,12 @@ def _run(args: argparse.Namespace) -> int:
     report = build(settings, say=lambda msg: tqdm.write(msg, file=sys.stderr))
     print(f"world     {report.world_version}")
     print(f"features  {report.features_version}")
+    by_k = report.index_filtered_recall_by_k
     filtered = (
         ""
         if report.index_filtered_recall is None
         else f", {report.index_filtered_recall:.3f} with the delivery filter"
+        + "".join(f" (K={k}: {r:.3f})" for k, r in list(by_k.items())[1:])
     )
     print(
         f"index     {report.index_version}  (nlist {report.index_nlist}, default nprobe "

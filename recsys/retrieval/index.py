@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,7 +277,7 @@ def save_index_version(
     k: int = 200,
     nprobe: int = 16,
     target_recall: float | None = None,
-    filtered: FilteredRecall | None = None,
+    filtered: FilteredRecall | Sequence[FilteredRecall] = (),
 ) -> str:
     """Publish ``index`` under ``root.indexes`` with its probe set and measured recall@k.
 
@@ -285,9 +285,11 @@ def save_index_version(
     server re-measures before serving. The manifest records recall@k at ``nprobe`` (the
     version's default) and at a ladder of other values. With ``target_recall``, the default is
     raised to the smallest ladder value that reaches it, and, with ``filtered``, that also
-    reaches it with the delivery filter (an nprobe it was not measured at does not). Returns
+    reaches it with the delivery filter at every depth measured (the served K first, then the
+    deeper depths experiment arms serve; an nprobe it was not measured at does not). Returns
     the content-addressed version.
     """
+    measured = [filtered] if isinstance(filtered, FilteredRecall) else list(filtered)
     x = _as_matrix("item_vectors", item_vectors)
     probe = _as_matrix("probe_queries", probe_queries, x.shape[1])
     n, d = x.shape
@@ -309,7 +311,7 @@ def save_index_version(
 
     def reaches(p: int) -> bool:
         assert target_recall is not None
-        under_filter = 1.0 if filtered is None or not nlist else filtered.by_nprobe.get(p, 0.0)
+        under_filter = min((f.by_nprobe.get(p, 0.0) for f in measured if nlist), default=1.0)
         return recall_by_nprobe[p] >= target_recall and under_filter >= target_recall
 
     default_nprobe = min(nprobe, nlist)
@@ -331,15 +333,22 @@ def save_index_version(
         "probe_queries": int(probe.shape[0]),
         **(
             {
-                "filtered_recall_k": filtered.k,
-                "filtered_radius_km": filtered.radius_km,
-                "filtered_queries": filtered.queries,
-                "filtered_recall": round(filtered.by_nprobe.get(default_nprobe, 0.0), 6),
+                "filtered_recall_k": measured[0].k,
+                "filtered_radius_km": measured[0].radius_km,
+                "filtered_queries": measured[0].queries,
+                "filtered_recall": round(measured[0].by_nprobe.get(default_nprobe, 0.0), 6),
                 "filtered_recall_by_nprobe": {
-                    str(p): round(r, 6) for p, r in sorted(filtered.by_nprobe.items())
+                    str(p): round(r, 6) for p, r in sorted(measured[0].by_nprobe.items())
+                },
+                "filtered_recall_by_k": {
+                    str(f.k): {
+                        "recall": round(f.by_nprobe.get(default_nprobe, 0.0), 6),
+                        "by_nprobe": {str(p): round(r, 6) for p, r in sorted(f.by_nprobe.items())},
+                    }
+                    for f in measured
                 },
             }
-            if filtered is not None and nlist
+            if measured and nlist
             else {}
         ),
         "features_version": features_version,

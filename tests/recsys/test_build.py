@@ -17,6 +17,7 @@ from recsys.build import (
     _progress_bar,
     build,
     peak_rss_mb,
+    served_depths,
 )
 from recsys.retrieval.index import EXACT_BELOW, INDEX_FILE
 from recsys.settings import BuildSettings
@@ -78,6 +79,14 @@ def test_an_ivf_index_default_also_reaches_the_target_with_the_delivery_filter(
     assert manifest["filtered_radius_km"] == PipelineParams().radius_km
     assert filtered[default] >= INDEX_TARGET_RECALL
     assert report.index_filtered_recall == pytest.approx(filtered[default])
+    # Every depth the default experiments serve (the k400 arm too) reaches it at the default.
+    by_k = manifest["filtered_recall_by_k"]
+    assert sorted(int(k) for k in by_k) == sorted(served_depths()) == [200, 400]
+    for measured in by_k.values():
+        assert measured["recall"] >= INDEX_TARGET_RECALL
+    assert report.index_filtered_recall_by_k == {
+        int(k): pytest.approx(v["recall"]) for k, v in by_k.items()
+    }
     unfiltered = {int(p): r for p, r in manifest["recall_by_nprobe"].items()}
     # the smallest nprobe of the ladder that reaches the target both ways
     both = [p for p in sorted(unfiltered) if unfiltered[p] >= INDEX_TARGET_RECALL

@@ -414,3 +414,17 @@ def test_a_filtered_recall_below_the_target_raises_the_default_nprobe_further(
     assert manifest["filtered_recall_k"] == 20
     assert manifest["filtered_radius_km"] == 8.0
     assert manifest["filtered_recall_by_nprobe"][str(later[0])] == 0.88
+    # A deeper served K (an experiment arm's) that falls short where the served K reaches the
+    # target moves the default further; the manifest keeps each depth's ladder.
+    served = FilteredRecall(20, 8.0, 64, {**by_nprobe, later[2]: 0.97})
+    deeper = FilteredRecall(40, 8.0, 64, {later[1]: 0.86, later[2]: 0.92})
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9,
+        filtered=[served, deeper],
+    )  # fmt: skip
+    manifest = read_manifest(root.indexes / version)
+    assert manifest["default_nprobe"] == later[2]
+    assert manifest["filtered_recall_k"] == 20  # the served K's figures stay where they were
+    assert manifest["filtered_recall"] == 0.97
+    assert manifest["filtered_recall_by_k"]["40"]["recall"] == 0.92
+    assert manifest["filtered_recall_by_k"]["40"]["by_nprobe"][str(later[1])] == 0.86

@@ -3,9 +3,9 @@
 The manifest's ``baseline`` (``recsys.ranking.evaluation.distribution_baseline``) holds, for every
 feature and for the score, either decile edges with counts (numeric) or the category codes seen
 with their counts (categorical). :meth:`BaselineBins.compile` turns it into what binning needs,
-once per model version at snapshot load; :meth:`BaselineBins.slots` then bins a ``[rows,
-features]`` matrix and the scores with one ``np.searchsorted`` (numeric) or one table lookup
-(categorical) per column, no per-row Python.
+once per model version at snapshot load; :class:`BaselineSet` then bins a ``[rows, features]``
+matrix and the scores with one ``np.searchsorted`` over every column's keys and one table
+lookup, no per-row Python.
 
 Every column has *slots*, laid out one column after the other in one flat vector:
 
@@ -19,16 +19,16 @@ For PSI and Jensen-Shannon the live counts fold back onto the baseline's bins (b
 first bin, above into the last; an unseen code is a bin of its own, baseline share 0); ``nan``,
 ``below``/``above`` and ``unseen`` are also reported as shares of their own.
 
-:class:`BaselineSet` holds a snapshot's compiled versions and stacks them once more, so that
-the monitor stage bins a batch split over many model versions in one pass, the same slots as
-each version's :meth:`BaselineBins.slots`.
+:class:`BaselineSet` holds a snapshot's compiled versions and stacks them, so that the
+monitor stage bins a batch split over many model versions in one pass; one version's counts
+(:meth:`BaselineBins.count`) go through the same binning.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -137,43 +137,6 @@ class BaselineBins:
     feature_index: IntArray
     """For each feature column (all but the score), its column in the model's feature matrix."""
     baseline_rows: int
-    _offsets: IntArray = field(init=False, repr=False)
-    _nan_slots: IntArray = field(init=False, repr=False)
-
-    _numeric: IntArray = field(init=False, repr=False)
-    _key_columns: IntArray = field(init=False, repr=False)
-    _edge_keys: IntArray = field(init=False, repr=False)
-    _edge_starts: IntArray = field(init=False, repr=False)
-    _categorical: IntArray = field(init=False, repr=False)
-    _lookup: IntArray = field(init=False, repr=False)
-    _lookup_offsets: IntArray = field(init=False, repr=False)
-    _lookup_sizes: IntArray = field(init=False, repr=False)
-    _unseen: IntArray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        """The per-column tables stacked once, so binning is a fixed number of numpy calls."""
-        columns = self.columns
-        numeric = [j for j, c in enumerate(columns) if c.kind == "numeric"]
-        categorical = [j for j, c in enumerate(columns) if c.kind == "categorical"]
-        keyed: list[IntArray] = []
-        starts: list[int] = []
-        for i, j in enumerate(numeric):
-            starts.append(sum(k.size for k in keyed))
-            keyed.append(_edge_keys(columns[j]) + (i << 32))
-        lookups = [columns[j].lookup for j in categorical]
-        sizes = np.array([t.size for t in lookups], dtype=np.int64).reshape(-1, 1)
-        set_ = object.__setattr__
-        set_(self, "_offsets", np.array([[c.offset] for c in columns], dtype=np.int64))
-        set_(self, "_nan_slots", np.array([[c.nan_slot] for c in columns], dtype=np.int64))
-        set_(self, "_numeric", np.array(numeric, dtype=np.int64))
-        set_(self, "_key_columns", (np.arange(len(numeric), dtype=np.int64) << 32)[:, None])
-        set_(self, "_edge_keys", np.concatenate(keyed))
-        set_(self, "_edge_starts", np.array(starts, dtype=np.int64)[:, None])
-        set_(self, "_categorical", np.array(categorical, dtype=np.int64))
-        set_(self, "_lookup", np.concatenate([*lookups, np.zeros(1, np.int64)]))
-        set_(self, "_lookup_offsets", (np.cumsum(sizes) - sizes.ravel()).reshape(-1, 1))
-        set_(self, "_lookup_sizes", sizes)
-        set_(self, "_unseen", np.array([[columns[j].size - 2] for j in categorical], np.int64))
 
     @property
     def size(self) -> int:
@@ -221,34 +184,6 @@ class BaselineBins:
             baseline_rows=int(baseline.get("rows", 0)),
         )
 
-    def slots(
-        self, features: npt.NDArray[np.floating[Any]], scores: npt.NDArray[np.floating[Any]]
-    ) -> IntArray:
-        """``[columns, rows]`` flat slot index of every value (column offsets included).
-
-        Values are float32, as the rank stage makes them. A fixed number of numpy calls
-        whatever the number of columns: each numeric value becomes an int64 key, its column
-        in the high 32 bits and its float32 bits made order-preserving in the low ones, so one
-        ``searchsorted`` over every column's edges (keyed the same way) bins them all exactly;
-        the categorical columns go through one concatenated lookup table; NaN and offsets are
-        fixed up over the whole matrix."""
-        rows = features.shape[0]
-        values = np.empty((len(self.columns), rows), dtype=np.float32)
-        values[:-1] = features[:, self.feature_index].T
-        values[-1] = scores
-        out = np.empty(values.shape, dtype=np.int64)
-        keys = _order_keys(values[self._numeric]) + self._key_columns
-        at = self._edge_keys.searchsorted(keys.ravel(), side="left").reshape(keys.shape)
-        out[self._numeric] = at - self._edge_starts
-        if self._categorical.size:
-            codes = values[self._categorical]
-            known = (codes >= 0) & (codes < self._lookup_sizes)  # NaN fails both
-            where = np.where(known, codes, 0).astype(np.intp) + self._lookup_offsets
-            out[self._categorical] = np.where(known, self._lookup[where], self._unseen)
-        out = np.where(np.isnan(values), self._nan_slots, out)
-        out += self._offsets
-        return out
-
     def count(
         self,
         features: npt.NDArray[np.floating[Any]],
@@ -256,10 +191,20 @@ class BaselineBins:
         groups: IntArray,
         n_groups: int,
     ) -> npt.NDArray[np.int64]:
-        """``[n_groups, size]`` slot counts of the rows, each row in its group (one bincount)."""
-        slots = self.slots(features, scores)
-        flat = (groups[None, :] * self.size + slots).ravel()
-        counts = np.bincount(flat, minlength=n_groups * self.size)
+        """``[n_groups, size]`` slot counts of the rows, each row in its group: this version
+        alone through :class:`BaselineSet`'s binning (values are float32, as the rank stage
+        makes them), so there is one binning for one version and for many."""
+        rows = features.shape[0]
+        counts = np.zeros(n_groups * self.size, dtype=np.int64)
+        if rows:
+            slots = BaselineSet({self.version: self}).slots(
+                features,
+                np.arange(rows, dtype=np.int64),
+                scores,
+                np.zeros(rows, dtype=np.int64),
+                np.asarray(groups, dtype=np.int64) * self.size,
+            )
+            counts = np.bincount(slots, minlength=n_groups * self.size)
         return counts.reshape(n_groups, self.size)
 
     def column_counts(self, counts: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.int64]]:
@@ -288,8 +233,8 @@ class BaselineSet(Mapping[str, BaselineBins]):
     (:meth:`slots`); built once per snapshot, off the request path.
 
     Every (version, column) is a segment of one sorted vector of int64 keys, its index in the
-    high 32 bits and its boundaries as order-preserving float32 bits in the low ones (as
-    :meth:`BaselineBins.slots` keys columns), closed by a sentinel: a numeric column's edges; a
+    high 32 bits and its boundaries as order-preserving float32 bits in the low ones, closed by
+    a sentinel: a numeric column's edges; a
     categorical column's codes ``0..n`` as the largest float32 below each (so a value counts
     the codes it has reached, as truncating it to a code does). One ``searchsorted`` of every
     value's key then gives a position that one lookup turns into its slot: the numeric bin, the
@@ -375,8 +320,8 @@ class BaselineSet(Mapping[str, BaselineBins]):
         baseline of version ``versions[r]`` (an index in :attr:`versions`), its slots shifted
         by ``starts[r]`` (where its count vector starts in the flat one).
 
-        The same slots as :meth:`BaselineBins.slots` gives (values are float32), in a fixed
-        number of numpy calls whatever the number of versions and columns."""
+        Values are binned as float32 (as the rank stage makes them), in a fixed number of numpy
+        calls whatever the number of versions and columns."""
         source = self._source if self._same_sources else self._source[:, versions]
         key_base, nan_slot = self._by_version[:, :, versions]  # [places, rows] each
         values = np.empty(key_base.shape, dtype=np.float32)

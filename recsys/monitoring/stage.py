@@ -22,7 +22,7 @@ import numpy as np
 
 from recsys.monitoring.baseline import BaselineSet
 from recsys.stage import Batch
-from recsys.types import Exposure
+from recsys.types import Exposure, Int64Array
 
 NO_ARM = "none"
 """The arm label of a request in no experiment."""
@@ -34,6 +34,21 @@ def arm_label(exposures: tuple[Exposure, ...]) -> str:
     if not exposures:
         return NO_ARM
     return ",".join(f"{e.experiment}/{e.arm}" for e in exposures)
+
+
+def served_rows(batch: Batch) -> tuple[Int64Array, Int64Array, Int64Array]:
+    """The served items the model scored: each one's feature row (into ``ranked_features``),
+    its request, and its place among the batch's candidates (into ``scores``). One
+    ``searchsorted`` over the ranked rows, none per item."""
+    counts = batch.candidate_counts
+    starts = np.cumsum(counts) - counts
+    served = np.array([p.size for p in batch.served_positions], dtype=np.int64)
+    flat = np.concatenate(batch.served_positions) + np.repeat(starts, served)
+    request = np.repeat(np.arange(len(batch), dtype=np.int64), served)
+    ranked = batch.ranked_rows
+    at = np.minimum(np.searchsorted(ranked, flat), ranked.size - 1)
+    matched = ranked[at] == flat
+    return at[matched], request[matched], flat[matched]
 
 
 class MonitorSnapshot(Protocol):
@@ -56,18 +71,9 @@ class Monitor:
         if features is None or features.shape[0] == 0 or not batch.served_positions:
             return batch
         n = len(batch)
-        counts = batch.candidate_counts
-        starts = np.cumsum(counts) - counts
-        served = np.array([p.size for p in batch.served_positions], dtype=np.int64)
-        flat = np.concatenate(batch.served_positions) + np.repeat(starts, served)
-        request = np.repeat(np.arange(n, dtype=np.int64), served)
         scores = batch.scores
         assert scores is not None  # ranked_features implies the rank stage ran
-        # The served rows that the model scored, and their feature rows.
-        ranked = batch.ranked_rows
-        at = np.minimum(np.searchsorted(ranked, flat), ranked.size - 1)
-        matched = ranked[at] == flat
-        rows, request, flat = at[matched], request[matched], flat[matched]
+        rows, request, flat = served_rows(batch)
 
         stacked = snapshot.baselines
         # Each request's (version, arm) code, once for the whole batch: codes order the groups

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys.monitoring.baseline import BaselineBins, BaselineSet
-from recsys.monitoring.stage import Monitor, arm_label
+from recsys.monitoring.stage import Monitor, arm_label, served_rows
 from recsys.ranking.evaluation import distribution_baseline
 from recsys.stage import Batch
 from recsys.types import Assignment, Candidates, Exposure, Int64Array, PipelineParams, Request
@@ -34,16 +34,7 @@ def reference_drift_counts(batch: Batch, baselines: Mapping[str, BaselineBins]) 
     features, scores = batch.ranked_features, batch.scores
     assert features is not None
     assert scores is not None
-    n = len(batch)
-    counts = batch.candidate_counts
-    starts = np.cumsum(counts) - counts
-    served = np.array([p.size for p in batch.served_positions], dtype=np.int64)
-    flat = np.concatenate(batch.served_positions) + np.repeat(starts, served)
-    request = np.repeat(np.arange(n, dtype=np.int64), served)
-    ranked = batch.ranked_rows
-    at = np.minimum(np.searchsorted(ranked, flat), ranked.size - 1)
-    matched = ranked[at] == flat
-    rows, request, flat = at[matched], request[matched], flat[matched]
+    rows, request, flat = served_rows(batch)  # which rows: shared; how they are binned: not
     arms = [arm_label(a.exposures) for a in batch.assignments]
     out: list[tuple[str, str, int, Int64Array]] = []
     for version in sorted(set(batch.model_versions)):

@@ -130,6 +130,25 @@ class _ScoreCounts:
     total: float
 
 
+def _bucket(
+    edges: npt.NDArray[np.float64], score_arrays: Sequence[npt.ArrayLike]
+) -> list[_ScoreCounts]:
+    """Each array's bucket counts and sum of its finite scores under ``edges``, one
+    ``searchsorted`` and one ``bincount`` for them all. searchsorted "left": bounds[i-1] < x <=
+    bounds[i], Prometheus' "le" semantics."""
+    arrays = [np.asarray(a, dtype=np.float64).ravel() for a in score_arrays]
+    values = np.concatenate(arrays)
+    owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
+    finite = np.isfinite(values)
+    values, owner = values[finite], owner[finite]
+    width = edges.size + 1
+    buckets = np.searchsorted(edges, values, side="left")
+    counts = np.bincount(owner * width + buckets, minlength=len(arrays) * width)
+    totals = np.bincount(owner, weights=values, minlength=len(arrays))
+    rows = counts.reshape(len(arrays), width).astype(np.int64)
+    return [_ScoreCounts(edges, row, float(t)) for row, t in zip(rows, totals, strict=True)]
+
+
 class ScoreHistograms:
     """A histogram family per model version, filled a whole score array at a time.
 
@@ -168,19 +187,10 @@ class ScoreHistograms:
             (key,) = self._versions.admit((version,))
             with self._lock:
                 edges = self._edges.get(key, self._default_edges)
-            values = np.concatenate([np.asarray(a.items.scores, np.float64) for a in group])
-            owner = np.repeat(np.arange(len(group)), [len(a.items) for a in group])
-            finite = np.isfinite(values)
-            values, owner = values[finite], owner[finite]
-            width = edges.size + 1
-            buckets = np.searchsorted(edges, values, side="left")
-            counts = np.bincount(owner * width + buckets, minlength=len(group) * width)
-            totals = np.bincount(owner, weights=values, minlength=len(group))
-            for n, (answer, row) in enumerate(
-                zip(group, counts.reshape(len(group), width).astype(np.int64), strict=True)
-            ):
+            counted = _bucket(edges, [a.items.scores for a in group])
+            for answer, memo in zip(group, counted, strict=True):
                 assert answer.encodings is not None
-                answer.encodings.score_counts = _ScoreCounts(edges, row, float(totals[n]))
+                answer.encodings.score_counts = memo
 
     def observe(
         self, version: str, scores: npt.ArrayLike, encodings: Encodings | None = None
@@ -194,15 +204,10 @@ class ScoreHistograms:
             if isinstance(memo, _ScoreCounts) and memo.edges is edges:
                 counts, total = memo.counts, memo.total
             else:
-                values = np.asarray(scores, dtype=np.float64).ravel()
-                values = values[np.isfinite(values)]
-                # searchsorted "left": bounds[i-1] < x <= bounds[i], Prometheus' "le" semantics.
-                counts = np.bincount(
-                    np.searchsorted(edges, values, side="left"), minlength=edges.size + 1
-                ).astype(np.int64)
-                total = float(values.sum())
+                (made,) = _bucket(edges, [scores])
+                counts, total = made.counts, made.total
                 if encodings is not None:
-                    encodings.score_counts = _ScoreCounts(edges, counts, total)
+                    encodings.score_counts = made
             if key in self._counts:
                 self._counts[key] += counts
                 self._sums[key] += total

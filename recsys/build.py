@@ -47,11 +47,12 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     offline_metrics: dict[str, float] = field(default_factory=dict)
     index_recall: float = 0.0
-    index_filtered_recall_by_k: dict[int, float] = field(default_factory=dict)
-    """The same at each deeper depth the default experiments serve (K=400: the k400 arm)."""
     index_filtered_recall: float | None = None
     """recall@K of the retrieve stage with the delivery filter at the default nprobe (None: not
     measured, an exact flat index)."""
+    index_filtered_recall_by_k: dict[int, float] = field(default_factory=dict)
+    """The same at every depth K the default experiments serve (:func:`served_depths`), the
+    served K first."""
     index_nlist: int = 0
     index_nprobe: int = 0
     bytes_on_disk: int = 0
@@ -240,16 +241,16 @@ def is_built(root: Path) -> bool:
 def served_depths() -> list[int]:
     """The retrieval depths K the default experiments document serves: the defaults' K first,
     then each deeper or shallower arm's (``retrieval-depth``: 200 and 400)."""
-    from recsys.experiments.config import default_config
+    from recsys.experiments.config import default_config, parse_config
 
-    doc = default_config()
-    first = int(doc["defaults"]["retrieval_k"])
+    config = parse_config(default_config())
+    first = config.defaults.retrieval_k
     arms = {
-        int(arm["params"]["retrieval_k"])
-        for layer in doc["layers"]
-        for experiment in layer["experiments"]
-        for arm in experiment["arms"]
-        if "retrieval_k" in arm.get("params", {})
+        int(arm.params["retrieval_k"])
+        for layer in config.layers
+        for experiment in layer.experiments
+        for arm in experiment.arms
+        if "retrieval_k" in arm.params
     }
     return [first, *sorted(arms - {first})]
 

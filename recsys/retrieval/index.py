@@ -232,12 +232,12 @@ def _search(
     k: int,
     nprobe: int,
     selector: faiss.IDSelector | None,
-    nlist: int | None = None,
+    nlist: int,
 ) -> tuple[Float32Array, Int64Array]:
     """One FAISS call; the parameters object holds ``selector`` for the call's duration.
-    ``nlist``: the index's list count when the caller knows it (0: not IVF)."""
+    ``nlist``: the index's list count (0: not IVF), read once by the caller."""
     params: faiss.SearchParameters
-    if _nlist(index) if nlist is None else nlist:
+    if nlist:
         ivf_params = faiss.SearchParametersIVF()
         ivf_params.nprobe = nprobe
         params = ivf_params
@@ -277,7 +277,7 @@ def save_index_version(
     k: int = 200,
     nprobe: int = 16,
     target_recall: float | None = None,
-    filtered: FilteredRecall | Sequence[FilteredRecall] = (),
+    filtered: Sequence[FilteredRecall] = (),
 ) -> str:
     """Publish ``index`` under ``root.indexes`` with its probe set and measured recall@k.
 
@@ -289,7 +289,6 @@ def save_index_version(
     deeper depths experiment arms serve; an nprobe it was not measured at does not). Returns
     the content-addressed version.
     """
-    measured = [filtered] if isinstance(filtered, FilteredRecall) else list(filtered)
     x = _as_matrix("item_vectors", item_vectors)
     probe = _as_matrix("probe_queries", probe_queries, x.shape[1])
     n, d = x.shape
@@ -306,12 +305,12 @@ def save_index_version(
     nlist = _nlist(index)
     ladder = recall_ladder(nlist, nprobe)
     recall_by_nprobe = {
-        p: recall_at_k(_search(index, padded, k, p, None)[1], truth) for p in ladder
+        p: recall_at_k(_search(index, padded, k, p, None, nlist)[1], truth) for p in ladder
     }
 
     def reaches(p: int) -> bool:
         assert target_recall is not None
-        under_filter = min((f.by_nprobe.get(p, 0.0) for f in measured if nlist), default=1.0)
+        under_filter = min((f.by_nprobe.get(p, 0.0) for f in filtered if nlist), default=1.0)
         return recall_by_nprobe[p] >= target_recall and under_filter >= target_recall
 
     default_nprobe = min(nprobe, nlist)
@@ -333,22 +332,22 @@ def save_index_version(
         "probe_queries": int(probe.shape[0]),
         **(
             {
-                "filtered_recall_k": measured[0].k,
-                "filtered_radius_km": measured[0].radius_km,
-                "filtered_queries": measured[0].queries,
-                "filtered_recall": round(measured[0].by_nprobe.get(default_nprobe, 0.0), 6),
+                "filtered_recall_k": filtered[0].k,
+                "filtered_radius_km": filtered[0].radius_km,
+                "filtered_queries": filtered[0].queries,
+                "filtered_recall": round(filtered[0].by_nprobe.get(default_nprobe, 0.0), 6),
                 "filtered_recall_by_nprobe": {
-                    str(p): round(r, 6) for p, r in sorted(measured[0].by_nprobe.items())
+                    str(p): round(r, 6) for p, r in sorted(filtered[0].by_nprobe.items())
                 },
                 "filtered_recall_by_k": {
                     str(f.k): {
                         "recall": round(f.by_nprobe.get(default_nprobe, 0.0), 6),
                         "by_nprobe": {str(p): round(r, 6) for p, r in sorted(f.by_nprobe.items())},
                     }
-                    for f in measured
+                    for f in filtered
                 },
             }
-            if measured and nlist
+            if filtered and nlist
             else {}
         ),
         "features_version": features_version,

@@ -406,7 +406,7 @@ def test_a_filtered_recall_below_the_target_raises_the_default_nprobe_further(
     filtered = FilteredRecall(k=20, radius_km=8.0, queries=64, by_nprobe=by_nprobe)
     version = save_index_version(
         root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9,
-        filtered=filtered,
+        filtered=[filtered],
     )  # fmt: skip
     manifest = read_manifest(root.indexes / version)
     assert manifest["default_nprobe"] == later[1]

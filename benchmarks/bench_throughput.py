@@ -415,7 +415,7 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         Server("recsys-mix", serve, "mix"),
         Server("recsys-hit", serve, "hit"),
     ]
-    same = getattr(args, "same_rate", False)
+    same = args.same_rate
     if args.baseline is not None:  # each followed by the same server from another checkout
         code = args.baseline.resolve()
         recsys = [

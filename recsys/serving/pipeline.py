@@ -213,11 +213,12 @@ class Pipeline:
                 return replace(
                     cached, request_id=request.request_id, stage_seconds=HIT_STAGES, cached=True
                 )
-        early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)
-        assignment = early.assignments[0] if early.assignments else None
-        rec = await self._batcher.submit(
-            Job(request, assignment, snapshot, deadline, early.stage_seconds)
-        )
+        job = Job(request, None, snapshot, deadline)
+        if self._stages.per_request:  # none in the served plan: no batch made per request
+            early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)
+            assignment = early.assignments[0] if early.assignments else None
+            job = replace(job, assignment=assignment, stage_seconds=early.stage_seconds)
+        rec = await self._batcher.submit(job)
         if key is not None and not _transient(rec):
             cache.put(snapshot, key, rec)
         return rec

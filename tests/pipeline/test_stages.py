@@ -3,12 +3,14 @@ through a real server and a real gRPC call."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import grpc
 
+from recsys.experiments.stage import Assign
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
 from recsys.serving.pipeline import open_pipeline
@@ -65,3 +67,43 @@ async def test_a_new_stage_is_one_object_in_the_list_and_its_timing_reaches_metr
     }
     assert counts['stage="count_candidates"'] >= 1
     assert {'stage="assign"', 'stage="features"', 'stage="retrieve"', 'stage="rank"'} <= set(counts)
+
+
+class OnTheLoop:
+    """A per-request stage that records the thread and the batch size it ran with."""
+
+    name = "on_the_loop"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def run(self, batch: Batch, snapshot: ServingSnapshot) -> Batch:
+        self.seen.append((threading.current_thread().name, len(batch)))
+        return batch
+
+
+async def test_a_per_request_stage_runs_on_the_loop_once_per_request_before_batching(
+    artifacts: Path,
+) -> None:
+    """The served plan has no per-request stage; a plan that has one runs it on the event loop
+    for each request alone, before the batch."""
+    plan = build_stages()
+    tap = OnTheLoop()
+    plan = replace(plan, per_request=(tap, Assign()))
+    settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+    server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
+    try:
+        await server.wait_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            reply = await stub.Recommend(
+                recommender_pb2.RecommendRequest(user_id="user-0000002", num_results=10)
+            )
+        page = fetch_metrics(server.metrics_port)
+    finally:
+        await server.stop()
+    assert len(reply.items) == 10
+    assert reply.experiments
+    served = tap.seen[-1]  # (warm-up runs the per-request stages too, in a worker thread)
+    assert served == (threading.main_thread().name, 1)
+    assert 'recsys_stage_duration_seconds_count{stage="on_the_loop"}' in page

@@ -12,7 +12,7 @@ import grpc
 
 from recsys.experiments.stage import Assign
 from recsys.pipeline.snapshot import ServingSnapshot
-from recsys.pipeline.stages import build_stages
+from recsys.pipeline.stages import StagePlan, build_stages
 from recsys.serving.pipeline import open_pipeline
 from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
@@ -34,6 +34,24 @@ class CountCandidates:
         return batch
 
 
+async def serve_one(
+    artifacts: Path, plan: StagePlan, user_id: str
+) -> tuple[recommender_pb2.RecommendResponse, str]:
+    """A real server with ``plan``: one Recommend over gRPC, then its metrics page."""
+    settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+    server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
+    try:
+        await server.wait_ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            reply = await stub.Recommend(
+                recommender_pb2.RecommendRequest(user_id=user_id, num_results=10)
+            )
+        return reply, fetch_metrics(server.metrics_port)
+    finally:
+        await server.stop()
+
+
 def test_the_request_path_is_assign_then_features_retrieve_rank_arrange_capture_monitor() -> None:
     plan = build_stages()
     assert plan.names == ("assign", "features", "retrieve", "rank", "arrange", "capture", "monitor")
@@ -45,21 +63,10 @@ async def test_a_new_stage_is_one_object_in_the_list_and_its_timing_reaches_metr
     plan = build_stages()
     tap = CountCandidates()
     plan = replace(plan, batched=(*plan.batched[:-1], tap, plan.batched[-1]))  # the one line
-    settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
-    server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
-    try:
-        await server.wait_ready()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = recommender_pb2_grpc.RecommenderStub(channel)
-            reply = await stub.Recommend(
-                recommender_pb2.RecommendRequest(user_id="user-0000001", num_results=10)
-            )
-        assert len(reply.items) == 10
-        assert tap.seen, "the stage never ran"
-        assert tap.seen[-1] >= 10  # it ran on the served batch, after ranking
-        page = fetch_metrics(server.metrics_port)
-    finally:
-        await server.stop()
+    reply, page = await serve_one(artifacts, plan, "user-0000001")
+    assert len(reply.items) == 10
+    assert tap.seen, "the stage never ran"
+    assert tap.seen[-1] >= 10  # it ran on the served batch, after ranking
     counts = {
         line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
         for line in page.splitlines()
@@ -90,18 +97,7 @@ async def test_a_per_request_stage_runs_on_the_loop_once_per_request_before_batc
     plan = build_stages()
     tap = OnTheLoop()
     plan = replace(plan, per_request=(tap, Assign()))
-    settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
-    server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
-    try:
-        await server.wait_ready()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = recommender_pb2_grpc.RecommenderStub(channel)
-            reply = await stub.Recommend(
-                recommender_pb2.RecommendRequest(user_id="user-0000002", num_results=10)
-            )
-        page = fetch_metrics(server.metrics_port)
-    finally:
-        await server.stop()
+    reply, page = await serve_one(artifacts, plan, "user-0000002")
     assert len(reply.items) == 10
     assert reply.experiments
     served = tap.seen[-1]  # (warm-up runs the per-request stages too, in a worker thread)

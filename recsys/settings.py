@@ -58,6 +58,10 @@ class ServeSettings:
     benchmarks.bench_latency --artifacts DIR --serve-arg=--batch-max-delay-ms=N`): p50 5.4 ms
     at 0 against 8.5 ms at 2."""
     executor_threads: int = 2
+    """Threads running batches per worker: each batch's stages run in one of them."""
+    search_threads: int = 1
+    """FAISS threads per search in a batch thread (recsys.retrieval.index.set_search_threads):
+    batches already run side by side, one per executor thread."""
     cache_entries: int = 50_000
     """Result cache size in recommendations (0: off; about 1.5 KB each at 20 results, so the
     default is ~75 MB per worker); see serving/cache.py."""

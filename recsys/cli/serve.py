@@ -150,6 +150,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     flag("control_prefix", "key prefix in Redis (default %(default)s)")
     flag("batch_max_size")
     flag("batch_max_delay_ms")
+    flag(
+        "executor_threads",
+        "threads running batches per worker (each batch's stages run in one of them)",
+    )
+    flag("search_threads", "FAISS threads per search in a batch thread (default %(default)s)")
     flag("workers", "server processes sharing the port (SO_REUSEPORT) and one metrics endpoint")
     flag(
         "cache_entries",
@@ -344,6 +349,12 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
             raise CliError(f"{flag} is {value}; expected a port in 0..65535 (0 picks a free one)")
     if args.batch_max_size < 1:
         raise CliError(f"--batch-max-size is {args.batch_max_size}; expected >= 1")
+    for flag, value in (
+        ("--executor-threads", args.executor_threads),
+        ("--search-threads", args.search_threads),
+    ):
+        if value < 1:
+            raise CliError(f"{flag} is {value}; expected >= 1")
     if args.batch_max_delay_ms < 0:
         raise CliError(f"--batch-max-delay-ms is {args.batch_max_delay_ms}; expected >= 0")
     if args.feature_store_timeout_ms <= 0:
@@ -378,6 +389,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         workers=args.workers,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,
+        executor_threads=args.executor_threads,
+        search_threads=args.search_threads,
         drain_seconds=args.drain_seconds,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         cache_entries=args.cache_entries,

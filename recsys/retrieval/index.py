@@ -226,6 +226,21 @@ def _nlist(index: faiss.Index) -> int:
     return 0 if ivf is None else int(ivf.nlist)
 
 
+def set_search_threads(threads: int) -> None:
+    """Let FAISS use ``threads`` threads in the searches the calling thread makes.
+
+    FAISS parallelises a search over its queries with OpenMP, whose thread count belongs to
+    the calling thread (a thread inherits the process default, all cores, not another thread's
+    setting). A server's batches already run side by side on its executor threads, one per
+    core; a search there that also spreads over every core leaves OpenMP's threads spinning
+    after each call, which cost 13-26% of a batch's CPU at 4 to 16 requests a batch on 4M
+    items (benchmarks/README.md, "Sixth round"). So each executor thread calls this once.
+    """
+    if threads < 1:
+        raise ValueError(f"threads is {threads}; expected >= 1")
+    faiss.omp_set_num_threads(threads)
+
+
 def _search(
     index: faiss.Index,
     queries: Float32Array,

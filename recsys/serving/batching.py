@@ -82,7 +82,8 @@ class MicroBatcher(Generic[T, R]):
     """Batch ``submit(item)`` calls into ``fn(list[T]) -> list[R | Exception]`` calls.
 
     Use as an async context manager, or call :meth:`close` to drain and stop. The executor is
-    owned (and shut down) by the batcher unless one is passed in.
+    owned (and shut down) by the batcher unless one is passed in; ``thread_initializer`` runs
+    once in each of its threads before the first batch there (per-thread library settings).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue_delay: float | None = None,
         max_concurrent_batches: int = 1,
         executor: Executor | None = None,
+        thread_initializer: Callable[[], object] | None = None,
         observer: BatchObserver = _ignore,
     ) -> None:
         if max_batch_size < 1:
@@ -116,8 +118,12 @@ class MicroBatcher(Generic[T, R]):
         self._max_queue_delay = max_queue_delay
         self._max_concurrent = max_concurrent_batches
         self._owns_executor = executor is None
+        if executor is not None and thread_initializer is not None:
+            raise ValueError("thread_initializer: only for the batcher's own executor")
         self._executor: Executor = executor or ThreadPoolExecutor(
-            max_workers=max_concurrent_batches, thread_name_prefix=f"batch-{name}"
+            max_workers=max_concurrent_batches,
+            thread_name_prefix=f"batch-{name}",
+            initializer=thread_initializer,
         )
         self._observer = observer
         self._pending: deque[_Pending[T, R]] = deque()

@@ -30,6 +30,7 @@ from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import StagePlan, build_stages
 from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.stages import DEADLINE_UNRANKED, STALE_USER_VECTOR
+from recsys.retrieval.index import set_search_threads
 from recsys.settings import ServeSettings
 from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Assignment, Encodings, Recommendation, Request, ServingVersions
@@ -340,6 +341,7 @@ async def open_pipeline(
         max_queue_size=settings.max_queue,
         max_queue_delay=settings.max_queue_delay_ms / 1000,
         max_concurrent_batches=settings.executor_threads,
+        thread_initializer=partial(set_search_threads, settings.search_threads),
         observer=metrics.observe_batch,
     )
     pipeline = Pipeline(

@@ -32,6 +32,8 @@ def test_serve_flags_become_frozen_settings(tmp_path: Path) -> None:
             "--control", "redis://127.0.0.1:6379/0",
             "--batch-max-size", "64",
             "--batch-max-delay-ms", "3.5",
+            "--executor-threads", "1",
+            "--search-threads", "2",
             "--drain-seconds", "2",
         ]
     )  # fmt: skip
@@ -45,6 +47,8 @@ def test_serve_flags_become_frozen_settings(tmp_path: Path) -> None:
         control="redis://127.0.0.1:6379/0",
         batch_max_size=64,
         batch_max_delay_ms=3.5,
+        executor_threads=1,
+        search_threads=2,
         drain_seconds=2.0,
     )
 
@@ -76,6 +80,8 @@ def test_serve_defaults_come_from_recsys_variables(
         (["--health-port", "65536"], "--health-port is 65536"),
         (["--batch-max-size", "0"], "--batch-max-size is 0"),
         (["--batch-max-delay-ms", "-1"], "--batch-max-delay-ms is -1"),
+        (["--executor-threads", "0"], "--executor-threads is 0; expected >= 1"),
+        (["--search-threads", "0"], "--search-threads is 0; expected >= 1"),
     ],
 )
 def test_bad_serve_flags_are_clear_errors(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -8,7 +8,9 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import faiss
 import grpc
+import pytest
 
 from recsys.experiments.stage import Assign
 from recsys.pipeline.snapshot import ServingSnapshot
@@ -35,10 +37,13 @@ class CountCandidates:
 
 
 async def serve_one(
-    artifacts: Path, plan: StagePlan, user_id: str
+    artifacts: Path, plan: StagePlan, user_id: str, search_threads: int | None = None
 ) -> tuple[recommender_pb2.RecommendResponse, str]:
-    """A real server with ``plan``: one Recommend over gRPC, then its metrics page."""
+    """A real server with ``plan`` (and ``search_threads`` if given): one Recommend over gRPC,
+    then its metrics page."""
     settings = ServeSettings(artifacts=artifacts, port=0, metrics_port=0, drain_seconds=2)
+    if search_threads is not None:
+        settings = replace(settings, search_threads=search_threads)
     server = await RunningServer.start(settings, partial(open_pipeline, stages=plan))
     try:
         await server.wait_ready()
@@ -103,3 +108,32 @@ async def test_a_per_request_stage_runs_on_the_loop_once_per_request_before_batc
     served = tap.seen[-1]  # (warm-up runs the per-request stages too, in a worker thread)
     assert served == (threading.main_thread().name, 1)
     assert 'recsys_stage_duration_seconds_count{stage="on_the_loop"}' in page
+
+
+class SearchThreads:
+    """A batched stage that records its thread and how many threads a FAISS search there uses."""
+
+    name = "search_threads"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def run(self, batch: Batch, snapshot: ServingSnapshot) -> Batch:
+        self.seen.append((threading.current_thread().name, faiss.omp_get_max_threads()))
+        return batch
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 1), (2, 2)])
+async def test_batches_search_with_the_configured_faiss_threads(
+    artifacts: Path, setting: int | None, expected: int
+) -> None:
+    """FAISS's thread count belongs to the calling thread: each batch thread sets its own, one
+    by default (batches already run side by side), whatever the process default is."""
+    plan = build_stages()
+    tap = SearchThreads()
+    plan = replace(plan, batched=(tap, *plan.batched))
+    reply, _ = await serve_one(artifacts, plan, "user-0000003", setting)
+    assert len(reply.items) == 10
+    thread, threads = tap.seen[-1]
+    assert thread.startswith("batch-recommend")
+    assert threads == expected

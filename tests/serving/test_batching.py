@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -177,6 +178,29 @@ async def test_a_failing_observer_does_not_fail_requests(caplog: pytest.LogCaptu
     async with MicroBatcher(square_all, max_delay=0, observer=broken, name="obs") as batcher:
         assert await batcher.submit(3) == 9
     assert "batch observer of 'obs' failed" in caplog.text
+
+
+async def test_each_batch_thread_runs_the_initializer_before_its_first_batch() -> None:
+    recorder = Recorder()
+    initialized: list[int] = []
+    lock = threading.Lock()
+
+    def initialize() -> None:
+        with lock:
+            initialized.append(threading.get_ident())
+
+    async with MicroBatcher(
+        recorder, max_batch_size=2, max_concurrent_batches=2, thread_initializer=initialize
+    ) as batcher:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+    assert results == [i * i for i in range(20)]
+    assert recorder.threads <= set(initialized)
+    assert len(initialized) == len(set(initialized))  # once per thread
+
+
+def test_an_initializer_for_an_executor_the_batcher_does_not_own_is_refused() -> None:
+    with ThreadPoolExecutor(1) as executor, pytest.raises(ValueError, match="thread_initializer"):
+        MicroBatcher(square_all, executor=executor, thread_initializer=lambda: None)
 
 
 @pytest.mark.parametrize(

@@ -57,11 +57,15 @@ class ServeSettings:
     at low load on the default world, before compiled scoring (`python -m
     benchmarks.bench_latency --artifacts DIR --serve-arg=--batch-max-delay-ms=N`): p50 5.4 ms
     at 0 against 8.5 ms at 2."""
-    executor_threads: int = 2
-    """Threads running batches per worker: each batch's stages run in one of them."""
+    executor_threads: int = 1
+    """Threads running batches per worker: each batch's stages run in one of them. One: a
+    second thread in the same process shares the interpreter lock with the first and with the
+    event loop, and costs more CPU per request than it adds (4M world, uncached requests:
+    1,315-1,382 µs of CPU a call with one thread against 1,486-1,592 with two; benchmarks/
+    README.md, "Sixth round"). Use the cores with ``workers`` (one per core) instead."""
     search_threads: int = 1
     """FAISS threads per search in a batch thread (recsys.retrieval.index.set_search_threads):
-    batches already run side by side, one per executor thread."""
+    the cores are already used by the workers' batch threads side by side."""
     cache_entries: int = 50_000
     """Result cache size in recommendations (0: off; about 1.5 KB each at 20 results, so the
     default is ~75 MB per worker); see serving/cache.py."""
@@ -70,10 +74,11 @@ class ServeSettings:
     max_concurrent_rpcs: int = 64
     """Calls gRPC hands to this process at once (any method); beyond it gRPC answers
     RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") before any request is parsed or the
-    servicer runs (0: no bound). Sized from the batch capacity: ``executor_threads`` x
-    ``batch_max_size`` (2 x 32) calls fill every batch slot once; a call beyond that could only
-    wait. Rejecting there costs far less than in the servicer, which is what keeps sheds fast
-    at overload (benchmarks/bench_overload.py). Change it with those two."""
+    servicer runs (0: no bound). Sized from the batch capacity: two full batches per executor
+    thread (2 x ``batch_max_size`` 32: the running batch and the next one filling); a call
+    beyond that could only wait. Rejecting there costs far less than in the servicer, which is
+    what keeps sheds fast at overload (benchmarks/bench_overload.py). Change it with those
+    two."""
     max_pending_rpcs: int = 32
     """Calls gRPC core holds for the event loop to pick up. grpc.aio takes calls from the core
     one at a time on the event loop, so a loop busy with the work it admitted falls behind and

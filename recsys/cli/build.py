@@ -62,8 +62,11 @@ def _run(args: argparse.Namespace) -> int:
     filtered = (
         ""
         if report.index_filtered_recall is None
-        else f", {report.index_filtered_recall:.3f} with the delivery filter"
-        + "".join(f" (K={k}: {r:.3f})" for k, r in list(by_k.items())[1:])
+        else f", {report.index_filtered_recall:.3f} with the delivery filter; by depth "
+        + ", ".join(
+            f"K={k} nprobe {report.index_nprobe_by_k.get(k, report.index_nprobe)}: {r:.3f}"
+            for k, r in by_k.items()
+        )
     )
     print(
         f"index     {report.index_version}  (nlist {report.index_nlist}, default nprobe "

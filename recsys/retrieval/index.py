@@ -301,7 +301,10 @@ def save_index_version(
     version's default) and at a ladder of other values. With ``target_recall``, the default is
     raised to the smallest ladder value that reaches it, and, with ``filtered``, that also
     reaches it with the delivery filter at every depth measured (the served K first, then the
-    deeper depths experiment arms serve; an nprobe it was not measured at does not). Returns
+    deeper depths experiment arms serve; an nprobe it was not measured at does not). Each
+    depth also gets its own smallest such nprobe (``nprobe_by_k`` in the manifest's
+    ``filtered_recall_by_k`` and in the search defaults, what a search of that depth uses:
+    :meth:`ItemIndex.nprobe_for`): a shallow K need not pay for a deep one's lists. Returns
     the content-addressed version.
     """
     x = _as_matrix("item_vectors", item_vectors)
@@ -323,15 +326,21 @@ def save_index_version(
         p: recall_at_k(_search(index, padded, k, p, None, nlist)[1], truth) for p in ladder
     }
 
-    def reaches(p: int) -> bool:
+    def reaches(p: int, depths: Sequence[FilteredRecall]) -> bool:
         assert target_recall is not None
-        under_filter = min((f.by_nprobe.get(p, 0.0) for f in filtered if nlist), default=1.0)
+        under_filter = min((f.by_nprobe.get(p, 0.0) for f in depths if nlist), default=1.0)
         return recall_by_nprobe[p] >= target_recall and under_filter >= target_recall
 
-    default_nprobe = min(nprobe, nlist)
-    if target_recall is not None and not reaches(default_nprobe):
-        reaching = [p for p in ladder if p > default_nprobe and reaches(p)]
-        default_nprobe = reaching[0] if reaching else ladder[-1]
+    def smallest_reaching(depths: Sequence[FilteredRecall]) -> int:
+        start = min(nprobe, nlist)
+        if target_recall is None or reaches(start, depths):
+            return start
+        reaching = [p for p in ladder if p > start and reaches(p, depths)]
+        return reaching[0] if reaching else ladder[-1]
+
+    default_nprobe = smallest_reaching(filtered)
+    # Each measured depth its own: a shallower K reaches the target with fewer lists.
+    nprobe_by_k = {f.k: smallest_reaching([f]) for f in filtered} if nlist and target_recall else {}
     manifest = {
         "kind": KIND_IVF if nlist else KIND_FLAT,
         "metric": "inner_product",
@@ -357,6 +366,10 @@ def save_index_version(
                 "filtered_recall_by_k": {
                     str(f.k): {
                         "recall": round(f.by_nprobe.get(default_nprobe, 0.0), 6),
+                        "nprobe": nprobe_by_k.get(f.k, default_nprobe),
+                        "recall_at_nprobe": round(
+                            f.by_nprobe.get(nprobe_by_k.get(f.k, default_nprobe), 0.0), 6
+                        ),
                         "by_nprobe": {str(p): round(r, 6) for p, r in sorted(f.by_nprobe.items())},
                     }
                     for f in filtered
@@ -372,7 +385,10 @@ def save_index_version(
         faiss.write_index(index, str(tmp / INDEX_FILE))
         np.save(tmp / PROBE_FILE, probe, allow_pickle=False)
         np.save(tmp / PROBE_TRUTH_FILE, truth, allow_pickle=False)
-        (tmp / SEARCH_FILE).write_text(json.dumps({"default_nprobe": default_nprobe}) + "\n")
+        search: dict[str, object] = {"default_nprobe": default_nprobe}
+        if nprobe_by_k:
+            search["nprobe_by_k"] = {str(k): p for k, p in sorted(nprobe_by_k.items())}
+        (tmp / SEARCH_FILE).write_text(json.dumps(search) + "\n")
         version, _ = artifacts.publish(tmp, root.indexes, manifest)
     return version
 
@@ -386,10 +402,14 @@ def _probe_metric(index: faiss.Index) -> str:
     return "inner_product" if ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
 
 
-def _default_nprobe(path: Path, name: str) -> int:
+def _search_defaults(path: Path, name: str) -> tuple[int, dict[int, int]]:
+    """The version's default nprobe and its nprobe by depth K (empty in versions published
+    before depths had their own)."""
     try:
-        value = json.loads(path.read_text())["default_nprobe"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        search = json.loads(path.read_text())
+        value = search["default_nprobe"]
+        by_k = search.get("nprobe_by_k", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise IndexValidationError(
             f"{name}: cannot read default_nprobe from {path.name}: {e}"
         ) from e
@@ -397,7 +417,21 @@ def _default_nprobe(path: Path, name: str) -> int:
         raise IndexValidationError(
             f"{name}: {path.name} default_nprobe is {value!r}, expected an integer >= 0"
         )
-    return value
+    if not isinstance(by_k, dict):
+        raise IndexValidationError(
+            f"{name}: {path.name} nprobe_by_k is {by_k!r}, expected {{depth: nprobe}}"
+        )
+    out: dict[int, int] = {}
+    for k, p in by_k.items():
+        if not (isinstance(k, str) and k.isdigit() and int(k) >= 1) or (
+            isinstance(p, bool) or not isinstance(p, int) or p < 1
+        ):
+            raise IndexValidationError(
+                f"{name}: {path.name} nprobe_by_k has {k!r}: {p!r}, expected a depth >= 1 "
+                "and an nprobe >= 1"
+            )
+        out[int(k)] = p
+    return value, out
 
 
 @dataclass
@@ -412,11 +446,25 @@ class ItemIndex:
     faiss_index: faiss.Index = field(repr=False)
     measured_recall: float = 0.0
     """recall@k on the version's probe queries, re-measured at load."""
+    nprobe_by_k: dict[int, int] = field(default_factory=dict)
+    """The nprobe each measured depth K reaches the recall target at, under the delivery
+    filter (empty: ``default_nprobe`` for every depth); see :meth:`nprobe_for`."""
     nlist: int = field(init=False)
     """IVF lists (0: exact flat index); read from FAISS once, not on every search."""
 
     def __post_init__(self) -> None:
         self.nlist = _nlist(self.faiss_index)
+        self._depths = sorted(self.nprobe_by_k)
+
+    def nprobe_for(self, k: int) -> int:
+        """The version's nprobe for a search of depth ``k``: that of the shallowest measured
+        depth at least ``k`` (recall at one nprobe falls as K grows, so a deeper depth's
+        setting covers a shallower one), else ``default_nprobe`` (it reaches the target at
+        every measured depth; a depth beyond them all was never measured)."""
+        for depth in self._depths:  # two or three depths
+            if depth >= k:
+                return self.nprobe_by_k[depth]
+        return self.default_nprobe
 
     @property
     def augmented(self) -> bool:
@@ -468,13 +516,15 @@ class ItemIndex:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.make_direct_map()  # reconstruct() by id; an int64 per item, in process memory
+        default_nprobe, nprobe_by_k = _search_defaults(directory / SEARCH_FILE, name)
         loaded = cls(
             version=str(manifest.get("version", directory.name)),
             dimension=expected_dimension,
             count=expected_count,
-            default_nprobe=_default_nprobe(directory / SEARCH_FILE, name),
+            default_nprobe=default_nprobe,
             manifest=manifest,
             faiss_index=index,
+            nprobe_by_k=nprobe_by_k,
         )
         probe = np.load(directory / PROBE_FILE, allow_pickle=False)
         truth = np.load(directory / PROBE_TRUTH_FILE, allow_pickle=False)

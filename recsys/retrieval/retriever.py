@@ -96,8 +96,9 @@ class RetrievalQuery:
     k: int
     """Candidates wanted."""
     nprobe: int
-    """IVF lists to search; 0 = the index version's default (the nprobe its recall was
-    measured at when it was published)."""
+    """IVF lists to search; 0 = the index version's default for this ``k``
+    (:meth:`~recsys.retrieval.index.ItemIndex.nprobe_for`: the nprobe its recall under the
+    delivery filter was measured to reach the target at, for this depth, when published)."""
     radius_km: float
     exclude: tuple[int, ...] = ()
 
@@ -416,7 +417,7 @@ class Retriever:
         groups: dict[tuple[int, tuple[int, int] | None, float], list[int]] = {}
         for i, q in enumerate(queries):
             if self._is_known(q):
-                nprobe = q.nprobe or self._index.default_nprobe
+                nprobe = q.nprobe or self._index.nprobe_for(q.k)
                 key: tuple[int, tuple[int, int] | None, float]
                 if self.radius_in_search and q.location is not None:
                     key = (nprobe, cell_of(q.location), q.radius_km)

@@ -84,9 +84,16 @@ def test_an_ivf_index_default_also_reaches_the_target_with_the_delivery_filter(
     assert sorted(int(k) for k in by_k) == sorted(served_depths()) == [200, 400]
     for measured in by_k.values():
         assert measured["recall"] >= INDEX_TARGET_RECALL
+        # ... and at its own nprobe, the smallest of the ladder that reaches it at that depth
+        own = {int(p): r for p, r in measured["by_nprobe"].items()}
+        assert measured["nprobe"] <= default
+        assert own[measured["nprobe"]] == measured["recall_at_nprobe"] >= INDEX_TARGET_RECALL
     assert report.index_filtered_recall_by_k == {
-        int(k): pytest.approx(v["recall"]) for k, v in by_k.items()
+        int(k): pytest.approx(v["recall_at_nprobe"]) for k, v in by_k.items()
     }
+    assert report.index_nprobe_by_k == {int(k): v["nprobe"] for k, v in by_k.items()}
+    # measured at the probe users' homes and once more around each: twice the probe users
+    assert manifest["filtered_queries"] == 2 * manifest["probe_queries"]
     unfiltered = {int(p): r for p, r in manifest["recall_by_nprobe"].items()}
     # the smallest nprobe of the ladder that reaches the target both ways
     both = [p for p in sorted(unfiltered) if unfiltered[p] >= INDEX_TARGET_RECALL

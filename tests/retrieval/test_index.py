@@ -21,6 +21,7 @@ from recsys.retrieval.index import (
     FilteredRecall,
     IndexValidationError,
     ItemIndex,
+    _search_defaults,
     augment_items,
     build_index,
     default_nlist,
@@ -428,3 +429,61 @@ def test_a_filtered_recall_below_the_target_raises_the_default_nprobe_further(
     assert manifest["filtered_recall"] == 0.97
     assert manifest["filtered_recall_by_k"]["40"]["recall"] == 0.92
     assert manifest["filtered_recall_by_k"]["40"]["by_nprobe"][str(later[1])] == 0.86
+
+
+def test_each_measured_depth_gets_the_smallest_nprobe_that_reaches_the_target_there(
+    tmp_path: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> None:
+    root = ArtifactRoot(tmp_path)
+    plain = read_manifest(
+        root.indexes
+        / save_index_version(
+            root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9
+        )
+    )
+    later = [p for p in recall_ladder(NLIST, 1) if p > plain["default_nprobe"]]
+    shallow = FilteredRecall(20, 8.0, 64, {later[0]: 0.93, later[1]: 0.95, later[2]: 0.97})
+    deep = FilteredRecall(40, 8.0, 64, {later[0]: 0.85, later[1]: 0.89, later[2]: 0.92})
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9,
+        filtered=[shallow, deep],
+    )  # fmt: skip
+    manifest = read_manifest(root.indexes / version)
+    assert manifest["default_nprobe"] == later[2]  # reaches it at every depth
+    assert manifest["filtered_recall_by_k"]["20"]["nprobe"] == later[0]
+    assert manifest["filtered_recall_by_k"]["20"]["recall_at_nprobe"] == 0.93
+    assert manifest["filtered_recall_by_k"]["40"]["nprobe"] == later[2]
+    search = json.loads((root.indexes / version / "search.json").read_text())
+    assert search["nprobe_by_k"] == {"20": later[0], "40": later[2]}
+    loaded = load(root.indexes / version, min_recall=0.9)
+    assert loaded.nprobe_by_k == {20: later[0], 40: later[2]}
+    # A depth uses the shallowest measured depth at least as deep; beyond them, the default.
+    assert [loaded.nprobe_for(k) for k in (1, 20, 21, 40, 41)] == [
+        later[0], later[0], later[2], later[2], later[2]
+    ]  # fmt: skip
+
+
+def test_a_version_without_depth_settings_searches_every_depth_at_its_default(
+    ivf: faiss.Index,
+) -> None:
+    index = ItemIndex(
+        version="v", dimension=DIM, count=N_ITEMS, default_nprobe=7, manifest={}, faiss_index=ivf
+    )
+    assert [index.nprobe_for(k) for k in (1, 200, 10_000)] == [7, 7, 7]
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"default_nprobe": 8, "nprobe_by_k": {"200": 0}}, "nprobe_by_k has '200': 0"),
+        ({"default_nprobe": 8, "nprobe_by_k": {"deep": 4}}, "nprobe_by_k has 'deep': 4"),
+        ({"default_nprobe": 8, "nprobe_by_k": [4]}, "nprobe_by_k is \\[4\\]"),
+    ],
+)
+def test_bad_depth_settings_are_refused_naming_them(
+    tmp_path: Path, search: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps(search))
+    with pytest.raises(IndexValidationError, match=message):
+        _search_defaults(path, "index v")

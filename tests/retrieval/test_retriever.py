@@ -355,6 +355,19 @@ def test_nprobe_zero_searches_with_the_index_default(world: World, index: ItemIn
     assert default.sku_ids.tolist() == explicit.sku_ids.tolist()
 
 
+def test_nprobe_zero_searches_with_the_index_setting_for_the_query_depth(
+    world: World, index: ItemIndex
+) -> None:
+    fields = {f.name: getattr(index, f.name) for f in dataclasses.fields(ItemIndex) if f.init}
+    counting = CountingIndex(**{**fields, "nprobe_by_k": {10: 1, 60: 3}, "default_nprobe": 5})
+    retriever = make_retriever(world, counting)
+    for k, nprobe in ((5, 1), (10, 1), (30, 3), (60, 3), (80, 5)):
+        (default,) = retriever.retrieve_batch([query(3, k=k, nprobe=0)])
+        assert counting.calls[-1][2] == nprobe
+        (explicit,) = retriever.retrieve_batch([query(3, k=k, nprobe=nprobe)])
+        assert default.sku_ids.tolist() == explicit.sku_ids.tolist()
+
+
 def test_a_new_availability_snapshot_leaves_the_old_retriever_serving(
     world: World, index: ItemIndex
 ) -> None:

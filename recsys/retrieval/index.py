@@ -302,10 +302,10 @@ def save_index_version(
     raised to the smallest ladder value that reaches it, and, with ``filtered``, that also
     reaches it with the delivery filter at every depth measured (the served K first, then the
     deeper depths experiment arms serve; an nprobe it was not measured at does not). Each
-    depth also gets its own smallest such nprobe (``nprobe_by_k`` in the manifest's
-    ``filtered_recall_by_k`` and in the search defaults, what a search of that depth uses:
-    :meth:`ItemIndex.nprobe_for`): a shallow K need not pay for a deep one's lists. Returns
-    the content-addressed version.
+    depth also gets its own smallest nprobe that reaches the target there with the filter
+    (``nprobe_by_k`` in the manifest's ``filtered_recall_by_k`` and in the search defaults,
+    what a search of that depth uses: :meth:`ItemIndex.nprobe_for`): a shallow K need not pay
+    for a deep one's lists. Returns the content-addressed version.
     """
     x = _as_matrix("item_vectors", item_vectors)
     probe = _as_matrix("probe_queries", probe_queries, x.shape[1])
@@ -326,21 +326,27 @@ def save_index_version(
         p: recall_at_k(_search(index, padded, k, p, None, nlist)[1], truth) for p in ladder
     }
 
-    def reaches(p: int, depths: Sequence[FilteredRecall]) -> bool:
+    def reaches(p: int, depths: Sequence[FilteredRecall], unfiltered: bool = True) -> bool:
         assert target_recall is not None
         under_filter = min((f.by_nprobe.get(p, 0.0) for f in depths if nlist), default=1.0)
-        return recall_by_nprobe[p] >= target_recall and under_filter >= target_recall
+        plain = recall_by_nprobe[p] if unfiltered else 1.0
+        return plain >= target_recall and under_filter >= target_recall
 
-    def smallest_reaching(depths: Sequence[FilteredRecall]) -> int:
+    def smallest_reaching(depths: Sequence[FilteredRecall], unfiltered: bool = True) -> int:
         start = min(nprobe, nlist)
-        if target_recall is None or reaches(start, depths):
+        if target_recall is None or reaches(start, depths, unfiltered):
             return start
-        reaching = [p for p in ladder if p > start and reaches(p, depths)]
+        reaching = [p for p in ladder if p > start and reaches(p, depths, unfiltered)]
         return reaching[0] if reaching else ladder[-1]
 
     default_nprobe = smallest_reaching(filtered)
-    # Each measured depth its own: a shallower K reaches the target with fewer lists.
-    nprobe_by_k = {f.k: smallest_reaching([f]) for f in filtered} if nlist and target_recall else {}
+    # Each measured depth its own, judged by what a search of that depth serves (with the
+    # delivery filter; a served search always has one): a shallower K needs fewer lists.
+    nprobe_by_k = (
+        {f.k: smallest_reaching([f], unfiltered=False) for f in filtered}
+        if nlist and target_recall
+        else {}
+    )
     manifest = {
         "kind": KIND_IVF if nlist else KIND_FLAT,
         "metric": "inner_product",

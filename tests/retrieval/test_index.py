@@ -461,6 +461,17 @@ def test_each_measured_depth_gets_the_smallest_nprobe_that_reaches_the_target_th
     assert [loaded.nprobe_for(k) for k in (1, 20, 21, 40, 41)] == [
         later[0], later[0], later[2], later[2], later[2]
     ]  # fmt: skip
+    # A depth is judged by its filtered recall alone (a served search always has the filter):
+    # one list can be its setting though recall without the filter falls short there.
+    assert plain["recall_by_nprobe"]["1"] < 0.9
+    shallow = FilteredRecall(20, 8.0, 64, {1: 0.91, later[0]: 0.93, later[2]: 0.97})
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9,
+        filtered=[shallow, deep],
+    )  # fmt: skip
+    manifest = read_manifest(root.indexes / version)
+    assert manifest["filtered_recall_by_k"]["20"]["nprobe"] == 1
+    assert manifest["default_nprobe"] == later[2]
 
 
 def test_a_version_without_depth_settings_searches_every_depth_at_its_default(

@@ -389,16 +389,21 @@ def test_a_target_recall_raises_the_default_nprobe(
     assert load(root.indexes / version, min_recall=0.97).default_nprobe == reaching[0]
 
 
+def _unfiltered_choice(
+    root: ArtifactRoot, ivf: faiss.Index, items: Float32Array, users: Float32Array
+) -> dict[str, Any]:
+    """The manifest of a version published with a target of 0.9 and no filtered recall."""
+    version = save_index_version(
+        root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9
+    )
+    return read_manifest(root.indexes / version)
+
+
 def test_a_filtered_recall_below_the_target_raises_the_default_nprobe_further(
     tmp_path: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
 ) -> None:
     root = ArtifactRoot(tmp_path)
-    plain = read_manifest(
-        root.indexes
-        / save_index_version(
-            root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9
-        )
-    )
+    plain = _unfiltered_choice(root, ivf, items, users)
     unfiltered_choice = plain["default_nprobe"]
     later = [p for p in recall_ladder(NLIST, 1) if p > unfiltered_choice]
     # With the filter, the unfiltered choice and the next ladder value fall short; the one
@@ -435,12 +440,7 @@ def test_each_measured_depth_gets_the_smallest_nprobe_that_reaches_the_target_th
     tmp_path: Path, ivf: faiss.Index, items: Float32Array, users: Float32Array
 ) -> None:
     root = ArtifactRoot(tmp_path)
-    plain = read_manifest(
-        root.indexes
-        / save_index_version(
-            root, ivf, items, users[:64], features_version="f", k=50, nprobe=1, target_recall=0.9
-        )
-    )
+    plain = _unfiltered_choice(root, ivf, items, users)
     later = [p for p in recall_ladder(NLIST, 1) if p > plain["default_nprobe"]]
     shallow = FilteredRecall(20, 8.0, 64, {later[0]: 0.93, later[1]: 0.95, later[2]: 0.97})
     deep = FilteredRecall(40, 8.0, 64, {later[0]: 0.85, later[1]: 0.89, later[2]: 0.92})

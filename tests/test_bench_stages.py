@@ -1,0 +1,51 @@
+"""benchmarks/bench_stages.py on the built test world: where its requests come from, and one
+real run of the command with its new flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_rank_cut import load_state
+from benchmarks.bench_stages import make_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_requests_come_from_one_place_or_from_around_each_users_home(artifacts_dir: Path) -> None:
+    snapshot = load_state(artifacts_dir)
+    tables = snapshot.tables
+    one = make_requests(snapshot, 50, "one")
+    assert {(r.location.lat, r.location.lon) for r in one if r.location} == {(52.52, 13.40)}
+    homes = make_requests(snapshot, 50, "homes")
+    assert [r.user_id for r in homes] == [str(u) for u in tables.user_ids[:50]]
+    lat = np.array([r.location.lat for r in homes if r.location])
+    lon = np.array([r.location.lon for r in homes if r.location])
+    assert lat.size == lon.size == 50
+    # around each home (0.01 degrees apart at most ~5 sigma), and not all in one place
+    assert np.abs(lat - np.asarray(tables.user_home_lat[:50])).max() < 0.05
+    assert np.abs(lon - np.asarray(tables.user_home_lon[:50])).max() < 0.05
+    assert len(set(zip(lat.tolist(), lon.tolist(), strict=True))) == 50
+
+
+def test_the_command_reports_each_stage_and_the_process_cpu(artifacts_dir: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.bench_stages", "--artifacts", str(artifacts_dir),
+            "--requests", "16", "--batch", "4", "--rounds", "1", "--places", "homes",
+            "--search-threads", "1",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["places"] == "homes"
+    assert report["search_threads"] == 1
+    assert report["batch"] == 4
+    assert report["process_cpu_us_per_request_median"] > 0
+    stages = report["us_per_request_median"]
+    assert {"assign", "features", "retrieve", "rank", "arrange", "monitor"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())

@@ -429,7 +429,7 @@ def _search_defaults(path: Path, name: str) -> tuple[int, dict[int, int]]:
         )
     out: dict[int, int] = {}
     for k, p in by_k.items():
-        if not (isinstance(k, str) and k.isdigit() and int(k) >= 1) or (
+        if not (isinstance(k, str) and k.isascii() and k.isdecimal() and int(k) >= 1) or (
             isinstance(p, bool) or not isinstance(p, int) or p < 1
         ):
             raise IndexValidationError(
@@ -460,17 +460,14 @@ class ItemIndex:
 
     def __post_init__(self) -> None:
         self.nlist = _nlist(self.faiss_index)
-        self._depths = sorted(self.nprobe_by_k)
 
     def nprobe_for(self, k: int) -> int:
         """The version's nprobe for a search of depth ``k``: that of the shallowest measured
         depth at least ``k`` (recall at one nprobe falls as K grows, so a deeper depth's
         setting covers a shallower one), else ``default_nprobe`` (it reaches the target at
         every measured depth; a depth beyond them all was never measured)."""
-        for depth in self._depths:  # two or three depths
-            if depth >= k:
-                return self.nprobe_by_k[depth]
-        return self.default_nprobe
+        depth = min((d for d in self.nprobe_by_k if d >= k), default=None)  # two or three
+        return self.default_nprobe if depth is None else self.nprobe_by_k[depth]
 
     @property
     def augmented(self) -> bool:

@@ -488,6 +488,7 @@ def test_a_version_without_depth_settings_searches_every_depth_at_its_default(
     [
         ({"default_nprobe": 8, "nprobe_by_k": {"200": 0}}, "nprobe_by_k has '200': 0"),
         ({"default_nprobe": 8, "nprobe_by_k": {"deep": 4}}, "nprobe_by_k has 'deep': 4"),
+        ({"default_nprobe": 8, "nprobe_by_k": {"²": 4}}, "nprobe_by_k has '²': 4"),
         ({"default_nprobe": 8, "nprobe_by_k": [4]}, "nprobe_by_k is \\[4\\]"),
     ],
 )

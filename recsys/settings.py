@@ -61,7 +61,7 @@ class ServeSettings:
     """Threads running batches per worker: each batch's stages run in one of them. One: a
     second thread in the same process shares the interpreter lock with the first and with the
     event loop, and costs more CPU per request than it adds (4M world, uncached requests:
-    1,315-1,382 µs of CPU a call with one thread against 1,486-1,592 with two; benchmarks/
+    1,315-1,382 µs of CPU a call with one thread against 1,486-1,593 with two; benchmarks/
     README.md, "Sixth round"). Use the cores with ``workers`` (one per core) instead."""
     search_threads: int = 1
     """FAISS threads per search in a batch thread (recsys.retrieval.index.set_search_threads):

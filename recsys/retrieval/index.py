@@ -231,10 +231,11 @@ def set_search_threads(threads: int) -> None:
 
     FAISS parallelises a search over its queries with OpenMP, whose thread count belongs to
     the calling thread (a thread inherits the process default, all cores, not another thread's
-    setting). A server's batches already run side by side on its executor threads, one per
-    core; a search there that also spreads over every core leaves OpenMP's threads spinning
-    after each call, which cost 13-26% of a batch's CPU at 4 to 16 requests a batch on 4M
-    items (benchmarks/README.md, "Sixth round"). So each executor thread calls this once.
+    setting). A server's batches already run side by side, one batch thread per worker; a
+    search of several queries there that also spreads over every core leaves OpenMP's threads
+    spinning after the call: on 4M items, in batches of 8, 10% more CPU a request with the
+    requests around their homes and 45% more with a batch in one delivery cell
+    (benchmarks/README.md, "Sixth round"). So each batch thread calls this once.
     """
     if threads < 1:
         raise ValueError(f"threads is {threads}; expected >= 1")

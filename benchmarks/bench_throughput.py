@@ -36,9 +36,13 @@ call in open-loop phases at one rate instead.
         [--same-rate]      # baselines and variants at the open-loop rate of what they are
                            # compared with, and echo at the hit's rate: CPU per call at equal load
 
-Each recsys server's result also has ``stages_saturated``: the mean wall time of each stage per
-run in the saturated phase (per batch for the batched stages) and the mean batch size, from the
-server's metrics page.
+Each recsys server's result also has ``stages_saturated`` (and ``at_70pct.stages`` for the open
+loop), from the server's metrics page over the phase: the mean wall time of each stage per run
+(per batch for the batched stages), the mean batch size, each item's mean wait for its batch,
+each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds of
+batches run per second of the phase (1.0: one batch thread never idle). Below saturation these
+say where a call's latency went: queued for a batch, in its batch, or on the event loop around
+them (servicer time minus the two).
 """
 
 from __future__ import annotations
@@ -281,17 +285,28 @@ def cache_hit_rate(command: list[str]) -> float | None:
     return round(counts["hit"] / total, 3) if total else None
 
 
+TIMED_METRICS = {
+    "recsys_batch_size": "batch",
+    "recsys_batch_queue_delay_seconds": "queue_delay",
+    "recsys_batch_run_seconds": "batch_run",
+    "recsys_request_duration_seconds": "servicer",
+}
+"""Histograms read beside the stages' (metric name -> key): the batch size, each item's wait
+for its batch, each batch's run, and each call's time in the servicer."""
+
+
 def stage_totals(command: list[str]) -> dict[str, tuple[float, float]]:
-    """(seconds, runs) of each stage so far, and of ``batch`` (items, batches), from a recsys
+    """(sum, count) of each stage's seconds and of :data:`TIMED_METRICS` so far, from a recsys
     server's metrics page: what :func:`stage_means` takes the difference of."""
     totals: dict[str, tuple[float, float]] = {}
     for name, labels, value in metric_samples(command):
         if name.startswith("recsys_stage_duration_seconds_"):
             key = labels["stage"]
-        elif name.startswith("recsys_batch_size_"):
-            key = "batch"
         else:
-            continue
+            metric = name.rsplit("_", 1)[0]
+            if metric not in TIMED_METRICS:
+                continue
+            key = TIMED_METRICS[metric]
         seconds, runs = totals.get(key, (0.0, 0.0))
         if name.endswith("_sum"):
             totals[key] = (seconds + value, runs)
@@ -301,10 +316,13 @@ def stage_totals(command: list[str]) -> dict[str, tuple[float, float]]:
 
 
 def stage_means(
-    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], wall: float
 ) -> dict[str, float]:
-    """Between two :func:`stage_totals`: each stage's mean wall ms per run (a batched stage
-    runs once per batch, a per-request one once per request) and the mean batch size."""
+    """Between two :func:`stage_totals` ``wall`` seconds apart: each stage's mean wall ms per
+    run (a batched stage runs once per batch, a per-request one once per request), the mean
+    batch size, the mean ms an item waited for its batch, a batch ran and a call spent in the
+    servicer, and ``batch_busy``: seconds of batches run per second (1.0: one batch thread
+    never idle)."""
     out: dict[str, float] = {}
     for key, (seconds, runs) in after.items():
         seconds0, runs0 = before.get(key, (0.0, 0.0))
@@ -313,6 +331,8 @@ def stage_means(
             out["mean_batch_size" if key == "batch" else f"{key}_ms"] = round(
                 mean if key == "batch" else mean * 1e3, 3
             )
+            if key == "batch_run" and wall > 0:
+                out["batch_busy"] = round((seconds - seconds0) / wall, 3)
     return out
 
 
@@ -345,7 +365,7 @@ def run_server(
         )
         wall = time.perf_counter() - wall0
         cpu = children_cpu(process.pid) - cpu0
-        stages = stage_means(stages0, stage_totals(server.command))
+        stages = stage_means(stages0, stage_totals(server.command), wall)
         done = len(latencies)
         saturated = done / wall
         result: dict[str, object] = {
@@ -362,9 +382,13 @@ def run_server(
         }
         if args.open_loop:
             rate = 0.7 * saturated if rate is None else rate
-            cpu0 = children_cpu(process.pid)
+            stages0 = stage_totals(server.command)
+            cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
             lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
             cpu70 = children_cpu(process.pid) - cpu0
+            stages70 = stage_means(
+                stages0, stage_totals(server.command), time.perf_counter() - wall0
+            )
             result["at_70pct"] = {
                 "rate": round(rate, 1),
                 **percentiles(lat70),
@@ -372,6 +396,7 @@ def run_server(
                 "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
                 "shed_share": shed_share(codes70),
                 "codes": codes70,
+                "stages": stages70,
             }
         return result
     finally:

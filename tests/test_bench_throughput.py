@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_throughput
 from benchmarks.bench_throughput import (
     ECHO_AT_HIT,
     same_rate_ratios,
     servers,
     shed_share,
     stage_means,
+    stage_totals,
     variant,
 )
 
@@ -56,18 +58,63 @@ def test_a_variant_without_a_name_is_refused(text: str) -> None:
 
 
 def test_stage_means_are_per_run_between_two_scrapes() -> None:
-    before = {"retrieve": (2.0, 100.0), "assign": (0.5, 400.0), "batch": (400.0, 100.0)}
+    before = {
+        "retrieve": (2.0, 100.0),
+        "assign": (0.5, 400.0),
+        "batch": (400.0, 100.0),
+        "batch_run": (3.0, 100.0),
+        "queue_delay": (1.0, 400.0),
+    }
     after = {
         "retrieve": (2.6, 120.0),  # 20 batches took 0.6 s: 30 ms each
         "assign": (0.58, 480.0),  # 80 requests took 0.08 s: 1 ms each
         "batch": (720.0, 120.0),  # 320 items in 20 batches
+        "batch_run": (3.8, 120.0),  # 20 batches ran 0.8 s in all, in 2 s: busy 0.4
+        "queue_delay": (1.32, 720.0),  # 320 items waited 0.32 s in all: 1 ms each
+        "servicer": (0.64, 320.0),  # first seen after the first scrape: 2 ms a call
         "monitor": (0.01, 5.0),  # first seen after the first scrape
         "capture": (0.0, 0.0),  # never ran: left out
     }
-    means = stage_means(before, after)
+    means = stage_means(before, after, wall=2.0)
     assert means == pytest.approx(
-        {"retrieve_ms": 30.0, "assign_ms": 1.0, "mean_batch_size": 16.0, "monitor_ms": 2.0}
+        {
+            "retrieve_ms": 30.0,
+            "assign_ms": 1.0,
+            "mean_batch_size": 16.0,
+            "batch_run_ms": 40.0,
+            "batch_busy": 0.4,
+            "queue_delay_ms": 1.0,
+            "servicer_ms": 2.0,
+            "monitor_ms": 2.0,
+        }
     )
+
+
+def test_stage_totals_read_the_stage_and_batcher_histograms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    samples = [
+        ("recsys_stage_duration_seconds_sum", {"stage": "rank"}, 1.5),
+        ("recsys_stage_duration_seconds_count", {"stage": "rank"}, 10.0),
+        ("recsys_stage_duration_seconds_bucket", {"stage": "rank", "le": "0.1"}, 10.0),
+        ("recsys_batch_size_sum", {}, 80.0),
+        ("recsys_batch_size_count", {}, 10.0),
+        ("recsys_batch_run_seconds_sum", {}, 2.0),
+        ("recsys_batch_run_seconds_count", {}, 10.0),
+        ("recsys_batch_queue_delay_seconds_sum", {}, 0.4),
+        ("recsys_batch_queue_delay_seconds_count", {}, 80.0),
+        ("recsys_request_duration_seconds_sum", {}, 1.0),
+        ("recsys_request_duration_seconds_count", {}, 80.0),
+        ("recsys_requests_total", {"code": "OK"}, 78.0),
+    ]
+    monkeypatch.setattr(bench_throughput, "metric_samples", lambda command: samples)
+    assert stage_totals(["recsys", "serve"]) == {
+        "rank": (1.5, 10.0),
+        "batch": (80.0, 10.0),
+        "batch_run": (2.0, 10.0),
+        "queue_delay": (0.4, 80.0),
+        "servicer": (1.0, 80.0),
+    }
 
 
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:

@@ -17,6 +17,11 @@ Every request carries a delivery location (near the user's home) unless ``--loca
 says otherwise: a request without one is served at the user's home anyway, so leaving it out
 would only make the benchmark differ from the traffic it stands for.
 
+Each server's run sends its requests in order across its phases, without starting the list
+again while it lasts (``--requests``; each phase reports ``requests_wrapped``), so the mix's
+cache meets fresh traffic in every phase and its hit rate, reported per phase, is the traffic's
+own: about two thirds of the mix's calls refresh a feed already served. (Each phase used to
+start the list again: the mix's open loop then repeated calls the cache had seen, ~all hits.)
 Each server runs a closed-loop saturation phase (requests/s at ``--concurrency``), then an
 open-loop phase at 70% of that rate (latencies counted from each call's scheduled send time,
 so a stall is not hidden). Server CPU per request is user+system time of the server process
@@ -152,6 +157,26 @@ def make_requests(
     return [out[i] for i in order[:n]]
 
 
+@dataclass
+class RequestStream:
+    """The requests of one server's run, sent in order across its phases: the saturated phase
+    continues where the warm-up stopped and the open loop where the saturated phase stopped, so
+    a cache meets fresh traffic in each. ``wrapped``: the list ran out and started again (for
+    the mix, every call after that repeats one the cache has seen; raise ``--requests``)."""
+
+    requests: Sequence[recommender_pb2.RecommendRequest]
+    position: int = 0
+
+    @property
+    def wrapped(self) -> bool:
+        return self.position > len(self.requests)
+
+    def next(self) -> recommender_pb2.RecommendRequest:
+        request = self.requests[self.position % len(self.requests)]
+        self.position += 1
+        return request
+
+
 async def wait_answering(target: str, seconds: float) -> None:
     request = recommender_pb2.RecommendRequest(user_id="warm-up", num_results=20)
     async with asyncio.timeout(seconds), grpc.aio.insecure_channel(target) as channel:
@@ -165,7 +190,7 @@ async def wait_answering(target: str, seconds: float) -> None:
 
 
 async def closed_loop(
-    target: str, requests: Sequence[recommender_pb2.RecommendRequest], concurrency: int,
+    target: str, requests: RequestStream, concurrency: int,
     seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
 ) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     """``concurrency`` calls in flight for ``seconds``; ``on_response`` sees every answer."""
@@ -174,14 +199,11 @@ async def closed_loop(
     end = time.perf_counter() + seconds
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
     stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
-    position = 0
 
     async def worker(n: int) -> None:
-        nonlocal position
         stub = stubs[n % CHANNELS]
         while time.perf_counter() < end:
-            req = requests[position % len(requests)]
-            position += 1
+            req = requests.next()
             start = time.perf_counter()
             try:
                 response = await stub.Recommend(req, timeout=10)
@@ -201,7 +223,7 @@ async def closed_loop(
 
 
 async def open_loop(
-    target: str, requests: Sequence[recommender_pb2.RecommendRequest], rate: float,
+    target: str, requests: RequestStream, rate: float,
     seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
 ) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
@@ -212,9 +234,9 @@ async def open_loop(
     total = int(rate * seconds)
     start = time.perf_counter()
 
-    async def one(n: int, due: float) -> None:
+    async def one(n: int, request: recommender_pb2.RecommendRequest, due: float) -> None:
         try:
-            response = await stubs[n % CHANNELS].Recommend(requests[n % len(requests)], timeout=10)
+            response = await stubs[n % CHANNELS].Recommend(request, timeout=10)
             latencies.append(time.perf_counter() - due)
             if on_response is not None:
                 on_response(response)
@@ -229,7 +251,7 @@ async def open_loop(
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(n, due)))
+            tasks.append(asyncio.ensure_future(one(n, requests.next(), due)))
         await asyncio.gather(*tasks)
     finally:
         for c in channels:
@@ -275,14 +297,19 @@ def metric_samples(command: list[str]) -> list[tuple[str, dict[str, str], float]
     ]
 
 
-def cache_hit_rate(command: list[str]) -> float | None:
-    """Hit rate of a recsys server's result cache, from its metrics endpoint."""
+def cache_lookups(command: list[str]) -> tuple[float, float]:
+    """(hits, misses) of a recsys server's result cache so far, from its metrics endpoint."""
     counts = {"hit": 0.0, "miss": 0.0}
     for name, labels, value in metric_samples(command):
         if name == "recsys_result_cache_lookups_total":
             counts[labels["result"]] += value
-    total = counts["hit"] + counts["miss"]
-    return round(counts["hit"] / total, 3) if total else None
+    return counts["hit"], counts["miss"]
+
+
+def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The result cache's hit rate between two :func:`cache_lookups`; None: no lookups."""
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return round(hits / (hits + misses), 3) if hits + misses else None
 
 
 TIMED_METRICS = {
@@ -353,12 +380,14 @@ def run_server(
     )
     try:
         asyncio.run(wait_answering(target, 600))
-        requests = make_requests(
-            args.artifacts, args.requests, args.seed, server.requests, args.located_share
+        requests = RequestStream(
+            make_requests(
+                args.artifacts, args.requests, args.seed, server.requests, args.located_share
+            )
         )
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
         asyncio.run(closed_loop(target, requests, args.concurrency, args.seconds / 3))
-        stages0 = stage_totals(server.command)
+        stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
         cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
         latencies, codes = asyncio.run(
             closed_loop(target, requests, args.concurrency, args.seconds)
@@ -377,12 +406,13 @@ def run_server(
             "shed_share": shed_share(codes),
             "requests_per_s_per_core": round(done / cpu, 1) if cpu else None,
             "codes": codes,
-            "cache_hit_rate": cache_hit_rate(server.command),
+            "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
             "stages_saturated": stages,
+            "requests_wrapped": requests.wrapped,
         }
         if args.open_loop:
             rate = 0.7 * saturated if rate is None else rate
-            stages0 = stage_totals(server.command)
+            stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
             cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
             lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
             cpu70 = children_cpu(process.pid) - cpu0
@@ -396,7 +426,9 @@ def run_server(
                 "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
                 "shed_share": shed_share(codes70),
                 "codes": codes70,
+                "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
                 "stages": stages70,
+                "requests_wrapped": requests.wrapped,
             }
         return result
     finally:
@@ -519,7 +551,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=150_000,
+        help="requests generated per server run; its phases send them in order, without "
+        "repeating while they last (the hit case repeats its one request by design)",
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", action="append", help="run only these servers")

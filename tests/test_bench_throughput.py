@@ -11,6 +11,8 @@ import pytest
 from benchmarks import bench_throughput
 from benchmarks.bench_throughput import (
     ECHO_AT_HIT,
+    RequestStream,
+    hit_rate,
     same_rate_ratios,
     servers,
     shed_share,
@@ -18,6 +20,7 @@ from benchmarks.bench_throughput import (
     stage_totals,
     variant,
 )
+from recsys.v1 import recommender_pb2
 
 
 def args(
@@ -153,3 +156,17 @@ def test_refusals_by_gRPC_core_count_as_shed() -> None:
     assert shed_share({"OK": 50, "RESOURCE_EXHAUSTED": 10, "CANCELLED": 40}) == 0.5
     assert shed_share({"OK": 10}) == 0.0
     assert shed_share({}) == 0.0
+
+
+def test_the_phases_of_a_run_continue_along_one_request_stream() -> None:
+    stream = RequestStream([recommender_pb2.RecommendRequest(request_id=str(i)) for i in range(3)])
+    first = [stream.next().request_id for _ in range(2)]  # a warm-up
+    second = [stream.next().request_id for _ in range(1)]  # the next phase goes on from there
+    assert (first, second, stream.wrapped) == (["0", "1"], ["2"], False)
+    assert stream.next().request_id == "0"
+    assert stream.wrapped  # the list ran out: this call repeats one already sent
+
+
+def test_the_hit_rate_is_the_phase_s_own() -> None:
+    assert hit_rate((600.0, 400.0), (1300.0, 700.0)) == 0.7  # 700 hits, 300 misses
+    assert hit_rate((5.0, 5.0), (5.0, 5.0)) is None

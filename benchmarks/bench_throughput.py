@@ -44,10 +44,10 @@ call in open-loop phases at one rate instead.
 Each recsys server's result also has ``stages_saturated`` (and ``at_70pct.stages`` for the open
 loop), from the server's metrics page over the phase: the mean wall time of each stage per run
 (per batch for the batched stages), the mean batch size, each item's mean wait for its batch,
-each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds of
-batches run per second of the phase (1.0: one batch thread never idle). Below saturation these
-say where a call's latency went: queued for a batch, in its batch, or on the event loop around
-them (servicer time minus the two).
+each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds
+of batches run per second of the phase, summed over workers (1.0: one batch thread never idle).
+Below saturation these say where a call's latency went: queued for a batch, in its batch, or on
+the event loop around them (servicer time minus the two).
 """
 
 from __future__ import annotations
@@ -348,8 +348,8 @@ def stage_means(
     """Between two :func:`stage_totals` ``wall`` seconds apart: each stage's mean wall ms per
     run (a batched stage runs once per batch, a per-request one once per request), the mean
     batch size, the mean ms an item waited for its batch, a batch ran and a call spent in the
-    servicer, and ``batch_busy``: seconds of batches run per second (1.0: one batch thread
-    never idle)."""
+    servicer, and ``batch_busy``: seconds of batches run per second, summed over a server's
+    workers (1.0: one batch thread never idle)."""
     out: dict[str, float] = {}
     for key, (seconds, runs) in after.items():
         seconds0, runs0 = before.get(key, (0.0, 0.0))

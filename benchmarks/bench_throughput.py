@@ -74,7 +74,13 @@ from benchmarks.bench_latency import cpu_seconds, free_port
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
-CHANNELS = 4
+CHANNELS = 16
+"""Client channels, each its own TCP connection: ``recsys serve --workers N`` shares the port
+with SO_REUSEPORT, which gives each connection to one worker, so the load spreads over the
+workers only across many connections."""
+CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+"""gRPC shares one connection among every channel to the same target (its global subchannel
+pool); a channel of its own pool opens its own connection."""
 ZIPF_EXPONENT = 1.1
 HIT_REQUEST_IDS = 1_000
 REFRESHES_PER_VISIT = (1, 6)
@@ -197,7 +203,7 @@ async def closed_loop(
     latencies: list[float] = []
     codes: dict[str, int] = {}
     end = time.perf_counter() + seconds
-    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
     stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
 
     async def worker(n: int) -> None:
@@ -229,7 +235,7 @@ async def open_loop(
     """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
     latencies: list[float] = []
     codes: dict[str, int] = {}
-    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
     stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
     total = int(rate * seconds)
     start = time.perf_counter()

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from benchmarks import bench_throughput
 from benchmarks.bench_throughput import (
+    CHANNELS,
     ECHO_AT_HIT,
     RequestStream,
+    closed_loop,
     hit_rate,
     same_rate_ratios,
     servers,
@@ -20,7 +24,7 @@ from benchmarks.bench_throughput import (
     stage_totals,
     variant,
 )
-from recsys.v1 import recommender_pb2
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
 def args(
@@ -170,3 +174,34 @@ def test_the_phases_of_a_run_continue_along_one_request_stream() -> None:
 def test_the_hit_rate_is_the_phase_s_own() -> None:
     assert hit_rate((600.0, 400.0), (1300.0, 700.0)) == 0.7  # 700 hits, 300 misses
     assert hit_rate((5.0, 5.0), (5.0, 5.0)) is None
+
+
+class PeerRecorder(recommender_pb2_grpc.RecommenderServicer):
+    """Answers every call and remembers the connection (the client's address and port) it
+    came on."""
+
+    def __init__(self) -> None:
+        self.peers: set[str] = set()
+
+    async def Recommend(
+        self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> recommender_pb2.RecommendResponse:
+        self.peers.add(context.peer())
+        return recommender_pb2.RecommendResponse(request_id=request.request_id)
+
+
+async def test_the_load_comes_over_one_connection_per_channel() -> None:
+    """``recsys serve --workers N`` hands each connection to one worker: the benchmark's
+    channels must not share one connection, or every call reaches the same worker."""
+    recorder = PeerRecorder()
+    server = grpc.aio.server()
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        stream = RequestStream([recommender_pb2.RecommendRequest(request_id="r")])
+        latencies, codes = await closed_loop(f"127.0.0.1:{port}", stream, CHANNELS * 2, 0.5)
+    finally:
+        await server.stop(None)
+    assert codes.get("OK", 0) == len(latencies) > 0
+    assert len(recorder.peers) == CHANNELS

@@ -62,6 +62,7 @@ import numpy as np
 from benchmarks.bench_latency import free_port
 from benchmarks.bench_rank_cut import load_state
 from benchmarks.bench_throughput import (
+    RequestStream,
     children_cpu,
     closed_loop,
     make_requests,
@@ -287,12 +288,12 @@ def one_version_capacity(
     """The median of ``--calibrate`` closed loops (half a phase each) on the one-version
     document the server starts with: on a shared machine one sample of the capacity can be far
     from the next, and an open loop at 70% of a lucky sample is an overload."""
-    asyncio.run(closed_loop(target, requests, args.concurrency, args.warmup))
+    asyncio.run(closed_loop(target, RequestStream(requests), args.concurrency, args.warmup))
     samples = []
     for _ in range(args.calibrate):
         start = time.perf_counter()
         latencies, _ = asyncio.run(
-            closed_loop(target, requests, args.concurrency, args.seconds / 2)
+            closed_loop(target, RequestStream(requests), args.concurrency, args.seconds / 2)
         )
         samples.append(len(latencies) / (time.perf_counter() - start))
     capacity = float(np.median(samples))
@@ -335,13 +336,17 @@ def measure_served(
         for round_ in range(args.rounds):
             for name, document in documents.items():
                 asyncio.run(wait_config(target, publish(artifacts, document), 120))
-                asyncio.run(closed_loop(target, requests, args.concurrency, args.warmup))
+                asyncio.run(
+                    closed_loop(target, RequestStream(requests), args.concurrency, args.warmup)
+                )
                 seen: Counter[str] = Counter()
                 count = functools.partial(count_version, seen)
                 wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
                 latencies, codes = asyncio.run(
-                    closed_loop(target, requests, args.concurrency, args.seconds, count)
+                    closed_loop(
+                        target, RequestStream(requests), args.concurrency, args.seconds, count
+                    )
                 )
                 capacity = len(latencies) / (time.perf_counter() - wall0)
                 cpu_closed = children_cpu(process.pid) - cpu0
@@ -355,7 +360,7 @@ def measure_served(
                 wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
                 open_latencies, open_codes = asyncio.run(
-                    open_loop(target, requests, rate, args.seconds, count)
+                    open_loop(target, RequestStream(requests), rate, args.seconds, count)
                 )
                 cpu_open = children_cpu(process.pid) - cpu0
                 cores_open = cpu_open / (time.perf_counter() - wall0)

@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -195,6 +195,19 @@ async def wait_answering(target: str, seconds: float) -> None:
                 await asyncio.sleep(0.3)
 
 
+@contextlib.asynccontextmanager
+async def connected_stubs(
+    target: str,
+) -> AsyncIterator[list[recommender_pb2_grpc.RecommenderAsyncStub]]:
+    """:data:`CHANNELS` stubs of ``target``, each on its own connection, closed on exit."""
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
+    try:
+        yield [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
+    finally:
+        for c in channels:
+            await c.close(None)
+
+
 async def closed_loop(
     target: str, requests: RequestStream, concurrency: int,
     seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
@@ -203,11 +216,8 @@ async def closed_loop(
     latencies: list[float] = []
     codes: dict[str, int] = {}
     end = time.perf_counter() + seconds
-    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
-    stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
 
-    async def worker(n: int) -> None:
-        stub = stubs[n % CHANNELS]
+    async def worker(stub: recommender_pb2_grpc.RecommenderAsyncStub) -> None:
         while time.perf_counter() < end:
             req = requests.next()
             start = time.perf_counter()
@@ -220,11 +230,8 @@ async def closed_loop(
             except grpc.aio.AioRpcError as e:
                 codes[e.code().name] = codes.get(e.code().name, 0) + 1
 
-    try:
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-    finally:
-        for c in channels:
-            await c.close(None)
+    async with connected_stubs(target) as stubs:
+        await asyncio.gather(*(worker(stubs[n % CHANNELS]) for n in range(concurrency)))
     return latencies, codes
 
 
@@ -235,14 +242,15 @@ async def open_loop(
     """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
     latencies: list[float] = []
     codes: dict[str, int] = {}
-    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
-    stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
     total = int(rate * seconds)
-    start = time.perf_counter()
 
-    async def one(n: int, request: recommender_pb2.RecommendRequest, due: float) -> None:
+    async def one(
+        stub: recommender_pb2_grpc.RecommenderAsyncStub,
+        request: recommender_pb2.RecommendRequest,
+        due: float,
+    ) -> None:
         try:
-            response = await stubs[n % CHANNELS].Recommend(request, timeout=10)
+            response = await stub.Recommend(request, timeout=10)
             latencies.append(time.perf_counter() - due)
             if on_response is not None:
                 on_response(response)
@@ -251,17 +259,15 @@ async def open_loop(
             codes[e.code().name] = codes.get(e.code().name, 0) + 1
 
     tasks = []
-    try:
+    async with connected_stubs(target) as stubs:
+        start = time.perf_counter()
         for n in range(total):
             due = start + n / rate
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(n, requests.next(), due)))
+            tasks.append(asyncio.ensure_future(one(stubs[n % CHANNELS], requests.next(), due)))
         await asyncio.gather(*tasks)
-    finally:
-        for c in channels:
-            await c.close(None)
     return latencies, codes
 
 

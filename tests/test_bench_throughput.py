@@ -15,6 +15,7 @@ from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
     RequestStream,
+    cache_lookups,
     closed_loop,
     hit_rate,
     same_rate_ratios,
@@ -24,6 +25,8 @@ from benchmarks.bench_throughput import (
     stage_totals,
     variant,
 )
+from recsys.serving.batching import BatchStats
+from recsys.serving.metrics import ServingMetrics
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
@@ -122,6 +125,30 @@ def test_stage_totals_read_the_stage_and_batcher_histograms(
         "queue_delay": (0.4, 80.0),
         "servicer": (1.0, 80.0),
     }
+
+
+def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> None:
+    """The same, from the HTTP endpoint a server serves, not from samples written here."""
+    metrics = ServingMetrics()
+    metrics.observe_batch(BatchStats("recommend", 4, (0.001, 0.002, 0.003, 0.004), 0.02))
+    metrics.observe_batch(BatchStats("recommend", 2, (0.005, 0.005), 0.01))
+    for seconds in (0.01, 0.03):
+        metrics.request_started()
+        metrics.request_finished("OK", seconds)
+    for hit in (True, True, False):
+        metrics.observe_cache(hit, entries=1)
+    port = metrics.start_http("127.0.0.1", 0)
+    try:
+        command = ["recsys", "serve", "--metrics-port", str(port)]
+        totals = stage_totals(command)
+        lookups = cache_lookups(command)
+    finally:
+        metrics.stop_http()
+    assert totals["batch"] == pytest.approx((6.0, 2.0))
+    assert totals["batch_run"] == pytest.approx((0.03, 2.0))
+    assert totals["queue_delay"] == pytest.approx((0.02, 6.0))
+    assert totals["servicer"] == pytest.approx((0.04, 2.0))
+    assert lookups == (2.0, 1.0)
 
 
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:

@@ -62,7 +62,9 @@ class ServeSettings:
     second thread in the same process shares the interpreter lock with the first and with the
     event loop, and costs more CPU per request than it adds (4M world, uncached requests:
     1,315-1,382 µs of CPU a call with one thread against 1,486-1,593 with two; benchmarks/
-    README.md, "Sixth round"). Use the cores with ``workers`` (one per core) instead."""
+    README.md, "Sixth round"). Use the cores with ``workers`` (one per core) instead: on 2 cores
+    two workers served 1,305-1,419 uncached calls/s against 740-807 for one process
+    (benchmarks/README.md, "Seventh round")."""
     search_threads: int = 1
     """FAISS threads per search in a batch thread (recsys.retrieval.index.set_search_threads):
     the cores are already used by the workers' batch threads side by side."""

@@ -97,7 +97,15 @@ class Batch:
         return np.array([len(c.sku_ids) for c in self.candidates], dtype=np.int64)
 
     def with_degraded(self, flags: BoolArray | Sequence[bool], reason: str) -> Batch:
-        """The batch with ``reason`` added to each request whose flag is set."""
+        """The batch with ``reason`` added to each request whose flag is set (the batch itself
+        when none is: an empty ``degraded`` means no request is degraded)."""
+        if len(flags) != len(self.requests):
+            raise ValueError(
+                f"with_degraded: {len(flags)} flags for {len(self.requests)} requests; "
+                "expected one flag per request"
+            )
+        if not any(flags):
+            return self
         current = self.degraded or tuple(() for _ in self.requests)
         return replace(
             self,

@@ -57,8 +57,17 @@ def test_degraded_reasons_accumulate_per_request_in_stage_order() -> None:
 
 
 def test_a_degraded_flag_per_request_is_required() -> None:
-    with pytest.raises(ValueError, match="zip"):
-        _batch(2).with_degraded([True], "short")
+    for flags in ([True], [False], np.zeros(3, dtype=bool)):
+        with pytest.raises(ValueError, match="expected one flag per request"):
+            _batch(2).with_degraded(flags, "short")
+
+
+def test_no_flag_set_leaves_the_batch_as_it_was() -> None:
+    batch = _batch(2)
+    assert batch.with_degraded(np.zeros(2, dtype=bool), "none") is batch
+    assert batch.with_degraded([False, False], "none").degraded == ()
+    flagged = batch.with_degraded([True, False], "one")
+    assert flagged.with_degraded([False, False], "none").degraded == (("one",), ())
 
 
 def test_candidate_counts_are_zero_length_before_retrieval() -> None:

@@ -38,8 +38,12 @@ def survivors(counts: npt.ArrayLike, cuts: npt.ArrayLike) -> BoolArray:
     limit = np.asarray(cuts, dtype=np.int64)
     if limit.shape != sizes.shape:
         raise ValueError(f"cuts has shape {limit.shape}, expected {sizes.shape} like counts")
-    if (limit < 0).any():
+    if limit.min(initial=0) < 0:
         raise ValueError(f"cuts must be >= 0 (0: no cut), got {limit.min()}")
+    if limit.max(initial=0) == 0:  # no request cuts (the served default): every row
+        if sizes.ndim != 1 or sizes.min(initial=0) < 0:
+            raise ValueError(f"counts must be a 1-D array of sizes >= 0, got {sizes!r}")
+        return np.ones(int(sizes.sum()), dtype=np.bool_)
     per_row = np.repeat(np.where(limit > 0, limit, np.iinfo(np.int64).max), sizes)
     return positions_in_segments(sizes) < per_row
 

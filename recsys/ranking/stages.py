@@ -142,17 +142,15 @@ class Rank:
             [d is not None and d - start < 1.5 * expected + 0.001 for d in deadlines],
             dtype=np.bool_,
         )
-        scored &= ~np.repeat(late, counts)
+        any_late = bool(late.any())
+        if any_late:
+            scored &= ~np.repeat(late, counts)
         model_scores, versions, features = self._score(batch, snapshot, counts, scored)
-        retrieval = (
-            np.concatenate([c.retrieval_scores for c in batch.candidates])
-            if batch.candidates
-            else np.empty(0, np.float32)
-        )
-        scores = np.where(
-            np.repeat(late, counts), retrieval, combine(counts, model_scores, scored)
-        ).astype(np.float32, copy=False)
-        self.cost.observe(int(scored.sum()), time.perf_counter() - start)
+        scores = combine(counts, model_scores, scored)
+        if any_late:  # a late request keeps its retrieval scores
+            retrieval = np.concatenate([c.retrieval_scores for c in batch.candidates])
+            scores = np.where(np.repeat(late, counts), retrieval, scores).astype(np.float32)
+        self.cost.observe(features.shape[0], time.perf_counter() - start)
         batch = replace(
             batch,
             scores=scores,
@@ -180,14 +178,16 @@ class Rank:
         user_rows = batch.user_rows
         lat, lon = _request_points(batch, snapshot)
         served = batch.user_features
+        every = bool(scored.all())  # no cut, none late (the common case): no row selection
+        take: npt.NDArray[np.bool_] | slice = slice(None) if every else scored
         features = assemble_features(
             snapshot.tables,
-            np.repeat(user_rows, counts).astype(np.int32)[scored],
-            items[scored],
-            np.repeat(lat, counts)[scored],
-            np.repeat(lon, counts)[scored],
-            np.repeat(np.array([r.hour for r in batch.requests], dtype=np.int8), counts)[scored],
-            None if served is None else np.repeat(served, counts, axis=0)[scored],
+            np.repeat(user_rows, counts).astype(np.int32)[take],
+            items[take],
+            np.repeat(lat, counts)[take],
+            np.repeat(lon, counts)[take],
+            np.repeat(np.array([r.hour for r in batch.requests], dtype=np.int8), counts)[take],
+            None if served is None else np.repeat(served, counts, axis=0)[take],
         )
         versions = [
             snapshot.routing.resolve(a.params.model_name, r.user_id, a.params.model_version)
@@ -198,13 +198,15 @@ class Rank:
         distinct = sorted(set(versions))
         code = {version: n for n, version in enumerate(distinct)}
         request_codes = np.array([code[v] for v in versions], dtype=np.int32)
-        row_code = np.repeat(request_codes, counts)[scored]
+        row_code = np.repeat(request_codes, counts)[take] if len(distinct) > 1 else None
         model_scores = np.empty(features.shape[0], dtype=np.float32)
         for n, version in enumerate(distinct):
-            rows = row_code == n if len(distinct) > 1 else slice(None)
+            rows = slice(None) if row_code is None else row_code == n
             chosen = features[rows]
             if chosen.shape[0]:  # a version whose requests have no scored row: no predict
                 model_scores[rows] = snapshot.models[version].predict(chosen)
+        if every:
+            return model_scores, versions, features
         scores = np.zeros(items.shape[0], dtype=np.float32)
         scores[scored] = model_scores
         return scores, versions, features

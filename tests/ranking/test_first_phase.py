@@ -19,6 +19,15 @@ def test_survivors_are_each_requests_first_rows_and_zero_keeps_all() -> None:
     assert kept.tolist() == [True, True, False, False, True, True, True, True, True]
 
 
+def test_no_cut_keeps_every_row_and_still_checks_the_counts() -> None:
+    assert survivors([3, 0, 2], [0, 0, 0]).tolist() == [True] * 5
+    assert survivors(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)).tolist() == []
+    with pytest.raises(ValueError, match="counts must be a 1-D array"):
+        survivors([2, -1], [0, 0])
+    with pytest.raises(ValueError, match="counts must be a 1-D array"):
+        survivors([[2, 1]], [[0, 0]])
+
+
 def test_bad_cuts_are_named() -> None:
     with pytest.raises(ValueError, match="cuts must be >= 0"):
         survivors([2], [-1])

@@ -89,6 +89,22 @@ def test_too_little_time_to_rank_answers_in_retrieval_order_flagged_degraded(
     assert not _served(relaxed).degraded
 
 
+def test_in_one_batch_only_the_late_request_keeps_retrieval_order(state: ServingSnapshot) -> None:
+    slow = RankCost(seconds_per_row=10.0)
+    late, on_time = (
+        _served(r)
+        for r in recommend_batch(
+            [_job(state, deadline=time.perf_counter() + 30), _job(state)], _with_cost(slow)
+        )
+    )
+    assert late.degraded_reasons == (DEADLINE_UNRANKED,)
+    assert late.items.sku_ids.tolist() == _retrieved(state, 200)[:10].tolist()
+    (alone,) = recommend_batch([_job(state)], STAGES)
+    assert not on_time.degraded
+    assert on_time.items.sku_ids.tolist() == _served(alone).items.sku_ids.tolist()
+    assert np.array_equal(on_time.items.scores, _served(alone).items.scores)
+
+
 def test_a_deadline_that_passed_in_the_queue_fails_only_that_request(
     state: ServingSnapshot,
 ) -> None:

@@ -37,7 +37,8 @@ call in open-loop phases at one rate instead.
     python -m benchmarks.bench_throughput --artifacts /tmp/art100 [--seconds 15] [--only echo]
         [--baseline DIR]   # also the recsys servers of another checkout (old vs new, one run)
         [--variant d2='--batch-max-delay-ms 2']  # also each recsys server with other flags
-        [--rounds 2]       # the whole list twice, in turn (ratios from the median per server)
+        [--rounds 2]       # the whole list twice (ratios from the median per server); in
+                           # odd rounds each server's baseline and variants run before it
         [--same-rate]      # baselines and variants at the open-loop rate of what they are
                            # compared with, and echo at the hit's rate: CPU per call at equal load
 
@@ -530,6 +531,43 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
 ECHO_AT_HIT = "echo-at-hit-rate"
 
 
+def in_turn(listed: Sequence[Server], round_number: int) -> list[Server]:
+    """The order one round runs ``listed`` in: as listed in even rounds; in odd rounds each
+    server's comparisons (its baseline and variants, listed right after it) run before it, so
+    that over two rounds every pair runs in both orders. On this machine the server that ran
+    second in a pair had the lower p99 at ~70% in all six pairs of one comparison, whichever
+    code it ran (benchmarks/README.md, "Eighth round")."""
+    out: list[Server] = []
+    start = 0
+    while start < len(listed):
+        end = start + 1
+        while end < len(listed) and listed[end].name.startswith(f"{listed[start].name}-"):
+            end += 1
+        group = list(listed[start:end])
+        out.extend(reversed(group) if round_number % 2 else group)
+        start = end
+    return out
+
+
+def open_loop_rate(
+    server: Server,
+    runs: dict[str, list[dict[str, object]]],
+    round_number: int,
+    followed: set[str],
+) -> float | None:
+    """The open-loop rate of ``server``'s run (None: 70% of its own saturation). With
+    ``--same-rate`` a comparison runs at the latest rate of the server it is compared with; in
+    an odd round (:func:`in_turn`) that server runs after its comparisons, so it takes its own
+    previous rate, the one they just ran at."""
+    source = server.rate_of
+    if source is None and round_number % 2 and server.name in followed:
+        source = server.name
+    if source is None or not runs.get(source):
+        return None
+    phase = runs[source][-1].get("at_70pct")
+    return float(phase["rate"]) if isinstance(phase, dict) else None
+
+
 def same_rate_ratios(runs: dict[str, list[dict[str, object]]]) -> dict[str, float]:
     """Median CPU per call in the open-loop phase of each server run at another's rate, over
     that other's, in the same rounds: the like-for-like comparison (``--same-rate``). For
@@ -593,8 +631,9 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="run the whole list of servers this many times in turn (A B A B ...): on a shared "
-        "machine, the spread between rounds shows how far one figure can be trusted",
+        help="run the whole list of servers this many times (A B, then B A: in odd rounds each "
+        "server's baseline and variants run before it, so each pair runs in both orders): on a "
+        "shared machine, the spread between rounds shows how far one figure can be trusted",
     )
     parser.add_argument(
         "--same-rate",
@@ -613,16 +652,15 @@ def main() -> None:
     print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
     runs: dict[str, list[dict[str, object]]] = {}
     for round_number in range(args.rounds):
-        for server in servers(args, free_port()):
+        listed = servers(args, free_port())
+        followed = {s.rate_of for s in listed if s.rate_of is not None}
+        for server in in_turn(listed, round_number):
             if args.only and server.name not in args.only:
                 continue
             # A fresh port per server: the previous one may linger in TIME_WAIT.
             server = next(s for s in servers(args, free_port()) if s.name == server.name)
             port = int(server.command[server.command.index("--port") + 1])
-            rate = None
-            if server.rate_of is not None and runs.get(server.rate_of):
-                phase = runs[server.rate_of][-1].get("at_70pct")
-                rate = float(phase["rate"]) if isinstance(phase, dict) else None
+            rate = open_loop_rate(server, runs, round_number, followed)
             result = {
                 **run_server(server, args, port, rate),
                 "round": round_number,

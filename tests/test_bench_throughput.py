@@ -18,6 +18,8 @@ from benchmarks.bench_throughput import (
     cache_lookups,
     closed_loop,
     hit_rate,
+    in_turn,
+    open_loop_rate,
     same_rate_ratios,
     servers,
     shed_share,
@@ -164,6 +166,45 @@ def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_
     plain = servers(args(variants=["d2=--x"], baseline=Path("/tmp/old")), 5)
     assert all(s.rate_of is None for s in plain)
     assert ECHO_AT_HIT not in {s.name for s in plain}
+
+
+def test_odd_rounds_run_each_comparison_before_what_it_is_compared_with() -> None:
+    listed = servers(args(variants=["d2=--x"], baseline=Path("/tmp/old"), same_rate=True), 5)
+    assert in_turn(listed, 0) == listed
+    odd = [s.name for s in in_turn(listed, 1)]
+    assert odd[:2] == ["echo", "naive"]
+    assert odd[2:6] == [
+        "recsys-uncached-baseline-d2",
+        "recsys-uncached-baseline",
+        "recsys-uncached-d2",
+        "recsys-uncached",
+    ]
+    assert odd[-5:] == [
+        "recsys-hit-baseline-d2",
+        "recsys-hit-baseline",
+        "recsys-hit-d2",
+        "recsys-hit",
+        ECHO_AT_HIT,  # after the hit, whose rate it runs at
+    ]
+    assert sorted(odd) == sorted(s.name for s in listed)
+
+
+def test_in_an_odd_round_a_pair_runs_at_the_rate_its_first_member_ran_at() -> None:
+    listed = servers(args(variants=[], baseline=Path("/tmp/old"), same_rate=True), 5)
+    by_name = {s.name: s for s in listed}
+    followed = {s.rate_of for s in listed if s.rate_of is not None}
+    runs: dict[str, list[dict[str, object]]] = {}
+    leader, old = by_name["recsys-mix"], by_name["recsys-mix-baseline"]
+    assert open_loop_rate(leader, runs, 0, followed) is None  # 70% of its own saturation
+    runs["recsys-mix"] = [{"at_70pct": {"rate": 900.0}}]
+    assert open_loop_rate(old, runs, 0, followed) == 900.0
+    runs["recsys-mix-baseline"] = [{"at_70pct": {"rate": 900.0}}]
+    # Round 1: the baseline runs first, at the leader's last rate, then the leader at the same.
+    assert open_loop_rate(old, runs, 1, followed) == 900.0
+    assert open_loop_rate(leader, runs, 1, followed) == 900.0
+    assert open_loop_rate(by_name["recsys-uncached"], runs, 1, followed) is None  # never ran
+    plain = servers(args(variants=[], baseline=Path("/tmp/old")), 5)
+    assert open_loop_rate(plain[2], runs, 1, set()) is None  # without --same-rate: its own
 
 
 def test_same_rate_ratios_compare_open_loop_cpu_medians() -> None:

@@ -534,9 +534,11 @@ ECHO_AT_HIT = "echo-at-hit-rate"
 def in_turn(listed: Sequence[Server], round_number: int) -> list[Server]:
     """The order one round runs ``listed`` in: as listed in even rounds; in odd rounds each
     server's comparisons (its baseline and variants, listed right after it) run before it, so
-    that over two rounds every pair runs in both orders. On this machine the server that ran
-    second in a pair had the lower p99 at ~70% in all six pairs of one comparison, whichever
-    code it ran (benchmarks/README.md, "Eighth round")."""
+    that over two rounds every pair runs in both orders. The machine drifts within a run: in
+    one comparison the server that ran second had the lower p99 at ~70% in all six pairs, and
+    in an A/A run (the same code on both sides) the one that ran first did in all four
+    (benchmarks/README.md, "Eighth round"). Alternating cancels a steady drift between the
+    members of a pair."""
     out: list[Server] = []
     start = 0
     while start < len(listed):

@@ -552,17 +552,14 @@ def in_turn(listed: Sequence[Server], round_number: int) -> list[Server]:
 
 
 def open_loop_rate(
-    server: Server,
-    runs: dict[str, list[dict[str, object]]],
-    round_number: int,
-    followed: set[str],
+    server: Server, runs: dict[str, list[dict[str, object]]], ran: Sequence[Server]
 ) -> float | None:
     """The open-loop rate of ``server``'s run (None: 70% of its own saturation). With
-    ``--same-rate`` a comparison runs at the latest rate of the server it is compared with; in
-    an odd round (:func:`in_turn`) that server runs after its comparisons, so it takes its own
-    previous rate, the one they just ran at."""
+    ``--same-rate`` a comparison runs at the latest rate of the server it is compared with.
+    ``ran``: the servers run before it in this round; when a comparison of it is among them
+    (an odd round of :func:`in_turn`), it takes its own previous rate, the one they ran at."""
     source = server.rate_of
-    if source is None and round_number % 2 and server.name in followed:
+    if source is None and any(s.rate_of == server.name for s in ran):
         source = server.name
     if source is None or not runs.get(source):
         return None
@@ -654,15 +651,15 @@ def main() -> None:
     print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
     runs: dict[str, list[dict[str, object]]] = {}
     for round_number in range(args.rounds):
-        listed = servers(args, free_port())
-        followed = {s.rate_of for s in listed if s.rate_of is not None}
-        for server in in_turn(listed, round_number):
+        ran: list[Server] = []
+        for server in in_turn(servers(args, free_port()), round_number):
             if args.only and server.name not in args.only:
                 continue
             # A fresh port per server: the previous one may linger in TIME_WAIT.
             server = next(s for s in servers(args, free_port()) if s.name == server.name)
             port = int(server.command[server.command.index("--port") + 1])
-            rate = open_loop_rate(server, runs, round_number, followed)
+            rate = open_loop_rate(server, runs, ran)
+            ran.append(server)
             result = {
                 **run_server(server, args, port, rate),
                 "round": round_number,

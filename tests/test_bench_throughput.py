@@ -189,22 +189,25 @@ def test_odd_rounds_run_each_comparison_before_what_it_is_compared_with() -> Non
     assert sorted(odd) == sorted(s.name for s in listed)
 
 
-def test_in_an_odd_round_a_pair_runs_at_the_rate_its_first_member_ran_at() -> None:
+def test_a_server_whose_comparisons_ran_first_takes_the_rate_they_ran_at() -> None:
     listed = servers(args(variants=[], baseline=Path("/tmp/old"), same_rate=True), 5)
     by_name = {s.name: s for s in listed}
-    followed = {s.rate_of for s in listed if s.rate_of is not None}
-    runs: dict[str, list[dict[str, object]]] = {}
     leader, old = by_name["recsys-mix"], by_name["recsys-mix-baseline"]
-    assert open_loop_rate(leader, runs, 0, followed) is None  # 70% of its own saturation
+    hit, echo = by_name["recsys-hit"], by_name[ECHO_AT_HIT]
+    runs: dict[str, list[dict[str, object]]] = {}
+    assert open_loop_rate(leader, runs, []) is None  # round 0: 70% of its own saturation
     runs["recsys-mix"] = [{"at_70pct": {"rate": 900.0}}]
-    assert open_loop_rate(old, runs, 0, followed) == 900.0
+    runs["recsys-hit"] = [{"at_70pct": {"rate": 3000.0}}]
+    assert open_loop_rate(old, runs, [leader]) == 900.0
     runs["recsys-mix-baseline"] = [{"at_70pct": {"rate": 900.0}}]
     # Round 1: the baseline runs first, at the leader's last rate, then the leader at the same.
-    assert open_loop_rate(old, runs, 1, followed) == 900.0
-    assert open_loop_rate(leader, runs, 1, followed) == 900.0
-    assert open_loop_rate(by_name["recsys-uncached"], runs, 1, followed) is None  # never ran
-    plain = servers(args(variants=[], baseline=Path("/tmp/old")), 5)
-    assert open_loop_rate(plain[2], runs, 1, set()) is None  # without --same-rate: its own
+    assert open_loop_rate(old, runs, []) == 900.0
+    assert open_loop_rate(leader, runs, [old]) == 900.0
+    # Nothing compared with it ran before it: its own saturation, as in round 0 (the hit's
+    # comparison, echo at its rate, runs after it in every round).
+    assert open_loop_rate(leader, runs, [hit, echo]) is None
+    assert open_loop_rate(hit, runs, [leader, old]) is None
+    assert open_loop_rate(echo, runs, [hit]) == 3000.0
 
 
 def test_same_rate_ratios_compare_open_loop_cpu_medians() -> None:

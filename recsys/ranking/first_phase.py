@@ -21,12 +21,18 @@ BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
 
+def _sizes(counts: npt.ArrayLike) -> IntArray:
+    """``counts`` as int64 sizes, checked: one size >= 0 per request."""
+    sizes = np.asarray(counts, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.min(initial=0) < 0:
+        raise ValueError(f"counts must be a 1-D array of sizes >= 0, got {sizes!r}")
+    return sizes
+
+
 def positions_in_segments(counts: npt.ArrayLike) -> IntArray:
     """For rows laid out request after request (``counts`` rows each), each row's position
     within its request: ``[0, 1, .., counts[0]-1, 0, 1, ..]``."""
-    sizes = np.asarray(counts, dtype=np.int64)
-    if sizes.ndim != 1 or (sizes < 0).any():
-        raise ValueError(f"counts must be a 1-D array of sizes >= 0, got {sizes!r}")
+    sizes = _sizes(counts)
     starts = np.cumsum(sizes) - sizes
     return np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
 
@@ -34,15 +40,13 @@ def positions_in_segments(counts: npt.ArrayLike) -> IntArray:
 def survivors(counts: npt.ArrayLike, cuts: npt.ArrayLike) -> BoolArray:
     """Rows the full model scores: the first ``cuts[n]`` rows of request ``n`` (rows arrive
     best-first by the first-phase score); a cut of 0 keeps all of that request's rows."""
-    sizes = np.asarray(counts, dtype=np.int64)
+    sizes = _sizes(counts)
     limit = np.asarray(cuts, dtype=np.int64)
     if limit.shape != sizes.shape:
         raise ValueError(f"cuts has shape {limit.shape}, expected {sizes.shape} like counts")
     if limit.min(initial=0) < 0:
         raise ValueError(f"cuts must be >= 0 (0: no cut), got {limit.min()}")
     if limit.max(initial=0) == 0:  # no request cuts (the served default): every row
-        if sizes.ndim != 1 or sizes.min(initial=0) < 0:
-            raise ValueError(f"counts must be a 1-D array of sizes >= 0, got {sizes!r}")
         return np.ones(int(sizes.sum()), dtype=np.bool_)
     per_row = np.repeat(np.where(limit > 0, limit, np.iinfo(np.int64).max), sizes)
     return positions_in_segments(sizes) < per_row

@@ -149,7 +149,8 @@ class Rank:
         scores = combine(counts, model_scores, scored)
         if any_late:  # a late request keeps its retrieval scores
             retrieval = np.concatenate([c.retrieval_scores for c in batch.candidates])
-            scores = np.where(np.repeat(late, counts), retrieval, scores).astype(np.float32)
+            kept = np.where(np.repeat(late, counts), retrieval, scores)
+            scores = kept.astype(np.float32, copy=False)
         self.cost.observe(features.shape[0], time.perf_counter() - start)
         batch = replace(
             batch,

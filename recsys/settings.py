@@ -51,6 +51,11 @@ class ServeSettings:
     control: str = ""
     """Control-plane URL: empty for the file backend in the artifact root, or redis://HOST:PORT/DB."""
     workers: int = 1
+    worker_port_stride: int = 0
+    """With ``workers`` > 1: 0, every worker listens on ``port`` (SO_REUSEPORT: the kernel gives
+    each connection to one of them); N > 0, worker n listens on ``port + n * N`` alone (any free
+    port each when ``port`` is 0), for a front that balances calls over the workers itself
+    (``recsys front``: one HTTP/2 connection to a shared port would reach one worker only)."""
     batch_max_size: int = 32
     batch_max_delay_ms: float = 0.0
     """0: natural batching (a batch is whatever queued while the executor was busy). Measured

@@ -157,6 +157,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     flag("search_threads", "FAISS threads per search in a batch thread (default %(default)s)")
     flag("workers", "server processes sharing the port (SO_REUSEPORT) and one metrics endpoint")
     flag(
+        "worker_port_stride",
+        "with --workers N: 0, all share --port; K > 0, worker n listens on --port + n*K alone "
+        "(for `recsys front`)",
+    )
+    flag(
         "cache_entries",
         "result cache size in recommendations per worker (0: off; default %(default)s)",
     )
@@ -320,6 +325,16 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         raise CliError(f"--log-format {args.log_format!r}; expected one of {expected}")
     if args.workers < 1:
         raise CliError(f"--workers is {args.workers}; expected >= 1")
+    if args.worker_port_stride < 0:
+        raise CliError(
+            f"--worker-port-stride is {args.worker_port_stride}; expected >= 0 (0: a shared port)"
+        )
+    last_port = args.port + (args.workers - 1) * args.worker_port_stride
+    if args.port and args.workers > 1 and last_port > 65535:
+        raise CliError(
+            f"--worker-port-stride {args.worker_port_stride}: worker {args.workers - 1} would "
+            f"listen on {last_port}; expected ports <= 65535"
+        )
     if args.workers > 1 and args.metrics_port == 0:
         raise CliError("--metrics-port 0 with --workers > 1: give the merged endpoint a port")
     if args.cache_entries < 0:
@@ -387,6 +402,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         feature_store=args.feature_store,
         feature_store_timeout_ms=args.feature_store_timeout_ms,
         workers=args.workers,
+        worker_port_stride=args.worker_port_stride,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,
         executor_threads=args.executor_threads,

@@ -159,7 +159,15 @@ def run_workers(settings: ServeSettings) -> int:
         return int(reserved[-1].getsockname()[1])
 
     try:
-        port = reserve("port", settings.port)
+        if settings.worker_port_stride:  # a port each
+            ports = [
+                reserve(
+                    "port", settings.port + n * settings.worker_port_stride if settings.port else 0
+                )
+                for n in range(settings.workers)
+            ]
+        else:
+            ports = [reserve("port", settings.port)] * settings.workers
         http_port = reserve("http_port", settings.http_port)
         health_port = reserve("health_port", settings.health_port)
         metric_ports = [free_port(WORKER_METRICS_HOST) for _ in range(settings.workers)]
@@ -189,7 +197,7 @@ def run_workers(settings: ServeSettings) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for n, metrics_port in enumerate(metric_ports):
+        for n, (port, metrics_port) in enumerate(zip(ports, metric_ports, strict=True)):
             worker_settings = replace(
                 settings,
                 port=port,
@@ -206,10 +214,10 @@ def run_workers(settings: ServeSettings) -> int:
             process.start()
             workers.append(process)
         log.info(
-            "recsys: %d workers on %s:%d (metrics on :%d)",
+            "recsys: %d workers on %s port %s (metrics on :%d)",
             len(workers),
             settings.host,
-            port,
+            ", ".join(map(str, sorted(set(ports)))),
             int(http.server_port),
         )
         exit_code = 0

@@ -21,6 +21,7 @@ from recsys.cli import (
     controller,
     experiments,
     exposures,
+    front,
     loop,
     models,
     monitor,
@@ -37,7 +38,7 @@ from recsys.settings import SettingError
 
 COMMANDS = (
     build, serve, experiments, models, availability, replay, exposures, control, simulate, monitor,
-    loop, controller,
+    loop, controller, front,
 )  # fmt: skip
 
 USER_ERRORS: tuple[type[Exception], ...] = (

@@ -1,0 +1,240 @@
+"""The admission front: HAProxy in front of the gRPC port, refusing by time in native code.
+
+A Python gRPC server cannot bound the time an admitted call waits: gRPC core queues calls the
+event loop has not picked up yet, its bound on them counts calls, not time, and the loop only
+sees a call once it has taken it from core (benchmarks/README.md, "Overload"). The front moves
+that queue in front of the server, into HAProxy (a field-standard proxy, native code, HTTP/2 on
+both sides):
+
+- each backend (a worker's port) is given at most ``max_in_flight`` calls at once, so the
+  server's own queues stay short and its latency near the unloaded one;
+- the rest wait in HAProxy's queue, in arrival order, for at most ``max_queue_ms``; a call that
+  has not reached a backend by then is answered RESOURCE_EXHAUSTED at once (HTTP 503 carrying
+  ``grpc-status: 8``, which gRPC clients report as RESOURCE_EXHAUSTED), without the server
+  spending anything on it.
+
+So an admitted call waits at most ``max_queue_ms`` before the server, a refused one is answered
+in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
+is queued, not refused, however many calls it holds: the bound judges time, not count.
+
+``recsys front`` runs it (cli/serve.py); ``haproxy_config`` renders the configuration, so the
+one the pods mount is the one the tests and benchmarks run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+HAPROXY = "haproxy"
+HARD_STOP_SECONDS = 20
+"""After a soft stop, HAProxy closes whatever connections are still open this long after."""
+SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
+"""The grpc-message of a refusal by the front (queue wait over the bound, or no backend up)."""
+
+_HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
+
+
+class FrontError(ValueError):
+    """A front setting that cannot be used (names the setting and what was expected)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    listen_host: str
+    listen_port: int
+    backends: tuple[Backend, ...]
+    max_in_flight: int
+    """Calls given to each backend at once."""
+    max_queue_ms: int
+    """How long a call may wait in the front for a backend before it is refused."""
+    max_queued: int = 0
+    """Calls that may wait in the front at once; a call that finds this many waiting is
+    refused at once (0: no bound but the time)."""
+
+    def __post_init__(self) -> None:
+        for setting, host in (
+            ("listen host", self.listen_host),
+            *(("backend host", b.host) for b in self.backends),
+        ):
+            if not _HOST.match(host):
+                raise FrontError(f"front {setting} {host!r}: expected a host name or IP address")
+        for setting, port in (
+            ("listen port", self.listen_port),
+            *(("backend port", b.port) for b in self.backends),
+        ):
+            if not 1 <= port <= 65535:
+                raise FrontError(f"front {setting} {port}: expected 1-65535")
+        if not self.backends:
+            raise FrontError("front backends: expected at least one HOST:PORT")
+        if self.max_in_flight < 1:
+            raise FrontError(f"front max_in_flight {self.max_in_flight}: expected >= 1")
+        if self.max_queue_ms < 1:
+            raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
+        if self.max_queued < 0:
+            raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
+
+
+def parse_backend(text: str, setting: str = "backend") -> Backend:
+    """``HOST:PORT`` (an IPv6 host in brackets); ``setting`` names it in the error."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise FrontError(f"front {setting} {text!r}: expected HOST:PORT")
+    return Backend(host.strip("[]"), int(port))
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def haproxy_config(settings: FrontSettings) -> str:
+    """The HAProxy configuration of ``settings``."""
+    servers = "\n".join(
+        f"    server w{i} {_address(b.host, b.port)} proto h2 maxconn {settings.max_in_flight}"
+        for i, b in enumerate(settings.backends)
+    )
+    refusal = f'hdr grpc-status 8 hdr grpc-message "{SHED_MESSAGE}"'
+    queued = ""
+    if settings.max_queued:  # refused at once when that many already wait
+        full = f"{{ queue(recsys) ge {settings.max_queued} }}"
+        queued = f"    http-request return status 503 {refusal} if {full}\n"
+    return f"""\
+global
+    nbthread 1
+    hard-stop-after {HARD_STOP_SECONDS}s
+    log stderr format raw local0 warning
+
+defaults
+    mode http
+    log global
+    timeout connect 1s
+    # gRPC connections are long-lived and may idle between calls.
+    timeout client 1h
+    timeout server 60s
+    # The bound: a call waits at most this long for a backend slot, then is refused.
+    timeout queue {settings.max_queue_ms}ms
+    http-reuse always
+
+frontend grpc
+    bind {_address(settings.listen_host, settings.listen_port)} proto h2
+{queued}    default_backend recsys
+
+backend recsys
+    balance leastconn
+    http-error status 503 {refusal}
+{servers}
+"""
+
+
+def haproxy_path() -> str:
+    path = shutil.which(HAPROXY)
+    if path is None:
+        raise FrontError(
+            "front: the haproxy program was not found on PATH "
+            "(Debian/Ubuntu: apt-get install haproxy; the container image has it)"
+        )
+    return path
+
+
+def write_config(settings: FrontSettings, config_dir: Path) -> Path:
+    """Write the configuration of ``settings`` under ``config_dir`` and check it with
+    ``haproxy -c``; raises :class:`FrontError` (one line) if HAProxy refuses it."""
+    config = config_dir / "haproxy.cfg"
+    config.write_text(haproxy_config(settings))
+    check = subprocess.run(
+        [haproxy_path(), "-c", "-q", "-f", str(config)], capture_output=True, text=True
+    )
+    if check.returncode != 0:
+        first = (check.stderr.strip().splitlines() or ["(no output)"])[0]
+        raise FrontError(f"front: haproxy refused the configuration: {first}")
+    return config
+
+
+def start_front(
+    settings: FrontSettings,
+    config_dir: Path,
+    *,
+    prefix: Sequence[str] = (),
+    stdout: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Write and check the configuration (:func:`write_config`) and start HAProxy on it in the
+    foreground, after ``prefix`` (e.g. ``taskset -c 0``): the caller owns the process
+    (SIGUSR1: stop listening and finish the calls in flight; SIGTERM: stop now)."""
+    config = write_config(settings, config_dir)
+    return subprocess.Popen(
+        [*prefix, *command(haproxy_path(), config)], stdout=stdout, stderr=stdout
+    )
+
+
+def command(binary: str, config: Path) -> list[str]:
+    """HAProxy in the foreground (``-db``) on ``config``."""
+    return [binary, "-db", "-f", str(config)]
+
+
+def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float) -> int:
+    """Run HAProxy until SIGTERM or SIGINT; returns the exit code.
+
+    On the signal the front keeps forwarding for ``grace_seconds`` (the servers behind it turn
+    NOT_SERVING and keep serving as long, so load balancers move away first), then soft-stops
+    HAProxy (SIGUSR1: no new connections, the calls in flight finish) and waits for it.
+    HAProxy exiting on its own is an error (exit code 1), so the supervisor restarts the pod.
+    """
+    process = start_front(settings, config_dir)
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.info(
+            "recsys front on %s:%d: %d backends, at most %d calls in each, %d ms in the queue",
+            settings.listen_host,
+            settings.listen_port,
+            len(settings.backends),
+            settings.max_in_flight,
+            settings.max_queue_ms,
+        )
+        while not stopping.wait(0.2):
+            if process.poll() is not None:
+                log.error("recsys front: haproxy exited with %s", process.returncode)
+                return 1
+        log.info("recsys front stopping: forwarding for %.1f s more, then draining", grace_seconds)
+        if _exited(process, grace_seconds):
+            log.error("recsys front: haproxy exited with %s", process.returncode)
+            return 1
+        process.send_signal(signal.SIGUSR1)  # soft stop
+        process.wait(timeout=HARD_STOP_SECONDS + 10)
+        log.info("recsys front stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _exited(process: subprocess.Popen[bytes], seconds: float) -> bool:
+    """Whether ``process`` exits within ``seconds``."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

@@ -1,0 +1,322 @@
+"""The admission front (recsys/serving/front.py): a real HAProxy in front of a real gRPC server.
+
+CI installs haproxy (.ci/run); elsewhere the tests that run it are skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.cli.main import main
+from recsys.serving.front import (
+    SHED_MESSAGE,
+    Backend,
+    FrontError,
+    FrontSettings,
+    haproxy_config,
+    parse_backend,
+    start_front,
+)
+from recsys.serving.server import RunningServer
+from recsys.serving.workers import free_port
+from recsys.settings import ServeSettings
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.serving.test_admission import GatedPipeline, gated_server
+
+needs_haproxy = pytest.mark.skipif(
+    shutil.which("haproxy") is None,
+    reason="haproxy not installed (apt-get install haproxy; CI has it)",
+)
+
+
+def settings(**changes: object) -> FrontSettings:
+    base: dict[str, object] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": 50051,
+        "backends": (Backend("127.0.0.1", 50052),),
+        "max_in_flight": 4,
+        "max_queue_ms": 5,
+    }
+    return FrontSettings(**{**base, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"listen_host": "a b"}, "listen host 'a b': expected a host name or IP address"),
+        ({"backends": (Backend("x;y", 1),)}, "backend host 'x;y'"),
+        ({"listen_port": 0}, "listen port 0: expected 1-65535"),
+        ({"backends": (Backend("127.0.0.1", 70000),)}, "backend port 70000: expected 1-65535"),
+        ({"backends": ()}, "backends: expected at least one HOST:PORT"),
+        ({"max_in_flight": 0}, "max_in_flight 0: expected >= 1"),
+        ({"max_queue_ms": 0}, "max_queue_ms 0: expected >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_setting(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(FrontError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        settings(**changes)
+
+
+@pytest.mark.parametrize(
+    ("text", "backend"),
+    [("127.0.0.1:50052", Backend("127.0.0.1", 50052)), ("[::1]:7", Backend("::1", 7))],
+)
+def test_backends_parse_host_and_port(text: str, backend: Backend) -> None:
+    assert parse_backend(text) == backend
+
+
+@pytest.mark.parametrize("text", ["50052", "host:", ":1", "host:port"])
+def test_a_backend_without_host_and_port_is_refused(text: str) -> None:
+    with pytest.raises(FrontError, match="expected HOST:PORT"):
+        parse_backend(text)
+
+
+def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
+    text = haproxy_config(
+        settings(backends=(Backend("127.0.0.1", 7001), Backend("::1", 7002)), max_queue_ms=12)
+    )
+    assert "    server w0 127.0.0.1:7001 proto h2 maxconn 4\n" in text
+    assert "    server w1 [::1]:7002 proto h2 maxconn 4\n" in text
+    assert "    timeout queue 12ms\n" in text
+    assert "    bind 127.0.0.1:50051 proto h2\n" in text
+    assert "hdr grpc-status 8" in text
+
+
+@contextmanager
+def front(tmp_path: Path, backend_port: int, in_flight: int, queue_ms: int) -> Iterator[str]:
+    config = settings(
+        listen_port=free_port("127.0.0.1"),
+        backends=(Backend("127.0.0.1", backend_port),),
+        max_in_flight=in_flight,
+        max_queue_ms=queue_ms,
+    )
+    process = start_front(config, tmp_path)
+    try:
+        yield f"127.0.0.1:{config.listen_port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def serving(target: str, seconds: float = 10.0) -> None:
+    """Wait until the health service answers SERVING through ``target``."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(int(seconds / 0.05)):
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{target} never answered SERVING")
+
+
+@asynccontextmanager
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, GatedPipeline]]:
+    server_settings = ServeSettings(artifacts=tmp_path, port=0, metrics_port=0)
+    async with gated_server(server_settings) as running:
+        yield running
+
+
+@needs_haproxy
+async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_server(
+    tmp_path: Path,
+) -> None:
+    async with gated(tmp_path) as (server, pipeline):
+        with front(tmp_path, server.port, in_flight=1, queue_ms=300) as target:
+            await serving(target)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+                request = recommender_pb2.RecommendRequest(user_id="u")
+                held = asyncio.ensure_future(stub.Recommend(request))
+                for _ in range(1000):  # until the held call takes the one slot
+                    if pipeline.deadlines:
+                        break
+                    await asyncio.sleep(0.01)
+                start = time.perf_counter()
+                with pytest.raises(grpc.aio.AioRpcError) as shed:
+                    await stub.Recommend(request, timeout=10)
+                waited = time.perf_counter() - start
+                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert shed.value.details() == SHED_MESSAGE
+                assert 0.3 <= waited < 5.0  # refused by time, after the bound
+                assert len(pipeline.deadlines) == 1  # the server never saw the refused call
+                pipeline.release.set()
+                reply = await held  # the held call is answered, not refused
+                assert len(reply.items) == 0
+
+
+@needs_haproxy
+async def test_a_burst_the_server_clears_within_the_bound_is_queued_not_refused(
+    tmp_path: Path,
+) -> None:
+    # One call at a time reaches the server, but 40 sent at once all wait less than the bound:
+    # the front judges time, not how many calls are waiting.
+    async with gated(tmp_path) as (server, pipeline):
+        pipeline.release.set()
+        with front(tmp_path, server.port, in_flight=1, queue_ms=10_000) as target:
+            await serving(target)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+                calls = [
+                    stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}"))
+                    for n in range(40)
+                ]
+                replies = await asyncio.gather(*calls)
+    assert len(replies) == 40
+    assert len(pipeline.deadlines) == 40
+
+
+@needs_haproxy
+def test_a_configuration_haproxy_refuses_is_reported_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(FrontError, match="haproxy refused the configuration"):
+        # A port already bound by another process is only found at start; a listen address
+        # haproxy cannot parse is found by its check.
+        start_front(settings(listen_host="256.0.0.1"), tmp_path)
+
+
+def two_free_ports() -> int:
+    """A port P with P + 1 free too (for ``--worker-port-stride 1``)."""
+    for _ in range(100):
+        port = free_port("127.0.0.1")
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+@needs_haproxy
+def test_workers_on_a_port_each_serve_behind_one_front(artifacts_dir: Path, tmp_path: Path) -> None:
+    # The pods' layout (deploy/recsys.yaml): `serve --workers 2 --worker-port-stride 1` behind
+    # `recsys front` with a backend per worker, each worker bounded on its own.
+    port, metrics_port, listen = two_free_ports(), free_port("127.0.0.1"), free_port("127.0.0.1")
+    serve = [
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts_dir),
+        "--port", str(port), "--metrics-port", str(metrics_port), "--workers", "2",
+        "--worker-port-stride", "1", "--exposure-dir", str(tmp_path / "exposures"),
+    ]  # fmt: skip
+    front_command = [
+        sys.executable, "-m", "recsys.cli.main", "front", "--listen", f"127.0.0.1:{listen}",
+        "--backend", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{port + 1}",
+        "--max-in-flight", "2", "--max-queue-ms", "5000",
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=out)
+    front_process = subprocess.Popen(front_command, stdout=subprocess.DEVNULL)
+    try:
+        for worker_port in (port, port + 1):  # each worker alone on its port
+            asyncio.run(serving(f"127.0.0.1:{worker_port}", seconds=120))
+        target = f"127.0.0.1:{listen}"
+        asyncio.run(serving(target))
+        with grpc.insecure_channel(target) as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            for n in range(10):
+                request = recommender_pb2.RecommendRequest(user_id=f"user-{n:07d}")
+                assert len(stub.Recommend(request, timeout=30).items) == 20
+        front_process.terminate()
+        front_process.wait(timeout=30)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log.read_text()
+        assert f"port {port}, {port + 1}" in log.read_text()
+    finally:
+        for process in (front_process, server):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_the_command_prints_the_configuration_from_flags_or_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_FRONT_BACKENDS", "127.0.0.1:50061, 127.0.0.1:50062")
+    monkeypatch.setenv("RECSYS_FRONT_MAX_QUEUE_MS", "3")
+    assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text == haproxy_config(
+        settings(
+            backends=(Backend("127.0.0.1", 50061), Backend("127.0.0.1", 50062)),
+            max_in_flight=5,
+            max_queue_ms=3,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "front --backend: expected at least one HOST:PORT"),
+        (["--backend", "h:1", "--max-in-flight", "x"], "--max-in-flight 'x': expected a whole"),
+        (["--backend", "h:1", "--max-queue-ms", "0"], "max_queue_ms 0: expected >= 1"),
+        (["--backend", "h:1", "--listen", "80"], "--listen '80': expected HOST:PORT"),
+    ],
+)
+def test_bad_front_flags_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["front", "--print-config", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@needs_haproxy
+async def test_on_sigterm_the_front_forwards_through_the_grace_then_drains(
+    tmp_path: Path,
+) -> None:
+    async with gated(tmp_path) as (server, pipeline):
+        listen = free_port("127.0.0.1")
+        command = [
+            sys.executable, "-m", "recsys.cli.main", "front", "--listen", f"127.0.0.1:{listen}",
+            "--backend", f"127.0.0.1:{server.port}", "--shutdown-grace-seconds", "1.5",
+        ]  # fmt: skip
+        log = (tmp_path / "front.log").open("wb")
+        front_process = await asyncio.create_subprocess_exec(*command, stderr=log)
+        try:
+            target = f"127.0.0.1:{listen}"
+            await serving(target)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+                request = recommender_pb2.RecommendRequest(user_id="u")
+                front_process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                pipeline.release.set()
+                await stub.Recommend(request)  # within the grace: still forwarded
+                pipeline.release.clear()
+                held = asyncio.ensure_future(stub.Recommend(request))
+                await asyncio.sleep(2.0)  # past the grace: HAProxy drains
+                async with grpc.aio.insecure_channel(target) as fresh:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await recommender_pb2_grpc.RecommenderStub(fresh).Recommend(
+                            request, timeout=5
+                        )
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # not listening
+                assert front_process.returncode is None  # the call in flight holds the drain
+                pipeline.release.set()
+                await held  # finished, not cut off
+            code = await asyncio.wait_for(front_process.wait(), 30)
+            assert code == 0, (tmp_path / "front.log").read_text()
+        finally:
+            if front_process.returncode is None:
+                front_process.kill()
+                await front_process.wait()
+            log.close()

@@ -37,6 +37,11 @@ def free_port() -> int:
         return port
 
 
+def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
+    """``cmd`` run on the CPUs listed (``taskset -c`` syntax, e.g. ``0`` or ``0,1``); None: any."""
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, from /proc/<pid>/stat (fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -46,17 +46,18 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
-from benchmarks.bench_latency import free_port, make_requests, wait_serving_for
+from benchmarks.bench_latency import free_port, make_requests, pinned, wait_serving_for
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
 from benchmarks.load_generator import CHANNELS, SHED, call, ms
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
+from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0 --max-pending-rpcs 0", "new=")
@@ -144,10 +145,6 @@ def servicer_mean_ms(before: dict[str, float], after: dict[str, float]) -> float
     count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
     total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
     return round(total / count * 1000, 2) if count else None
-
-
-def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
 def generate(args: argparse.Namespace, root: Path, target: str, **load: float) -> dict[str, object]:
@@ -254,7 +251,12 @@ def measure(
 
 
 def serve_config(
-    args: argparse.Namespace, root: Path, tmp: Path, serve_args: list[str], rate: float | None
+    args: argparse.Namespace,
+    root: Path,
+    tmp: Path,
+    serve_args: list[str],
+    rate: float | None,
+    front: FrontSettings | None = None,
 ) -> dict[str, object]:
     port, metrics_port = free_port(), free_port()
     cmd = [
@@ -266,12 +268,22 @@ def serve_config(
     server = subprocess.Popen(
         pinned(args.server_cpus, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    front_process = None
     try:
         asyncio.run(wait_serving_for(f"127.0.0.1:{port}", 300))
-        return measure(args, root, f"127.0.0.1:{port}", metrics_port, rate)
+        target = f"127.0.0.1:{port}"
+        if front is not None:  # the load goes through the front, on the server's CPUs
+            backends = (Backend("127.0.0.1", port),)
+            settings = replace(front, listen_port=free_port(), backends=backends)
+            front_process = start_front(settings, tmp, prefix=pinned(args.server_cpus, []))
+            target = f"127.0.0.1:{settings.listen_port}"
+            asyncio.run(wait_serving_for(target, 30))
+        return measure(args, root, target, metrics_port, rate)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for process in (front_process, server):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=60)
 
 
 def echo_floor(args: argparse.Namespace, root: Path, rate: float) -> dict[str, object]:
@@ -320,6 +332,27 @@ def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
     return lines
 
 
+def front_of(text: str) -> tuple[str, FrontSettings]:
+    """``NAME=IN_FLIGHT/QUEUE_MS[/QUEUED]`` of ``--front`` (ports are filled in per run)."""
+    name, _, bounds = text.partition("=")
+    in_flight, _, rest = bounds.partition("/")
+    queue_ms, _, queued = rest.partition("/")
+    try:
+        settings = FrontSettings(
+            "127.0.0.1",
+            1,
+            (Backend("127.0.0.1", 1),),
+            int(in_flight),
+            int(queue_ms),
+            int(queued or 0),
+        )
+    except (ValueError, FrontError) as e:
+        raise argparse.ArgumentTypeError(
+            f"--front {text!r}: expected NAME=IN_FLIGHT/QUEUE_MS[/QUEUED], e.g. f4=4/5 ({e})"
+        ) from e
+    return name, settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -340,6 +373,16 @@ def main() -> None:
         + ")",
     )
     parser.add_argument(
+        "--front",
+        action="append",
+        type=front_of,
+        default=[],
+        metavar="NAME=IN_FLIGHT/QUEUE_MS[/QUEUED]",
+        help="drive configuration NAME through the admission front (recsys/serving/front.py): "
+        "HAProxy giving the server at most IN_FLIGHT calls at once, refusing calls that "
+        "waited QUEUE_MS for one, and (QUEUED > 0) calls beyond QUEUED waiting (repeat for more)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1, help="run the configurations in turn this many times"
     )
     parser.add_argument("--serve-arg", action="append", default=[], help="passed to every serve")
@@ -349,6 +392,9 @@ def main() -> None:
     args = parser.parse_args()
     args.prefix = f"bench-overload-{uuid.uuid4().hex[:8]}:"
     configs = [c.split("=", 1) for c in args.config or DEFAULT_CONFIGS]
+    fronts = dict(args.front)
+    if unknown := set(fronts) - {name for name, _ in configs}:
+        parser.error(f"--front {sorted(unknown)}: expected the NAME of a --config")
 
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
@@ -359,7 +405,7 @@ def main() -> None:
                 for name, serve_args in configs:
                     key = name if args.rounds == 1 else f"{name} (round {round_})"
                     results[key] = serve_config(
-                        args, root, Path(tmp), shlex.split(serve_args), rate
+                        args, root, Path(tmp), shlex.split(serve_args), rate, fronts.get(name)
                     )
                     overload = results[key]["overload"]
                     assert isinstance(overload, dict)

@@ -71,7 +71,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.bench_latency import cpu_seconds, free_port
+from benchmarks.bench_latency import cpu_seconds, free_port, pinned
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -385,7 +385,7 @@ def run_server(
     if server.code is not None:  # the baseline's own recsys package, not this checkout's
         env = {**os.environ, "PYTHONPATH": str(server.code)}
     process = subprocess.Popen(
-        server.command,
+        pinned(args.server_cpus, server.command),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=server.code,
@@ -647,8 +647,31 @@ def main() -> None:
         default=1.0,
         help="share of requests that carry a delivery location (default: all)",
     )
+    parser.add_argument(
+        "--server-cpus",
+        help="taskset CPU list for each server (e.g. 0); with --client-cpus the load this "
+        "process generates runs apart from the server, as clients on other machines would",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        help="CPU list for this process, the client (e.g. 1; comma-separated, no ranges)",
+    )
     args = parser.parse_args()
-    print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
+    if args.client_cpus and not args.server_cpus:
+        parser.error("--client-cpus needs --server-cpus (the servers would inherit its CPUs)")
+    if args.client_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
+    print(
+        json.dumps(
+            {
+                "load_before": os.getloadavg(),
+                "cpus": os.cpu_count(),
+                "server_cpus": args.server_cpus,
+                "client_cpus": args.client_cpus,
+            }
+        ),
+        flush=True,
+    )
     runs: dict[str, list[dict[str, object]]] = {}
     for round_number in range(args.rounds):
         ran: list[Server] = []

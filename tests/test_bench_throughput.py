@@ -4,6 +4,8 @@ other flags or code, each right after the one it is compared with."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import grpc
 import pytest
 
 from benchmarks import bench_throughput
+from benchmarks.bench_latency import pinned
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
@@ -276,3 +279,23 @@ async def test_the_load_comes_over_one_connection_per_channel() -> None:
         await server.stop(None)
     assert codes.get("OK", 0) == len(latencies) > 0
     assert len(recorder.peers) == CHANNELS
+
+
+def test_a_pinned_server_runs_on_the_cpus_listed() -> None:
+    """``--server-cpus`` starts each server under ``taskset``: the process sees only those
+    CPUs (a real process, not the command line)."""
+    show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    out = subprocess.run(pinned("0", show), check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[0]"
+    assert pinned(None, show) == show
+
+
+def test_client_cpus_without_server_cpus_is_refused() -> None:
+    """Pinning the client alone would pin the servers it starts with it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_throughput", "--client-cpus", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "--client-cpus needs --server-cpus" in out.stderr

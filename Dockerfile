@@ -33,11 +33,12 @@ COPY recsys/ recsys/
 RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM ${BASE} AS runtime
-# libgomp1: the OpenMP runtime LightGBM and FAISS link against. Debian's security updates move
-# its version, so it is left unpinned on purpose.
+# libgomp1: the OpenMP runtime LightGBM and FAISS link against; haproxy: the admission front
+# (`recsys front`, the pods' gRPC port). Debian's security updates move their versions, so they
+# are left unpinned on purpose.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get install -y --no-install-recommends libgomp1 haproxy \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 recsys \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin recsys \

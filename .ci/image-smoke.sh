@@ -151,6 +151,10 @@ assert 'recsys_requests_total{code="OK"} 2.0' in page, "the two calls are not in
 print(f"image-smoke: gRPC Recommend {n} items, REST {m} items, both counted")
 EOP
 
+step "the admission front: its configuration, checked by the image's own haproxy"
+podman run --rm --no-healthcheck "${HARDENED[@]}" "$IMAGE" sh -c \
+  'recsys front --backend 127.0.0.1:50061 --backend 127.0.0.1:50062 --print-config >/tmp/front.cfg && haproxy -c -f /tmp/front.cfg'
+
 step "stop (drain on SIGTERM)"
 podman stop -t 30 "$NAME" 2>&1 >/dev/null | grep -v "systemd connection" || true
 code=$(podman inspect "$NAME" --format '{{.State.ExitCode}}')

@@ -1,17 +1,19 @@
 """The fleet's shape on this machine, from the manifests' own settings.
 
 Redis with the ACL users of deploy/redis-acl.conf on a free port, two serving "pods" (each the
-container command and environment of deploy/recsys.yaml: ``recsys serve --workers 2``, the
-control plane and exposure stream in Redis as ACL user recsys-server, compiled models in the
-pod's own cache, JSON logs), the exposure and outcome archivers of deploy/archiver.yaml (as
-recsys-ops) and two replicas of the retraining controller of deploy/controller.yaml (as
-recsys-controller; one holds the lease), all as processes. Service names become 127.0.0.1 and
-the Redis port, pod paths become directories under the test's own, the shared volumes (the
-artifact root, the archive) are one directory each. A model version trained into the registry
-and promoted through the control plane (the ops commands, as recsys-ops) reaches both pods,
-over gRPC and HTTP/JSON, and their exposure records reach the archive; then a canary started by
-the ops command is judged by the controller on simulated traffic (outcome events appended to
-the outcome stream as recsys-outcomes, archived) and promoted, and reaches both pods.
+two containers' commands and environments of deploy/recsys.yaml: ``recsys serve --workers 2``
+with a port per worker, the control plane and exposure stream in Redis as ACL user
+recsys-server, compiled models in the pod's own cache, JSON logs; and ``recsys front`` on the
+pod's gRPC port in front of the two workers), the exposure and outcome archivers of
+deploy/archiver.yaml (as recsys-ops) and two replicas of the retraining controller of
+deploy/controller.yaml (as recsys-controller; one holds the lease), all as processes. Service
+names become 127.0.0.1 and the Redis port, pod paths become directories under the test's own,
+the shared volumes (the artifact root, the archive) are one directory each. A model version
+trained into the registry and promoted through the control plane (the ops commands, as
+recsys-ops) reaches both pods, over gRPC and HTTP/JSON, and their exposure records reach the
+archive; then a canary started by the ops command is judged by the controller on simulated
+traffic (outcome events appended to the outcome stream as recsys-outcomes, archived) and
+promoted, and reaches both pods.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.control.redis_helpers import free_port
 from tests.serving.metrics_page import fetch_metrics, post_json
+from tests.serving.test_front import two_free_ports
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICES = ("recsys-redis:6379", "recsys-exposures:6379")
@@ -235,6 +238,8 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
 ) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it)")
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (the pods' front; .ci/run installs it)")
     logs = tmp_path / "logs"
     logs.mkdir()
     passwords = {name: secrets.token_hex(16) for name in USERS}
@@ -266,20 +271,29 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
-    serving = container("Deployment", "recsys")
+    serving = container("Deployment", "recsys", "recsys")
+    front = container("Deployment", "recsys", "front")
     pods = []
     for n in range(2):
         pod = Pod(tmp_path / f"pod-{n}", artifacts, redis_port)
         pod.mount_password(serving, passwords)
         ports = {name: free_port() for name in ("grpc", "http", "health", "metrics")}
+        workers = two_free_ports()  # the manifest's stride: worker n on RECSYS_PORT + n
         argv, env = pod.command(
             serving,
-            RECSYS_PORT=str(ports["grpc"]),
+            RECSYS_PORT=str(workers),
             RECSYS_HTTP_PORT=str(ports["http"]),
             RECSYS_HEALTH_PORT=str(ports["health"]),
             RECSYS_METRICS_PORT=str(ports["metrics"]),
         )
         start(processes, f"pod-{n}", argv, env, logs)
+        # The pod's gRPC port is the front's, with the workers behind it.
+        argv, env = pod.command(
+            front,
+            RECSYS_FRONT_LISTEN=f"127.0.0.1:{ports['grpc']}",
+            RECSYS_FRONT_BACKENDS=f"127.0.0.1:{workers},127.0.0.1:{workers + 1}",
+        )
+        start(processes, f"front-{n}", argv, env, logs)
         pods.append((pod, ports))
     # Both archivers of the archiver pod: the exposure stream and the outcome stream.
     archiver_pod = Pod(tmp_path / "archiver", artifacts, redis_port)

@@ -61,6 +61,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -72,6 +73,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import cpu_seconds, free_port, pinned
+from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -99,6 +101,9 @@ class Server:
     rate_of: str | None = None
     """With ``--same-rate``: run the open-loop phase at this server's open-loop rate (the one it
     is compared with), not at 70% of its own saturation."""
+    front: FrontSettings | None = None
+    """Drive the server through the admission front (``--front``): its workers on a port each,
+    HAProxy in front of them on the server's CPUs."""
 
 
 def children_cpu(pid: int) -> float:
@@ -391,8 +396,22 @@ def run_server(
         cwd=server.code,
         env=env,
     )
+    front_process = None
     try:
-        asyncio.run(wait_answering(target, 600))
+        if server.front is None:
+            asyncio.run(wait_answering(target, 600))
+        else:  # every worker answering on its own port, then the front before them
+            command = server.command
+            workers = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
+            backends = tuple(Backend("127.0.0.1", port + n) for n in range(workers))
+            for backend in backends:
+                asyncio.run(wait_answering(f"127.0.0.1:{backend.port}", 600))
+            settings = replace(server.front, listen_port=free_port(), backends=backends)
+            front_process = start_front(
+                settings, Path(tempfile.mkdtemp()), prefix=pinned(args.server_cpus, [])
+            )
+            target = f"127.0.0.1:{settings.listen_port}"
+            asyncio.run(wait_answering(target, 60))
         requests = RequestStream(
             make_requests(
                 args.artifacts, args.requests, args.seed, server.requests, args.located_share
@@ -445,6 +464,8 @@ def run_server(
             }
         return result
     finally:
+        if front_process is not None:
+            stop(front_process)
         stop(process)
 
 
@@ -510,6 +531,21 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
                         rate_of=(r.rate_of or r.name) if same else None,
                     )
                     for name, flags in args.variant
+                ),
+            )
+        ]
+    if args.front is not None:  # each followed by the same server behind the front
+        recsys = [
+            s
+            for r in recsys
+            for s in (
+                r,
+                replace(
+                    r,
+                    name=f"{r.name}-front",
+                    command=[*r.command, "--worker-port-stride", "1"],
+                    rate_of=(r.rate_of or r.name) if same else None,
+                    front=args.front,
                 ),
             )
         ]
@@ -596,6 +632,19 @@ def open_loop_cpu(result: dict[str, object]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def front_bounds(text: str) -> FrontSettings:
+    """``IN_FLIGHT/QUEUE_MS`` of ``--front`` (ports are filled in per run)."""
+    in_flight, _, queue_ms = text.partition("/")
+    try:
+        return FrontSettings(
+            "127.0.0.1", 1, (Backend("127.0.0.1", 1),), int(in_flight), int(queue_ms)
+        )
+    except (ValueError, FrontError) as e:
+        raise argparse.ArgumentTypeError(
+            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS, e.g. 32/4 ({e})"
+        ) from e
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -646,6 +695,13 @@ def main() -> None:
         type=float,
         default=1.0,
         help="share of requests that carry a delivery location (default: all)",
+    )
+    parser.add_argument(
+        "--front",
+        type=front_bounds,
+        metavar="IN_FLIGHT/QUEUE_MS",
+        help="also run each recsys server (and variant) behind the admission front "
+        "(recsys/serving/front.py), right after it, as recsys-...-front",
     )
     parser.add_argument(
         "--server-cpus",

@@ -20,6 +20,7 @@ from benchmarks.bench_throughput import (
     RequestStream,
     cache_lookups,
     closed_loop,
+    front_bounds,
     hit_rate,
     in_turn,
     open_loop_rate,
@@ -36,7 +37,11 @@ from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
 def args(
-    *, variants: list[str], baseline: Path | None = None, same_rate: bool = False
+    *,
+    variants: list[str],
+    baseline: Path | None = None,
+    same_rate: bool = False,
+    front: str | None = None,
 ) -> argparse.Namespace:
     return argparse.Namespace(
         artifacts=Path("/tmp/art"),
@@ -44,6 +49,7 @@ def args(
         baseline=baseline,
         variant=[variant(v) for v in variants],
         same_rate=same_rate,
+        front=None if front is None else front_bounds(front),
     )
 
 
@@ -299,3 +305,29 @@ def test_client_cpus_without_server_cpus_is_refused() -> None:
     )
     assert out.returncode == 2
     assert "--client-cpus needs --server-cpus" in out.stderr
+
+
+def test_with_front_each_server_and_variant_is_followed_by_itself_behind_the_front() -> None:
+    listed = {
+        s.name: s
+        for s in servers(args(variants=["w2=--workers 2"], same_rate=True, front="32/4"), 50051)
+    }
+    names = [n for n in listed if n.startswith("recsys-uncached")]
+    assert names == [
+        "recsys-uncached",
+        "recsys-uncached-front",
+        "recsys-uncached-w2",
+        "recsys-uncached-w2-front",
+    ]
+    fronted = listed["recsys-uncached-w2-front"]
+    assert fronted.command[-4:] == ["--workers", "2", "--worker-port-stride", "1"]
+    assert fronted.front is not None
+    assert (fronted.front.max_in_flight, fronted.front.max_queue_ms) == (32, 4)
+    assert fronted.rate_of == "recsys-uncached"  # compared at the rate of the plain server
+    assert listed["recsys-uncached-w2"].front is None
+
+
+@pytest.mark.parametrize("text", ["32", "x/4", "0/4", "32/0"])
+def test_a_front_without_two_positive_bounds_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected IN_FLIGHT/QUEUE_MS"):
+        front_bounds(text)

@@ -25,7 +25,8 @@ start the list again: the mix's open loop then repeated calls the cache had seen
 Each server runs a closed-loop saturation phase (requests/s at ``--concurrency``), then an
 open-loop phase at 70% of that rate (latencies counted from each call's scheduled send time,
 so a stall is not hidden). Server CPU per request is user+system time of the server process
-(and its children, for ``--workers``) from /proc divided by the calls answered, over each phase:
+(and its children, for ``--workers``, and HAProxy, for ``--front``) from /proc divided by the
+calls answered, over each phase:
 on a shared machine this is the robust figure. It is reported per successful call (the
 process's whole CPU, including what the calls shed with RESOURCE_EXHAUSTED cost, over the calls
 answered OK) beside the shed share (RESOURCE_EXHAUSTED from the servicer and CANCELLED from gRPC
@@ -412,6 +413,12 @@ def run_server(
             )
             target = f"127.0.0.1:{settings.listen_port}"
             asyncio.run(wait_answering(target, 60))
+
+        def cpu_now() -> float:
+            """The server's CPU seconds, its workers' and the front's (HAProxy) included."""
+            front = 0.0 if front_process is None else cpu_seconds(front_process.pid)
+            return children_cpu(process.pid) + front
+
         requests = RequestStream(
             make_requests(
                 args.artifacts, args.requests, args.seed, server.requests, args.located_share
@@ -420,12 +427,12 @@ def run_server(
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
         asyncio.run(closed_loop(target, requests, args.concurrency, args.seconds / 3))
         stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-        cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
+        cpu0, wall0 = cpu_now(), time.perf_counter()
         latencies, codes = asyncio.run(
             closed_loop(target, requests, args.concurrency, args.seconds)
         )
         wall = time.perf_counter() - wall0
-        cpu = children_cpu(process.pid) - cpu0
+        cpu = cpu_now() - cpu0
         stages = stage_means(stages0, stage_totals(server.command), wall)
         done = len(latencies)
         saturated = done / wall
@@ -445,9 +452,9 @@ def run_server(
         if args.open_loop:
             rate = 0.7 * saturated if rate is None else rate
             stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-            cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
+            cpu0, wall0 = cpu_now(), time.perf_counter()
             lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
-            cpu70 = children_cpu(process.pid) - cpu0
+            cpu70 = cpu_now() - cpu0
             stages70 = stage_means(
                 stages0, stage_totals(server.command), time.perf_counter() - wall0
             )

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.bench_latency import wait_serving_for
 from recsys.cli.main import main
 from recsys.serving.front import (
     SHED_MESSAGE,
@@ -112,21 +112,6 @@ def front(tmp_path: Path, backend_port: int, in_flight: int, queue_ms: int) -> I
         process.wait(timeout=30)
 
 
-async def serving(target: str, seconds: float = 10.0) -> None:
-    """Wait until the health service answers SERVING through ``target``."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(int(seconds / 0.05)):
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{target} never answered SERVING")
-
-
 @asynccontextmanager
 async def gated(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, GatedPipeline]]:
     server_settings = ServeSettings(artifacts=tmp_path, port=0, metrics_port=0)
@@ -140,7 +125,7 @@ async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_
 ) -> None:
     async with gated(tmp_path) as (server, pipeline):
         with front(tmp_path, server.port, in_flight=1, queue_ms=300) as target:
-            await serving(target)
+            await wait_serving_for(target, 10)
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id="u")
@@ -171,7 +156,7 @@ async def test_a_burst_the_server_clears_within_the_bound_is_queued_not_refused(
     async with gated(tmp_path) as (server, pipeline):
         pipeline.release.set()
         with front(tmp_path, server.port, in_flight=1, queue_ms=10_000) as target:
-            await serving(target)
+            await wait_serving_for(target, 10)
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 calls = [
@@ -225,9 +210,9 @@ def test_workers_on_a_port_each_serve_behind_one_front(artifacts_dir: Path, tmp_
     front_process = subprocess.Popen(front_command, stdout=subprocess.DEVNULL)
     try:
         for worker_port in (port, port + 1):  # each worker alone on its port
-            asyncio.run(serving(f"127.0.0.1:{worker_port}", seconds=120))
+            asyncio.run(wait_serving_for(f"127.0.0.1:{worker_port}", 120))
         target = f"127.0.0.1:{listen}"
-        asyncio.run(serving(target))
+        asyncio.run(wait_serving_for(target, 10))
         with grpc.insecure_channel(target) as channel:
             stub = recommender_pb2_grpc.RecommenderStub(channel)
             for n in range(10):
@@ -293,7 +278,7 @@ async def test_on_sigterm_the_front_forwards_through_the_grace_then_drains(
         front_process = await asyncio.create_subprocess_exec(*command, stderr=log)
         try:
             target = f"127.0.0.1:{listen}"
-            await serving(target)
+            await wait_serving_for(target, 10)
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id="u")

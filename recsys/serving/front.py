@@ -17,8 +17,8 @@ So an admitted call waits at most ``max_queue_ms`` before the server, a refused 
 in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
 is queued, not refused, however many calls it holds: the bound judges time, not count.
 
-``recsys front`` runs it (cli/serve.py); ``haproxy_config`` renders the configuration, so the
-one the pods mount is the one the tests and benchmarks run.
+``recsys front`` runs it (cli/front.py); ``haproxy_config`` renders the configuration, so the
+one the pods run is the one the tests and benchmarks run.
 """
 
 from __future__ import annotations
@@ -167,24 +167,13 @@ def write_config(settings: FrontSettings, config_dir: Path) -> Path:
 
 
 def start_front(
-    settings: FrontSettings,
-    config_dir: Path,
-    *,
-    prefix: Sequence[str] = (),
-    stdout: int | None = None,
+    settings: FrontSettings, config_dir: Path, *, prefix: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
     """Write and check the configuration (:func:`write_config`) and start HAProxy on it in the
-    foreground, after ``prefix`` (e.g. ``taskset -c 0``): the caller owns the process
+    foreground (``-db``), after ``prefix`` (e.g. ``taskset -c 0``): the caller owns the process
     (SIGUSR1: stop listening and finish the calls in flight; SIGTERM: stop now)."""
     config = write_config(settings, config_dir)
-    return subprocess.Popen(
-        [*prefix, *command(haproxy_path(), config)], stdout=stdout, stderr=stdout
-    )
-
-
-def command(binary: str, config: Path) -> list[str]:
-    """HAProxy in the foreground (``-db``) on ``config``."""
-    return [binary, "-db", "-f", str(config)]
+    return subprocess.Popen([*prefix, haproxy_path(), "-db", "-f", str(config)])
 
 
 def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float) -> int:
@@ -195,14 +184,17 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     HAProxy (SIGUSR1: no new connections, the calls in flight finish) and waits for it.
     HAProxy exiting on its own is an error (exit code 1), so the supervisor restarts the pod.
     """
-    process = start_front(settings, config_dir)
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
+    # Handlers first: a signal while HAProxy starts is a stop, not the end of this process
+    # with HAProxy left running.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    process: subprocess.Popen[bytes] | None = None
     try:
+        process = start_front(settings, config_dir)
         log.info(
             "recsys front on %s:%d: %d backends, at most %d calls in each, %d ms in the queue",
             settings.listen_host,
@@ -226,7 +218,7 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             process.kill()
             process.wait()
 

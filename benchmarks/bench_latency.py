@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recsys.serving.front import Backend, FrontError, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -40,6 +41,26 @@ def free_port() -> int:
 def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
     """``cmd`` run on the CPUs listed (``taskset -c`` syntax, e.g. ``0`` or ``0,1``); None: any."""
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+def front_bounds(text: str) -> FrontSettings:
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED]``: the admission front's bounds, as a benchmark's ``--front``
+    gives them (ports are placeholders, filled in per run)."""
+    in_flight, _, rest = text.partition("/")
+    queue_ms, _, queued = rest.partition("/")
+    try:
+        return FrontSettings(
+            "127.0.0.1",
+            1,
+            (Backend("127.0.0.1", 1),),
+            int(in_flight),
+            int(queue_ms),
+            int(queued or 0),
+        )
+    except (ValueError, FrontError) as e:
+        raise argparse.ArgumentTypeError(
+            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED], e.g. 32/4 ({e})"
+        ) from e
 
 
 def cpu_seconds(pid: int) -> float:

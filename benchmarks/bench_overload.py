@@ -51,13 +51,19 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.bench_latency import free_port, make_requests, pinned, wait_serving_for
+from benchmarks.bench_latency import (
+    free_port,
+    front_bounds,
+    make_requests,
+    pinned,
+    wait_serving_for,
+)
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
 from benchmarks.load_generator import CHANNELS, SHED, call, ms
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
-from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
+from recsys.serving.front import Backend, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0 --max-pending-rpcs 0", "new=")
@@ -333,24 +339,9 @@ def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
 
 
 def front_of(text: str) -> tuple[str, FrontSettings]:
-    """``NAME=IN_FLIGHT/QUEUE_MS[/QUEUED]`` of ``--front`` (ports are filled in per run)."""
+    """``NAME=IN_FLIGHT/QUEUE_MS[/QUEUED]`` of ``--front`` (see :func:`front_bounds`)."""
     name, _, bounds = text.partition("=")
-    in_flight, _, rest = bounds.partition("/")
-    queue_ms, _, queued = rest.partition("/")
-    try:
-        settings = FrontSettings(
-            "127.0.0.1",
-            1,
-            (Backend("127.0.0.1", 1),),
-            int(in_flight),
-            int(queue_ms),
-            int(queued or 0),
-        )
-    except (ValueError, FrontError) as e:
-        raise argparse.ArgumentTypeError(
-            f"--front {text!r}: expected NAME=IN_FLIGHT/QUEUE_MS[/QUEUED], e.g. f4=4/5 ({e})"
-        ) from e
-    return name, settings
+    return name, front_bounds(bounds)
 
 
 def main() -> None:

@@ -73,8 +73,8 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.bench_latency import cpu_seconds, free_port, pinned
-from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
+from benchmarks.bench_latency import cpu_seconds, free_port, front_bounds, pinned
+from recsys.serving.front import Backend, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -398,6 +398,7 @@ def run_server(
         env=env,
     )
     front_process = None
+    config_dir = tempfile.TemporaryDirectory(prefix="bench-throughput-front-")
     try:
         if server.front is None:
             asyncio.run(wait_answering(target, 600))
@@ -409,7 +410,7 @@ def run_server(
                 asyncio.run(wait_answering(f"127.0.0.1:{backend.port}", 600))
             settings = replace(server.front, listen_port=free_port(), backends=backends)
             front_process = start_front(
-                settings, Path(tempfile.mkdtemp()), prefix=pinned(args.server_cpus, [])
+                settings, Path(config_dir.name), prefix=pinned(args.server_cpus, [])
             )
             target = f"127.0.0.1:{settings.listen_port}"
             asyncio.run(wait_answering(target, 60))
@@ -474,6 +475,7 @@ def run_server(
         if front_process is not None:
             stop(front_process)
         stop(process)
+        config_dir.cleanup()
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -639,19 +641,6 @@ def open_loop_cpu(result: dict[str, object]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def front_bounds(text: str) -> FrontSettings:
-    """``IN_FLIGHT/QUEUE_MS`` of ``--front`` (ports are filled in per run)."""
-    in_flight, _, queue_ms = text.partition("/")
-    try:
-        return FrontSettings(
-            "127.0.0.1", 1, (Backend("127.0.0.1", 1),), int(in_flight), int(queue_ms)
-        )
-    except (ValueError, FrontError) as e:
-        raise argparse.ArgumentTypeError(
-            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS, e.g. 32/4 ({e})"
-        ) from e
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -706,7 +695,7 @@ def main() -> None:
     parser.add_argument(
         "--front",
         type=front_bounds,
-        metavar="IN_FLIGHT/QUEUE_MS",
+        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED]",
         help="also run each recsys server (and variant) behind the admission front "
         "(recsys/serving/front.py), right after it, as recsys-...-front",
     )

@@ -13,14 +13,13 @@ import grpc
 import pytest
 
 from benchmarks import bench_throughput
-from benchmarks.bench_latency import pinned
+from benchmarks.bench_latency import front_bounds, pinned
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
     RequestStream,
     cache_lookups,
     closed_loop,
-    front_bounds,
     hit_rate,
     in_turn,
     open_loop_rate,
@@ -327,7 +326,13 @@ def test_with_front_each_server_and_variant_is_followed_by_itself_behind_the_fro
     assert listed["recsys-uncached-w2"].front is None
 
 
-@pytest.mark.parametrize("text", ["32", "x/4", "0/4", "32/0"])
+@pytest.mark.parametrize("text", ["32", "x/4", "0/4", "32/0", "3/2/-1", "3/2/x"])
 def test_a_front_without_two_positive_bounds_is_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="expected IN_FLIGHT/QUEUE_MS"):
         front_bounds(text)
+
+
+def test_front_bounds_read_the_optional_queued_bound() -> None:
+    bounds = front_bounds("3/2/3")
+    assert (bounds.max_in_flight, bounds.max_queue_ms, bounds.max_queued) == (3, 2, 3)
+    assert front_bounds("32/4").max_queued == 0

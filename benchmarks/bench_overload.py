@@ -52,6 +52,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.bench_latency import (
+    cpu_seconds,
     free_port,
     front_bounds,
     make_requests,
@@ -211,10 +212,16 @@ async def light_load(
 
 
 def measure(
-    args: argparse.Namespace, root: Path, target: str, metrics_port: int, rate: float | None
+    args: argparse.Namespace,
+    root: Path,
+    target: str,
+    metrics_port: int,
+    rate: float | None,
+    pids: dict[str, int],
 ) -> dict[str, object]:
     """Phases 1-4 against one running server. ``rate``: the open loop's calls/s (None: this
-    configuration's capacity x ``--overload``)."""
+    configuration's capacity x ``--overload``). ``pids``: the processes whose CPU over the
+    overload phase is reported (the server's, and the front's when there is one)."""
     result: dict[str, object] = {"loadavg_start": loadavg()}
     generate(args, root, target, clients=8, seconds=3.0)  # warm-up
     if args.promotions:
@@ -224,7 +231,12 @@ def measure(
     capacity = float(saturated["answered_per_s"])  # type: ignore[arg-type]
     offered = rate if rate is not None else args.overload * capacity
     before = scrape(metrics_port)
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     over = generate(args, root, target, rate=round(offered, 1))
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    codes = over["codes"]
+    assert isinstance(codes, dict)
+    answered, calls = int(codes.get("OK", 0)), int(sum(codes.values()))
     after = scrape(metrics_port)
     unloaded_p99 = unloaded["answered_p99_ms"]
     admitted_p99 = over["answered_p99_ms"]
@@ -250,6 +262,12 @@ def measure(
         "other_codes_p50_ms": over["failed_p50_ms"],
         "other_codes_p99_ms": over["failed_p99_ms"],
         "servicer_mean_ms": servicer_mean_ms(before, after),
+        # CPU over the phase: the server's per answered call, the front's per call offered.
+        "server_cpu_ms_per_answered": round(cpu["server"] * 1000 / max(answered, 1), 3),
+        "front_cpu_us_per_offered": (
+            round(cpu["front"] * 1e6 / max(calls, 1), 1) if "front" in cpu else None
+        ),
+        "cpu_seconds": {name: round(value, 2) for name, value in cpu.items()},
         "generator_send_lag_p99_ms": over["send_lag_p99_ms"],
         "loadavg": loadavg(),
     }
@@ -284,7 +302,10 @@ def serve_config(
             front_process = start_front(settings, tmp, prefix=pinned(args.server_cpus, []))
             target = f"127.0.0.1:{settings.listen_port}"
             asyncio.run(wait_serving_for(target, 30))
-        return measure(args, root, target, metrics_port, rate)
+        pids = {"server": server.pid}
+        if front_process is not None:
+            pids["front"] = front_process.pid
+        return measure(args, root, target, metrics_port, rate, pids)
     finally:
         for process in (front_process, server):
             if process is not None:

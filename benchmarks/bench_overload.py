@@ -17,13 +17,18 @@ batcher) with the control plane in Redis (a private key prefix, removed at the e
    unloaded p99; how fast sheds answer (from the call's actual send) and their share; and the
    calls gRPC core ended itself (CANCELLED: beyond ``--max-pending-rpcs``) and how fast.
 
-Phases 2-4 run in a separate load-generator process (benchmarks/load_generator.py), so the load
-is not generated on the measuring process's event loop; ``--server-cpus`` and
-``--generator-cpus`` pin the two apart with ``taskset``. Every configuration gets the same
-offered rate (``--overload`` x the first configuration's capacity); ``--rounds`` runs them in
-turn again, so a change in the machine's load shows in every configuration alike. The same open
-loop is then sent to benchmarks/echo_server.py (gRPC and protobuf with no work): the floor this
-machine can do at that rate, whatever admission does.
+Phases 2-4 run in a separate load-generator process (benchmarks/load_generator.py), so the load is
+not generated on the measuring process's event loop; ``--server-cpus`` and ``--generator-cpus`` pin
+the two apart with ``taskset``. ``--generator native`` (the default) sends them from gRPC's C++
+library (benchmarks/loadgen/loadgen.cc): on one core the Python generator falls tens of ms behind
+its schedule at the ~4,000 calls/s a 3x overload of a quiet machine's server asks for, and its own
+lag would be measured as the server's (``--generator python`` keeps it, for comparison with earlier
+runs). Every configuration gets the same offered rate (``--overload`` x the first configuration's
+capacity); ``--rounds`` runs them in turn again, so a change in the machine's load shows in every
+configuration alike. The same open loop is then sent to benchmarks/echo_server.py (gRPC and protobuf
+with no work): the floor this machine can do at that rate, whatever admission does; with the native
+generator, the Python one is sent to the echo server too, so the two generators' floors are compared
+in the same run.
 
 The server's GC pauses (``recsys_gc_pause_seconds``), sheds (``recsys_requests_total``) and
 servicer time (``recsys_request_duration_seconds``) come from its /metrics: client latency
@@ -60,7 +65,7 @@ from benchmarks.bench_latency import (
     wait_serving_for,
 )
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
-from benchmarks.load_generator import CHANNELS, SHED, call, ms
+from benchmarks.load_generator import CHANNELS, SHED, build_native, call, ms
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
@@ -154,12 +159,17 @@ def servicer_mean_ms(before: dict[str, float], after: dict[str, float]) -> float
     return round(total / count * 1000, 2) if count else None
 
 
-def generate(args: argparse.Namespace, root: Path, target: str, **load: float) -> dict[str, object]:
-    """Run benchmarks/load_generator.py (``clients=N`` or ``rate=R``) and return its summary."""
+def generate(
+    args: argparse.Namespace, root: Path, target: str, **load: float | str
+) -> dict[str, object]:
+    """Run benchmarks/load_generator.py (``clients=N`` or ``rate=R``; ``generator=python`` or
+    ``native``, default ``--generator``) and return its summary."""
     cmd = [
         sys.executable, "-m", "benchmarks.load_generator", "--target", target,
         "--artifacts", str(root), "--seconds", str(load.pop("seconds", args.seconds)),
     ]  # fmt: skip
+    if load.pop("generator", args.generator) == "native":
+        cmd.append("--native")
     for name, value in load.items():
         cmd += [f"--{name}", str(value)]
     out = subprocess.run(pinned(args.generator_cpus, cmd), check=True, capture_output=True)
@@ -314,28 +324,34 @@ def serve_config(
 
 
 def echo_floor(args: argparse.Namespace, root: Path, rate: float) -> dict[str, object]:
-    """The same open loop against benchmarks/echo_server.py: gRPC's own cost at that rate."""
+    """The same open loop against benchmarks/echo_server.py: gRPC's own cost at that rate, from
+    the generator of the run (and from the Python one too when that is the native one)."""
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)]
     echo = subprocess.Popen(
         pinned(args.server_cpus, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    generators = ("native", "python") if args.generator == "native" else ("python",)
+    floors: dict[str, object] = {}
     try:
         time.sleep(3.0)  # the echo server has no health service
         target = f"127.0.0.1:{port}"
-        unloaded = generate(args, root, target, clients=1)
-        over = generate(args, root, target, rate=round(rate, 1))
+        for generator in generators:
+            unloaded = generate(args, root, target, clients=1, generator=generator)
+            over = generate(args, root, target, rate=round(rate, 1), generator=generator)
+            floors[generator] = {
+                "unloaded_p99_ms": unloaded["answered_p99_ms"],
+                "offered_per_s": round(rate, 1),
+                "codes": over["codes"],
+                "answered_p50_ms": over["answered_p50_ms"],
+                "answered_p99_ms": over["answered_p99_ms"],
+                "send_lag_p99_ms": over["send_lag_p99_ms"],
+                "loadavg": loadavg(),
+            }
     finally:
         echo.terminate()
         echo.wait(timeout=60)
-    return {
-        "unloaded_p99_ms": unloaded["answered_p99_ms"],
-        "offered_per_s": round(rate, 1),
-        "codes": over["codes"],
-        "answered_p50_ms": over["answered_p50_ms"],
-        "answered_p99_ms": over["answered_p99_ms"],
-        "loadavg": loadavg(),
-    }
+    return floors
 
 
 def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
@@ -401,6 +417,13 @@ def main() -> None:
     parser.add_argument("--server-cpus", help="taskset CPU list for the server (default: any)")
     parser.add_argument("--generator-cpus", help="taskset CPU list for the load generator")
     parser.add_argument("--no-echo", action="store_true", help="skip the echo-server floor")
+    parser.add_argument(
+        "--generator",
+        choices=("native", "python"),
+        default="native",
+        help="what sends phases 2-4: benchmarks/loadgen/loadgen.cc (gRPC's C++ library, built on "
+        "first use) or benchmarks/load_generator.py's event loop (default: native)",
+    )
     args = parser.parse_args()
     args.prefix = f"bench-overload-{uuid.uuid4().hex[:8]}:"
     configs = [c.split("=", 1) for c in args.config or DEFAULT_CONFIGS]
@@ -408,6 +431,11 @@ def main() -> None:
     if unknown := set(fronts) - {name for name, _ in configs}:
         parser.error(f"--front {sorted(unknown)}: expected the NAME of a --config")
 
+    if args.generator == "native":
+        try:
+            build_native()  # before any server starts: a missing compiler fails in a line
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            parser.error(f"--generator native: {e}")
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)

@@ -457,6 +457,7 @@ def main() -> None:
     report = {
         "command": " ".join(["python -m benchmarks.bench_overload", *sys.argv[1:]]),
         "configs": dict(configs),
+        "generator": args.generator,
         "side_by_side": side_by_side(results),
         "echo_floor": echo,
         "results": results,

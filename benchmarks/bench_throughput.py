@@ -42,6 +42,8 @@ call in open-loop phases at one rate instead.
                            # odd rounds each server's baseline and variants run before it
         [--same-rate]      # baselines and variants at the open-loop rate of what they are
                            # compared with, and echo at the hit's rate: CPU per call at equal load
+        [--front 32/4 --front 6/1@12]  # also each behind the admission front, IN_FLIGHT/QUEUE_MS
+                           # [@CALLS in flight in its closed loops, e.g. workers x IN_FLIGHT]
 
 Each recsys server's result also has ``stages_saturated`` (and ``at_70pct.stages`` for the open
 loop), from the server's metrics page over the phase: the mean wall time of each stage per run
@@ -105,6 +107,9 @@ class Server:
     front: FrontSettings | None = None
     """Drive the server through the admission front (``--front``): its workers on a port each,
     HAProxy in front of them on the server's CPUs."""
+    concurrency: int | None = None
+    """Calls in flight in the closed-loop phases (``--front ...@CALLS``); None: the
+    ``--concurrency`` of the run."""
 
 
 def children_cpu(pid: int) -> float:
@@ -426,12 +431,11 @@ def run_server(
             )
         )
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
-        asyncio.run(closed_loop(target, requests, args.concurrency, args.seconds / 3))
+        calls = server.concurrency or args.concurrency
+        asyncio.run(closed_loop(target, requests, calls, args.seconds / 3))
         stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
         cpu0, wall0 = cpu_now(), time.perf_counter()
-        latencies, codes = asyncio.run(
-            closed_loop(target, requests, args.concurrency, args.seconds)
-        )
+        latencies, codes = asyncio.run(closed_loop(target, requests, calls, args.seconds))
         wall = time.perf_counter() - wall0
         cpu = cpu_now() - cpu0
         stages = stage_means(stages0, stage_totals(server.command), wall)
@@ -441,6 +445,7 @@ def run_server(
             "server": server.name,
             "load": os.getloadavg()[0],
             "requests_per_s": round(saturated, 1),
+            "calls_in_flight": calls,
             **percentiles(latencies),
             "server_cpu_us_per_request": round(cpu / max(done, 1) * 1e6, 1),
             "shed_share": shed_share(codes),
@@ -505,6 +510,27 @@ def variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
+@dataclass(frozen=True)
+class Fronted:
+    """One ``--front``: the front's bounds, a name for its servers, the calls its closed loops
+    keep in flight (None: ``--concurrency``)."""
+
+    name: str
+    settings: FrontSettings
+    concurrency: int | None = None
+
+
+def fronted(text: str) -> Fronted:
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][@CALLS]`` of ``--front``."""
+    bounds, at, calls = text.partition("@")
+    settings = front_bounds(bounds)
+    if at and not (calls.isdigit() and int(calls) > 0):
+        raise argparse.ArgumentTypeError(
+            f"--front {text!r}: expected @CALLS a number of calls > 0, e.g. 6/1@12"
+        )
+    return Fronted(bounds.replace("/", "-"), settings, int(calls) if at else None)
+
+
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
     py = sys.executable
     art = str(args.artifacts.resolve())
@@ -543,18 +569,22 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
                 ),
             )
         ]
-    if args.front is not None:  # each followed by the same server behind the front
+    if args.front:  # each followed by the same server behind each front
         recsys = [
             s
             for r in recsys
             for s in (
                 r,
-                replace(
-                    r,
-                    name=f"{r.name}-front",
-                    command=[*r.command, "--worker-port-stride", "1"],
-                    rate_of=(r.rate_of or r.name) if same else None,
-                    front=args.front,
+                *(
+                    replace(
+                        r,
+                        name=f"{r.name}-front" + ("" if len(args.front) == 1 else f"-{front.name}"),
+                        command=[*r.command, "--worker-port-stride", "1"],
+                        rate_of=(r.rate_of or r.name) if same else None,
+                        front=front.settings,
+                        concurrency=front.concurrency,
+                    )
+                    for front in args.front
                 ),
             )
         ]
@@ -694,10 +724,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--front",
-        type=front_bounds,
-        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED]",
+        type=fronted,
+        action="append",
+        default=[],
+        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED][@CALLS]",
         help="also run each recsys server (and variant) behind the admission front "
-        "(recsys/serving/front.py), right after it, as recsys-...-front",
+        "(recsys/serving/front.py), right after it, as recsys-...-front (repeat for several: "
+        "recsys-...-front-IN_FLIGHT-QUEUE_MS[-QUEUED]); @CALLS: its closed-loop phases keep "
+        "CALLS in flight instead of --concurrency (e.g. workers x IN_FLIGHT, so that a tight "
+        "front's saturation is not measured on refusals sent again)",
     )
     parser.add_argument(
         "--server-cpus",

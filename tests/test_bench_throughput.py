@@ -20,6 +20,7 @@ from benchmarks.bench_throughput import (
     RequestStream,
     cache_lookups,
     closed_loop,
+    fronted,
     hit_rate,
     in_turn,
     open_loop_rate,
@@ -40,7 +41,7 @@ def args(
     variants: list[str],
     baseline: Path | None = None,
     same_rate: bool = False,
-    front: str | None = None,
+    fronts: tuple[str, ...] = (),
 ) -> argparse.Namespace:
     return argparse.Namespace(
         artifacts=Path("/tmp/art"),
@@ -48,7 +49,7 @@ def args(
         baseline=baseline,
         variant=[variant(v) for v in variants],
         same_rate=same_rate,
-        front=None if front is None else front_bounds(front),
+        front=[fronted(f) for f in fronts],
     )
 
 
@@ -309,7 +310,7 @@ def test_client_cpus_without_server_cpus_is_refused() -> None:
 def test_with_front_each_server_and_variant_is_followed_by_itself_behind_the_front() -> None:
     listed = {
         s.name: s
-        for s in servers(args(variants=["w2=--workers 2"], same_rate=True, front="32/4"), 50051)
+        for s in servers(args(variants=["w2=--workers 2"], same_rate=True, fronts=("32/4",)), 50051)
     }
     names = [n for n in listed if n.startswith("recsys-uncached")]
     assert names == [
@@ -324,6 +325,25 @@ def test_with_front_each_server_and_variant_is_followed_by_itself_behind_the_fro
     assert (fronted.front.max_in_flight, fronted.front.max_queue_ms) == (32, 4)
     assert fronted.rate_of == "recsys-uncached"  # compared at the rate of the plain server
     assert listed["recsys-uncached-w2"].front is None
+    assert fronted.concurrency is None  # --concurrency
+
+
+def test_several_fronts_each_follow_the_server_named_by_their_bounds() -> None:
+    fronts = ("32/4", "6/1@12")
+    listed = {s.name: s for s in servers(args(variants=[], fronts=fronts), 50051)}
+    names = [n for n in listed if n.startswith("recsys-mix")]
+    assert names == ["recsys-mix", "recsys-mix-front-32-4", "recsys-mix-front-6-1"]
+    tight = listed["recsys-mix-front-6-1"]
+    assert tight.front is not None
+    assert (tight.front.max_in_flight, tight.front.max_queue_ms) == (6, 1)
+    assert tight.concurrency == 12
+    assert listed["recsys-mix-front-32-4"].concurrency is None
+
+
+@pytest.mark.parametrize("text", ["6/1@", "6/1@0", "6/1@x", "6@12"])
+def test_a_front_with_a_bad_call_count_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="--front"):
+        fronted(text)
 
 
 @pytest.mark.parametrize("text", ["32", "x/4", "0/4", "32/0", "3/2/-1", "3/2/x"])

@@ -18,13 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsys.serving.front import Backend, FrontError, FrontSettings
+from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -61,6 +62,16 @@ def front_bounds(text: str) -> FrontSettings:
         raise argparse.ArgumentTypeError(
             f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED], e.g. 32/4 ({e})"
         ) from e
+
+
+def start_bench_front(
+    bounds: FrontSettings, backends: tuple[Backend, ...], config_dir: Path, cpus: str | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The admission front with ``bounds`` (:func:`front_bounds`) before ``backends``, on a free
+    port, pinned like the servers (``cpus``); returns the process and the target to call."""
+    settings = replace(bounds, listen_port=free_port(), backends=backends)
+    process = start_front(settings, config_dir, prefix=pinned(cpus, []))
+    return process, f"127.0.0.1:{settings.listen_port}"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,7 +51,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -62,6 +62,7 @@ from benchmarks.bench_latency import (
     front_bounds,
     make_requests,
     pinned,
+    start_bench_front,
     wait_serving_for,
 )
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
@@ -69,7 +70,7 @@ from benchmarks.load_generator import CHANNELS, SHED, build_native, call, ms
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
-from recsys.serving.front import Backend, FrontSettings, start_front
+from recsys.serving.front import Backend, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_CONFIGS = ("old=--max-concurrent-rpcs 0 --max-pending-rpcs 0", "new=")
@@ -308,9 +309,7 @@ def serve_config(
         target = f"127.0.0.1:{port}"
         if front is not None:  # the load goes through the front, on the server's CPUs
             backends = (Backend("127.0.0.1", port),)
-            settings = replace(front, listen_port=free_port(), backends=backends)
-            front_process = start_front(settings, tmp, prefix=pinned(args.server_cpus, []))
-            target = f"127.0.0.1:{settings.listen_port}"
+            front_process, target = start_bench_front(front, backends, tmp, args.server_cpus)
             asyncio.run(wait_serving_for(target, 30))
         pids = {"server": server.pid}
         if front_process is not None:

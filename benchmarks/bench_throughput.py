@@ -75,8 +75,14 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.bench_latency import cpu_seconds, free_port, front_bounds, pinned
-from recsys.serving.front import Backend, FrontSettings, start_front
+from benchmarks.bench_latency import (
+    cpu_seconds,
+    free_port,
+    front_bounds,
+    pinned,
+    start_bench_front,
+)
+from recsys.serving.front import Backend, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -413,11 +419,9 @@ def run_server(
             backends = tuple(Backend("127.0.0.1", port + n) for n in range(workers))
             for backend in backends:
                 asyncio.run(wait_answering(f"127.0.0.1:{backend.port}", 600))
-            settings = replace(server.front, listen_port=free_port(), backends=backends)
-            front_process = start_front(
-                settings, Path(config_dir.name), prefix=pinned(args.server_cpus, [])
+            front_process, target = start_bench_front(
+                server.front, backends, Path(config_dir.name), args.server_cpus
             )
-            target = f"127.0.0.1:{settings.listen_port}"
             asyncio.run(wait_answering(target, 60))
 
         def cpu_now() -> float:

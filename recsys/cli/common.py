@@ -7,11 +7,20 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from recsys.serving.logs import LOG_FORMATS
 from recsys.settings import DEFAULT_ARTIFACTS, RedisAuth, TrackingSettings, env_default
 
 
 class CliError(Exception):
     """A problem with the user's input or environment, reported as ``recsys: <message>``."""
+
+
+def checked_log_format(value: str, source: str) -> str:
+    """``value`` if it names a log format (text or json), else a :class:`CliError` naming
+    ``source`` (the flag or variable it came from)."""
+    if value not in LOG_FORMATS:
+        raise CliError(f"{source} {value!r}: expected one of {', '.join(LOG_FORMATS)}")
+    return value
 
 
 def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:

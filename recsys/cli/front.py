@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from recsys.cli.common import CliError
+from recsys.cli.common import CliError, checked_log_format
 from recsys.serving.front import (
     FrontError,
     FrontSettings,
@@ -21,7 +21,7 @@ from recsys.serving.front import (
     parse_backend,
     serve_front,
 )
-from recsys.serving.logs import LOG_FORMATS, configure_logging
+from recsys.serving.logs import configure_logging
 from recsys.settings import env_default
 
 DEFAULT_MAX_IN_FLIGHT = 32
@@ -120,12 +120,7 @@ def run_front(args: argparse.Namespace) -> int:
     if args.print_config:
         print(haproxy_config(settings), end="")
         return 0
-    log_format = env_default("log_format", "text")
-    if log_format not in LOG_FORMATS:
-        raise CliError(
-            f"RECSYS_LOG_FORMAT {log_format!r}: expected one of {', '.join(LOG_FORMATS)}"
-        )
-    configure_logging(log_format)
+    configure_logging(checked_log_format(env_default("log_format", "text"), "RECSYS_LOG_FORMAT"))
     with tempfile.TemporaryDirectory(prefix="recsys-front-") as config_dir:
         try:
             return serve_front(settings, Path(config_dir), grace)

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from recsys.cli.common import CliError
-from recsys.serving.logs import LOG_FORMATS, configure_logging
+from recsys.cli.common import CliError, checked_log_format
+from recsys.serving.logs import configure_logging
 from recsys.settings import ServeSettings, default_exposure_dir, env_default, is_service_link
 
 log = logging.getLogger(__name__)
@@ -320,9 +320,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
                 value.default,
             )
             setattr(args, name, value.default)
-    if args.log_format not in LOG_FORMATS:
-        expected = ", ".join(LOG_FORMATS)
-        raise CliError(f"--log-format {args.log_format!r}; expected one of {expected}")
+    checked_log_format(args.log_format, "--log-format")
     if args.workers < 1:
         raise CliError(f"--workers is {args.workers}; expected >= 1")
     if args.worker_port_stride < 0:

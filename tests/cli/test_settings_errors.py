@@ -175,3 +175,25 @@ def test_with_workers_a_port_in_use_is_one_line_and_exit_2(
     err = capfd.readouterr().err
     assert "Traceback" not in err
     assert err == f"recsys: {flag} {port}: address already in use\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable", "source"),
+    [
+        (["serve", "--log-format", "xml"], None, "--log-format 'xml'"),
+        (["serve"], "RECSYS_LOG_FORMAT", "--log-format 'xml'"),
+        (["front", "--backend", "127.0.0.1:1"], "RECSYS_LOG_FORMAT", "RECSYS_LOG_FORMAT 'xml'"),
+    ],
+)
+def test_a_bad_log_format_is_one_line_in_serve_and_front(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    variable: str | None,
+    source: str,
+) -> None:
+    if variable:
+        monkeypatch.setenv(variable, "xml")
+    assert main([*argv, "--artifacts", str(tmp_path)] if argv[0] == "serve" else argv) == 2
+    assert one_error_line(capsys) == f"recsys: {source}: expected one of text, json"

@@ -195,20 +195,39 @@ def native_tally(raw: dict[str, Any]) -> Tally:
     return tally
 
 
+def run_native(
+    target: str,
+    request_file: Path,
+    seconds: float,
+    *,
+    rate: float | None = None,
+    clients: int | None = None,
+    channels: int = CHANNELS,
+    first: int = 0,
+) -> Tally:
+    """One open-loop (``rate``) or closed-loop (``clients``) run of the native generator over
+    the calls of ``request_file`` (:func:`write_requests`), call n sending request ``first + n``
+    (modulo the file's length)."""
+    if (rate is None) == (clients is None):
+        raise ValueError("expected one of rate or clients")
+    load = ["--rate", str(rate)] if rate is not None else ["--clients", str(clients)]
+    cmd = [
+        str(build_native()), "--target", target, "--requests", str(request_file),
+        "--seconds", str(seconds), "--channels", str(channels), "--first", str(first), *load,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return native_tally(json.loads(out.stdout))
+
+
 def generate_native(
     args: argparse.Namespace, requests: Sequence[recommender_pb2.RecommendRequest]
 ) -> Tally:
-    binary = build_native()
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
         path = Path(tmp) / "requests.bin"
         write_requests(path, requests)
-        load = ["--rate", str(args.rate)] if args.rate else ["--clients", str(args.clients)]
-        cmd = [
-            str(binary), "--target", args.target, "--requests", str(path),
-            "--seconds", str(args.seconds), "--channels", str(CHANNELS), *load,
-        ]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return native_tally(json.loads(out.stdout))
+        if args.rate:
+            return run_native(args.target, path, args.seconds, rate=args.rate)
+        return run_native(args.target, path, args.seconds, clients=args.clients)
 
 
 async def generate(args: argparse.Namespace) -> dict[str, object]:

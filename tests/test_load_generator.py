@@ -8,12 +8,19 @@ import argparse
 import asyncio
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from benchmarks.load_generator import CHANNELS, build_native, generate_native
+from benchmarks.load_generator import (
+    CHANNELS,
+    build_native,
+    generate_native,
+    run_native,
+    write_requests,
+)
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
@@ -98,12 +105,35 @@ async def test_the_closed_loop_keeps_its_callers_busy_on_a_connection_per_channe
     assert len(answers.peers) == CHANNELS
 
 
+async def test_first_starts_the_calls_further_along_the_request_file(
+    binary: str, tmp_path: Path
+) -> None:
+    answers = Answers()
+    server = grpc.aio.server()
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(answers, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    users = ["u-0", "u-1", "u-2", "u-3"]
+    path = tmp_path / "requests.bin"
+    write_requests(path, [recommender_pb2.RecommendRequest(user_id=u) for u in users])
+    try:
+        tally = await asyncio.to_thread(
+            run_native, f"127.0.0.1:{port}", path, 0.5, rate=10, first=2
+        )
+    finally:
+        await server.stop(None)
+    assert tally.codes == {"OK": 5}
+    # calls 0-4 send requests 2, 3, 0, 1, 2: the file read from the third, wrapping at its end
+    assert sorted(answers.users) == ["u-0", "u-1", "u-2", "u-2", "u-3"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--rate", "0"], "--rate 0: expected a number > 0"),
         (["--rate", "5", "--clients", "2"], "expected one of --rate or --clients"),
         (["--clients", "2", "--requests", "/nonexistent/requests"], "cannot read it"),
+        (["--clients", "2", "--first", "-1"], "--first -1: expected a whole number >= 0"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(binary: str, flags: list[str], message: str) -> None:

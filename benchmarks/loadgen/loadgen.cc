@@ -8,6 +8,9 @@
 //   open loop   --rate R:    call n is due at start + n / R, whatever the answers;
 //   closed loop --clients N: N callers, each sending its next call when the last answers.
 //
+// Call n sends request (first + n) modulo the file's length (--first, default 0), so that the
+// phases of one run can continue along one request list.
+//
 // Prints one JSON object: the status code and details of each kind, and for every call its
 // latency: answered calls from the due time (open loop; from the send in the closed loop),
 // sheds (RESOURCE_EXHAUSTED) and other codes from the actual send, and how late each send was.
@@ -59,7 +62,7 @@ const char* kCodes[] = {"OK",
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "loadgen: " << why
             << "\nusage: loadgen --target HOST:PORT --requests FILE [--seconds S] [--channels C]"
-               " (--rate R | --clients N)\n";
+               " [--first N] (--rate R | --clients N)\n";
   std::exit(2);
 }
 
@@ -70,12 +73,22 @@ struct Options {
   double rate = 0.0;
   int clients = 0;
   int channels = 4;
+  long first = 0;
 };
 
 double number(const std::string& flag, const std::string& text) {
   char* end = nullptr;
   double value = std::strtod(text.c_str(), &end);
   if (text.empty() || *end != '\0' || value <= 0) usage(flag + " " + text + ": expected a number > 0");
+  return value;
+}
+
+long count(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  long value = std::strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || value < 0) {
+    usage(flag + " " + text + ": expected a whole number >= 0");
+  }
   return value;
 }
 
@@ -91,6 +104,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--rate") o.rate = number(flag, value);
     else if (flag == "--clients") o.clients = static_cast<int>(number(flag, value));
     else if (flag == "--channels") o.channels = static_cast<int>(number(flag, value));
+    else if (flag == "--first") o.first = count(flag, value);
     else usage("unknown flag " + flag);
   }
   if (o.target.empty() || o.requests.empty()) usage("--target and --requests are required");
@@ -207,7 +221,7 @@ class Generator {
   template <typename Done>
   void send(long n, Done done) {
     auto call = std::make_shared<Call>();
-    const std::string& body = requests_[n % requests_.size()];
+    const std::string& body = requests_[(options_.first + n) % requests_.size()];
     grpc::Slice slice(body.data(), body.size());
     call->request = grpc::ByteBuffer(&slice, 1);
     call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));

@@ -359,7 +359,7 @@ def measure_served(
                 load_closed = os.getloadavg()[0]
                 wait0 = runqueue_wait_seconds(process.pid)
                 cpu0, wall0 = children_cpu(process.pid), time.perf_counter()
-                open_latencies, open_codes = asyncio.run(
+                open_latencies, open_codes, _ = asyncio.run(
                     open_loop(target, RequestStream(requests), rate, args.seconds, count)
                 )
                 cpu_open = children_cpu(process.pid) - cpu0

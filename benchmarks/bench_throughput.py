@@ -1,7 +1,12 @@
 """Throughput against the gRPC limit, in one go on one machine: echo, naive, recsys.
 
-Starts each server in turn as a subprocess on free ports and drives it from this process
-(grpc.aio, ``--concurrency`` calls in flight over several channels):
+Starts each server in turn as a subprocess on free ports and drives it, ``--concurrency`` calls
+in flight over several channels, from the native load generator (``--generator native``, the
+default: benchmarks/loadgen/loadgen.cc, gRPC's C++ library, in its own process) or from this
+process's event loop (``--generator python``, grpc.aio). On this machine's two cores the load
+generator shares the cores with the server; the Python loop costs far more CPU per call, and
+its own late sends at the open loop's rate were counted as the server's latency (benchmarks/
+README.md, "The throughput benchmark's load generator"):
 
 - ``echo``: the same service and messages with no work (benchmarks/echo_server.py): the limit;
 - ``naive``: per request, exact top-500 retrieval, all 500 scored, no batching
@@ -42,6 +47,7 @@ call in open-loop phases at one rate instead.
                            # odd rounds each server's baseline and variants run before it
         [--same-rate]      # baselines and variants at the open-loop rate of what they are
                            # compared with, and echo at the hit's rate: CPU per call at equal load
+        [--generator python]  # send from this process's event loop, not the native generator
         [--front 32/4 --front 6/1@12]  # also each behind the admission front, IN_FLIGHT/QUEUE_MS
                            # [@CALLS in flight in its closed loops, e.g. workers x IN_FLIGHT]
 
@@ -82,6 +88,7 @@ from benchmarks.bench_latency import (
     pinned,
     start_bench_front,
 )
+from benchmarks.load_generator import run_native, write_requests
 from recsys.serving.front import Backend, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
@@ -256,10 +263,12 @@ async def closed_loop(
 async def open_loop(
     target: str, requests: RequestStream, rate: float,
     seconds: float, on_response: Callable[[recommender_pb2.RecommendResponse], None] | None = None,
-) -> tuple[list[float], dict[str, int]]:  # fmt: skip
-    """Send at ``rate`` per second on schedule; latency counts from the scheduled time."""
+) -> tuple[list[float], dict[str, int], list[float]]:  # fmt: skip
+    """Send at ``rate`` per second on schedule; latency counts from the scheduled time. Also
+    returns how late each call was sent (the generator's own lag, inside those latencies)."""
     latencies: list[float] = []
     codes: dict[str, int] = {}
+    send_lag: list[float] = []
     total = int(rate * seconds)
 
     async def one(
@@ -267,6 +276,7 @@ async def open_loop(
         request: recommender_pb2.RecommendRequest,
         due: float,
     ) -> None:
+        send_lag.append(time.perf_counter() - due)
         try:
             response = await stub.Recommend(request, timeout=10)
             latencies.append(time.perf_counter() - due)
@@ -286,7 +296,46 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(one(stubs[n % CHANNELS], requests.next(), due)))
         await asyncio.gather(*tasks)
-    return latencies, codes
+    return latencies, codes, send_lag
+
+
+@dataclass
+class Phase:
+    """One phase's answered latencies (seconds), status codes by name and, in an open loop,
+    each call's send lag (seconds late against its schedule)."""
+
+    latencies: list[float]
+    codes: dict[str, int]
+    send_lag: list[float]
+
+
+def run_phase(
+    generator: str,
+    target: str,
+    requests: RequestStream,
+    seconds: float,
+    *,
+    calls: int | None = None,
+    rate: float | None = None,
+    request_file: Path | None = None,
+) -> Phase:
+    """A closed loop of ``calls`` in flight or an open loop at ``rate``, sent by ``generator``
+    (``native``: the native generator over ``request_file``, the stream's requests as
+    :func:`write_requests` wrote them, from the stream's position; ``python``: this process)."""
+    if generator == "native":
+        if request_file is None:
+            raise ValueError("the native generator needs the request file")
+        tally = run_native(
+            target, request_file, seconds, rate=rate, clients=calls, channels=CHANNELS,
+            first=requests.position % len(requests.requests),
+        )  # fmt: skip
+        requests.position += sum(tally.codes.values())
+        return Phase(tally.answered, tally.codes, tally.send_lag)
+    if rate is not None:
+        return Phase(*asyncio.run(open_loop(target, requests, rate, seconds)))
+    if calls is None:
+        raise ValueError("expected one of calls or rate")
+    return Phase(*asyncio.run(closed_loop(target, requests, calls, seconds)), [])
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -409,7 +458,7 @@ def run_server(
         env=env,
     )
     front_process = None
-    config_dir = tempfile.TemporaryDirectory(prefix="bench-throughput-front-")
+    config_dir = tempfile.TemporaryDirectory(prefix="bench-throughput-")
     try:
         if server.front is None:
             asyncio.run(wait_answering(target, 600))
@@ -434,12 +483,24 @@ def run_server(
                 args.artifacts, args.requests, args.seed, server.requests, args.located_share
             )
         )
+        request_file = None
+        if args.generator == "native":
+            request_file = Path(config_dir.name) / "requests.bin"
+            write_requests(request_file, requests.requests)
+
+        def phase(seconds: float, calls: int | None = None, rate: float | None = None) -> Phase:
+            return run_phase(
+                args.generator, target, requests, seconds,
+                calls=calls, rate=rate, request_file=request_file,
+            )  # fmt: skip
+
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
         calls = server.concurrency or args.concurrency
-        asyncio.run(closed_loop(target, requests, calls, args.seconds / 3))
+        phase(args.seconds / 3, calls=calls)
         stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
         cpu0, wall0 = cpu_now(), time.perf_counter()
-        latencies, codes = asyncio.run(closed_loop(target, requests, calls, args.seconds))
+        saturated_phase = phase(args.seconds, calls=calls)
+        latencies, codes = saturated_phase.latencies, saturated_phase.codes
         wall = time.perf_counter() - wall0
         cpu = cpu_now() - cpu0
         stages = stage_means(stages0, stage_totals(server.command), wall)
@@ -447,6 +508,7 @@ def run_server(
         saturated = done / wall
         result: dict[str, object] = {
             "server": server.name,
+            "generator": args.generator,
             "load": os.getloadavg()[0],
             "requests_per_s": round(saturated, 1),
             "calls_in_flight": calls,
@@ -463,7 +525,8 @@ def run_server(
             rate = 0.7 * saturated if rate is None else rate
             stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
             cpu0, wall0 = cpu_now(), time.perf_counter()
-            lat70, codes70 = asyncio.run(open_loop(target, requests, rate, args.seconds))
+            open_phase = phase(args.seconds, rate=rate)
+            lat70, codes70 = open_phase.latencies, open_phase.codes
             cpu70 = cpu_now() - cpu0
             stages70 = stage_means(
                 stages0, stage_totals(server.command), time.perf_counter() - wall0
@@ -471,6 +534,7 @@ def run_server(
             result["at_70pct"] = {
                 "rate": round(rate, 1),
                 **percentiles(lat70),
+                "send_lag_p99_ms": percentiles(open_phase.send_lag)["p99_ms"],
                 # Below saturation nothing is shed: every call's CPU is an answered call's.
                 "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
                 "shed_share": shed_share(codes70),
@@ -739,13 +803,21 @@ def main() -> None:
         "front's saturation is not measured on refusals sent again)",
     )
     parser.add_argument(
+        "--generator",
+        choices=("native", "python"),
+        default="native",
+        help="what sends the calls: the native load generator (benchmarks/loadgen, built on "
+        "first use) or this process's event loop",
+    )
+    parser.add_argument(
         "--server-cpus",
-        help="taskset CPU list for each server (e.g. 0); with --client-cpus the load this "
-        "process generates runs apart from the server, as clients on other machines would",
+        help="taskset CPU list for each server (e.g. 0); with --client-cpus the load generator "
+        "runs apart from the server, as clients on other machines would",
     )
     parser.add_argument(
         "--client-cpus",
-        help="CPU list for this process, the client (e.g. 1; comma-separated, no ranges)",
+        help="CPU list for this process and the native generator it starts, the client (e.g. 1; "
+        "comma-separated, no ranges)",
     )
     args = parser.parse_args()
     if args.client_cpus and not args.server_cpus:
@@ -759,6 +831,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "server_cpus": args.server_cpus,
                 "client_cpus": args.client_cpus,
+                "generator": args.generator,
             }
         ),
         flush=True,

@@ -4,6 +4,8 @@ other flags or code, each right after the one it is compared with."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from benchmarks.bench_throughput import (
     hit_rate,
     in_turn,
     open_loop_rate,
+    run_phase,
     same_rate_ratios,
     servers,
     shed_share,
@@ -31,6 +34,7 @@ from benchmarks.bench_throughput import (
     stage_totals,
     variant,
 )
+from benchmarks.load_generator import write_requests
 from recsys.serving.batching import BatchStats
 from recsys.serving.metrics import ServingMetrics
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
@@ -258,16 +262,68 @@ def test_the_hit_rate_is_the_phase_s_own() -> None:
 
 class PeerRecorder(recommender_pb2_grpc.RecommenderServicer):
     """Answers every call and remembers the connection (the client's address and port) it
-    came on."""
+    came on, and each call's request id."""
 
     def __init__(self) -> None:
         self.peers: set[str] = set()
+        self.request_ids: list[str] = []
 
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> recommender_pb2.RecommendResponse:
         self.peers.add(context.peer())
+        self.request_ids.append(request.request_id)
         return recommender_pb2.RecommendResponse(request_id=request.request_id)
+
+
+def native_generator_buildable() -> bool:
+    if shutil.which("g++") is None or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0
+
+
+@pytest.mark.parametrize("generator", ["native", "python"])
+async def test_each_generator_sends_the_phases_along_the_stream(
+    generator: str, tmp_path: Path
+) -> None:
+    """A closed-loop phase, then an open-loop one that goes on from where it stopped, over a
+    connection per channel, from either generator (a real server on a real port)."""
+    if generator == "native" and not native_generator_buildable():
+        pytest.skip("g++, pkg-config and libgrpc++-dev are needed to build the native generator")
+    recorder = PeerRecorder()
+    server = grpc.aio.server()
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # longer than a closed loop of 0.3 s sends: the open loop's first call is not the list's
+    ids = range(50_000)
+    stream = RequestStream([recommender_pb2.RecommendRequest(request_id=str(i)) for i in ids])
+    request_file = tmp_path / "requests.bin"
+    write_requests(request_file, stream.requests)
+    target = f"127.0.0.1:{port}"
+    try:
+        closed = await asyncio.to_thread(
+            run_phase, generator, target, stream, 0.3, calls=CHANNELS * 2,
+            request_file=request_file,
+        )  # fmt: skip
+        sent, closed_peers = len(recorder.request_ids), set(recorder.peers)
+        first = stream.position
+        opened = await asyncio.to_thread(
+            run_phase, generator, target, stream, 0.5, rate=20, request_file=request_file
+        )
+    finally:
+        await server.stop(None)
+    assert closed.codes == {"OK": sent}
+    assert len(closed.latencies) == sent > CHANNELS * 2
+    assert first == sent  # the stream moved on by the calls the closed loop sent
+    assert opened.codes == {"OK": 10}
+    assert len(opened.latencies) == len(opened.send_lag) == 10
+    assert 0 < first < len(ids) - 10
+    expected = sorted(str(first + n) for n in range(10))
+    assert sorted(recorder.request_ids[sent:]) == expected
+    assert stream.position == first + 10
+    assert len(closed_peers) == CHANNELS  # a connection per channel
+    assert len(recorder.peers - closed_peers) == 10  # call n on channel n: 10 calls, 10 channels
 
 
 async def test_the_load_comes_over_one_connection_per_channel() -> None:

@@ -48,6 +48,8 @@ call in open-loop phases at one rate instead.
         [--same-rate]      # baselines and variants at the open-loop rate of what they are
                            # compared with, and echo at the hit's rate: CPU per call at equal load
         [--generator python]  # send from this process's event loop, not the native generator
+        [--generator native --generator python]  # each server again, right after it, with
+                           # the second generator, as NAME-python: the two in one run
         [--front 32/4 --front 6/1@12]  # also each behind the admission front, IN_FLIGHT/QUEUE_MS
                            # [@CALLS in flight in its closed loops, e.g. workers x IN_FLIGHT]
 
@@ -123,6 +125,8 @@ class Server:
     concurrency: int | None = None
     """Calls in flight in the closed-loop phases (``--front ...@CALLS``); None: the
     ``--concurrency`` of the run."""
+    generator: str = "native"
+    """What sends the calls (``--generator``): ``native`` or ``python``."""
 
 
 def children_cpu(pid: int) -> float:
@@ -484,13 +488,13 @@ def run_server(
             )
         )
         request_file = None
-        if args.generator == "native":
+        if server.generator == "native":
             request_file = Path(config_dir.name) / "requests.bin"
             write_requests(request_file, requests.requests)
 
         def phase(seconds: float, calls: int | None = None, rate: float | None = None) -> Phase:
             return run_phase(
-                args.generator, target, requests, seconds,
+                server.generator, target, requests, seconds,
                 calls=calls, rate=rate, request_file=request_file,
             )  # fmt: skip
 
@@ -508,7 +512,7 @@ def run_server(
         saturated = done / wall
         result: dict[str, object] = {
             "server": server.name,
-            "generator": args.generator,
+            "generator": server.generator,
             "load": os.getloadavg()[0],
             "requests_per_s": round(saturated, 1),
             "calls_in_flight": calls,
@@ -657,7 +661,7 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
             )
         ]
     echo = [py, "-m", "benchmarks.echo_server", "--port", str(port)]
-    return [
+    listed = [
         Server("echo", echo, "distinct"),
         Server(
             "naive",
@@ -668,6 +672,23 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         # A call's CPU depends on the rate (batches, loop wake-ups): the hit is set against
         # echo at the hit's own rate.
         *([Server(ECHO_AT_HIT, echo, "distinct", rate_of="recsys-hit")] if same else []),
+    ]
+    first, *others = args.generator or ["native"]
+    return [  # each followed by the same server driven by each other generator
+        s
+        for listed_server in listed
+        for s in (
+            replace(listed_server, generator=first),
+            *(
+                replace(
+                    listed_server,
+                    name=f"{listed_server.name}-{other}",
+                    generator=other,
+                    rate_of=(listed_server.rate_of or listed_server.name) if same else None,
+                )
+                for other in others
+            ),
+        )
     ]
 
 
@@ -805,9 +826,10 @@ def main() -> None:
     parser.add_argument(
         "--generator",
         choices=("native", "python"),
-        default="native",
+        action="append",
         help="what sends the calls: the native load generator (benchmarks/loadgen, built on "
-        "first use) or this process's event loop",
+        "first use; the default) or this process's event loop; a second one also runs each "
+        "server again right after it, as NAME-python (or NAME-native), with that generator",
     )
     parser.add_argument(
         "--server-cpus",
@@ -831,7 +853,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "server_cpus": args.server_cpus,
                 "client_cpus": args.client_cpus,
-                "generator": args.generator,
+                "generators": args.generator or ["native"],
             }
         ),
         flush=True,

@@ -46,6 +46,7 @@ def args(
     baseline: Path | None = None,
     same_rate: bool = False,
     fronts: tuple[str, ...] = (),
+    generators: tuple[str, ...] = (),
 ) -> argparse.Namespace:
     return argparse.Namespace(
         artifacts=Path("/tmp/art"),
@@ -54,6 +55,7 @@ def args(
         variant=[variant(v) for v in variants],
         same_rate=same_rate,
         front=[fronted(f) for f in fronts],
+        generator=list(generators) or None,
     )
 
 
@@ -67,6 +69,26 @@ def test_each_variant_follows_its_server_with_its_flags_added() -> None:
     assert by_name["recsys-uncached-d2"].command == [*base, "--batch-max-delay-ms", "2"]
     assert "--cache-entries" in by_name["recsys-uncached-d1"].command  # still uncached
     assert by_name["recsys-hit-d1"].requests == "hit"
+
+
+def test_a_second_generator_runs_each_server_again_right_after_it() -> None:
+    found = servers(args(variants=["w2=--workers 2"], generators=("native", "python")), 5)
+    names = [s.name for s in found]
+    assert names[:2] == ["echo", "echo-python"]
+    assert names[names.index("recsys-mix") :][:4] == [
+        "recsys-mix",
+        "recsys-mix-python",
+        "recsys-mix-w2",
+        "recsys-mix-w2-python",
+    ]
+    by_name = {s.name: s for s in found}
+    assert by_name["recsys-mix-w2-python"].command == by_name["recsys-mix-w2"].command
+    assert by_name["recsys-mix-w2-python"].generator == "python"
+    assert by_name["recsys-mix-w2"].generator == "native"
+    assert {s.generator for s in servers(args(variants=[]), 5)} == {"native"}  # the default
+    assert {s.generator for s in servers(args(variants=[], generators=("python",)), 5)} == {
+        "python"
+    }
 
 
 def test_variants_of_a_baseline_run_the_baseline_code() -> None:

@@ -224,7 +224,7 @@ def _check(c: Any, where: str) -> OfflineCheck:
     if metric not in METRICS:
         raise PolicyError(f"{where}.metric: expected one of {', '.join(METRICS)}, got {metric!r}")
     slice_ = c.get("slice", "overall")
-    if not isinstance(slice_, str) or not _SLICE.match(slice_):
+    if not isinstance(slice_, str) or not _SLICE.fullmatch(slice_):
         raise PolicyError(
             f"{where}.slice: expected overall, users:new, users:returning, district:<id|*> or "
             f"surface:<name|*>, got {slice_!r}"

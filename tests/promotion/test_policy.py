@@ -81,6 +81,10 @@ def test_no_file_is_the_built_in_default() -> None:
             "offline.check[1].metric: expected one of ndcg@20, ctr@20, order_rate@20, got 'ctr@10'",
         ),
         (('slice = "district:*"', 'slice = "city:*"'), "offline.check[1].slice: expected overall"),
+        (  # a TOML string ending in a newline
+            ('slice = "district:*"', 'slice = "district:*\\n"'),
+            "offline.check[1].slice: expected overall",
+        ),
         (
             ("min_groups = 10", "min_groups = 0"),
             "offline.min_groups: expected an integer >= 1, got 0",

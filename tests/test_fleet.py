@@ -277,7 +277,8 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
     for n in range(2):
         pod = Pod(tmp_path / f"pod-{n}", artifacts, redis_port)
         pod.mount_password(serving, passwords)
-        ports = {name: free_port() for name in ("grpc", "http", "health", "metrics")}
+        names = ("grpc", "http", "health", "metrics", "front-metrics")
+        ports = {name: free_port() for name in names}
         workers = two_free_ports()  # the manifest's stride: worker n on RECSYS_PORT + n
         argv, env = pod.command(
             serving,
@@ -292,6 +293,7 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
             front,
             RECSYS_FRONT_LISTEN=f"127.0.0.1:{ports['grpc']}",
             RECSYS_FRONT_BACKENDS=f"127.0.0.1:{workers},127.0.0.1:{workers + 1}",
+            RECSYS_FRONT_METRICS=f"127.0.0.1:{ports['front-metrics']}",
         )
         start(processes, f"front-{n}", argv, env, logs)
         pods.append((pod, ports))
@@ -387,6 +389,15 @@ def test_the_fleet_promotes_by_hand_and_by_its_controller_to_both_pods(
             assert body["modelVersion"] == version
 
     reaches_both_pods(version)
+    # Each pod's front counted the calls it forwarded (HAProxy's exporter) and refused none.
+    for _pod, ports in pods:
+        page = fetch_metrics(ports["front-metrics"], timeout=10)
+        forwarded = re.search(
+            r'^haproxy_frontend_http_requests_total\{proxy="grpc"\} (\d+)', page, re.M
+        )
+        assert forwarded is not None, page
+        assert int(forwarded.group(1)) >= 1
+        assert 'haproxy_frontend_http_responses_total{proxy="grpc",code="5xx"} 0\n' in page
     # Each pod compiled the version into its own cache, not into the shared volume.
     for pod, _ports in pods:
         compiled = pod.root / "data" / "cache" / "recsys" / "compiled" / "ranker" / version

@@ -27,6 +27,7 @@ from recsys.settings import env_default
 DEFAULT_MAX_IN_FLIGHT = 32
 DEFAULT_MAX_QUEUE_MS = 4
 DEFAULT_MAX_QUEUED = 0
+DEFAULT_METRICS = "127.0.0.1:9101"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -69,6 +70,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "once (0: no bound but the time; default %(default)s)",
     )
     front.add_argument(
+        "--metrics",
+        default=env_default("front_metrics", DEFAULT_METRICS),
+        help="HOST:PORT where HAProxy's Prometheus exporter serves /metrics: the calls the "
+        "front refused, its queue, each backend's calls in flight (empty: none; default "
+        "%(default)s, loopback: bind it wider only where a NetworkPolicy guards the port)",
+    )
+    front.add_argument(
         "--shutdown-grace-seconds",
         default=env_default("front_shutdown_grace_seconds", "5"),
         help="on SIGTERM, keep forwarding this long before draining (default %(default)s, as "
@@ -95,6 +103,7 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
         raise CliError("front --backend: expected at least one HOST:PORT")
     try:
         listen = parse_backend(args.listen, "--listen")
+        metrics = parse_backend(args.metrics, "--metrics") if args.metrics.strip() else None
         return FrontSettings(
             listen.host,
             listen.port,
@@ -102,6 +111,7 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             whole_number("--max-in-flight", args.max_in_flight),
             whole_number("--max-queue-ms", args.max_queue_ms),
             whole_number("--max-queued", args.max_queued),
+            metrics,
         )
     except FrontError as e:
         raise CliError(str(e)) from e

@@ -17,6 +17,12 @@ So an admitted call waits at most ``max_queue_ms`` before the server, a refused 
 in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
 is queued, not refused, however many calls it holds: the bound judges time, not count.
 
+Calls the front refuses never reach a server, so the servers' metrics cannot count them. With
+``metrics`` set, HAProxy's own Prometheus exporter (built into Debian's HAProxy) serves
+``/metrics`` on that address: requests and responses by class (a refusal is a 5xx; a gRPC error
+from a server is HTTP 200), the queue, each backend's calls in flight and the time calls waited
+for one (docs/operations.md, "The admission front's metrics").
+
 ``recsys front`` runs it (cli/front.py); ``haproxy_config`` renders the configuration, so the
 one the pods run is the one the tests and benchmarks run.
 """
@@ -67,17 +73,22 @@ class FrontSettings:
     max_queued: int = 0
     """Calls that may wait in the front at once; a call that finds this many waiting is
     refused at once (0: no bound but the time)."""
+    metrics: Backend | None = None
+    """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
 
     def __post_init__(self) -> None:
+        metrics = () if self.metrics is None else (self.metrics,)
         for setting, host in (
             ("listen host", self.listen_host),
             *(("backend host", b.host) for b in self.backends),
+            *(("metrics host", m.host) for m in metrics),
         ):
-            if not _HOST.match(host):
+            if not _HOST.fullmatch(host):
                 raise FrontError(f"front {setting} {host!r}: expected a host name or IP address")
         for setting, port in (
             ("listen port", self.listen_port),
             *(("backend port", b.port) for b in self.backends),
+            *(("metrics port", m.port) for m in metrics),
         ):
             if not 1 <= port <= 65535:
                 raise FrontError(f"front {setting} {port}: expected 1-65535")
@@ -114,6 +125,16 @@ def haproxy_config(settings: FrontSettings) -> str:
     if settings.max_queued:  # refused at once when that many already wait
         full = f"{{ queue(recsys) ge {settings.max_queued} }}"
         queued = f"    http-request return status 503 {refusal} if {full}\n"
+    metrics = ""
+    if settings.metrics is not None:
+        metrics = f"""
+frontend metrics
+    bind {_address(settings.metrics.host, settings.metrics.port)}
+    no log
+    timeout client 10s
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    http-request return status 404
+"""
     return f"""\
 global
     nbthread 1
@@ -139,7 +160,7 @@ backend recsys
     balance leastconn
     http-error status 503 {refusal}
 {servers}
-"""
+{metrics}"""
 
 
 def haproxy_path() -> str:
@@ -196,12 +217,16 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     try:
         process = start_front(settings, config_dir)
         log.info(
-            "recsys front on %s:%d: %d backends, at most %d calls in each, %d ms in the queue",
+            "recsys front on %s:%d: %d backends, at most %d calls in each, %d ms in the queue; "
+            "metrics %s",
             settings.listen_host,
             settings.listen_port,
             len(settings.backends),
             settings.max_in_flight,
             settings.max_queue_ms,
+            "none"
+            if settings.metrics is None
+            else f"http://{_address(settings.metrics.host, settings.metrics.port)}/metrics",
         )
         while not stopping.wait(0.2):
             if process.poll() is not None:

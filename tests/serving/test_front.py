@@ -11,12 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import wait_serving_for
 from recsys.cli.main import main
@@ -62,6 +67,11 @@ def settings(**changes: object) -> FrontSettings:
         ({"backends": ()}, "backends: expected at least one HOST:PORT"),
         ({"max_in_flight": 0}, "max_in_flight 0: expected >= 1"),
         ({"max_queue_ms": 0}, "max_queue_ms 0: expected >= 1"),
+        ({"metrics": Backend("a\nb", 9101)}, "metrics host 'a"),
+        # a newline at the end, too: it would end a line of HAProxy's configuration
+        ({"metrics": Backend("127.0.0.1\n", 9101)}, "metrics host '127.0.0.1"),
+        ({"backends": (Backend("127.0.0.1\n", 1),)}, "backend host '127.0.0.1"),
+        ({"metrics": Backend("127.0.0.1", 0)}, "metrics port 0: expected 1-65535"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -94,15 +104,27 @@ def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
     assert "    timeout queue 12ms\n" in text
     assert "    bind 127.0.0.1:50051 proto h2\n" in text
     assert "hdr grpc-status 8" in text
+    assert "prometheus-exporter" not in text  # no metrics unless asked for
+
+
+def test_the_metrics_address_gets_haproxy_s_exporter_and_nothing_else() -> None:
+    text = haproxy_config(settings(metrics=Backend("::1", 9101)))
+    block = text[text.index("frontend metrics") :]
+    assert "    bind [::1]:9101\n" in block
+    assert "    http-request use-service prometheus-exporter if { path /metrics }\n" in block
+    assert "    http-request return status 404\n" in block  # any other path
 
 
 @contextmanager
-def front(tmp_path: Path, backend_port: int, in_flight: int, queue_ms: int) -> Iterator[str]:
+def front(
+    tmp_path: Path, backend_port: int, in_flight: int, queue_ms: int, metrics: int | None = None
+) -> Iterator[str]:
     config = settings(
         listen_port=free_port("127.0.0.1"),
         backends=(Backend("127.0.0.1", backend_port),),
         max_in_flight=in_flight,
         max_queue_ms=queue_ms,
+        metrics=None if metrics is None else Backend("127.0.0.1", metrics),
     )
     process = start_front(config, tmp_path)
     try:
@@ -145,6 +167,65 @@ async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_
                 pipeline.release.set()
                 reply = await held  # the held call is answered, not refused
                 assert len(reply.items) == 0
+
+
+def front_samples(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The front's metrics page, parsed as Prometheus text: value by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@needs_haproxy
+async def test_the_front_s_metrics_count_its_refusals_which_the_server_never_sees(
+    tmp_path: Path,
+) -> None:
+    metrics_port = free_port("127.0.0.1")
+    async with gated(tmp_path) as (server, pipeline):
+        with front(
+            tmp_path, server.port, in_flight=1, queue_ms=200, metrics=metrics_port
+        ) as target:
+            await wait_serving_for(target, 10)
+            before = await asyncio.to_thread(front_samples, metrics_port)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+                request = recommender_pb2.RecommendRequest(user_id="u")
+                held = asyncio.ensure_future(stub.Recommend(request))
+                for _ in range(1000):  # until the held call takes the one slot
+                    if pipeline.deadlines:
+                        break
+                    await asyncio.sleep(0.01)
+                busy = await asyncio.to_thread(front_samples, metrics_port)
+                for _ in range(3):
+                    with pytest.raises(grpc.aio.AioRpcError) as shed:
+                        await stub.Recommend(request, timeout=10)
+                    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                pipeline.release.set()
+                await held
+            after = await asyncio.to_thread(front_samples, metrics_port)
+            with pytest.raises(urllib.error.HTTPError) as other:
+                await asyncio.to_thread(
+                    urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/", timeout=5
+                )
+            other.value.close()
+            assert other.value.code == 404
+
+    def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert value(busy, "haproxy_server_current_sessions", proxy="recsys", server="w0") == 1
+    refused = grew("haproxy_frontend_http_responses_total", proxy="grpc", code="5xx")
+    assert refused == 3  # the three refusals, and nothing else
+    assert grew("haproxy_frontend_http_responses_total", proxy="grpc", code="2xx") == 1
+    assert grew("haproxy_frontend_http_requests_total", proxy="grpc") == 4
+    assert len(pipeline.deadlines) == 1  # the server saw only the held call
 
 
 @needs_haproxy
@@ -238,13 +319,20 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
     monkeypatch.setenv("RECSYS_FRONT_MAX_QUEUE_MS", "3")
     assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
     text = capsys.readouterr().out
-    assert text == haproxy_config(
-        settings(
-            backends=(Backend("127.0.0.1", 50061), Backend("127.0.0.1", 50062)),
-            max_in_flight=5,
-            max_queue_ms=3,
-        )
+    expected = settings(
+        backends=(Backend("127.0.0.1", 50061), Backend("127.0.0.1", 50062)),
+        max_in_flight=5,
+        max_queue_ms=3,
+        metrics=Backend("127.0.0.1", 9101),  # on loopback by default, as the servers' metrics
     )
+    assert text == haproxy_config(expected)
+    monkeypatch.setenv("RECSYS_FRONT_METRICS", "0.0.0.0:9200")
+    assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
+    assert capsys.readouterr().out == haproxy_config(
+        replace(expected, metrics=Backend("0.0.0.0", 9200))
+    )
+    assert main(["front", "--print-config", "--max-in-flight", "5", "--metrics", ""]) == 0
+    assert capsys.readouterr().out == haproxy_config(replace(expected, metrics=None))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +342,7 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         (["--backend", "h:1", "--max-in-flight", "x"], "--max-in-flight 'x': expected a whole"),
         (["--backend", "h:1", "--max-queue-ms", "0"], "max_queue_ms 0: expected >= 1"),
         (["--backend", "h:1", "--listen", "80"], "--listen '80': expected HOST:PORT"),
+        (["--backend", "h:1", "--metrics", "9101"], "--metrics '9101': expected HOST:PORT"),
     ],
 )
 def test_bad_front_flags_are_one_line_and_exit_2(
@@ -274,6 +363,7 @@ async def test_on_sigterm_the_front_forwards_through_the_grace_then_drains(
         command = [
             sys.executable, "-m", "recsys.cli.main", "front", "--listen", f"127.0.0.1:{listen}",
             "--backend", f"127.0.0.1:{server.port}", "--shutdown-grace-seconds", "1.5",
+            "--metrics", f"127.0.0.1:{free_port('127.0.0.1')}",
         ]  # fmt: skip
         log = (tmp_path / "front.log").open("wb")
         front_process = await asyncio.create_subprocess_exec(*command, stderr=log)

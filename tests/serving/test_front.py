@@ -5,6 +5,7 @@ CI installs haproxy (.ci/run); elsewhere the tests that run it are skipped."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import socket
@@ -169,6 +170,13 @@ async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_
                 assert len(reply.items) == 0
 
 
+def haproxy_series_queried() -> set[str]:
+    """The haproxy_ series the alert rules and the dashboard (ops/) query."""
+    ops = Path(__file__).resolve().parents[2] / "ops"
+    paths = (ops / "prometheus" / "recsys-alerts.yml", ops / "grafana" / "recsys-dashboard.json")
+    return {name for path in paths for name in re.findall(r"haproxy_[a-z_]+", path.read_text())}
+
+
 def front_samples(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The front's metrics page, parsed as Prometheus text: value by name and labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
@@ -226,6 +234,10 @@ async def test_the_front_s_metrics_count_its_refusals_which_the_server_never_see
     assert grew("haproxy_frontend_http_responses_total", proxy="grpc", code="2xx") == 1
     assert grew("haproxy_frontend_http_requests_total", proxy="grpc") == 4
     assert len(pipeline.deadlines) == 1  # the server saw only the held call
+    # The alert rules and the dashboard query series this exporter serves.
+    queried = haproxy_series_queried()
+    assert queried >= {"haproxy_frontend_http_responses_total", "haproxy_backend_current_queue"}
+    assert queried <= {name for name, _labels in after}
 
 
 @needs_haproxy

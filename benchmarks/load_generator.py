@@ -12,8 +12,8 @@ sent (``send_lag``: if it is large, the generator, not the server, is the bottle
 here on first use with g++ into benchmarks/loadgen/build/) instead of this process's event loop.
 On one core, the Python loop offers ~2,300 calls/s with a send lag p99 of ~1 ms but falls behind
 by tens of ms at ~4,000/s, where the native generator's send lag p99 stays under 1 ms
-(benchmarks/README.md, "The load generator"): at those rates the Python figures measure the
-generator, not the server.
+(benchmarks/README.md, "The admission front, measured by a native load generator"): at those
+rates the Python figures measure the generator, not the server.
 
     python -m benchmarks.load_generator --target 127.0.0.1:50051 --artifacts ART --rate 900
         [--native]

@@ -90,7 +90,7 @@ from benchmarks.bench_latency import (
     pinned,
     start_bench_front,
 )
-from benchmarks.load_generator import run_native, write_requests
+from benchmarks.load_generator import build_native, run_native, write_requests
 from recsys.serving.front import Backend, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
@@ -842,6 +842,14 @@ def main() -> None:
         "comma-separated, no ranges)",
     )
     args = parser.parse_args()
+    generators = args.generator or ["native"]
+    if len(set(generators)) != len(generators):
+        parser.error(f"--generator {' '.join(generators)}: expected each generator once")
+    if "native" in generators:
+        try:
+            build_native()  # before any server starts: a missing compiler is one line, not a crash
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            parser.error(f"--generator native: {e} (or run with --generator python)")
     if args.client_cpus and not args.server_cpus:
         parser.error("--client-cpus needs --server-cpus (the servers would inherit its CPUs)")
     if args.client_cpus:
@@ -853,7 +861,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "server_cpus": args.server_cpus,
                 "client_cpus": args.client_cpus,
-                "generators": args.generator or ["native"],
+                "generators": generators,
             }
         ),
         flush=True,

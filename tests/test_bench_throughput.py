@@ -385,6 +385,15 @@ def test_client_cpus_without_server_cpus_is_refused() -> None:
     assert "--client-cpus needs --server-cpus" in out.stderr
 
 
+def test_a_generator_named_twice_is_refused() -> None:
+    command = [sys.executable, "-m", "benchmarks.bench_throughput"]
+    out = subprocess.run(
+        [*command, "--generator", "python", "--generator", "python"], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "--generator python python: expected each generator once" in out.stderr
+
+
 def test_with_front_each_server_and_variant_is_followed_by_itself_behind_the_front() -> None:
     listed = {
         s.name: s

@@ -142,6 +142,20 @@ async def gated(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, GatedPipel
         yield running
 
 
+async def hold_the_slot(
+    stub: recommender_pb2_grpc.RecommenderAsyncStub,
+    request: recommender_pb2.RecommendRequest,
+    pipeline: GatedPipeline,
+) -> asyncio.Future[recommender_pb2.RecommendResponse]:
+    """Send ``request`` and wait until the gated server holds it (the front's one slot)."""
+    held = asyncio.ensure_future(stub.Recommend(request))
+    for _ in range(1000):
+        if pipeline.deadlines:
+            break
+        await asyncio.sleep(0.01)
+    return held
+
+
 @needs_haproxy
 async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_server(
     tmp_path: Path,
@@ -152,11 +166,7 @@ async def test_a_call_that_waits_past_the_bound_is_refused_without_reaching_the_
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id="u")
-                held = asyncio.ensure_future(stub.Recommend(request))
-                for _ in range(1000):  # until the held call takes the one slot
-                    if pipeline.deadlines:
-                        break
-                    await asyncio.sleep(0.01)
+                held = await hold_the_slot(stub, request, pipeline)
                 start = time.perf_counter()
                 with pytest.raises(grpc.aio.AioRpcError) as shed:
                     await stub.Recommend(request, timeout=10)
@@ -202,11 +212,7 @@ async def test_the_front_s_metrics_count_its_refusals_which_the_server_never_see
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id="u")
-                held = asyncio.ensure_future(stub.Recommend(request))
-                for _ in range(1000):  # until the held call takes the one slot
-                    if pipeline.deadlines:
-                        break
-                    await asyncio.sleep(0.01)
+                held = await hold_the_slot(stub, request, pipeline)
                 busy = await asyncio.to_thread(front_samples, metrics_port)
                 for _ in range(3):
                     with pytest.raises(grpc.aio.AioRpcError) as shed:

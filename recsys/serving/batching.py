@@ -27,7 +27,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
+
+from recsys.serving.thread_names import name_os_thread
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -78,6 +81,14 @@ class _Pending(Generic[T, R]):
     enqueued: float
 
 
+def _start_batch_thread(initializer: Callable[[], object] | None) -> None:
+    """A batch thread's first act: its name in the operating system (``batch-NAME``), then the
+    caller's per-thread settings."""
+    name_os_thread()
+    if initializer is not None:
+        initializer()
+
+
 class MicroBatcher(Generic[T, R]):
     """Batch ``submit(item)`` calls into ``fn(list[T]) -> list[R | Exception]`` calls.
 
@@ -123,7 +134,7 @@ class MicroBatcher(Generic[T, R]):
         self._executor: Executor = executor or ThreadPoolExecutor(
             max_workers=max_concurrent_batches,
             thread_name_prefix=f"batch-{name}",
-            initializer=thread_initializer,
+            initializer=partial(_start_batch_thread, thread_initializer),
         )
         self._observer = observer
         self._pending: deque[_Pending[T, R]] = deque()

@@ -44,6 +44,7 @@ from recsys.linelog.files import (
 from recsys.linelog.reading import LineReadStats, iter_log_lines, log_files
 from recsys.linelog.streams import STREAM_FIELD, ArchiveStats, RedisStreamWriter, StreamArchiver
 from recsys.serving.record import ExposureRecord
+from recsys.serving.thread_names import name_os_thread
 from recsys.settings import ServeSettings
 from recsys.types import Recommendation, Request
 
@@ -225,6 +226,7 @@ class ExposureSink:
         await asyncio.to_thread(thread.join)
 
     def _run(self) -> None:
+        name_os_thread()
         pending = self._queue
         full = False
         while True:

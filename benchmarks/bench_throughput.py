@@ -59,7 +59,12 @@ loop), from the server's metrics page over the phase: the mean wall time of each
 each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds
 of batches run per second of the phase, summed over workers (1.0: one batch thread never idle).
 Below saturation these say where a call's latency went: queued for a batch, in its batch, or on
-the event loop around them (servicer time minus the two).
+the event loop around them (servicer time minus the two). ``threads_us_per_call`` (both phases)
+says where its CPU went: each thread's CPU per answered call, by the thread's name in the
+operating system, summed over the workers (``main``: each process's event loop; the batch
+threads, ``batch-recommend``, and ``exposure-writer`` name themselves; ``event_engine`` is
+gRPC core's; unnamed Python threads, gRPC's poller among them, show as ``python``; ``haproxy``
+is the front).
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import (
+    CLOCK_TICKS,
     cpu_seconds,
     free_port,
     front_bounds,
@@ -129,15 +135,55 @@ class Server:
     """What sends the calls (``--generator``): ``native`` or ``python``."""
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its direct children (the worker processes of --workers N)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+
+
 def children_cpu(pid: int) -> float:
     """CPU of ``pid`` and of its direct children (the worker processes of --workers N)."""
-    total = cpu_seconds(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        for child in children.read_text().split():
-            with contextlib.suppress(FileNotFoundError):  # a worker that just exited
-                total += cpu_seconds(int(child))
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(FileNotFoundError):  # a worker that just exited
+            total += cpu_seconds(member)
     return total
+
+
+MAIN_THREAD = "main"
+"""Each process's first thread: a server's event loop (grpc.aio, the servicer)."""
+
+
+def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds of every thread of ``pids`` and their direct children, summed by the
+    thread's name in the operating system (recsys/serving/thread_names.py names the batch
+    threads and the exposure writer; gRPC core names its own); each process's first thread is
+    :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name."""
+    out: dict[str, float] = {}
+    for process in (member for pid in pids for member in family(pid)):
+        with contextlib.suppress(FileNotFoundError):  # a process or thread that just exited
+            for task in Path(f"/proc/{process}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    stat = (task / "stat").read_text()
+                    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                    fields = stat[stat.rindex(")") + 2 :].split()
+                    key = MAIN_THREAD if int(task.name) == process else name
+                    seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+                    out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
+def threads_per_call(
+    before: dict[str, float], after: dict[str, float], calls: int
+) -> dict[str, float]:
+    """µs of each thread name's CPU per answered call between two :func:`thread_cpu` reads,
+    largest first (names under 1 µs a call left out)."""
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    return {
+        name: round(seconds / max(calls, 1) * 1e6, 1)
+        for name, seconds in sorted(used.items(), key=lambda kv: -kv[1])
+        if seconds / max(calls, 1) * 1e6 >= 1.0
+    }
 
 
 def make_requests(
@@ -482,6 +528,11 @@ def run_server(
             front = 0.0 if front_process is None else cpu_seconds(front_process.pid)
             return children_cpu(process.pid) + front
 
+        def threads_now() -> dict[str, float]:
+            """:func:`cpu_now` by thread name."""
+            front = [] if front_process is None else [front_process.pid]
+            return thread_cpu([process.pid, *front])
+
         requests = RequestStream(
             make_requests(
                 args.artifacts, args.requests, args.seed, server.requests, args.located_share
@@ -502,11 +553,12 @@ def run_server(
         calls = server.concurrency or args.concurrency
         phase(args.seconds / 3, calls=calls)
         stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-        cpu0, wall0 = cpu_now(), time.perf_counter()
+        threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
         saturated_phase = phase(args.seconds, calls=calls)
         latencies, codes = saturated_phase.latencies, saturated_phase.codes
         wall = time.perf_counter() - wall0
         cpu = cpu_now() - cpu0
+        threads = threads_per_call(threads0, threads_now(), len(latencies))
         stages = stage_means(stages0, stage_totals(server.command), wall)
         done = len(latencies)
         saturated = done / wall
@@ -523,15 +575,17 @@ def run_server(
             "codes": codes,
             "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
             "stages_saturated": stages,
+            "threads_us_per_call": threads,
             "requests_wrapped": requests.wrapped,
         }
         if args.open_loop:
             rate = 0.7 * saturated if rate is None else rate
             stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-            cpu0, wall0 = cpu_now(), time.perf_counter()
+            threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
             open_phase = phase(args.seconds, rate=rate)
             lat70, codes70 = open_phase.latencies, open_phase.codes
             cpu70 = cpu_now() - cpu0
+            threads70 = threads_per_call(threads0, threads_now(), len(lat70))
             stages70 = stage_means(
                 stages0, stage_totals(server.command), time.perf_counter() - wall0
             )
@@ -545,6 +599,7 @@ def run_server(
                 "codes": codes70,
                 "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
                 "stages": stages70,
+                "threads_us_per_call": threads70,
                 "requests_wrapped": requests.wrapped,
             }
         return result

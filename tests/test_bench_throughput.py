@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,8 @@ from benchmarks.bench_throughput import (
     shed_share,
     stage_means,
     stage_totals,
+    thread_cpu,
+    threads_per_call,
     variant,
 )
 from benchmarks.load_generator import write_requests
@@ -186,6 +190,51 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
     assert totals["queue_delay"] == pytest.approx((0.02, 6.0))
     assert totals["servicer"] == pytest.approx((0.04, 2.0))
     assert lookups == (2.0, 1.0)
+
+
+SPINNER = """
+import asyncio, subprocess, sys, time
+from recsys.serving.batching import MicroBatcher
+
+def spin(items):  # 0.3 s of this thread's CPU in one batch
+    end = time.thread_time() + 0.3
+    while time.thread_time() < end:
+        pass
+    return items
+
+async def main():
+    child = None
+    if sys.argv[1] == "parent":  # a worker process, as `recsys serve --workers N` starts them
+        child = subprocess.Popen([sys.executable, "-c", sys.argv[2], "child", ""])
+    async with MicroBatcher(spin, name="spin") as batcher:
+        await batcher.submit(1)
+        print("spun", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_thread_cpu_sums_each_named_thread_over_a_process_and_its_workers() -> None:
+    """Real batch threads (MicroBatcher) in a process and in its child: each names itself,
+    and the benchmark reads their CPU from /proc by that name."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SPINNER, "parent", SPINNER], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    try:
+        assert [process.stdout.readline().strip() for _ in range(2)] == ["spun", "spun"]
+        used = thread_cpu([process.pid])
+    finally:
+        for pid in bench_throughput.family(process.pid)[1:]:
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert 0.55 <= used["batch-spin_0"] < 2.0  # 0.3 s in each of the two processes
+    assert used["main"] > 0  # each process's first thread, under one name
+    per_call = threads_per_call({"main": 0.5}, {"main": 0.7, "batch-spin": 0.6, "idle": 0.0}, 1000)
+    assert per_call == {"batch-spin": 600.0, "main": 200.0}  # largest first, idle left out
 
 
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:

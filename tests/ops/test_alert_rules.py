@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 RULES = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -23,11 +24,22 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def alert_names() -> list[str]:
+    groups = yaml.safe_load((RULES / "recsys-alerts.yml").read_text())["groups"]
+    return [rule["alert"] for group in groups for rule in group["rules"]]
+
+
 @needs_promtool
 def test_the_alert_rules_are_valid_prometheus_rules() -> None:
     result = promtool("check", "rules", "recsys-alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert f"SUCCESS: {len(alert_names())} rules found" in result.stdout
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    tests = yaml.safe_load((RULES / "recsys-alerts.test.yml").read_text())["tests"]
+    tested = {case["alertname"] for test in tests for case in test["alert_rule_test"]}
+    assert set(alert_names()) <= tested
 
 
 @needs_promtool

@@ -83,6 +83,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -669,52 +670,37 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         Server("recsys-hit", serve, "hit"),
     ]
     same = args.same_rate
+
+    def compared(server: Server, suffix: str, **changes: Any) -> Server:
+        """A copy of ``server`` with ``changes``, named ``NAME-suffix``; with --same-rate it runs
+        its open loop at the rate of ``server`` (or of what ``server`` itself is compared with)."""
+        rate_of = (server.rate_of or server.name) if same else None
+        return replace(server, name=f"{server.name}-{suffix}", rate_of=rate_of, **changes)
+
     if args.baseline is not None:  # each followed by the same server from another checkout
         code = args.baseline.resolve()
-        recsys = [
-            s
-            for r in recsys
-            for s in (
-                r,
-                replace(r, name=f"{r.name}-baseline", code=code, rate_of=r.name if same else None),
-            )
-        ]
+        recsys = followed_by(recsys, lambda r: [compared(r, "baseline", code=code)])
     if args.variant:  # each followed by the same server with other serve flags
-        recsys = [
-            s
-            for r in recsys
-            for s in (
-                r,
-                *(
-                    replace(
-                        r,
-                        name=f"{r.name}-{name}",
-                        command=[*r.command, *flags],
-                        rate_of=(r.rate_of or r.name) if same else None,
-                    )
-                    for name, flags in args.variant
-                ),
-            )
-        ]
+        recsys = followed_by(
+            recsys,
+            lambda r: [
+                compared(r, name, command=[*r.command, *flags]) for name, flags in args.variant
+            ],
+        )
     if args.front:  # each followed by the same server behind each front
-        recsys = [
-            s
-            for r in recsys
-            for s in (
-                r,
-                *(
-                    replace(
-                        r,
-                        name=f"{r.name}-front" + ("" if len(args.front) == 1 else f"-{front.name}"),
-                        command=[*r.command, "--worker-port-stride", "1"],
-                        rate_of=(r.rate_of or r.name) if same else None,
-                        front=front.settings,
-                        concurrency=front.concurrency,
-                    )
-                    for front in args.front
-                ),
-            )
-        ]
+        recsys = followed_by(
+            recsys,
+            lambda r: [
+                compared(
+                    r,
+                    "front" if len(args.front) == 1 else f"front-{front.name}",
+                    command=[*r.command, "--worker-port-stride", "1"],
+                    front=front.settings,
+                    concurrency=front.concurrency,
+                )
+                for front in args.front
+            ],
+        )
     echo = [py, "-m", "benchmarks.echo_server", "--port", str(port)]
     listed = [
         Server("echo", echo, "distinct"),
@@ -729,22 +715,18 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         *([Server(ECHO_AT_HIT, echo, "distinct", rate_of="recsys-hit")] if same else []),
     ]
     first, *others = args.generator or ["native"]
-    return [  # each followed by the same server driven by each other generator
-        s
-        for listed_server in listed
-        for s in (
-            replace(listed_server, generator=first),
-            *(
-                replace(
-                    listed_server,
-                    name=f"{listed_server.name}-{other}",
-                    generator=other,
-                    rate_of=(listed_server.rate_of or listed_server.name) if same else None,
-                )
-                for other in others
-            ),
-        )
-    ]
+    return followed_by(  # each followed by the same server driven by each other generator
+        [replace(s, generator=first) for s in listed],
+        lambda s: [compared(s, other, generator=other) for other in others],
+    )
+
+
+def followed_by(
+    listed: Sequence[Server], copies: Callable[[Server], Sequence[Server]]
+) -> list[Server]:
+    """Each server of ``listed``, right after it the copies ``copies`` makes of it (the servers
+    compared with it: :func:`in_turn` keeps them together)."""
+    return [s for server in listed for s in (server, *copies(server))]
 
 
 ECHO_AT_HIT = "echo-at-hit-rate"

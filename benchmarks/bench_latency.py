@@ -74,10 +74,18 @@ def start_bench_front(
     return process, f"127.0.0.1:{settings.listen_port}"
 
 
+def stat_cpu(stat: Path) -> tuple[str, float]:
+    """The name and user + system CPU seconds in a /proc stat file (fields 2, 14 and 15): a
+    process's (/proc/PID/stat) or one of its threads' (/proc/PID/task/TID/stat)."""
+    text = stat.read_text()
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc/<pid>/stat (fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User + system CPU of a process, from /proc/<pid>/stat."""
+    return stat_cpu(Path(f"/proc/{pid}/stat"))[1]
 
 
 def make_requests(artifacts: Path, n: int, seed: int) -> list[recommender_pb2.RecommendRequest]:

@@ -90,12 +90,12 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import (
-    CLOCK_TICKS,
     cpu_seconds,
     free_port,
     front_bounds,
     pinned,
     start_bench_front,
+    stat_cpu,
 )
 from benchmarks.load_generator import build_native, run_native, write_requests
 from recsys.serving.front import Backend, FrontSettings
@@ -165,11 +165,8 @@ def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
         with contextlib.suppress(FileNotFoundError):  # a process or thread that just exited
             for task in Path(f"/proc/{process}/task").iterdir():
                 with contextlib.suppress(FileNotFoundError):
-                    stat = (task / "stat").read_text()
-                    name = stat[stat.index("(") + 1 : stat.rindex(")")]
-                    fields = stat[stat.rindex(")") + 2 :].split()
+                    name, seconds = stat_cpu(task / "stat")
                     key = MAIN_THREAD if int(task.name) == process else name
-                    seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
                     out[key] = out.get(key, 0.0) + seconds
     return out
 
@@ -179,12 +176,9 @@ def threads_per_call(
 ) -> dict[str, float]:
     """µs of each thread name's CPU per answered call between two :func:`thread_cpu` reads,
     largest first (names under 1 µs a call left out)."""
-    used = {name: after[name] - before.get(name, 0.0) for name in after}
-    return {
-        name: round(seconds / max(calls, 1) * 1e6, 1)
-        for name, seconds in sorted(used.items(), key=lambda kv: -kv[1])
-        if seconds / max(calls, 1) * 1e6 >= 1.0
-    }
+    per_call = {name: (after[name] - before.get(name, 0.0)) / max(calls, 1) * 1e6 for name in after}
+    ranked = sorted(per_call.items(), key=lambda kv: -kv[1])
+    return {name: round(us, 1) for name, us in ranked if us >= 1.0}
 
 
 def make_requests(

@@ -66,7 +66,7 @@ from benchmarks.bench_latency import (
     wait_serving_for,
 )
 from benchmarks.bench_swap import NAME, copy_with_two_versions, delete_prefix, write_route
-from benchmarks.load_generator import CHANNELS, SHED, build_native, call, ms
+from benchmarks.load_generator import CHANNELS, SHED, call, ms, require_native
 from recsys.artifacts import ArtifactRoot, versions
 from recsys.control.backends import open_store
 from recsys.ranking.registry import ModelRegistry
@@ -431,10 +431,7 @@ def main() -> None:
         parser.error(f"--front {sorted(unknown)}: expected the NAME of a --config")
 
     if args.generator == "native":
-        try:
-            build_native()  # before any server starts: a missing compiler fails in a line
-        except (RuntimeError, subprocess.CalledProcessError) as e:
-            parser.error(f"--generator native: {e}")
+        require_native(parser)
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         root = copy_with_two_versions(args.artifacts, Path(tmp), args.seed)

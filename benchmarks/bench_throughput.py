@@ -97,7 +97,7 @@ from benchmarks.bench_latency import (
     start_bench_front,
     stat_cpu,
 )
-from benchmarks.load_generator import build_native, run_native, write_requests
+from benchmarks.load_generator import require_native, run_native, write_requests
 from recsys.serving.front import Backend, FrontSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
@@ -877,10 +877,7 @@ def main() -> None:
     if len(set(generators)) != len(generators):
         parser.error(f"--generator {' '.join(generators)}: expected each generator once")
     if "native" in generators:
-        try:
-            build_native()  # before any server starts: a missing compiler is one line, not a crash
-        except (RuntimeError, subprocess.CalledProcessError) as e:
-            parser.error(f"--generator native: {e} (or run with --generator python)")
+        require_native(parser)
     if args.client_cpus and not args.server_cpus:
         parser.error("--client-cpus needs --server-cpus (the servers would inherit its CPUs)")
     if args.client_cpus:

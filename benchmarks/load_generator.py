@@ -175,6 +175,15 @@ def build_native() -> Path:
     return NATIVE_BINARY
 
 
+def require_native(parser: argparse.ArgumentParser) -> None:
+    """Build the native generator before a benchmark starts any server, or end it with one
+    line naming ``--generator native`` (a missing compiler or library, a failed build)."""
+    try:
+        build_native()
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        parser.error(f"--generator native: {e} (or run with --generator python)")
+
+
 def write_requests(path: Path, requests: Sequence[recommender_pb2.RecommendRequest]) -> None:
     """The request file of the native generator: each a 4-byte big-endian length, then bytes."""
     with path.open("wb") as out:

@@ -60,6 +60,11 @@ class Backend:
     host: str
     port: int
 
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` as HAProxy reads it (an IPv6 host in brackets)."""
+        return _address(self.host, self.port)
+
 
 @dataclass(frozen=True)
 class FrontSettings:
@@ -117,7 +122,7 @@ def _address(host: str, port: int) -> str:
 def haproxy_config(settings: FrontSettings) -> str:
     """The HAProxy configuration of ``settings``."""
     servers = "\n".join(
-        f"    server w{i} {_address(b.host, b.port)} proto h2 maxconn {settings.max_in_flight}"
+        f"    server w{i} {b.address} proto h2 maxconn {settings.max_in_flight}"
         for i, b in enumerate(settings.backends)
     )
     refusal = f'hdr grpc-status 8 hdr grpc-message "{SHED_MESSAGE}"'
@@ -129,7 +134,7 @@ def haproxy_config(settings: FrontSettings) -> str:
     if settings.metrics is not None:
         metrics = f"""
 frontend metrics
-    bind {_address(settings.metrics.host, settings.metrics.port)}
+    bind {settings.metrics.address}
     no log
     timeout client 10s
     http-request use-service prometheus-exporter if {{ path /metrics }}
@@ -224,9 +229,7 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
             len(settings.backends),
             settings.max_in_flight,
             settings.max_queue_ms,
-            "none"
-            if settings.metrics is None
-            else f"http://{_address(settings.metrics.host, settings.metrics.port)}/metrics",
+            "none" if settings.metrics is None else f"http://{settings.metrics.address}/metrics",
         )
         while not stopping.wait(0.2):
             if process.poll() is not None:

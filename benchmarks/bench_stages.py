@@ -14,16 +14,31 @@ delivery cell and one FAISS call; ``--places homes`` puts each at its user's hom
 ``--search-threads`` is the FAISS thread count of the thread running the stages, as a server's
 batch thread sets it (``recsys serve --search-threads``; 0: FAISS's default, every core).
 
+``--loop-thread BUSY_US/IDLE_US`` measures what sharing the interpreter lock costs the batched
+stages. In a server the batch thread shares the lock with the event loop, which holds it while
+it runs Python (gRPC's callbacks, the servicer) and lets it go while it waits for the network.
+A second thread here does the same: it runs Python for BUSY_US, sleeps IDLE_US, and again. Each
+round then runs the batched stages over every request twice, alone and beside that thread (the
+order alternating by round), and the report gives the batch thread's own CPU (user and system,
+``getrusage(RUSAGE_THREAD)``), its voluntary context switches and the wall time, per request,
+medians over the rounds, and the share of the wall time the second thread spent in its busy
+turns.
+
     python -m benchmarks.bench_stages --artifacts artifacts [--requests 2000] [--batch 4]
-        [--places homes] [--search-threads 1]
+        [--places homes] [--search-threads 1] [--loop-thread 200/200]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
+import statistics
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +47,7 @@ from benchmarks.bench_rank_cut import load_state
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
 from recsys.retrieval.index import set_search_threads
-from recsys.stage import Batch, run_stages
+from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Location, Request
 
 
@@ -52,6 +67,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--places", choices=("one", "homes"), default="one")
     parser.add_argument("--search-threads", type=int, default=1)
+    parser.add_argument(
+        "--loop-thread",
+        type=loop_thread_duty,
+        metavar="BUSY_US/IDLE_US",
+        help="also run the batched stages beside a thread that holds the interpreter lock for "
+        "BUSY_US and sleeps IDLE_US, in turn, as an event loop serving calls does",
+    )
     args = parser.parse_args()
     if args.search_threads:
         set_search_threads(args.search_threads)
@@ -87,6 +109,15 @@ def main() -> None:
         for name, seconds in spent.items():
             cpu[name].append(seconds / len(requests) * 1e6)
         process_cpu.append(process_spent / len(requests) * 1e6)
+    contention = (
+        {}
+        if args.loop_thread is None
+        else {
+            "loop_thread": beside_a_loop_thread(
+                plan.batched, snapshot, requests, args.batch, args.rounds, args.loop_thread
+            )
+        }
+    )
     print(
         json.dumps(
             {
@@ -102,10 +133,109 @@ def main() -> None:
                 "batch": args.batch,
                 "places": args.places,
                 "search_threads": args.search_threads,
+                **contention,
                 "load": [round(x, 2) for x in os.getloadavg()],
             }
         )
     )
+
+
+def loop_thread_duty(text: str) -> tuple[float, float]:
+    """``BUSY_US/IDLE_US`` -> (busy, idle) in seconds; busy > 0, idle >= 0."""
+    busy, sep, idle = text.partition("/")
+    try:
+        duty = (float(busy) * 1e-6, float(idle) * 1e-6)
+    except ValueError:
+        duty = (0.0, -1.0)
+    if not sep or not duty[0] > 0 or not duty[1] >= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected BUSY_US/IDLE_US, microseconds, busy > 0 and idle >= 0 "
+            "(e.g. 200/200)"
+        )
+    return duty
+
+
+class LoopThread:
+    """A thread that runs Python for ``busy`` seconds (holding the interpreter lock, or waiting
+    for it when the switch interval made it give the lock up), then sleeps ``idle`` seconds (the
+    lock released), until stopped; ``held`` sums its busy turns."""
+
+    def __init__(self, busy: float, idle: float) -> None:
+        self._busy, self._idle = busy, idle
+        self._stop = threading.Event()
+        self.held = 0.0
+        self._thread = threading.Thread(target=self._run, name="loop-thread", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            until = start + self._busy
+            while time.perf_counter() < until:
+                pass
+            self.held += time.perf_counter() - start
+            time.sleep(self._idle)
+
+    def __enter__(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def beside_a_loop_thread(
+    stages: Sequence[Stage[ServingSnapshot]],
+    snapshot: ServingSnapshot,
+    requests: Sequence[Request],
+    batch_size: int,
+    rounds: int,
+    duty: tuple[float, float],
+) -> dict[str, object]:
+    """The batched stages over ``requests``, alone and beside a :class:`LoopThread`, in turn
+    (alone first in even rounds): per request, the running thread's CPU, voluntary context
+    switches and wall time, medians over ``rounds`` (after one round of each to warm up)."""
+    runs: dict[str, list[dict[str, float]]] = {"alone": [], "beside": []}
+    held: list[float] = []
+    for round_ in range(rounds + 1):
+        for beside in (False, True) if round_ % 2 == 0 else (True, False):
+            with LoopThread(*duty) if beside else contextlib.nullcontext() as loop:
+                start = resource.getrusage(resource.RUSAGE_THREAD)
+                began = time.perf_counter()
+                for at in range(0, len(requests), batch_size):
+                    batch = Batch(requests=tuple(requests[at : at + batch_size]))
+                    run_stages(stages, batch, snapshot)
+                wall = time.perf_counter() - began
+                end = resource.getrusage(resource.RUSAGE_THREAD)
+            if round_ == 0:
+                continue
+            n = len(requests)
+            cpu = end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
+            runs["beside" if beside else "alone"].append(
+                {
+                    "cpu_us": cpu / n * 1e6,
+                    "system_us": (end.ru_stime - start.ru_stime) / n * 1e6,
+                    "switches": (end.ru_nvcsw - start.ru_nvcsw) / n,
+                    "wall_us": wall / n * 1e6,
+                }
+            )
+            if isinstance(loop, LoopThread):
+                held.append(loop.held / wall)
+    report: dict[str, object] = {
+        "busy_us": round(duty[0] * 1e6, 1),
+        "idle_us": round(duty[1] * 1e6, 1),
+        "loop_busy_share": round(statistics.median(held), 3),
+    }
+    for name, measured in runs.items():
+        report[name] = {
+            key: round(statistics.median(r[key] for r in measured), 2) for key in measured[0]
+        }
+    for key in ("cpu_us", "wall_us"):
+        pairs = zip(runs["alone"], runs["beside"], strict=True)
+        report[f"{key}_beside_over_alone"] = round(
+            statistics.median(b[key] / a[key] for a, b in pairs), 3
+        )
+    return report
 
 
 def make_requests(snapshot: ServingSnapshot, n: int, places: str) -> list[Request]:

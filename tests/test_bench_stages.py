@@ -49,3 +49,39 @@ def test_the_command_reports_each_stage_and_the_process_cpu(artifacts_dir: Path)
     stages = report["us_per_request_median"]
     assert {"assign", "features", "retrieve", "rank", "arrange", "monitor"} <= set(stages)
     assert all(v >= 0 for v in stages.values())
+
+
+def test_beside_a_loop_thread_reports_both_runs_and_their_ratios(artifacts_dir: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.bench_stages", "--artifacts", str(artifacts_dir),
+            "--requests", "16", "--batch", "4", "--rounds", "2", "--places", "homes",
+            "--loop-thread", "200/100",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    report = json.loads(done.stdout.strip().splitlines()[-1])["loop_thread"]
+    assert (report["busy_us"], report["idle_us"]) == (200.0, 100.0)
+    assert 0 < report["loop_busy_share"] < 1
+    for run in ("alone", "beside"):
+        assert set(report[run]) == {"cpu_us", "system_us", "switches", "wall_us"}
+        assert report[run]["wall_us"] > 0
+        assert report[run]["cpu_us"] > 0
+    assert report["beside"]["switches"] > 0  # it waited for the lock
+    assert report["wall_us_beside_over_alone"] > 0
+
+
+def test_a_bad_loop_thread_duty_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_stages", "--loop-thread", "0/300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "argument --loop-thread: '0/300': expected BUSY_US/IDLE_US, microseconds, busy > 0 "
+            "and idle >= 0 (e.g. 200/200)"
+        )
+    )

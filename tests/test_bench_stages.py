@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,16 +33,21 @@ def test_requests_come_from_one_place_or_from_around_each_users_home(artifacts_d
     assert len(set(zip(lat.tolist(), lon.tolist(), strict=True))) == 50
 
 
-def test_the_command_reports_each_stage_and_the_process_cpu(artifacts_dir: Path) -> None:
+def run_report(artifacts_dir: Path, *flags: str) -> dict[str, Any]:
+    """The JSON line of one real run of the command on 16 requests in batches of 4."""
     done = subprocess.run(
         [
             sys.executable, "-m", "benchmarks.bench_stages", "--artifacts", str(artifacts_dir),
-            "--requests", "16", "--batch", "4", "--rounds", "1", "--places", "homes",
-            "--search-threads", "1",
+            "--requests", "16", "--batch", "4", "--places", "homes", *flags,
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_the_command_reports_each_stage_and_the_process_cpu(artifacts_dir: Path) -> None:
+    report = run_report(artifacts_dir, "--rounds", "1", "--search-threads", "1")
     assert report["places"] == "homes"
     assert report["search_threads"] == 1
     assert report["batch"] == 4
@@ -52,15 +58,7 @@ def test_the_command_reports_each_stage_and_the_process_cpu(artifacts_dir: Path)
 
 
 def test_beside_a_loop_thread_reports_both_runs_and_their_ratios(artifacts_dir: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "benchmarks.bench_stages", "--artifacts", str(artifacts_dir),
-            "--requests", "16", "--batch", "4", "--rounds", "2", "--places", "homes",
-            "--loop-thread", "200/100",
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
-    report = json.loads(done.stdout.strip().splitlines()[-1])["loop_thread"]
+    report = run_report(artifacts_dir, "--rounds", "2", "--loop-thread", "200/100")["loop_thread"]
     assert (report["busy_us"], report["idle_us"]) == (200.0, 100.0)
     assert 0 < report["loop_busy_share"] < 1
     for run in ("alone", "beside"):

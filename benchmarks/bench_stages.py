@@ -158,11 +158,12 @@ def loop_thread_duty(text: str) -> tuple[float, float]:
 class LoopThread:
     """A thread that runs Python for ``busy`` seconds (holding the interpreter lock, or waiting
     for it when the switch interval made it give the lock up), then sleeps ``idle`` seconds (the
-    lock released), until stopped; ``held`` sums its busy turns."""
+    lock released), until stopped; ``held`` sums its finished busy turns."""
 
     def __init__(self, busy: float, idle: float) -> None:
         self._busy, self._idle = busy, idle
         self._stop = threading.Event()
+        self._turning = threading.Event()
         self.held = 0.0
         self._thread = threading.Thread(target=self._run, name="loop-thread", daemon=True)
 
@@ -173,10 +174,12 @@ class LoopThread:
             while time.perf_counter() < until:
                 pass
             self.held += time.perf_counter() - start
+            self._turning.set()
             time.sleep(self._idle)
 
     def __enter__(self) -> LoopThread:
         self._thread.start()
+        self._turning.wait()  # measured from its first finished turn on, not before it runs
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -200,6 +203,7 @@ def beside_a_loop_thread(
     for round_ in range(rounds + 1):
         for beside in (False, True) if round_ % 2 == 0 else (True, False):
             with LoopThread(*duty) if beside else contextlib.nullcontext() as loop:
+                held_before = loop.held if loop is not None else 0.0
                 start = resource.getrusage(resource.RUSAGE_THREAD)
                 began = time.perf_counter()
                 for at in range(0, len(requests), batch_size):
@@ -207,6 +211,7 @@ def beside_a_loop_thread(
                     run_stages(stages, batch, snapshot)
                 wall = time.perf_counter() - began
                 end = resource.getrusage(resource.RUSAGE_THREAD)
+                held_during = (loop.held if loop is not None else 0.0) - held_before
             if round_ == 0:
                 continue
             n = len(requests)
@@ -219,8 +224,8 @@ def beside_a_loop_thread(
                     "wall_us": wall / n * 1e6,
                 }
             )
-            if isinstance(loop, LoopThread):
-                held.append(loop.held / wall)
+            if beside:
+                held.append(held_during / wall)
     report: dict[str, object] = {
         "busy_us": round(duty[0] * 1e6, 1),
         "idle_us": round(duty[1] * 1e6, 1),

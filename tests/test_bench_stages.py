@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.bench_rank_cut import load_state
-from benchmarks.bench_stages import make_requests
+from benchmarks.bench_stages import LoopThread, make_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +90,18 @@ def test_a_bad_loop_thread_duty_is_one_line() -> None:
             "and idle >= 0 (e.g. 200/200)"
         )
     )
+
+
+def test_the_loop_thread_takes_turns_while_this_thread_runs_python() -> None:
+    """Its busy turns add up while another thread runs Python (it takes the interpreter lock
+    from it), and it stops when the block ends."""
+    with LoopThread(busy=0.001, idle=0.001) as loop:
+        first = loop.held
+        assert first >= 0.001  # one whole busy turn before the block starts
+        give_up = time.monotonic() + 30
+        while loop.held < first + 0.005 and time.monotonic() < give_up:
+            sum(range(1000))  # Python, holding the lock between switches
+        assert loop.held >= first + 0.005
+    stopped = loop.held
+    time.sleep(0.05)
+    assert loop.held == stopped

@@ -21,6 +21,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent  # type: ignore[import-not-found]  # no stubs
 from locust import User, between, events, task
 
+from recsys.serving.routing import user_metadata
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 grpc_gevent.init_gevent()  # grpc's own threads would block locust's gevent loop
@@ -113,7 +114,9 @@ class RecommendUser(User):
         exception: Exception | None = None
         size = 0
         try:
-            response = self._stub.Recommend(request, timeout=TIMEOUT_SECONDS)
+            response = self._stub.Recommend(
+                request, timeout=TIMEOUT_SECONDS, metadata=user_metadata(self._user)
+            )
             size = response.ByteSize()
         except grpc.RpcError as e:
             exception = e

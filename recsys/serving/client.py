@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from recsys.serving.routing import user_metadata
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
@@ -69,10 +70,11 @@ def recommend(
     credentials: grpc.ChannelCredentials | None = None,
     server_name: str = "",
 ) -> recommender_pb2.RecommendResponse:
-    """One Recommend call over a fresh channel to ``target`` ("host:port")."""
+    """One Recommend call over a fresh channel to ``target`` ("host:port"), with the user
+    header the balancers route on (serving/routing.py)."""
     with open_channel(target, credentials, server_name=server_name) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
-        return stub.Recommend(request, timeout=timeout)
+        return stub.Recommend(request, timeout=timeout, metadata=user_metadata(request.user_id))
 
 
 def health_status(

@@ -22,6 +22,7 @@ from recsys.serving.front import (
     serve_front,
 )
 from recsys.serving.logs import configure_logging
+from recsys.serving.routing import USER_HEADER
 from recsys.settings import env_default
 
 DEFAULT_MAX_IN_FLIGHT = 32
@@ -70,6 +71,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "once (0: no bound but the time; default %(default)s)",
     )
     front.add_argument(
+        "--balance",
+        default=env_default("front_balance", "user"),
+        help="how a call's backend is chosen: user (a consistent hash of the call's "
+        f"{USER_HEADER} header, so a user's refreshes reach the worker caching the feed; "
+        "round-robin without it) or leastconn (default %(default)s)",
+    )
+    front.add_argument(
         "--metrics",
         default=env_default("front_metrics", DEFAULT_METRICS),
         help="HOST:PORT where HAProxy's Prometheus exporter serves /metrics: the calls the "
@@ -112,6 +120,7 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             whole_number("--max-queue-ms", args.max_queue_ms),
             whole_number("--max-queued", args.max_queued),
             metrics,
+            args.balance,
         )
     except FrontError as e:
         raise CliError(str(e)) from e

@@ -17,6 +17,16 @@ So an admitted call waits at most ``max_queue_ms`` before the server, a refused 
 in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
 is queued, not refused, however many calls it holds: the bound judges time, not count.
 
+Which backend a call goes to (``balance``):
+
+- ``user`` (the default): by a consistent hash of the call's user header
+  (serving/routing.py), so the refreshes of one user's feed reach the worker whose result cache
+  holds it. A worker is passed over while its calls in flight exceed
+  :data:`HASH_BALANCE_FACTOR` percent of the average (consistent hashing with bounded loads), so
+  a heavy user cannot pile calls onto one worker while the other idles. A call without the
+  header is balanced round-robin.
+- ``leastconn``: to the backend with the fewest calls in flight, whoever the user.
+
 Calls the front refuses never reach a server, so the servers' metrics cannot count them. With
 ``metrics`` set, HAProxy's own Prometheus exporter (built into Debian's HAProxy) serves
 ``/metrics`` on that address: requests and responses by class (a refusal is a 5xx; a gRPC error
@@ -40,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from recsys.serving.routing import USER_HEADER
+
 log = logging.getLogger(__name__)
 
 HAPROXY = "haproxy"
@@ -47,6 +59,12 @@ HARD_STOP_SECONDS = 20
 """After a soft stop, HAProxy closes whatever connections are still open this long after."""
 SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 """The grpc-message of a refusal by the front (queue wait over the bound, or no backend up)."""
+
+BALANCES = ("user", "leastconn")
+HASH_BALANCE_FACTOR = 150
+"""With ``balance user``: no backend is given more than this percentage of the average calls in
+flight per backend (HAProxy's ``hash-balance-factor``); the call goes to the next backend on the
+ring instead."""
 
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
@@ -80,6 +98,8 @@ class FrontSettings:
     refused at once (0: no bound but the time)."""
     metrics: Backend | None = None
     """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
+    balance: str = "user"
+    """How a call's backend is chosen: ``user`` (hash of the user header) or ``leastconn``."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -105,6 +125,10 @@ class FrontSettings:
             raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
         if self.max_queued < 0:
             raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
+        if self.balance not in BALANCES:
+            raise FrontError(
+                f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
+            )
 
 
 def parse_backend(text: str, setting: str = "backend") -> Backend:
@@ -162,10 +186,20 @@ frontend grpc
 {queued}    default_backend recsys
 
 backend recsys
-    balance leastconn
+{_balance(settings.balance)}
     http-error status 503 {refusal}
 {servers}
 {metrics}"""
+
+
+def _balance(balance: str) -> str:
+    if balance == "leastconn":
+        return "    balance leastconn"
+    return (
+        f"    balance hdr({USER_HEADER})\n"
+        "    hash-type consistent\n"
+        f"    hash-balance-factor {HASH_BALANCE_FACTOR}"
+    )
 
 
 def haproxy_path() -> str:
@@ -222,11 +256,12 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     try:
         process = start_front(settings, config_dir)
         log.info(
-            "recsys front on %s:%d: %d backends, at most %d calls in each, %d ms in the queue; "
-            "metrics %s",
+            "recsys front on %s:%d: %d backends by %s, at most %d calls in each, %d ms in the "
+            "queue; metrics %s",
             settings.listen_host,
             settings.listen_port,
             len(settings.backends),
+            settings.balance,
             settings.max_in_flight,
             settings.max_queue_ms,
             "none" if settings.metrics is None else f"http://{settings.metrics.address}/metrics",

@@ -35,6 +35,7 @@ from recsys.serving.front import (
     parse_backend,
     start_front,
 )
+from recsys.serving.routing import user_metadata
 from recsys.serving.server import RunningServer
 from recsys.serving.workers import free_port
 from recsys.settings import ServeSettings
@@ -73,6 +74,7 @@ def settings(**changes: object) -> FrontSettings:
         ({"metrics": Backend("127.0.0.1\n", 9101)}, "metrics host '127.0.0.1"),
         ({"backends": (Backend("127.0.0.1\n", 1),)}, "backend host '127.0.0.1"),
         ({"metrics": Backend("127.0.0.1", 0)}, "metrics port 0: expected 1-65535"),
+        ({"balance": "roundrobin"}, "balance 'roundrobin': expected one of user, leastconn"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -315,9 +317,26 @@ def test_workers_on_a_port_each_serve_behind_one_front(artifacts_dir: Path, tmp_
         asyncio.run(wait_serving_for(target, 10))
         with grpc.insecure_channel(target) as channel:
             stub = recommender_pb2_grpc.RecommenderStub(channel)
-            for n in range(10):
-                request = recommender_pb2.RecommendRequest(user_id=f"user-{n:07d}")
-                assert len(stub.Recommend(request, timeout=30).items) == 20
+            for _ in range(3):  # a feed and two refreshes a user, the users in turn
+                for n in range(11):
+                    user = f"user-{n:07d}"
+                    request = recommender_pb2.RecommendRequest(user_id=user, hour=12)
+                    reply = stub.Recommend(request, timeout=30, metadata=user_metadata(user))
+                    assert len(reply.items) == 20
+        # Balanced by the user header, each user's refreshes reached the worker that cached
+        # the feed: every refresh a hit. (Least connections, here round-robin, would send an
+        # odd number of users' calls in turn to the other worker: 11 hits, 22 misses.)
+        lookups = {
+            sample.labels["result"]: sample.value
+            for family in text_string_to_metric_families(
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+            for sample in family.samples
+            if sample.name == "recsys_result_cache_lookups_total"
+        }
+        assert lookups == {"hit": 22.0, "miss": 11.0}
         front_process.terminate()
         front_process.wait(timeout=30)
         server.send_signal(signal.SIGTERM)
@@ -361,6 +380,10 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         (["--backend", "h:1", "--max-queue-ms", "0"], "max_queue_ms 0: expected >= 1"),
         (["--backend", "h:1", "--listen", "80"], "--listen '80': expected HOST:PORT"),
         (["--backend", "h:1", "--metrics", "9101"], "--metrics '9101': expected HOST:PORT"),
+        (
+            ["--backend", "h:1", "--balance", "hash"],
+            "balance 'hash': expected one of user, leastconn",
+        ),
     ],
 )
 def test_bad_front_flags_are_one_line_and_exit_2(

@@ -1,0 +1,161 @@
+"""Calls routed by user (recsys/serving/routing.py): through a real HAProxy front and through
+gRPC's ring_hash policy in a client channel, every call of one user reaches one server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from recsys.serving.front import Backend, FrontSettings, haproxy_config, start_front
+from recsys.serving.routing import USER_HEADER, routed_channel_options, user_metadata
+from recsys.serving.workers import free_port
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
+from tests.serving.test_front import needs_haproxy
+
+USERS = [f"user-{n:07d}" for n in range(25)]
+"""An odd number: calls sent in turn and balanced in turn over two backends then move each user
+from one backend to the other (with an even number each user would keep its backend)."""
+
+
+class Recorder(recommender_pb2_grpc.RecommenderServicer):
+    """Answers every call with an empty feed; remembers the users it served."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    async def Recommend(
+        self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> recommender_pb2.RecommendResponse:
+        self.users.append(request.user_id)
+        return recommender_pb2.RecommendResponse(request_id=request.request_id)
+
+
+@asynccontextmanager
+async def recorders(n: int) -> AsyncIterator[list[tuple[int, Recorder]]]:
+    """``n`` gRPC servers on their own ports, each with its :class:`Recorder`."""
+    running: list[tuple[grpc.aio.Server, int, Recorder]] = []
+    try:
+        for _ in range(n):
+            recorder = Recorder()
+            server = grpc.aio.server()
+            recommender_pb2_grpc.add_RecommenderServicer_to_server(recorder, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            running.append((server, port, recorder))
+        yield [(port, recorder) for _, port, recorder in running]
+    finally:
+        for server, _, _ in running:
+            await server.stop(None)
+
+
+async def send(
+    channel: grpc.aio.Channel, users: Sequence[str], repeats: int, *, header: bool = True
+) -> None:
+    """``repeats`` calls for each user, one at a time, with or without the user header."""
+    stub = recommender_pb2_grpc.RecommenderStub(channel)
+    for _ in range(repeats):
+        for user in users:
+            request = recommender_pb2.RecommendRequest(user_id=user)
+            await stub.Recommend(
+                request, timeout=10, metadata=user_metadata(user) if header else None
+            )
+
+
+async def answering(target: str) -> None:
+    """Wait (at most 10 s) until a call through ``target`` is answered."""
+    async with asyncio.timeout(10), grpc.aio.insecure_channel(target) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        while True:
+            try:
+                await stub.Recommend(recommender_pb2.RecommendRequest(user_id="ready"), timeout=1)
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+
+
+def servers_by_user(served: Sequence[Recorder]) -> dict[str, set[int]]:
+    where: dict[str, set[int]] = {}
+    for n, recorder in enumerate(served):
+        for user in recorder.users:
+            where.setdefault(user, set()).add(n)
+    return where
+
+
+def test_the_front_hashes_the_user_header_with_bounded_loads_unless_told_leastconn() -> None:
+    base = FrontSettings("127.0.0.1", 50051, (Backend("127.0.0.1", 7001),), 4, 5)
+    by_user = haproxy_config(base)
+    assert f"    balance hdr({USER_HEADER})\n" in by_user
+    assert "    hash-type consistent\n" in by_user
+    assert "    hash-balance-factor 150\n" in by_user
+    least = haproxy_config(
+        FrontSettings("127.0.0.1", 50051, base.backends, 4, 5, balance="leastconn")
+    )
+    assert "    balance leastconn\n" in least
+    assert "hash-type" not in least
+    assert USER_HEADER not in least
+
+
+@needs_haproxy
+@pytest.mark.parametrize("balance", ["user", "leastconn"])
+async def test_through_the_front_each_user_reaches_one_backend_when_balanced_by_user(
+    tmp_path: Path, balance: str
+) -> None:
+    async with recorders(2) as running:
+        settings = FrontSettings(
+            "127.0.0.1",
+            free_port("127.0.0.1"),
+            tuple(Backend("127.0.0.1", port) for port, _ in running),
+            max_in_flight=4,
+            max_queue_ms=1000,
+            balance=balance,
+        )
+        process = start_front(settings, tmp_path)
+        try:
+            target = f"127.0.0.1:{settings.listen_port}"
+            await answering(target)
+            served = [recorder for _, recorder in running]
+            for recorder in served:
+                recorder.users.clear()  # the readiness check's calls
+            async with grpc.aio.insecure_channel(target) as channel:
+                await send(channel, USERS, repeats=4)
+                by_user = servers_by_user(served)
+                for recorder in served:
+                    recorder.users.clear()
+                await send(channel, ["user-anonymous"], repeats=8, header=False)
+                without_header = servers_by_user(served)
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
+    assert set(by_user) == set(USERS)
+    spread = sum(len(backends) > 1 for backends in by_user.values())
+    if balance == "user":
+        assert spread == 0  # every call of a user on the backend its hash names
+        assert {n for backends in by_user.values() for n in backends} == {0, 1}  # both used
+    else:
+        assert spread > 0  # least connections (round-robin among equals): users spread
+    assert without_header["user-anonymous"] == {0, 1}  # no header: round-robin
+
+
+async def test_a_routed_channel_sends_each_user_to_one_address_of_the_target() -> None:
+    async with recorders(3) as running:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port, _ in running)
+        served = [recorder for _, recorder in running]
+        async with grpc.aio.insecure_channel(target, options=routed_channel_options()) as routed:
+            await send(routed, USERS, repeats=3)
+        by_user = servers_by_user(served)
+        assert set(by_user) == set(USERS)
+        assert all(len(servers) == 1 for servers in by_user.values())
+        assert sum(len(r.users) > 0 for r in served) >= 2  # the users spread over the addresses
+        for recorder in served:
+            recorder.users.clear()
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.lb_policy_name", "round_robin")]
+        ) as plain:
+            await send(plain, USERS[:1], repeats=6)
+        assert len(servers_by_user(served)[USERS[0]]) == 3  # round-robin: everywhere

@@ -45,9 +45,11 @@ def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
 
 
 def front_bounds(text: str) -> FrontSettings:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED]``: the admission front's bounds, as a benchmark's ``--front``
-    gives them (ports are placeholders, filled in per run)."""
-    in_flight, _, rest = text.partition("/")
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE]``: the admission front's bounds and how it
+    balances (``user``, the default, or ``leastconn``), as a benchmark's ``--front`` gives them
+    (ports are placeholders, filled in per run)."""
+    bounds, colon, balance = text.partition(":")
+    in_flight, _, rest = bounds.partition("/")
     queue_ms, _, queued = rest.partition("/")
     try:
         return FrontSettings(
@@ -57,10 +59,12 @@ def front_bounds(text: str) -> FrontSettings:
             int(in_flight),
             int(queue_ms),
             int(queued or 0),
+            balance=balance if colon else "user",
         )
     except (ValueError, FrontError) as e:
         raise argparse.ArgumentTypeError(
-            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED], e.g. 32/4 ({e})"
+            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE], e.g. 32/4 or "
+            f"32/4:leastconn ({e})"
         ) from e
 
 

@@ -99,6 +99,7 @@ from benchmarks.bench_latency import (
 )
 from benchmarks.load_generator import require_native, run_native, write_requests
 from recsys.serving.front import Backend, FrontSettings
+from recsys.serving.routing import user_metadata
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -292,7 +293,9 @@ async def closed_loop(
             req = requests.next()
             start = time.perf_counter()
             try:
-                response = await stub.Recommend(req, timeout=10)
+                response = await stub.Recommend(
+                    req, timeout=10, metadata=user_metadata(req.user_id)
+                )
                 latencies.append(time.perf_counter() - start)
                 if on_response is not None:
                     on_response(response)
@@ -323,7 +326,9 @@ async def open_loop(
     ) -> None:
         send_lag.append(time.perf_counter() - due)
         try:
-            response = await stub.Recommend(request, timeout=10)
+            response = await stub.Recommend(
+                request, timeout=10, metadata=user_metadata(request.user_id)
+            )
             latencies.append(time.perf_counter() - due)
             if on_response is not None:
                 on_response(response)
@@ -643,14 +648,15 @@ class Fronted:
 
 
 def fronted(text: str) -> Fronted:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED][@CALLS]`` of ``--front``."""
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE][@CALLS]`` of ``--front``."""
     bounds, at, calls = text.partition("@")
     settings = front_bounds(bounds)
     if at and not (calls.isdigit() and int(calls) > 0):
         raise argparse.ArgumentTypeError(
             f"--front {text!r}: expected @CALLS a number of calls > 0, e.g. 6/1@12"
         )
-    return Fronted(bounds.replace("/", "-"), settings, int(calls) if at else None)
+    name = bounds.replace("/", "-").replace(":", "-")
+    return Fronted(name, settings, int(calls) if at else None)
 
 
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
@@ -847,10 +853,11 @@ def main() -> None:
         type=fronted,
         action="append",
         default=[],
-        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED][@CALLS]",
+        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE][@CALLS]",
         help="also run each recsys server (and variant) behind the admission front "
         "(recsys/serving/front.py), right after it, as recsys-...-front (repeat for several: "
-        "recsys-...-front-IN_FLIGHT-QUEUE_MS[-QUEUED]); @CALLS: its closed-loop phases keep "
+        "recsys-...-front-IN_FLIGHT-QUEUE_MS[-QUEUED][-BALANCE]); BALANCE: user (the default: "
+        "by the calls' user header) or leastconn; @CALLS: its closed-loop phases keep "
         "CALLS in flight instead of --concurrency (e.g. workers x IN_FLIGHT, so that a tight "
         "front's saturation is not measured on refusals sent again)",
     )

@@ -39,6 +39,7 @@ import numpy as np
 import uvloop
 
 from benchmarks.bench_latency import make_requests
+from recsys.serving.routing import USER_HEADER, user_metadata
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 SHED = "RESOURCE_EXHAUSTED"
@@ -95,7 +96,7 @@ async def call(
     stub: recommender_pb2_grpc.RecommenderAsyncStub, request: recommender_pb2.RecommendRequest
 ) -> tuple[str, str]:
     try:
-        await stub.Recommend(request, timeout=10)
+        await stub.Recommend(request, timeout=10, metadata=user_metadata(request.user_id))
     except grpc.aio.AioRpcError as e:
         return str(e.code().name), e.details() or ""
     return "OK", ""
@@ -213,10 +214,12 @@ def run_native(
     clients: int | None = None,
     channels: int = CHANNELS,
     first: int = 0,
+    user_header: str = USER_HEADER,
 ) -> Tally:
     """One open-loop (``rate``) or closed-loop (``clients``) run of the native generator over
     the calls of ``request_file`` (:func:`write_requests`), call n sending request ``first + n``
-    (modulo the file's length)."""
+    (modulo the file's length), each with its request's user id as metadata ``user_header``
+    (empty: none), as clients send it for the balancers (recsys/serving/routing.py)."""
     if (rate is None) == (clients is None):
         raise ValueError("expected one of rate or clients")
     load = ["--rate", str(rate)] if rate is not None else ["--clients", str(clients)]
@@ -224,6 +227,8 @@ def run_native(
         str(build_native()), "--target", target, "--requests", str(request_file),
         "--seconds", str(seconds), "--channels", str(channels), "--first", str(first), *load,
     ]  # fmt: skip
+    if user_header:
+        cmd += ["--user-header", user_header]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return native_tally(json.loads(out.stdout))
 

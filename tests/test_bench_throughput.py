@@ -492,3 +492,12 @@ def test_front_bounds_read_the_optional_queued_bound() -> None:
     bounds = front_bounds("3/2/3")
     assert (bounds.max_in_flight, bounds.max_queue_ms, bounds.max_queued) == (3, 2, 3)
     assert front_bounds("32/4").max_queued == 0
+
+
+def test_front_bounds_read_the_optional_balance_into_the_servers_name() -> None:
+    assert front_bounds("32/4").balance == "user"
+    assert front_bounds("32/4:leastconn").balance == "leastconn"
+    assert front_bounds("3/2/3:user").max_queued == 3
+    assert fronted("32/4:leastconn@64").name == "32-4-leastconn"
+    with pytest.raises(argparse.ArgumentTypeError, match="balance 'hash': expected one of"):
+        front_bounds("32/4:hash")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from benchmarks.load_generator import (
     run_native,
     write_requests,
 )
+from recsys.serving.routing import USER_HEADER
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
@@ -35,16 +37,19 @@ def binary() -> str:
 
 class Answers(recommender_pb2_grpc.RecommenderServicer):
     """Answers by the request's user id: ``shed-*`` RESOURCE_EXHAUSTED, ``bad-*``
-    INVALID_ARGUMENT, anything else a feed; remembers the user ids and the peers it saw."""
+    INVALID_ARGUMENT, anything else a feed; remembers the user ids, the user headers (None:
+    no header) and the peers it saw."""
 
     def __init__(self) -> None:
         self.users: list[str] = []
+        self.headers: list[str | None] = []
         self.peers: set[str] = set()
 
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> recommender_pb2.RecommendResponse:
         self.users.append(request.user_id)
+        self.headers.append(dict(context.invocation_metadata() or ()).get(USER_HEADER))
         self.peers.add(context.peer())
         if request.user_id.startswith("shed-"):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
@@ -91,6 +96,7 @@ async def test_the_open_loop_sends_every_call_in_turn_and_counts_each_status(bin
     assert len(tally.send_lag) == 200
     assert all(latency > 0 for latency in tally.answered + tally.shed + tally.failed)
     assert sorted(answers.users) == sorted(users * 50)  # the request file, sent as written
+    assert answers.headers == answers.users  # each call names its user for the balancers
     assert summary["shed_share"] == 0.25
 
 
@@ -125,6 +131,47 @@ async def test_first_starts_the_calls_further_along_the_request_file(
     assert tally.codes == {"OK": 5}
     # calls 0-4 send requests 2, 3, 0, 1, 2: the file read from the third, wrapping at its end
     assert sorted(answers.users) == ["u-0", "u-1", "u-2", "u-2", "u-3"]
+    assert answers.headers == answers.users
+
+
+async def test_the_user_header_is_read_off_the_request_bytes_and_left_out_on_request(
+    binary: str, tmp_path: Path
+) -> None:
+    # user_id written after fields of each wire type the request has (varints, strings, a
+    # nested message, packed ids): the generator skips them as protobuf's parser does.
+    others = recommender_pb2.RecommendRequest(
+        num_results=7, request_id="r-1", surface="home", exclude_sku_ids=[1, 2, 300], hour=12
+    )
+    others.location.lat, others.location.lon = 52.5, 13.4
+    last = recommender_pb2.RecommendRequest(user_id="user-0000042").SerializeToString()
+    bodies = [
+        others.SerializeToString() + last,
+        recommender_pb2.RecommendRequest().SerializeToString(),
+    ]
+    parsed = recommender_pb2.RecommendRequest.FromString(bodies[0])
+    assert (parsed.user_id, parsed.hour, list(parsed.exclude_sku_ids)) == (
+        "user-0000042",
+        12,
+        [1, 2, 300],
+    )
+    path = tmp_path / "requests.bin"
+    path.write_bytes(b"".join(struct.pack(">I", len(b)) + b for b in bodies))
+    answers = Answers()
+    server = grpc.aio.server()
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(answers, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        named = await asyncio.to_thread(run_native, target, path, 0.5, rate=8)
+        unnamed = await asyncio.to_thread(run_native, target, path, 0.5, rate=4, user_header="")
+    finally:
+        await server.stop(None)
+    assert named.codes == {"OK": 4}
+    assert unnamed.codes == {"OK": 2}
+    assert answers.users == ["user-0000042", "", "user-0000042", "", "user-0000042", ""]
+    # a request without a user id gets no header; with user_header="" no call gets one
+    assert answers.headers == ["user-0000042", None, "user-0000042", None, None, None]
 
 
 @pytest.mark.parametrize(

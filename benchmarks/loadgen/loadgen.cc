@@ -9,7 +9,9 @@
 //   closed loop --clients N: N callers, each sending its next call when the last answers.
 //
 // Call n sends request (first + n) modulo the file's length (--first, default 0), so that the
-// phases of one run can continue along one request list.
+// phases of one run can continue along one request list. With --user-header NAME, each call
+// also carries its request's user_id as metadata NAME, as clients send it for the balancers
+// that route by user (recsys/serving/routing.py).
 //
 // Prints one JSON object: the status code and details of each kind, and for every call its
 // latency: answered calls from the due time (open loop; from the send in the closed loop),
@@ -62,7 +64,7 @@ const char* kCodes[] = {"OK",
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "loadgen: " << why
             << "\nusage: loadgen --target HOST:PORT --requests FILE [--seconds S] [--channels C]"
-               " [--first N] (--rate R | --clients N)\n";
+               " [--first N] [--user-header NAME] (--rate R | --clients N)\n";
   std::exit(2);
 }
 
@@ -74,6 +76,7 @@ struct Options {
   int clients = 0;
   int channels = 4;
   long first = 0;
+  std::string user_header;
 };
 
 double number(const std::string& flag, const std::string& text) {
@@ -105,11 +108,43 @@ Options parse(int argc, char** argv) {
     else if (flag == "--clients") o.clients = static_cast<int>(number(flag, value));
     else if (flag == "--channels") o.channels = static_cast<int>(number(flag, value));
     else if (flag == "--first") o.first = count(flag, value);
+    else if (flag == "--user-header") o.user_header = value;
     else usage("unknown flag " + flag);
   }
   if (o.target.empty() || o.requests.empty()) usage("--target and --requests are required");
   if ((o.rate > 0) == (o.clients > 0)) usage("expected one of --rate or --clients");
   return o;
+}
+
+// The user_id of a serialized RecommendRequest (field 1, length-delimited), read off the
+// protobuf wire format; empty when the request has none or its bytes end early.
+std::string user_id(const std::string& body) {
+  size_t i = 0;
+  auto varint = [&](uint64_t& value) {
+    value = 0;
+    for (int shift = 0; shift < 64 && i < body.size(); shift += 7) {
+      const auto byte = static_cast<uint8_t>(body[i++]);
+      value |= uint64_t(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return true;
+    }
+    return false;
+  };
+  uint64_t key = 0, value = 0;
+  while (i < body.size() && varint(key)) {
+    const uint64_t field = key >> 3, type = key & 7;
+    if (type == 0) {
+      if (!varint(value)) break;
+    } else if (type == 1 || type == 5) {
+      i += type == 1 ? 8 : 4;
+    } else if (type == 2) {
+      if (!varint(value) || value > body.size() - i) break;
+      if (field == 1) return body.substr(i, value);
+      i += value;
+    } else {
+      break;
+    }
+  }
+  return "";
 }
 
 std::vector<std::string> read_requests(const std::string& path) {
@@ -201,6 +236,9 @@ class Generator {
  public:
   Generator(const Options& o, std::vector<std::string> requests)
       : options_(o), requests_(std::move(requests)), start_(Clock::now()) {
+    if (!o.user_header.empty()) {
+      for (const auto& body : requests_) users_.push_back(user_id(body));
+    }
     for (int c = 0; c < o.channels; ++c) {
       grpc::ChannelArguments args;
       args.SetInt("recsys.loadgen.channel", c);  // distinct args: a connection of its own
@@ -221,7 +259,11 @@ class Generator {
   template <typename Done>
   void send(long n, Done done) {
     auto call = std::make_shared<Call>();
-    const std::string& body = requests_[(options_.first + n) % requests_.size()];
+    const size_t which = (options_.first + n) % requests_.size();
+    const std::string& body = requests_[which];
+    if (!users_.empty() && !users_[which].empty()) {
+      call->context.AddMetadata(options_.user_header, users_[which]);
+    }
     grpc::Slice slice(body.data(), body.size());
     call->request = grpc::ByteBuffer(&slice, 1);
     call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -281,6 +323,7 @@ class Generator {
 
   Options options_;
   std::vector<std::string> requests_;
+  std::vector<std::string> users_;  // each request's user id, with --user-header
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   Clock::time_point start_;
   Tally tally_;

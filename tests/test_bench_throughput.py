@@ -28,6 +28,7 @@ from benchmarks.bench_throughput import (
     hit_rate,
     in_turn,
     open_loop_rate,
+    open_loop_share,
     run_phase,
     same_rate_ratios,
     servers,
@@ -492,6 +493,13 @@ def test_front_bounds_read_the_optional_queued_bound() -> None:
     bounds = front_bounds("3/2/3")
     assert (bounds.max_in_flight, bounds.max_queue_ms, bounds.max_queued) == (3, 2, 3)
     assert front_bounds("32/4").max_queued == 0
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "x", "-0.2"])
+def test_an_open_loop_share_outside_0_to_1_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number in"):
+        open_loop_share(text)
+    assert open_loop_share("0.9") == 0.9
 
 
 def test_front_bounds_read_the_optional_balance_into_the_servers_name() -> None:

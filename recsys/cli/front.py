@@ -15,6 +15,7 @@ from typing import Any
 
 from recsys.cli.common import CliError, checked_log_format
 from recsys.serving.front import (
+    DEFAULT_BALANCE_FACTOR,
     FrontError,
     FrontSettings,
     haproxy_config,
@@ -78,6 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "round-robin without it) or leastconn (default %(default)s)",
     )
     front.add_argument(
+        "--balance-factor",
+        default=env_default("front_balance_factor", str(DEFAULT_BALANCE_FACTOR)),
+        help="with --balance user: a worker holding more than this percentage of the average "
+        "calls in flight per worker is passed over for the next on the ring (101-1000; default "
+        "%(default)s)",
+    )
+    front.add_argument(
         "--metrics",
         default=env_default("front_metrics", DEFAULT_METRICS),
         help="HOST:PORT where HAProxy's Prometheus exporter serves /metrics: the calls the "
@@ -121,6 +129,7 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             whole_number("--max-queued", args.max_queued),
             metrics,
             args.balance,
+            whole_number("--balance-factor", args.balance_factor),
         )
     except FrontError as e:
         raise CliError(str(e)) from e

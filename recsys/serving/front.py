@@ -21,10 +21,9 @@ Which backend a call goes to (``balance``):
 
 - ``user`` (the default): by a consistent hash of the call's user header
   (serving/routing.py), so the refreshes of one user's feed reach the worker whose result cache
-  holds it. A worker is passed over while its calls in flight exceed
-  :data:`HASH_BALANCE_FACTOR` percent of the average (consistent hashing with bounded loads), so
-  a heavy user cannot pile calls onto one worker while the other idles. A call without the
-  header is balanced round-robin.
+  holds it. A worker is passed over while its calls in flight exceed ``balance_factor`` percent
+  of the average (consistent hashing with bounded loads), so a heavy user cannot pile calls
+  onto one worker while the other idles. A call without the header is balanced round-robin.
 - ``leastconn``: to the backend with the fewest calls in flight, whoever the user.
 
 Calls the front refuses never reach a server, so the servers' metrics cannot count them. With
@@ -61,10 +60,7 @@ SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 """The grpc-message of a refusal by the front (queue wait over the bound, or no backend up)."""
 
 BALANCES = ("user", "leastconn")
-HASH_BALANCE_FACTOR = 150
-"""With ``balance user``: no backend is given more than this percentage of the average calls in
-flight per backend (HAProxy's ``hash-balance-factor``); the call goes to the next backend on the
-ring instead."""
+DEFAULT_BALANCE_FACTOR = 150
 
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
@@ -100,6 +96,10 @@ class FrontSettings:
     """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
     balance: str = "user"
     """How a call's backend is chosen: ``user`` (hash of the user header) or ``leastconn``."""
+    balance_factor: int = DEFAULT_BALANCE_FACTOR
+    """With ``balance user``: no backend is given a call while it holds more than this
+    percentage of the average calls in flight per backend (HAProxy's ``hash-balance-factor``,
+    > 100); the call goes to the next backend on the ring instead."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -125,6 +125,8 @@ class FrontSettings:
             raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
         if self.max_queued < 0:
             raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
+        if not 100 < self.balance_factor <= 1000:
+            raise FrontError(f"front balance_factor {self.balance_factor}: expected 101-1000")
         if self.balance not in BALANCES:
             raise FrontError(
                 f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
@@ -186,19 +188,19 @@ frontend grpc
 {queued}    default_backend recsys
 
 backend recsys
-{_balance(settings.balance)}
+{_balance(settings)}
     http-error status 503 {refusal}
 {servers}
 {metrics}"""
 
 
-def _balance(balance: str) -> str:
-    if balance == "leastconn":
+def _balance(settings: FrontSettings) -> str:
+    if settings.balance == "leastconn":
         return "    balance leastconn"
     return (
         f"    balance hdr({USER_HEADER})\n"
         "    hash-type consistent\n"
-        f"    hash-balance-factor {HASH_BALANCE_FACTOR}"
+        f"    hash-balance-factor {settings.balance_factor}"
     )
 
 

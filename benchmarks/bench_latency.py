@@ -25,13 +25,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsys.serving.front import (
-    DEFAULT_BALANCE_FACTOR,
-    Backend,
-    FrontError,
-    FrontSettings,
-    start_front,
-)
+from recsys.serving.front import Backend, FrontError, FrontSettings, start_front
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from recsys.world import load_world
 
@@ -51,11 +45,10 @@ def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
 
 
 def front_bounds(text: str) -> FrontSettings:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE[:FACTOR]]``: the admission front's bounds and how
-    it balances (``user``, the default, or ``leastconn``; FACTOR: ``user``'s balance factor), as
-    a benchmark's ``--front`` gives them (ports are placeholders, filled in per run)."""
-    bounds, colon, balancing = text.partition(":")
-    balance, has_factor, factor = balancing.partition(":")
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE]``: the admission front's bounds and how it
+    balances (``user``, the default, or ``leastconn``), as a benchmark's ``--front`` gives them
+    (ports are placeholders, filled in per run)."""
+    bounds, colon, balance = text.partition(":")
     in_flight, _, rest = bounds.partition("/")
     queue_ms, _, queued = rest.partition("/")
     try:
@@ -67,12 +60,11 @@ def front_bounds(text: str) -> FrontSettings:
             int(queue_ms),
             int(queued or 0),
             balance=balance if colon else "user",
-            balance_factor=int(factor) if has_factor else DEFAULT_BALANCE_FACTOR,
         )
     except (ValueError, FrontError) as e:
         raise argparse.ArgumentTypeError(
-            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE[:FACTOR]], e.g. "
-            f"32/4, 32/4:leastconn or 32/4:user:125 ({e})"
+            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE], e.g. 32/4 or "
+            f"32/4:leastconn ({e})"
         ) from e
 
 

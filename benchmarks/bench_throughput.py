@@ -650,7 +650,7 @@ class Fronted:
 
 
 def fronted(text: str) -> Fronted:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE[:FACTOR]][@CALLS]`` of ``--front``."""
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE][@CALLS]`` of ``--front``."""
     bounds, at, calls = text.partition("@")
     settings = front_bounds(bounds)
     if at and not (calls.isdigit() and int(calls) > 0):
@@ -873,12 +873,11 @@ def main() -> None:
         type=fronted,
         action="append",
         default=[],
-        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE[:FACTOR]][@CALLS]",
+        metavar="IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE][@CALLS]",
         help="also run each recsys server (and variant) behind the admission front "
         "(recsys/serving/front.py), right after it, as recsys-...-front (repeat for several: "
-        "recsys-...-front-IN_FLIGHT-QUEUE_MS[-QUEUED][-BALANCE[-FACTOR]]); BALANCE: user (the "
-        "default: by the calls' user header, FACTOR its bound on a worker's share, 150 by "
-        "default) or leastconn; @CALLS: its closed-loop phases keep "
+        "recsys-...-front-IN_FLIGHT-QUEUE_MS[-QUEUED][-BALANCE]); BALANCE: user (the default: "
+        "by the calls' user header) or leastconn; @CALLS: its closed-loop phases keep "
         "CALLS in flight instead of --concurrency (e.g. workers x IN_FLIGHT, so that a tight "
         "front's saturation is not measured on refusals sent again)",
     )

@@ -507,8 +507,5 @@ def test_front_bounds_read_the_optional_balance_into_the_servers_name() -> None:
     assert front_bounds("32/4:leastconn").balance == "leastconn"
     assert front_bounds("3/2/3:user").max_queued == 3
     assert fronted("32/4:leastconn@64").name == "32-4-leastconn"
-    assert front_bounds("32/4").balance_factor == 150
-    assert front_bounds("32/4:user:110").balance_factor == 110
-    assert fronted("32/4:user:110").name == "32-4-user-110"
     with pytest.raises(argparse.ArgumentTypeError, match="balance 'hash': expected one of"):
         front_bounds("32/4:hash")

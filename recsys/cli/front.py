@@ -15,7 +15,6 @@ from typing import Any
 
 from recsys.cli.common import CliError, checked_log_format
 from recsys.serving.front import (
-    DEFAULT_BALANCE_FACTOR,
     FrontError,
     FrontSettings,
     haproxy_config,
@@ -74,16 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     front.add_argument(
         "--balance",
         default=env_default("front_balance", "user"),
-        help="how a call's backend is chosen: user (a consistent hash of the call's "
-        f"{USER_HEADER} header, so a user's refreshes reach the worker caching the feed; "
-        "round-robin without it) or leastconn (default %(default)s)",
-    )
-    front.add_argument(
-        "--balance-factor",
-        default=env_default("front_balance_factor", str(DEFAULT_BALANCE_FACTOR)),
-        help="with --balance user: a worker holding more than this percentage of the average "
-        "calls in flight per worker is passed over for the next on the ring (101-1000; default "
-        "%(default)s)",
+        help="how a call's backend is chosen: user (the worker a hash of the call's "
+        f"{USER_HEADER} header names, so a user's refreshes reach the worker caching the feed, "
+        "while it has a free slot; else, or without the header, the least loaded) or "
+        "leastconn (default %(default)s)",
     )
     front.add_argument(
         "--metrics",
@@ -129,7 +122,6 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             whole_number("--max-queued", args.max_queued),
             metrics,
             args.balance,
-            whole_number("--balance-factor", args.balance_factor),
         )
     except FrontError as e:
         raise CliError(str(e)) from e

@@ -19,11 +19,16 @@ is queued, not refused, however many calls it holds: the bound judges time, not 
 
 Which backend a call goes to (``balance``):
 
-- ``user`` (the default): by a consistent hash of the call's user header
+- ``user`` (the default): to the backend a hash of the call's user header names
   (serving/routing.py), so the refreshes of one user's feed reach the worker whose result cache
-  holds it. A worker is passed over while its calls in flight exceed ``balance_factor`` percent
-  of the average (consistent hashing with bounded loads), so a heavy user cannot pile calls
-  onto one worker while the other idles. A call without the header is balanced round-robin.
+  holds it, while that backend has a free slot of its ``max_in_flight``. When it has none, or
+  the call has no header, the call goes to the backend with the fewest calls in flight, as with
+  ``leastconn``: a full worker's users are served by another rather than refused, and a heavy
+  user cannot hold more than one worker's slots. (HAProxy's own hash balancing with bounded
+  loads queued such calls on the full worker and refused them after ``max_queue_ms``: its
+  bound compares a worker with the average, not with its slots; benchmarks/README.md,
+  "Thirteenth round".) The hash is the header's CRC32 modulo the number of backends: a pod's
+  workers are fixed for its life, and between pods the clients hash consistently.
 - ``leastconn``: to the backend with the fewest calls in flight, whoever the user.
 
 Calls the front refuses never reach a server, so the servers' metrics cannot count them. With
@@ -60,7 +65,6 @@ SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 """The grpc-message of a refusal by the front (queue wait over the bound, or no backend up)."""
 
 BALANCES = ("user", "leastconn")
-DEFAULT_BALANCE_FACTOR = 150
 
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
@@ -96,10 +100,6 @@ class FrontSettings:
     """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
     balance: str = "user"
     """How a call's backend is chosen: ``user`` (hash of the user header) or ``leastconn``."""
-    balance_factor: int = DEFAULT_BALANCE_FACTOR
-    """With ``balance user``: no backend is given a call while it holds more than this
-    percentage of the average calls in flight per backend (HAProxy's ``hash-balance-factor``,
-    > 100); the call goes to the next backend on the ring instead."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -125,8 +125,6 @@ class FrontSettings:
             raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
         if self.max_queued < 0:
             raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
-        if not 100 < self.balance_factor <= 1000:
-            raise FrontError(f"front balance_factor {self.balance_factor}: expected 101-1000")
         if self.balance not in BALANCES:
             raise FrontError(
                 f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
@@ -195,13 +193,18 @@ backend recsys
 
 
 def _balance(settings: FrontSettings) -> str:
-    if settings.balance == "leastconn":
-        return "    balance leastconn"
-    return (
-        f"    balance hdr({USER_HEADER})\n"
-        "    hash-type consistent\n"
-        f"    hash-balance-factor {settings.balance_factor}"
-    )
+    lines = ["    balance leastconn"]
+    if settings.balance == "user":  # the user's backend while it has a free slot
+        workers = len(settings.backends)
+        lines.append(
+            f"    http-request set-var(txn.worker) req.hdr({USER_HEADER}),crc32,mod({workers})"
+        )
+        lines += [
+            f"    use-server w{i} if {{ var(txn.worker) -m int {i} }} "
+            f"{{ srv_conn(recsys/w{i}) lt {settings.max_in_flight} }}"
+            for i in range(workers)
+        ]
+    return "\n".join(lines)
 
 
 def haproxy_path() -> str:

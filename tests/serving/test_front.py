@@ -75,7 +75,6 @@ def settings(**changes: object) -> FrontSettings:
         ({"backends": (Backend("127.0.0.1\n", 1),)}, "backend host '127.0.0.1"),
         ({"metrics": Backend("127.0.0.1", 0)}, "metrics port 0: expected 1-65535"),
         ({"balance": "roundrobin"}, "balance 'roundrobin': expected one of user, leastconn"),
-        ({"balance_factor": 100}, "balance_factor 100: expected 101-1000"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -384,10 +383,6 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         (
             ["--backend", "h:1", "--balance", "hash"],
             "balance 'hash': expected one of user, leastconn",
-        ),
-        (
-            ["--backend", "h:1", "--balance-factor", "1.5"],
-            "--balance-factor '1.5': expected a whole",
         ),
     ],
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,23 @@ from one backend to the other (with an even number each user would keep its back
 
 
 class Recorder(recommender_pb2_grpc.RecommenderServicer):
-    """Answers every call with an empty feed; remembers the users it served."""
+    """Answers every call with an empty feed; remembers the users it served. A call whose
+    request id starts with ``hold`` is answered only once ``gate`` is set; ``arrivals`` gets
+    each call's request id as it arrives."""
 
     def __init__(self) -> None:
         self.users: list[str] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.arrivals: asyncio.Queue[str] = asyncio.Queue()
 
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> recommender_pb2.RecommendResponse:
         self.users.append(request.user_id)
+        self.arrivals.put_nowait(request.request_id)
+        if request.request_id.startswith("hold"):
+            await self.gate.wait()
         return recommender_pb2.RecommendResponse(request_id=request.request_id)
 
 
@@ -88,19 +95,19 @@ def servers_by_user(served: Sequence[Recorder]) -> dict[str, set[int]]:
     return where
 
 
-def test_the_front_hashes_the_user_header_with_bounded_loads_unless_told_leastconn() -> None:
-    base = FrontSettings("127.0.0.1", 50051, (Backend("127.0.0.1", 7001),), 4, 5)
-    by_user = haproxy_config(base)
-    assert f"    balance hdr({USER_HEADER})\n" in by_user
-    assert "    hash-type consistent\n" in by_user
-    assert "    hash-balance-factor 150\n" in by_user
-    assert "    hash-balance-factor 110\n" in haproxy_config(replace(base, balance_factor=110))
-    least = haproxy_config(
-        FrontSettings("127.0.0.1", 50051, base.backends, 4, 5, balance="leastconn")
-    )
+def test_the_front_sends_a_user_to_the_hashed_worker_while_it_has_a_free_slot() -> None:
+    two = (Backend("127.0.0.1", 7001), Backend("127.0.0.1", 7002))
+    by_user = haproxy_config(FrontSettings("127.0.0.1", 50051, two, 4, 5))
+    block = by_user[by_user.index("backend recsys") :]
+    assert "    balance leastconn\n" in block  # without the header, or with its worker full
+    assert f"    http-request set-var(txn.worker) req.hdr({USER_HEADER}),crc32,mod(2)\n" in block
+    for n in (0, 1):
+        free = f"{{ srv_conn(recsys/w{n}) lt 4 }}"  # fewer than max_in_flight in flight
+        assert f"    use-server w{n} if {{ var(txn.worker) -m int {n} }} {free}\n" in block
+    least = haproxy_config(FrontSettings("127.0.0.1", 50051, two, 4, 5, balance="leastconn"))
     assert "    balance leastconn\n" in least
-    assert "hash-type" not in least
     assert USER_HEADER not in least
+    assert "use-server" not in least
 
 
 @needs_haproxy
@@ -142,6 +149,57 @@ async def test_through_the_front_each_user_reaches_one_backend_when_balanced_by_
     else:
         assert spread > 0  # least connections (round-robin among equals): users spread
     assert without_header["user-anonymous"] == {0, 1}  # no header: round-robin
+
+
+@needs_haproxy
+async def test_a_user_whose_worker_is_full_is_served_by_the_other_worker_not_refused(
+    tmp_path: Path,
+) -> None:
+    async with recorders(2) as running:
+        settings = FrontSettings(
+            "127.0.0.1",
+            free_port("127.0.0.1"),
+            tuple(Backend("127.0.0.1", port) for port, _ in running),
+            max_in_flight=2,
+            max_queue_ms=200,
+        )
+        process = start_front(settings, tmp_path)
+        served = [recorder for _, recorder in running]
+        user = USERS[0]
+        try:
+            target = f"127.0.0.1:{settings.listen_port}"
+            await answering(target)
+            for recorder in served:
+                recorder.users.clear()
+                recorder.gate.clear()
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+
+                def call(request_id: str) -> Any:
+                    request = recommender_pb2.RecommendRequest(user_id=user, request_id=request_id)
+                    return stub.Recommend(request, timeout=10, metadata=user_metadata(user))
+
+                arrivals: asyncio.Queue[str] = asyncio.Queue()
+                for recorder in served:
+                    recorder.arrivals = arrivals
+                held = [asyncio.ensure_future(call(f"hold-{n}")) for n in range(2)]
+                async with asyncio.timeout(10):  # both arrive, held by the user's worker
+                    await arrivals.get()
+                    await arrivals.get()
+                assert sorted(len(r.users) for r in served) == [0, 2]  # that worker is full
+                full = next(n for n, r in enumerate(served) if len(r.users) == 2)
+
+                # A third call of the user: the other worker answers it at once, instead of the
+                # call waiting for a slot of the full one (and being refused after 200 ms).
+                reply = await call("third")
+                assert reply.request_id == "third"
+                assert served[1 - full].users == [user]
+                for recorder in served:
+                    recorder.gate.set()
+                assert [r.request_id for r in await asyncio.gather(*held)] == ["hold-0", "hold-1"]
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
 
 
 async def test_a_routed_channel_sends_each_user_to_one_address_of_the_target() -> None:

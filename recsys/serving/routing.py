@@ -1,10 +1,11 @@
-"""Calls routed by user: every call of one user goes to the same server process.
+"""Calls routed by user: the calls of one user go to one server process while it has room.
 
 Each server process keeps its own result cache (serving/cache.py), and a feed refresh is a hit
 only in the process that served the user's last feed. Calls spread over processes without
 regard to the user (the kernel's SO_REUSEPORT, least-connections balancing, a round-robin
 client) find the user's last feed in the process they reach only by chance: the more processes,
-the fewer hits. Across a fleet of thousands of pods that chance is nil.
+the fewer hits. Across a fleet of thousands of pods that chance is close to nil (2% over 11,600
+processes: benchmarks/bench_routing.py, benchmarks/README.md "Thirteenth round").
 
 So a client names the user of each call twice: in the request (``user_id``, what the answer
 depends on) and in the call's metadata under :data:`USER_HEADER` (what the balancers route on;
@@ -13,11 +14,11 @@ a header, since a proxy cannot read the protobuf body). Two balancers read it:
 - between pods, the client's own gRPC channel over the pods' addresses (a headless Service),
   with gRPC's ``ring_hash`` policy hashing that header (:func:`routed_channel_options`);
 - within a pod, the admission front (serving/front.py), hashing the same header onto the
-  pod's workers, with a bound on how far one worker's load may run above the average.
+  pod's workers while the user's worker has a free slot, and to the least loaded one when not.
 
-Both hash consistently: when a pod or worker comes or goes, only the users it held move. The
+Between pods the hash is consistent: when a pod comes or goes, only the users it held move. The
 header changes nothing else: a call without it, or with another user's id, gets the same
-answer, routed by least load instead of by user.
+answer, routed by load instead of by user.
 """
 
 from __future__ import annotations

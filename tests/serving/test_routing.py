@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from recsys.serving.client import recommend
 from recsys.serving.front import Backend, FrontSettings, haproxy_config, start_front
 from recsys.serving.routing import USER_HEADER, routed_channel_options, user_metadata
 from recsys.serving.workers import free_port
@@ -30,6 +31,7 @@ class Recorder(recommender_pb2_grpc.RecommenderServicer):
 
     def __init__(self) -> None:
         self.users: list[str] = []
+        self.headers: list[str | None] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.arrivals: asyncio.Queue[str] = asyncio.Queue()
@@ -38,6 +40,7 @@ class Recorder(recommender_pb2_grpc.RecommenderServicer):
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> recommender_pb2.RecommendResponse:
         self.users.append(request.user_id)
+        self.headers.append(dict(context.invocation_metadata() or ()).get(USER_HEADER))
         self.arrivals.put_nowait(request.request_id)
         if request.request_id.startswith("hold"):
             await self.gate.wait()
@@ -200,6 +203,13 @@ async def test_a_user_whose_worker_is_full_is_served_by_the_other_worker_not_ref
         finally:
             process.terminate()
             await asyncio.to_thread(process.wait, 30)
+
+
+async def test_the_recommend_client_names_the_user_in_the_header() -> None:
+    async with recorders(1) as [(port, recorder)]:
+        request = recommender_pb2.RecommendRequest(user_id="user-0000007")
+        await asyncio.to_thread(recommend, f"127.0.0.1:{port}", request)
+    assert recorder.headers == ["user-0000007"]
 
 
 async def test_a_routed_channel_sends_each_user_to_one_address_of_the_target() -> None:

@@ -65,6 +65,34 @@ async def recorders(n: int) -> AsyncIterator[list[tuple[int, Recorder]]]:
             await server.stop(None)
 
 
+@asynccontextmanager
+async def behind_a_front(
+    tmp_path: Path, in_flight: int, queue_ms: int, balance: str = "user"
+) -> AsyncIterator[tuple[str, list[Recorder]]]:
+    """Two :class:`Recorder` servers behind a real front; yields its target and the recorders
+    (their readiness calls forgotten)."""
+    async with recorders(2) as running:
+        settings = FrontSettings(
+            "127.0.0.1",
+            free_port("127.0.0.1"),
+            tuple(Backend("127.0.0.1", port) for port, _ in running),
+            max_in_flight=in_flight,
+            max_queue_ms=queue_ms,
+            balance=balance,
+        )
+        process = start_front(settings, tmp_path)
+        try:
+            target = f"127.0.0.1:{settings.listen_port}"
+            await answering(target)
+            served = [recorder for _, recorder in running]
+            for recorder in served:
+                recorder.users.clear()
+            yield target, served
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
+
+
 async def send(
     channel: grpc.aio.Channel, users: Sequence[str], repeats: int, *, header: bool = True
 ) -> None:
@@ -118,32 +146,16 @@ def test_the_front_sends_a_user_to_the_hashed_worker_while_it_has_a_free_slot() 
 async def test_through_the_front_each_user_reaches_one_backend_when_balanced_by_user(
     tmp_path: Path, balance: str
 ) -> None:
-    async with recorders(2) as running:
-        settings = FrontSettings(
-            "127.0.0.1",
-            free_port("127.0.0.1"),
-            tuple(Backend("127.0.0.1", port) for port, _ in running),
-            max_in_flight=4,
-            max_queue_ms=1000,
-            balance=balance,
-        )
-        process = start_front(settings, tmp_path)
-        try:
-            target = f"127.0.0.1:{settings.listen_port}"
-            await answering(target)
-            served = [recorder for _, recorder in running]
-            for recorder in served:
-                recorder.users.clear()  # the readiness check's calls
-            async with grpc.aio.insecure_channel(target) as channel:
-                await send(channel, USERS, repeats=4)
-                by_user = servers_by_user(served)
-                for recorder in served:
-                    recorder.users.clear()
-                await send(channel, ["user-anonymous"], repeats=8, header=False)
-                without_header = servers_by_user(served)
-        finally:
-            process.terminate()
-            await asyncio.to_thread(process.wait, 30)
+    async with (
+        behind_a_front(tmp_path, 4, 1000, balance) as (target, served),
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        await send(channel, USERS, repeats=4)
+        by_user = servers_by_user(served)
+        for recorder in served:
+            recorder.users.clear()
+        await send(channel, ["user-anonymous"], repeats=8, header=False)
+        without_header = servers_by_user(served)
     assert set(by_user) == set(USERS)
     spread = sum(len(backends) > 1 for backends in by_user.values())
     if balance == "user":
@@ -158,51 +170,35 @@ async def test_through_the_front_each_user_reaches_one_backend_when_balanced_by_
 async def test_a_user_whose_worker_is_full_is_served_by_the_other_worker_not_refused(
     tmp_path: Path,
 ) -> None:
-    async with recorders(2) as running:
-        settings = FrontSettings(
-            "127.0.0.1",
-            free_port("127.0.0.1"),
-            tuple(Backend("127.0.0.1", port) for port, _ in running),
-            max_in_flight=2,
-            max_queue_ms=200,
-        )
-        process = start_front(settings, tmp_path)
-        served = [recorder for _, recorder in running]
-        user = USERS[0]
-        try:
-            target = f"127.0.0.1:{settings.listen_port}"
-            await answering(target)
-            for recorder in served:
-                recorder.users.clear()
-                recorder.gate.clear()
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = recommender_pb2_grpc.RecommenderStub(channel)
+    user = USERS[0]
+    async with (
+        behind_a_front(tmp_path, 2, 200) as (target, served),
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
 
-                def call(request_id: str) -> Any:
-                    request = recommender_pb2.RecommendRequest(user_id=user, request_id=request_id)
-                    return stub.Recommend(request, timeout=10, metadata=user_metadata(user))
+        def call(request_id: str) -> Any:
+            request = recommender_pb2.RecommendRequest(user_id=user, request_id=request_id)
+            return stub.Recommend(request, timeout=10, metadata=user_metadata(user))
 
-                arrivals: asyncio.Queue[str] = asyncio.Queue()
-                for recorder in served:
-                    recorder.arrivals = arrivals
-                held = [asyncio.ensure_future(call(f"hold-{n}")) for n in range(2)]
-                async with asyncio.timeout(10):  # both arrive, held by the user's worker
-                    await arrivals.get()
-                    await arrivals.get()
-                assert sorted(len(r.users) for r in served) == [0, 2]  # that worker is full
-                full = next(n for n, r in enumerate(served) if len(r.users) == 2)
-
-                # A third call of the user: the other worker answers it at once, instead of the
-                # call waiting for a slot of the full one (and being refused after 200 ms).
-                reply = await call("third")
-                assert reply.request_id == "third"
-                assert served[1 - full].users == [user]
-                for recorder in served:
-                    recorder.gate.set()
-                assert [r.request_id for r in await asyncio.gather(*held)] == ["hold-0", "hold-1"]
-        finally:
-            process.terminate()
-            await asyncio.to_thread(process.wait, 30)
+        arrivals: asyncio.Queue[str] = asyncio.Queue()
+        for recorder in served:
+            recorder.gate.clear()
+            recorder.arrivals = arrivals
+        held = [asyncio.ensure_future(call(f"hold-{n}")) for n in range(2)]
+        async with asyncio.timeout(10):  # both arrive, held by the user's worker
+            await arrivals.get()
+            await arrivals.get()
+        assert sorted(len(r.users) for r in served) == [0, 2]  # that worker is full
+        full = next(n for n, r in enumerate(served) if len(r.users) == 2)
+        # A third call of the user: the other worker answers it at once, instead of the call
+        # waiting for a slot of the full one (and being refused after 200 ms).
+        reply = await call("third")
+        assert reply.request_id == "third"
+        assert served[1 - full].users == [user]
+        for recorder in served:
+            recorder.gate.set()
+        assert [r.request_id for r in await asyncio.gather(*held)] == ["hold-0", "hold-1"]
 
 
 async def test_the_recommend_client_names_the_user_in_the_header() -> None:

@@ -147,6 +147,25 @@ std::string user_id(const std::string& body) {
   return "";
 }
 
+// The routing header's value for a user id: its bytes percent-encoded, all but RFC 3986's
+// unreserved characters, as recsys/serving/routing.py user_header_value does.
+std::string header_value(const std::string& user) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : user) {
+    const bool unreserved = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') ||
+                            (c >= 'a' && c <= 'z') || c == '-' || c == '.' || c == '_' || c == '~';
+    if (unreserved) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
 std::vector<std::string> read_requests(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) usage("--requests " + path + ": cannot read it");
@@ -237,7 +256,7 @@ class Generator {
   Generator(const Options& o, std::vector<std::string> requests)
       : options_(o), requests_(std::move(requests)), start_(Clock::now()) {
     if (!o.user_header.empty()) {
-      for (const auto& body : requests_) users_.push_back(user_id(body));
+      for (const auto& body : requests_) users_.push_back(header_value(user_id(body)));
     }
     for (int c = 0; c < o.channels; ++c) {
       grpc::ChannelArguments args;

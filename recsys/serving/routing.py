@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from urllib.parse import quote
 
 USER_HEADER = "recsys-user-id"
 """The gRPC metadata key that carries the call's user id for routing (lower case, as HTTP/2
@@ -35,14 +36,23 @@ RING_HASH_HEADER_SWITCH = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
 set to ``true`` (grpcio 1.85); without it every call fails with "hash attribute not present"."""
 
 
+def user_header_value(user_id: str) -> str:
+    """The header's value for ``user_id``: its UTF-8 percent-encoded, every byte but RFC 3986's
+    unreserved characters (``A-Z a-z 0-9 - . _ ~``) as ``%XX``. A user id may hold any
+    character, a gRPC header value only printable ASCII (gRPC refuses the call otherwise); the
+    balancers only hash the value, and ids of unreserved characters are sent as they are."""
+    return quote(user_id, safe="")
+
+
 def user_metadata(user_id: str) -> tuple[tuple[str, str], ...]:
     """The metadata to send with a call for ``user_id``."""
-    return ((USER_HEADER, user_id),)
+    return ((USER_HEADER, user_header_value(user_id)),)
 
 
 def routed_channel_options() -> list[tuple[str, str]]:
     """Channel options that send every call of one user to the same address of the target
-    (``dns:///recsys-pods.recsys.svc:50051``, a headless Service; or ``ipv4:A:P,B:P``), by
+    (``dns:///recsys.recsys.svc.cluster.local:50051``, the headless Service; or
+    ``ipv4:A:P,B:P``), by
     gRPC's ``ring_hash`` policy over :data:`USER_HEADER`. Turns on gRPC's switch for the header
     hash (:data:`RING_HASH_HEADER_SWITCH`) in this process unless it is set already."""
     os.environ.setdefault(RING_HASH_HEADER_SWITCH, "true")

@@ -203,9 +203,12 @@ async def test_a_user_whose_worker_is_full_is_served_by_the_other_worker_not_ref
 
 async def test_the_recommend_client_names_the_user_in_the_header() -> None:
     async with recorders(1) as [(port, recorder)]:
-        request = recommender_pb2.RecommendRequest(user_id="user-0000007")
-        await asyncio.to_thread(recommend, f"127.0.0.1:{port}", request)
-    assert recorder.headers == ["user-0000007"]
+        for user in ("user-0000007", "ü ser\n"):  # any text a user id may be
+            request = recommender_pb2.RecommendRequest(user_id=user)
+            await asyncio.to_thread(recommend, f"127.0.0.1:{port}", request)
+    assert recorder.users == ["user-0000007", "ü ser\n"]
+    # printable ASCII in the header (gRPC refuses a call with other bytes in one)
+    assert recorder.headers == ["user-0000007", "%C3%BC%20ser%0A"]
 
 
 async def test_a_routed_channel_sends_each_user_to_one_address_of_the_target() -> None:

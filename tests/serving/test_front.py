@@ -189,8 +189,9 @@ def haproxy_series_queried() -> set[str]:
     return {name for path in paths for name in re.findall(r"haproxy_[a-z_]+", path.read_text())}
 
 
-def front_samples(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The front's metrics page, parsed as Prometheus text: value by name and labels."""
+def metrics_samples(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A metrics page (the front's or the servers'), parsed as Prometheus text: value by name
+    and labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
         text = page.read().decode()
     return {
@@ -210,19 +211,19 @@ async def test_the_front_s_metrics_count_its_refusals_which_the_server_never_see
             tmp_path, server.port, in_flight=1, queue_ms=200, metrics=metrics_port
         ) as target:
             await wait_serving_for(target, 10)
-            before = await asyncio.to_thread(front_samples, metrics_port)
+            before = await asyncio.to_thread(metrics_samples, metrics_port)
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
                 request = recommender_pb2.RecommendRequest(user_id="u")
                 held = await hold_the_slot(stub, request, pipeline)
-                busy = await asyncio.to_thread(front_samples, metrics_port)
+                busy = await asyncio.to_thread(metrics_samples, metrics_port)
                 for _ in range(3):
                     with pytest.raises(grpc.aio.AioRpcError) as shed:
                         await stub.Recommend(request, timeout=10)
                     assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 pipeline.release.set()
                 await held
-            after = await asyncio.to_thread(front_samples, metrics_port)
+            after = await asyncio.to_thread(metrics_samples, metrics_port)
             with pytest.raises(urllib.error.HTTPError) as other:
                 await asyncio.to_thread(
                     urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/", timeout=5
@@ -327,14 +328,9 @@ def test_workers_on_a_port_each_serve_behind_one_front(artifacts_dir: Path, tmp_
         # the feed: every refresh a hit. (Least connections, here round-robin, would send an
         # odd number of users' calls in turn to the other worker: 11 hits, 22 misses.)
         lookups = {
-            sample.labels["result"]: sample.value
-            for family in text_string_to_metric_families(
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
-                .read()
-                .decode()
-            )
-            for sample in family.samples
-            if sample.name == "recsys_result_cache_lookups_total"
+            dict(labels)["result"]: value
+            for (name, labels), value in metrics_samples(metrics_port).items()
+            if name == "recsys_result_cache_lookups_total"
         }
         assert lookups == {"hit": 22.0, "miss": 11.0}
         front_process.terminate()

@@ -70,8 +70,6 @@ def test_beside_a_loop_thread_reports_both_runs_and_their_ratios(artifacts_dir: 
         assert report[run]["wall_us"] > 0
         assert report[run]["cpu_us"] > 0
         assert 0 <= report[run]["system_us"] <= report[run]["cpu_us"]
-    assert report["alone"]["switches"] >= 0
-    assert report["beside"]["switches"] >= 0
     assert report["wall_us_beside_over_alone"] > 0
     assert report["cpu_us_beside_over_alone"] > 0
 

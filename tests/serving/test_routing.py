@@ -26,22 +26,23 @@ from one backend to the other (with an even number each user would keep its back
 
 class Recorder(recommender_pb2_grpc.RecommenderServicer):
     """Answers every call with an empty feed; remembers the users it served. A call whose
-    request id starts with ``hold`` is answered only once ``gate`` is set; ``arrivals`` gets
-    each call's request id as it arrives."""
+    request id starts with ``hold`` is answered only once ``gate`` is set; ``arrivals``, when
+    given, gets each call's request id as it arrives."""
 
     def __init__(self) -> None:
         self.users: list[str] = []
         self.headers: list[str | None] = []
         self.gate = asyncio.Event()
         self.gate.set()
-        self.arrivals: asyncio.Queue[str] = asyncio.Queue()
+        self.arrivals: asyncio.Queue[str] | None = None
 
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> recommender_pb2.RecommendResponse:
         self.users.append(request.user_id)
         self.headers.append(dict(context.invocation_metadata() or ()).get(USER_HEADER))
-        self.arrivals.put_nowait(request.request_id)
+        if self.arrivals is not None:
+            self.arrivals.put_nowait(request.request_id)
         if request.request_id.startswith("hold"):
             await self.gate.wait()
         return recommender_pb2.RecommendResponse(request_id=request.request_id)

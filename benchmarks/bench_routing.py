@@ -51,7 +51,7 @@ def user_cache(user_id: str, processes: int) -> int:
     return zlib.crc32(user_id.encode()) % processes
 
 
-def hit_rate(
+def caches_hit_rate(
     requests: Sequence[Request], processes: int, routing: str, entries: int, seed: int
 ) -> float:
     """The share of ``requests`` answered from a cache, over ``processes`` caches of
@@ -93,7 +93,7 @@ def main() -> None:
     for processes in args.processes:
         row: dict[str, Any] = {"processes": processes, "requests": len(requests)}
         for routing in ROUTINGS:
-            rate = hit_rate(requests, processes, routing, args.cache_entries, args.seed)
+            rate = caches_hit_rate(requests, processes, routing, args.cache_entries, args.seed)
             row[f"hit_rate_{routing}"] = round(rate, 4)
         print(json.dumps(row), flush=True)
 

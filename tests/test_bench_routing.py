@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_routing import hit_rate, requests_of
+from benchmarks.bench_routing import caches_hit_rate, requests_of
 from benchmarks.bench_throughput import make_requests
 from recsys.serving.cache import cache_key
 from recsys.types import Request
@@ -38,18 +38,22 @@ def test_routed_by_user_every_process_count_keeps_one_cache_s_hit_rate(mix: list
     single = one_cache_rate(mix)
     assert 0.3 < single < 1.0  # the mix refreshes feeds, and not only
     for processes in (1, 2, 7, 64):
-        assert hit_rate(mix, processes, "user", entries=100_000, seed=1) == pytest.approx(single)
+        assert caches_hit_rate(mix, processes, "user", entries=100_000, seed=1) == pytest.approx(
+            single
+        )
 
 
 def test_spread_over_processes_the_hit_rate_falls_with_their_number(mix: list[Request]) -> None:
-    rates = [hit_rate(mix, n, "spread", entries=100_000, seed=1) for n in (1, 2, 8, 64)]
+    rates = [caches_hit_rate(mix, n, "spread", entries=100_000, seed=1) for n in (1, 2, 8, 64)]
     assert rates[0] == pytest.approx(one_cache_rate(mix))
     assert rates == sorted(rates, reverse=True)
     assert rates[-1] < rates[0] / 4
 
 
 def test_a_cache_s_bound_costs_hits(mix: list[Request]) -> None:
-    assert hit_rate(mix, 1, "user", entries=10, seed=1) < hit_rate(mix, 1, "user", 100_000, 1)
+    assert caches_hit_rate(mix, 1, "user", entries=10, seed=1) < caches_hit_rate(
+        mix, 1, "user", 100_000, 1
+    )
 
 
 def test_the_command_prints_a_row_per_process_count(artifacts_dir: Path) -> None:

@@ -14,6 +14,15 @@ delivery cell and one FAISS call; ``--places homes`` puts each at its user's hom
 ``--search-threads`` is the FAISS thread count of the thread running the stages, as a server's
 batch thread sets it (``recsys serve --search-threads``; 0: FAISS's default, every core).
 
+``--idle-ms MS`` measures what a batch costs when it follows a pause, as at a moderate rate,
+where a batch thread sleeps between batches while the event loop, gRPC's threads and other
+processes run on its core. Each round runs the batched stages over every request twice, back to
+back and with the thread asleep MS before each batch (the order alternating by round), and
+reports the thread's own CPU (``time.thread_time()`` around each batch: the scheduler's clock,
+not ``getrusage``, whose tick sampling misses a thread that wakes on a tick and sleeps again
+before the next) and each stage's wall time, per request, medians over the rounds, with the
+ratio of the two.
+
 ``--loop-thread BUSY_US/IDLE_US`` measures what sharing the interpreter lock costs the batched
 stages. In a server the batch thread shares the lock with the event loop, which holds it while
 it runs Python (gRPC's callbacks, the servicer) and lets it go while it waits for the network.
@@ -25,7 +34,7 @@ medians over the rounds, and the share of the wall time the second thread spent 
 turns.
 
     python -m benchmarks.bench_stages --artifacts artifacts [--requests 2000] [--batch 4]
-        [--places homes] [--search-threads 1] [--loop-thread 200/200]
+        [--places homes] [--search-threads 1] [--loop-thread 200/200] [--idle-ms 8]
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -49,6 +59,8 @@ from recsys.pipeline.stages import build_stages
 from recsys.retrieval.index import set_search_threads
 from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Location, Request
+
+S = TypeVar("S")
 
 
 class Nothing:
@@ -73,6 +85,13 @@ def main() -> None:
         metavar="BUSY_US/IDLE_US",
         help="also run the batched stages beside a thread that holds the interpreter lock for "
         "BUSY_US and sleeps IDLE_US, in turn, as an event loop serving calls does",
+    )
+    parser.add_argument(
+        "--idle-ms",
+        type=idle_ms,
+        metavar="MS",
+        help="also run the batched stages with the thread asleep MS before each batch, as "
+        "between batches at a moderate rate, against back to back",
     )
     args = parser.parse_args()
     if args.search_threads:
@@ -134,10 +153,75 @@ def main() -> None:
                 "places": args.places,
                 "search_threads": args.search_threads,
                 **contention,
+                **(
+                    {}
+                    if args.idle_ms is None
+                    else {
+                        "idle": after_a_pause(
+                            plan.batched, snapshot, requests, args.batch, args.rounds, args.idle_ms
+                        )
+                    }
+                ),
                 "load": [round(x, 2) for x in os.getloadavg()],
             }
         )
     )
+
+
+def idle_ms(text: str) -> float:
+    """``--idle-ms``: milliseconds > 0 -> seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected milliseconds > 0 (e.g. 8)")
+    return value / 1000
+
+
+def after_a_pause(
+    stages: Sequence[Stage[S]],
+    snapshot: S,
+    requests: Sequence[Request],
+    batch_size: int,
+    rounds: int,
+    pause: float,
+) -> dict[str, object]:
+    """The batched stages over ``requests``, back to back and with the thread asleep ``pause``
+    seconds before each batch, in turn (back to back first in even rounds): per request, the
+    thread's CPU and each stage's wall time, medians over ``rounds`` (after one round of each
+    to warm up), and the median ratio of the paused run's CPU to the back-to-back one's."""
+    runs: dict[str, list[dict[str, float]]] = {"back_to_back": [], "after_a_pause": []}
+    for round_ in range(rounds + 1):
+        for paused in (False, True) if round_ % 2 == 0 else (True, False):
+            spent: dict[str, float] = {}
+            cpu = 0.0
+            for at in range(0, len(requests), batch_size):
+                if paused:
+                    time.sleep(pause)
+                start = time.thread_time()
+                batch = run_stages(
+                    stages, Batch(requests=tuple(requests[at : at + batch_size])), snapshot
+                )
+                cpu += time.thread_time() - start
+                for name, seconds in batch.stage_seconds:
+                    spent[name] = spent.get(name, 0.0) + seconds
+            if round_ == 0:
+                continue
+            n = len(requests)
+            runs["after_a_pause" if paused else "back_to_back"].append(
+                {"cpu_us": cpu / n * 1e6} | {f"{k}_us": v / n * 1e6 for k, v in spent.items()}
+            )
+    report: dict[str, object] = {"pause_ms": round(pause * 1000, 3)}
+    for name, measured in runs.items():
+        report[name] = {
+            key: round(statistics.median(r[key] for r in measured), 1) for key in measured[0]
+        }
+    pairs = zip(runs["back_to_back"], runs["after_a_pause"], strict=True)
+    report["cpu_us_paused_over_back_to_back"] = round(
+        statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in pairs), 3
+    )
+    return report
 
 
 def loop_thread_duty(text: str) -> tuple[float, float]:

@@ -3,6 +3,7 @@ real run of the command with its new flags."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench_rank_cut import load_state
-from benchmarks.bench_stages import LoopThread, make_requests
+from benchmarks.bench_stages import LoopThread, after_a_pause, make_requests
+from recsys.stage import Batch
+from recsys.types import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,3 +106,54 @@ def test_the_loop_thread_takes_turns_while_this_thread_runs_python() -> None:
     stopped = loop.held
     time.sleep(0.05)
     assert loop.held == stopped
+
+
+def test_after_a_pause_reports_both_runs_by_stage(artifacts_dir: Path) -> None:
+    report = run_report(artifacts_dir, 24, "--rounds", "2", "--idle-ms", "2")["idle"]
+    assert report["pause_ms"] == 2.0
+    for run in ("back_to_back", "after_a_pause"):
+        assert {"cpu_us", "assign_us", "retrieve_us", "rank_us", "monitor_us"} <= set(report[run])
+        assert report[run]["cpu_us"] > 0
+        assert report[run]["retrieve_us"] > 0
+    assert report["cpu_us_paused_over_back_to_back"] > 0
+
+
+class Clock:
+    """A stage that notes when each batch reaches it."""
+
+    name = "clock"
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def run(self, batch: Batch, snapshot: object) -> Batch:
+        self.times.append(time.perf_counter())
+        return batch
+
+
+def test_only_the_paused_runs_sleep_before_each_batch() -> None:
+    clock = Clock()
+    requests = [Request(f"r{i}", f"u{i}", 20) for i in range(6)]
+    report = after_a_pause([clock], None, requests, 2, rounds=1, pause=0.2)
+    back_to_back = report["back_to_back"]
+    assert isinstance(back_to_back, dict)
+    assert set(back_to_back) == {"cpu_us", "clock_us"}
+    # Two rounds (one to warm up), each a run of 3 batches back to back, then a paused one.
+    assert len(clock.times) == 12
+    runs = [clock.times[i : i + 3] for i in range(0, 12, 3)]
+    for run, paused in zip(runs, (False, True, True, False), strict=True):
+        gaps = [b - a for a, b in itertools.pairwise(run)]
+        assert all(g >= 0.2 for g in gaps) if paused else all(g < 0.2 for g in gaps)
+
+
+def test_a_bad_pause_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_stages", "--idle-ms", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --idle-ms: '0': expected milliseconds > 0 (e.g. 8)")
+    )

@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_ARTIFACTS = Path("artifacts")
+PIN_WORKERS = ("auto", "on", "off")
+"""The values of ``ServeSettings.pin_workers`` (recsys.serving.workers.worker_cpus)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class ServeSettings:
     control: str = ""
     """Control-plane URL: empty for the file backend in the artifact root, or redis://HOST:PORT/DB."""
     workers: int = 1
+    pin_workers: str = "auto"
+    """With ``workers`` > 1, whether worker n runs only on the n-th CPU the server may use:
+    ``auto`` (the default) when the server may use exactly as many CPUs as it has workers (a
+    container given whole CPUs of its own, or ``taskset``), ``on`` always (CPUs in turn when
+    there are more workers), ``off`` never. A worker's event loop and batch thread share one
+    interpreter lock, so they seldom run at once: on one CPU they keep its caches warm and
+    lose little (benchmarks/README.md, "Fourteenth round")."""
     worker_port_stride: int = 0
     """With ``workers`` > 1: 0, every worker listens on ``port`` (SO_REUSEPORT: the kernel gives
     each connection to one of them); N > 0, worker n listens on ``port + n * N`` alone (any free

@@ -15,7 +15,13 @@ import grpc
 
 from recsys.cli.common import CliError, checked_log_format
 from recsys.serving.logs import configure_logging
-from recsys.settings import ServeSettings, default_exposure_dir, env_default, is_service_link
+from recsys.settings import (
+    PIN_WORKERS,
+    ServeSettings,
+    default_exposure_dir,
+    env_default,
+    is_service_link,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +162,11 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     flag("search_threads", "FAISS threads per search in a batch thread (default %(default)s)")
     flag("workers", "server processes sharing the port (SO_REUSEPORT) and one metrics endpoint")
+    flag(
+        "pin_workers",
+        "with --workers N: auto, on or off; worker n runs only on the n-th CPU the server may "
+        "use (auto: when it may use exactly N CPUs)",
+    )
     flag(
         "worker_port_stride",
         "with --workers N: 0, all share --port; K > 0, worker n listens on --port + n*K alone "
@@ -323,6 +334,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     checked_log_format(args.log_format, "--log-format")
     if args.workers < 1:
         raise CliError(f"--workers is {args.workers}; expected >= 1")
+    if args.pin_workers not in PIN_WORKERS:
+        raise CliError(
+            f"--pin-workers {args.pin_workers!r}: expected one of {', '.join(PIN_WORKERS)}"
+        )
     if args.worker_port_stride < 0:
         raise CliError(
             f"--worker-port-stride is {args.worker_port_stride}; expected >= 0 (0: a shared port)"
@@ -400,6 +415,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         feature_store=args.feature_store,
         feature_store_timeout_ms=args.feature_store_timeout_ms,
         workers=args.workers,
+        pin_workers=args.pin_workers,
         worker_port_stride=args.worker_port_stride,
         batch_max_size=args.batch_max_size,
         batch_max_delay_ms=args.batch_max_delay_ms,

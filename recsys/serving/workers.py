@@ -20,14 +20,16 @@ exits non-zero, so the supervisor (Kubernetes) restarts the pod as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -40,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.serving.logs import configure_logging
 from recsys.serving.metrics import GAUGE_MERGE
 from recsys.serving.server import BindError
-from recsys.settings import ServeSettings
+from recsys.settings import PIN_WORKERS, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,31 @@ class WorkerMetrics:
         yield from merge_families([*texts, generate_latest(self._parent).decode()])
 
 
-def _worker_main(settings: ServeSettings) -> None:
+def worker_cpus(allowed: Collection[int], workers: int, pin: str) -> list[int | None]:
+    """The CPU each of ``workers`` runs on alone (None: any of ``allowed``), by ``pin``
+    (:data:`PIN_WORKERS`): ``auto`` pins only when ``allowed`` holds exactly one CPU a worker,
+    as in a container given whole CPUs of its own; ``on`` pins worker n to the n-th CPU of
+    ``allowed`` (in turn when there are more workers than CPUs); ``off`` never."""
+    if pin not in PIN_WORKERS:
+        raise ValueError(f"pin is {pin!r}; expected one of {', '.join(PIN_WORKERS)}")
+    cpus = sorted(allowed)
+    if pin == "off" or not cpus or (pin == "auto" and len(cpus) != workers):
+        return [None] * workers
+    return [cpus[n % len(cpus)] for n in range(workers)]
+
+
+def pin_process(cpu: int) -> None:
+    """Run every thread of this process on ``cpu`` alone: the threads already started (by the
+    libraries imported so far, such as numpy's BLAS pool) one by one, and, through the calling
+    thread, the ones started later (gRPC's, the batch thread), which inherit its CPU."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task), {cpu})
+
+
+def _worker_main(settings: ServeSettings, cpu: int | None = None) -> None:
+    if cpu is not None:
+        pin_process(cpu)
     configure_logging(settings.log_format)
     from recsys.serving.pipeline import open_pipeline
     from recsys.serving.server import run
@@ -186,6 +212,7 @@ def run_workers(settings: ServeSettings) -> int:
             s.close()
         raise
     context = multiprocessing.get_context("spawn")
+    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers, settings.pin_workers)
     workers: list[BaseProcess] = []
     stopping = threading.Event()
 
@@ -209,16 +236,21 @@ def run_workers(settings: ServeSettings) -> int:
                 reuse_port=True,
             )
             process = context.Process(
-                target=_worker_main, args=(worker_settings,), name=f"recsys-worker-{n}"
+                target=_worker_main,
+                args=(worker_settings, cpus[n]),
+                name=f"recsys-worker-{n}",
             )
             process.start()
             workers.append(process)
         log.info(
-            "recsys: %d workers on %s port %s (metrics on :%d)",
+            "recsys: %d workers on %s port %s (metrics on :%d), %s",
             len(workers),
             settings.host,
             ", ".join(map(str, sorted(set(ports)))),
             int(http.server_port),
+            "not pinned"
+            if cpus[0] is None
+            else "on CPUs " + ", ".join(f"{n}: {cpu}" for n, cpu in enumerate(cpus)),
         )
         exit_code = 0
         while workers and any(w.is_alive() for w in workers):

@@ -82,6 +82,7 @@ def test_serve_defaults_come_from_recsys_variables(
         (["--batch-max-delay-ms", "-1"], "--batch-max-delay-ms is -1"),
         (["--executor-threads", "0"], "--executor-threads is 0; expected >= 1"),
         (["--search-threads", "0"], "--search-threads is 0; expected >= 1"),
+        (["--pin-workers", "yes"], "--pin-workers 'yes': expected one of auto, on, off"),
     ],
 )
 def test_bad_serve_flags_are_clear_errors(tmp_path: Path, flags: list[str], message: str) -> None:

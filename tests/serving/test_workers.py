@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,10 +12,11 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from recsys.serving.workers import free_port, merge_families
+from recsys.serving.workers import free_port, merge_families, worker_cpus
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.serving.metrics_page import fetch_metrics, post_json
 
@@ -171,5 +173,104 @@ def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
         assert {e["level"] for e in lines} >= {"INFO"}
     finally:
         if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "workers", "pin", "cpus"),
+    [
+        ({3, 1}, 2, "auto", [1, 3]),  # exactly a CPU a worker: pinned, in order
+        ({0, 1, 2, 3}, 2, "auto", [None, None]),  # a share of a larger set: not pinned
+        ({0}, 2, "auto", [None, None]),
+        ({0, 1, 2, 3}, 2, "on", [0, 1]),
+        ({5, 7}, 3, "on", [5, 7, 5]),  # more workers than CPUs: in turn
+        ({0, 1}, 2, "off", [None, None]),
+    ],
+)
+def test_the_cpu_of_each_worker(
+    allowed: set[int], workers: int, pin: str, cpus: list[int | None]
+) -> None:
+    assert worker_cpus(allowed, workers, pin) == cpus
+
+
+def test_an_unknown_way_to_pin_is_refused() -> None:
+    with pytest.raises(ValueError, match="pin is 'yes'; expected one of auto, on, off"):
+        worker_cpus({0, 1}, 2, "yes")
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of server ``pid``: its children started by multiprocessing's spawn
+    (not its resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue  # ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in command:
+                out.append(int(entry))
+    return out
+
+
+def _thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of process ``pid``."""
+    sets = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            sets.add(frozenset(os.sched_getaffinity(int(task))))
+        except ProcessLookupError:
+            continue  # a thread that ended meanwhile
+    return sets
+
+
+@pytest.mark.parametrize("pin", ["auto", "off"])
+def test_workers_on_exactly_two_cpus_are_pinned_one_to_each_unless_told_not_to(
+    artifacts_dir: Path, tmp_path: Path, pin: str
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    two = set(allowed[:2])
+    log = tmp_path / "serve.log"
+    metrics_port = free_port("127.0.0.1")
+    # The server may use exactly two CPUs, as in a pod given two of its own.
+    command = [
+        "taskset", "--cpu-list", ",".join(map(str, sorted(two))),
+        sys.executable, "-m", "recsys.cli.main", "serve", "--artifacts", str(artifacts_dir),
+        "--port", str(free_port("127.0.0.1")), "--metrics-port", str(metrics_port),
+        "--workers", "2", "--pin-workers", pin, "--exposure-dir", str(tmp_path / "exposures"),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # both workers serving: every thread they start at first has started
+            try:
+                if _metrics(metrics_port).get(("recsys_workers", ())) == 2.0:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "workers did not start"
+            assert server.poll() is None, log.read_text()
+            time.sleep(0.3)
+        workers = _workers(server.pid)
+        assert len(workers) == 2, workers
+        cpus = [_thread_cpus(w) for w in workers]
+        if pin == "off":
+            assert cpus == [{frozenset(two)}] * 2
+        else:  # every thread of a worker on one CPU, a CPU each
+            assert sorted(cpus, key=sorted) == [{frozenset({c})} for c in sorted(two)]
+            a, b = sorted(two)
+            assert f"on CPUs 0: {a}, 1: {b}" in log.read_text() or (
+                f"on CPUs 0: {b}, 1: {a}" in log.read_text()
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             server.kill()
             server.wait()

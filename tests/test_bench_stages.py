@@ -77,19 +77,20 @@ def test_beside_a_loop_thread_reports_both_runs_and_their_ratios(artifacts_dir: 
     assert report["cpu_us_beside_over_alone"] > 0
 
 
-def test_a_bad_loop_thread_duty_is_one_line() -> None:
+def refusal(*flags: str) -> str:
+    """The last line the command prints when it refuses ``flags`` (exit code 2)."""
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_stages", "--loop-thread", "0/300"],
+        [sys.executable, "-m", "benchmarks.bench_stages", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        .splitlines()[-1]
-        .endswith(
-            "argument --loop-thread: '0/300': expected BUSY_US/IDLE_US, microseconds, busy > 0 "
-            "and idle >= 0 (e.g. 200/200)"
-        )
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_bad_loop_thread_duty_is_one_line() -> None:
+    assert refusal("--loop-thread", "0/300").endswith(
+        "argument --loop-thread: '0/300': expected BUSY_US/IDLE_US, microseconds, busy > 0 "
+        "and idle >= 0 (e.g. 200/200)"
     )
 
 
@@ -147,13 +148,6 @@ def test_only_the_paused_runs_sleep_before_each_batch() -> None:
 
 
 def test_a_bad_pause_is_one_line() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_stages", "--idle-ms", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        .splitlines()[-1]
-        .endswith("argument --idle-ms: '0': expected milliseconds > 0 (e.g. 8)")
+    assert refusal("--idle-ms", "0").endswith(
+        "argument --idle-ms: '0': expected milliseconds > 0 (e.g. 8)"
     )

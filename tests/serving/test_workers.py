@@ -96,6 +96,25 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return _samples(fetch_metrics(port))
 
 
+def _start_workers(command: list[str], log: Path, metrics_port: int) -> subprocess.Popen[bytes]:
+    """``command`` (a server of two workers) started, its stderr to ``log``, once both workers
+    answer on the merged metrics endpoint (so every thread they start at first has started)."""
+    with log.open("wb") as out:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if _metrics(metrics_port).get(("recsys_workers", ())) == 2.0:
+                return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            server.wait()
+            raise AssertionError(f"workers did not start: {log.read_text()}")
+        time.sleep(0.3)
+
+
 def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
     artifacts_dir: Path, tmp_path: Path
 ) -> None:
@@ -108,19 +127,9 @@ def test_two_workers_share_the_port_report_together_and_drain_on_sigterm(
         "--http-port", str(http_port), "--log-format", "json",
         "--exposure-dir", str(tmp_path / "exposures"),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
+    server = _start_workers(command, log, metrics_port)
     try:
         deadline = time.monotonic() + 120
-        while True:  # both workers up: the merged endpoint counts them
-            try:
-                if _metrics(metrics_port).get(("recsys_workers", ())) == 2.0:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "workers did not start"
-            assert server.poll() is None, log.read_text()
-            time.sleep(0.3)
         target = f"127.0.0.1:{port}"
         while True:  # a worker listens only once it serves, so nothing answers UNAVAILABLE
             with grpc.insecure_channel(target) as channel:
@@ -243,19 +252,8 @@ def test_workers_on_exactly_two_cpus_are_pinned_one_to_each_unless_told_not_to(
         "--port", str(free_port("127.0.0.1")), "--metrics-port", str(metrics_port),
         "--workers", "2", "--pin-workers", pin, "--exposure-dir", str(tmp_path / "exposures"),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out)
+    server = _start_workers(command, log, metrics_port)
     try:
-        deadline = time.monotonic() + 120
-        while True:  # both workers serving: every thread they start at first has started
-            try:
-                if _metrics(metrics_port).get(("recsys_workers", ())) == 2.0:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "workers did not start"
-            assert server.poll() is None, log.read_text()
-            time.sleep(0.3)
         workers = _workers(server.pid)
         assert len(workers) == 2, workers
         cpus = [_thread_cpus(w) for w in workers]

@@ -5,6 +5,9 @@ complete single-process server (serving/server.py) bound with SO_REUSEPORT, so t
 spreads incoming connections over them; each loads the same artifact root, whose world,
 feature tables and vectors are memory-mapped read-only and so shared through the page cache.
 
+With as many CPUs as workers (``--pin-workers auto``, the default), worker n runs on the n-th of
+them alone, every thread of it (:func:`worker_cpus`, :func:`pin_process`).
+
 Metrics: each worker serves its own registry on a private port on the loopback; the parent's
 ``/metrics`` on the configured port scrapes them all and merges the samples (sums for counters,
 histograms and gauges, so in-flight calls and cache entries add up, except the gauges
@@ -175,6 +178,7 @@ def run_workers(settings: ServeSettings) -> int:
     """Serve with ``settings.workers`` processes until SIGTERM/SIGINT; returns the exit code."""
     if settings.workers < 2:
         raise ValueError(f"workers is {settings.workers}; expected >= 2 (1 runs in-process)")
+    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers, settings.pin_workers)
     reserved: list[socket.socket] = []
 
     def reserve(setting: str, wanted: int) -> int:
@@ -212,7 +216,6 @@ def run_workers(settings: ServeSettings) -> int:
             s.close()
         raise
     context = multiprocessing.get_context("spawn")
-    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers, settings.pin_workers)
     workers: list[BaseProcess] = []
     stopping = threading.Event()
 

@@ -47,7 +47,7 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -179,6 +179,35 @@ def idle_ms(text: str) -> float:
     return value / 1000
 
 
+def alternating(rounds: int) -> Iterator[tuple[int, bool]]:
+    """(round, second run?) for one warm-up round and ``rounds`` more, each round's two runs in
+    turn: the first run first in even rounds, the second first in odd ones."""
+    for round_ in range(rounds + 1):
+        for second in (False, True) if round_ % 2 == 0 else (True, False):
+            yield round_, second
+
+
+def compared(
+    runs: dict[str, list[dict[str, float]]], ratios: Sequence[str], digits: int
+) -> dict[str, object]:
+    """Each of the two runs' figures, medians over rounds (``digits`` decimals), and for each
+    key of ``ratios`` the median over rounds of the second run's over the first's, named
+    ``KEY_SECOND_over_FIRST``."""
+    (first, firsts), (second, seconds) = runs.items()
+    report: dict[str, object] = {
+        name: {
+            key: round(statistics.median(r[key] for r in measured), digits) for key in measured[0]
+        }
+        for name, measured in runs.items()
+    }
+    for key in ratios:
+        pairs = zip(firsts, seconds, strict=True)
+        report[f"{key}_{second}_over_{first}"] = round(
+            statistics.median(b[key] / a[key] for a, b in pairs), 3
+        )
+    return report
+
+
 def after_a_pause(
     stages: Sequence[Stage[S]],
     snapshot: S,
@@ -192,36 +221,26 @@ def after_a_pause(
     thread's CPU and each stage's wall time, medians over ``rounds`` (after one round of each
     to warm up), and the median ratio of the paused run's CPU to the back-to-back one's."""
     runs: dict[str, list[dict[str, float]]] = {"back_to_back": [], "after_a_pause": []}
-    for round_ in range(rounds + 1):
-        for paused in (False, True) if round_ % 2 == 0 else (True, False):
-            spent: dict[str, float] = {}
-            cpu = 0.0
-            for at in range(0, len(requests), batch_size):
-                if paused:
-                    time.sleep(pause)
-                start = time.thread_time()
-                batch = run_stages(
-                    stages, Batch(requests=tuple(requests[at : at + batch_size])), snapshot
-                )
-                cpu += time.thread_time() - start
-                for name, seconds in batch.stage_seconds:
-                    spent[name] = spent.get(name, 0.0) + seconds
-            if round_ == 0:
-                continue
-            n = len(requests)
-            runs["after_a_pause" if paused else "back_to_back"].append(
-                {"cpu_us": cpu / n * 1e6} | {f"{k}_us": v / n * 1e6 for k, v in spent.items()}
+    for round_, paused in alternating(rounds):
+        spent: dict[str, float] = {}
+        cpu = 0.0
+        for at in range(0, len(requests), batch_size):
+            if paused:
+                time.sleep(pause)
+            start = time.thread_time()
+            batch = run_stages(
+                stages, Batch(requests=tuple(requests[at : at + batch_size])), snapshot
             )
-    report: dict[str, object] = {"pause_ms": round(pause * 1000, 3)}
-    for name, measured in runs.items():
-        report[name] = {
-            key: round(statistics.median(r[key] for r in measured), 1) for key in measured[0]
-        }
-    pairs = zip(runs["back_to_back"], runs["after_a_pause"], strict=True)
-    report["cpu_us_paused_over_back_to_back"] = round(
-        statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in pairs), 3
-    )
-    return report
+            cpu += time.thread_time() - start
+            for name, seconds in batch.stage_seconds:
+                spent[name] = spent.get(name, 0.0) + seconds
+        if round_ == 0:
+            continue
+        n = len(requests)
+        runs["after_a_pause" if paused else "back_to_back"].append(
+            {"cpu_us": cpu / n * 1e6} | {f"{k}_us": v / n * 1e6 for k, v in spent.items()}
+        )
+    return {"pause_ms": round(pause * 1000, 3)} | compared(runs, ["cpu_us"], 1)
 
 
 def loop_thread_duty(text: str) -> tuple[float, float]:
@@ -284,47 +303,36 @@ def beside_a_loop_thread(
     switches and wall time, medians over ``rounds`` (after one round of each to warm up)."""
     runs: dict[str, list[dict[str, float]]] = {"alone": [], "beside": []}
     held: list[float] = []
-    for round_ in range(rounds + 1):
-        for beside in (False, True) if round_ % 2 == 0 else (True, False):
-            with LoopThread(*duty) if beside else contextlib.nullcontext() as loop:
-                held_before = loop.held if loop is not None else 0.0
-                start = resource.getrusage(resource.RUSAGE_THREAD)
-                began = time.perf_counter()
-                for at in range(0, len(requests), batch_size):
-                    batch = Batch(requests=tuple(requests[at : at + batch_size]))
-                    run_stages(stages, batch, snapshot)
-                wall = time.perf_counter() - began
-                end = resource.getrusage(resource.RUSAGE_THREAD)
-                held_during = (loop.held if loop is not None else 0.0) - held_before
-            if round_ == 0:
-                continue
-            n = len(requests)
-            cpu = end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
-            runs["beside" if beside else "alone"].append(
-                {
-                    "cpu_us": cpu / n * 1e6,
-                    "system_us": (end.ru_stime - start.ru_stime) / n * 1e6,
-                    "switches": (end.ru_nvcsw - start.ru_nvcsw) / n,
-                    "wall_us": wall / n * 1e6,
-                }
-            )
-            if beside:
-                held.append(held_during / wall)
-    report: dict[str, object] = {
+    for round_, beside in alternating(rounds):
+        with LoopThread(*duty) if beside else contextlib.nullcontext() as loop:
+            held_before = loop.held if loop is not None else 0.0
+            start = resource.getrusage(resource.RUSAGE_THREAD)
+            began = time.perf_counter()
+            for at in range(0, len(requests), batch_size):
+                batch = Batch(requests=tuple(requests[at : at + batch_size]))
+                run_stages(stages, batch, snapshot)
+            wall = time.perf_counter() - began
+            end = resource.getrusage(resource.RUSAGE_THREAD)
+            held_during = (loop.held if loop is not None else 0.0) - held_before
+        if round_ == 0:
+            continue
+        n = len(requests)
+        cpu = end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
+        runs["beside" if beside else "alone"].append(
+            {
+                "cpu_us": cpu / n * 1e6,
+                "system_us": (end.ru_stime - start.ru_stime) / n * 1e6,
+                "switches": (end.ru_nvcsw - start.ru_nvcsw) / n,
+                "wall_us": wall / n * 1e6,
+            }
+        )
+        if beside:
+            held.append(held_during / wall)
+    return {
         "busy_us": round(duty[0] * 1e6, 1),
         "idle_us": round(duty[1] * 1e6, 1),
         "loop_busy_share": round(statistics.median(held), 3),
-    }
-    for name, measured in runs.items():
-        report[name] = {
-            key: round(statistics.median(r[key] for r in measured), 2) for key in measured[0]
-        }
-    for key in ("cpu_us", "wall_us"):
-        pairs = zip(runs["alone"], runs["beside"], strict=True)
-        report[f"{key}_beside_over_alone"] = round(
-            statistics.median(b[key] / a[key] for a, b in pairs), 3
-        )
-    return report
+    } | compared(runs, ["cpu_us", "wall_us"], 2)
 
 
 def make_requests(snapshot: ServingSnapshot, n: int, places: str) -> list[Request]:

@@ -116,7 +116,7 @@ def test_after_a_pause_reports_both_runs_by_stage(artifacts_dir: Path) -> None:
         assert {"cpu_us", "assign_us", "retrieve_us", "rank_us", "monitor_us"} <= set(report[run])
         assert report[run]["cpu_us"] > 0
         assert report[run]["retrieve_us"] > 0
-    assert report["cpu_us_paused_over_back_to_back"] > 0
+    assert report["cpu_us_after_a_pause_over_back_to_back"] > 0
 
 
 class Clock:

@@ -52,9 +52,9 @@ def user_metadata(user_id: str) -> tuple[tuple[str, str], ...]:
 def routed_channel_options() -> list[tuple[str, str]]:
     """Channel options that send every call of one user to the same address of the target
     (``dns:///recsys.recsys.svc.cluster.local:50051``, the headless Service; or
-    ``ipv4:A:P,B:P``), by
-    gRPC's ``ring_hash`` policy over :data:`USER_HEADER`. Turns on gRPC's switch for the header
-    hash (:data:`RING_HASH_HEADER_SWITCH`) in this process unless it is set already."""
+    ``ipv4:A:P,B:P``), by gRPC's ``ring_hash`` policy over :data:`USER_HEADER`. Turns on gRPC's
+    switch for the header hash (:data:`RING_HASH_HEADER_SWITCH`) in this process unless it is
+    set already."""
     os.environ.setdefault(RING_HASH_HEADER_SWITCH, "true")
     config = {
         "loadBalancingConfig": [{"ring_hash_experimental": {"requestHashHeader": USER_HEADER}}]

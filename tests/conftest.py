@@ -9,6 +9,11 @@ import pytest
 from hypothesis import settings
 
 from recsys.build import BuildReport, build
+from recsys.control.backends import open_store
+from recsys.pipeline.loading import SnapshotCompiler, artifact_root
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.ranking.model_cache import ModelCache
+from recsys.serving.control import read_documents
 from recsys.settings import BuildSettings
 
 # No per-example deadline: on a shared, loaded machine an example's wall time is noise, and a
@@ -40,3 +45,18 @@ def artifacts(artifacts_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "artifacts"
     shutil.copytree(artifacts_dir, out, ignore=shutil.ignore_patterns("exposures"))
     return out
+
+
+@pytest.fixture(scope="session")
+def serving_snapshot(artifacts_dir: Path) -> ServingSnapshot:
+    """The serving snapshot of the session's built root, as a server compiles it at start-up
+    from the control documents the build wrote (immutable: tests share it)."""
+    store = open_store("", artifacts_dir)
+    try:
+        docs = read_documents(store, None)
+    finally:
+        store.close()
+    root = artifact_root(artifacts_dir)
+    return SnapshotCompiler(root, ModelCache(root)).initial(
+        {name: doc.body for name, doc in docs.items()}, "1"
+    )

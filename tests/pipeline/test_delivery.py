@@ -3,19 +3,13 @@ request delivers to, whether the request names a location or not."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from recsys.control.backends import open_store
 from recsys.geo import haversine_km
-from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
-from recsys.ranking.model_cache import ModelCache
 from recsys.retrieval.stage import NO_LOCATION, UNKNOWN_USER
-from recsys.serving.control import read_documents
 from recsys.serving.pipeline import Job, recommend_batch
 from recsys.types import Assignment, Location, PipelineParams, Recommendation, Request
 
@@ -24,16 +18,8 @@ STAGES = build_stages().batched
 
 
 @pytest.fixture(scope="module")
-def state(artifacts_dir: Path) -> ServingSnapshot:
-    store = open_store("", artifacts_dir)
-    try:
-        docs = read_documents(store, None)
-    finally:
-        store.close()
-    root = artifact_root(artifacts_dir)
-    return SnapshotCompiler(root, ModelCache(root)).initial(
-        {name: doc.body for name, doc in docs.items()}, "1"
-    )
+def state(serving_snapshot: ServingSnapshot) -> ServingSnapshot:
+    return serving_snapshot
 
 
 def _serve(state: ServingSnapshot, user: str, location: Location | None) -> Recommendation:

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from recsys.control.backends import open_store
-from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
-from recsys.ranking.model_cache import ModelCache
 from recsys.ranking.stages import DEADLINE_UNRANKED, Rank, RankCost
 from recsys.retrieval.retriever import RetrievalQuery
 from recsys.serving.batching import DeadlineExceeded, MicroBatcher
 from recsys.serving.cache import ResultCache
-from recsys.serving.control import read_documents
 from recsys.serving.pipeline import Job, Pipeline, recommend_batch
 from recsys.stage import Stage
 from recsys.types import Assignment, PipelineParams, Recommendation, Request
@@ -27,15 +22,8 @@ KNOWN_USER = "user-0000001"
 
 
 @pytest.fixture(scope="module")
-def state(artifacts_dir: Path) -> ServingSnapshot:
-    store = open_store("", artifacts_dir)
-    try:
-        docs = read_documents(store, None)
-    finally:
-        store.close()
-    root = artifact_root(artifacts_dir)
-    compiler = SnapshotCompiler(root, ModelCache(root))
-    return compiler.initial({name: doc.body for name, doc in docs.items()}, "1")
+def state(serving_snapshot: ServingSnapshot) -> ServingSnapshot:
+    return serving_snapshot
 
 
 PLAN = build_stages()

@@ -4,7 +4,17 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.pipeline.arrange import arrange, arranged_positions, rank_within_group
+from recsys.pipeline.arrange import (
+    Arrange,
+    arrange,
+    arranged_positions,
+    arranged_positions_batch,
+    rank_within_group,
+)
+from recsys.pipeline.snapshot import ServingSnapshot
+from recsys.pipeline.stages import build_stages
+from recsys.stage import Batch, run_stages
+from recsys.types import Location, Request
 
 
 def test_rank_within_group_counts_in_display_order() -> None:
@@ -125,3 +135,87 @@ def test_when_the_best_few_are_not_enough_all_candidates_are_arranged() -> None:
     assert at.tolist() == reference_positions(
         sku.tolist(), rest.tolist(), score.tolist(), 2, 1, set()
     )
+
+
+ONE_REQUEST = st.tuples(
+    st.lists(
+        st.tuples(
+            st.integers(0, 60),
+            st.one_of(
+                st.sampled_from([0.0, -0.0, 0.5, 1.0, float("nan"), float("inf")]),
+                st.floats(-5, 5, width=32),
+            ),
+        ),
+        max_size=60,
+    ),
+    st.integers(1, 12),
+    st.integers(1, 3),
+    st.sets(st.integers(-2, 70), max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ONE_REQUEST, min_size=1, max_size=8), st.sampled_from([0, 1 << 40]))
+def test_a_batch_is_arranged_as_each_request_on_its_own(
+    requests: list[tuple[list[tuple[int, float]], int, int, set[int]]], offset: int
+) -> None:
+    """One pass over the batch gives every request exactly its positions on its own: SKUs
+    shared across requests, ties, -0.0, NaN and infinite scores, exclusions of SKUs no row holds,
+    short prefixes. ``offset`` moves the SKU ids beyond what the packed sort key holds, so the
+    three-key sort is checked too."""
+    skus = [np.array([r[0] for r in rows], dtype=np.int64) + offset for rows, *_ in requests]
+    scores = [np.array([r[1] for r in rows], dtype=np.float32) for rows, *_ in requests]
+    excluded = tuple(np.array(sorted(e), dtype=np.int64) + offset for *_, e in requests)
+    restaurant = [sku % 7 for sku in skus]
+    got = arranged_positions_batch(
+        np.concatenate(skus),
+        np.concatenate(restaurant),
+        np.concatenate(scores),
+        np.array([s.size for s in skus], dtype=np.int64),
+        num_results=np.array([r[1] for r in requests], dtype=np.int64),
+        max_per_restaurant=np.array([r[2] for r in requests], dtype=np.int64),
+        exclude=excluded,
+    )
+    assert len(got) == len(requests)
+    for n, (_, wanted, cap, _) in enumerate(requests):
+        alone = arranged_positions(
+            skus[n],
+            restaurant[n],
+            scores[n],
+            num_results=wanted,
+            max_per_restaurant=cap,
+            exclude=excluded[n],
+        )
+        assert got[n].tolist() == alone.tolist()
+
+
+def test_the_arrange_stage_serves_the_same_items_however_the_batch_is_arranged(
+    serving_snapshot: ServingSnapshot,
+) -> None:
+    """The real stages on the test world: a batch of twelve requests (exclusions, different
+    sizes) arranged in one pass serves each request what arranging it on its own serves, and
+    what it is served in a batch of its own."""
+    tables = serving_snapshot.tables
+    requests = tuple(
+        Request(
+            f"r{n}",
+            str(tables.user_ids[n]),
+            5 + n,
+            Location(float(tables.user_home_lat[n]), float(tables.user_home_lon[n])),
+            exclude_sku_ids=tuple(range(n * 40, n * 40 + 60)),
+        )
+        for n in range(12)
+    )
+    plan = build_stages().batched
+    before = plan[: [s.name for s in plan].index("arrange")]
+    ranked = run_stages(before, Batch(requests=requests), serving_snapshot)
+    whole = Arrange(one_by_one_up_to=0).run(ranked, serving_snapshot)
+    each = Arrange(one_by_one_up_to=len(requests)).run(ranked, serving_snapshot)
+    assert [len(i) for i in whole.items] == [r.num_results for r in requests]
+    for n, request in enumerate(requests):
+        assert np.array_equal(whole.served_positions[n], each.served_positions[n])
+        for field in ("sku_ids", "restaurant_ids", "scores"):
+            assert np.array_equal(getattr(whole.items[n], field), getattr(each.items[n], field))
+        assert not set(whole.items[n].sku_ids.tolist()) & set(request.exclude_sku_ids)
+        alone = run_stages(plan, Batch(requests=(request,)), serving_snapshot)
+        assert np.array_equal(alone.items[0].sku_ids, whole.items[n].sku_ids)

@@ -33,8 +33,14 @@ order alternating by round), and the report gives the batch thread's own CPU (us
 medians over the rounds, and the share of the wall time the second thread spent in its busy
 turns.
 
+``--arrange-paths`` compares the arrange stage's two ways over the same ranked batches: each
+request on its own (what batches of up to ``ONE_BY_ONE_UP_TO`` requests take) against one pass
+over the batch (what larger ones take), in turn, checking that both serve the same items, and
+reports each one's wall time per request, medians over the rounds, and their ratio.
+
     python -m benchmarks.bench_stages --artifacts artifacts [--requests 2000] [--batch 4]
         [--places homes] [--search-threads 1] [--loop-thread 200/200] [--idle-ms 8]
+        [--arrange-paths]
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ from typing import TypeVar
 import numpy as np
 
 from benchmarks.bench_rank_cut import load_state
+from recsys.pipeline.arrange import Arrange
 from recsys.pipeline.snapshot import ServingSnapshot
-from recsys.pipeline.stages import build_stages
+from recsys.pipeline.stages import StagePlan, build_stages
 from recsys.retrieval.index import set_search_threads
 from recsys.stage import Batch, Stage, run_stages
 from recsys.types import Location, Request
@@ -92,6 +99,11 @@ def main() -> None:
         metavar="MS",
         help="also run the batched stages with the thread asleep MS before each batch, as "
         "between batches at a moderate rate, against back to back",
+    )
+    parser.add_argument(
+        "--arrange-paths",
+        action="store_true",
+        help="also time the arrange stage request by request against one pass over the batch",
     )
     args = parser.parse_args()
     if args.search_threads:
@@ -153,6 +165,15 @@ def main() -> None:
                 "places": args.places,
                 "search_threads": args.search_threads,
                 **contention,
+                **(
+                    {
+                        "arrange_paths": arrange_paths(
+                            plan, snapshot, requests, args.batch, args.rounds
+                        )
+                    }
+                    if args.arrange_paths
+                    else {}
+                ),
                 **(
                     {}
                     if args.idle_ms is None
@@ -241,6 +262,33 @@ def after_a_pause(
             {"cpu_us": cpu / n * 1e6} | {f"{k}_us": v / n * 1e6 for k, v in spent.items()}
         )
     return {"pause_ms": round(pause * 1000, 3)} | compared(runs, ["cpu_us"], 1)
+
+
+def arrange_paths(
+    plan: StagePlan, snapshot: ServingSnapshot, requests: Sequence[Request], size: int, rounds: int
+) -> dict[str, object]:
+    """The arrange stage over the same ranked batches, request by request and in one pass over
+    each batch, in turn (request by request first in even rounds): wall time per request,
+    medians over ``rounds`` (after one round of each to warm up), and the median ratio."""
+    before = plan.batched[: [s.name for s in plan.batched].index("arrange")]
+    ranked = [
+        run_stages(before, Batch(requests=tuple(requests[at : at + size])), snapshot)
+        for at in range(0, len(requests), size)
+    ]
+    ways = {"one_by_one": Arrange(one_by_one_up_to=size), "batch": Arrange(one_by_one_up_to=0)}
+    for batch in ranked:
+        one, other = (way.run(batch, snapshot).served_positions for way in ways.values())
+        if not all(np.array_equal(a, b) for a, b in zip(one, other, strict=True)):
+            raise SystemExit("arrange: the two ways served different items")
+    runs: dict[str, list[dict[str, float]]] = {"one_by_one": [], "batch": []}
+    for round_, second in alternating(rounds):
+        name = "batch" if second else "one_by_one"
+        start = time.perf_counter()
+        for batch in ranked:
+            ways[name].run(batch, snapshot)
+        if round_:
+            runs[name].append({"wall_us": (time.perf_counter() - start) / len(requests) * 1e6})
+    return compared(runs, ["wall_us"], 1)
 
 
 def loop_thread_duty(text: str) -> tuple[float, float]:

@@ -119,6 +119,13 @@ def test_after_a_pause_reports_both_runs_by_stage(artifacts_dir: Path) -> None:
     assert report["cpu_us_after_a_pause_over_back_to_back"] > 0
 
 
+def test_arrange_paths_reports_both_ways_and_their_ratio(artifacts_dir: Path) -> None:
+    report = run_report(artifacts_dir, 24, "--rounds", "2", "--arrange-paths")["arrange_paths"]
+    assert report["one_by_one"]["wall_us"] > 0
+    assert report["batch"]["wall_us"] > 0
+    assert report["wall_us_batch_over_one_by_one"] > 0
+
+
 class Clock:
     """A stage that notes when each batch reaches it."""
 

@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from benchmarks.bench_rank_cut import load_state
 from recsys.build import BuildReport, build
-from recsys.control.backends import open_store
-from recsys.pipeline.loading import SnapshotCompiler, artifact_root
 from recsys.pipeline.snapshot import ServingSnapshot
-from recsys.ranking.model_cache import ModelCache
-from recsys.serving.control import read_documents
 from recsys.settings import BuildSettings
 
 # No per-example deadline: on a shared, loaded machine an example's wall time is noise, and a
@@ -51,12 +48,4 @@ def artifacts(artifacts_dir: Path, tmp_path: Path) -> Path:
 def serving_snapshot(artifacts_dir: Path) -> ServingSnapshot:
     """The serving snapshot of the session's built root, as a server compiles it at start-up
     from the control documents the build wrote (immutable: tests share it)."""
-    store = open_store("", artifacts_dir)
-    try:
-        docs = read_documents(store, None)
-    finally:
-        store.close()
-    root = artifact_root(artifacts_dir)
-    return SnapshotCompiler(root, ModelCache(root)).initial(
-        {name: doc.body for name, doc in docs.items()}, "1"
-    )
+    return load_state(artifacts_dir)

@@ -2,7 +2,7 @@
 
 No per-item loop: :func:`arranged_positions` applies the rules to one request,
 :func:`arranged_positions_batch` to every request of a batch at once (one sort, one pass of
-each rule), which a batch of more than one request takes.
+each rule), which a batch of more than :data:`ONE_BY_ONE_UP_TO` requests takes.
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ def _kept(
 ) -> npt.NDArray[np.bool_]:
     """Which rows the rules keep, for rows in best-first order grouped by request: the first
     copy of each (request, SKU), no SKU its request excludes (``excluded``: requests and SKU
-    ids), at most ``caps[request]`` per (request, restaurant)."""
+    ids), at most ``caps[request]`` per (request, restaurant).
+
+    The rules of :func:`_arranged`, keyed by request too. The one-request path keeps its own
+    copy, without the request keys' extra numpy calls on batches of one or two; the property
+    test in tests/pipeline/test_arrange.py holds the two to the same positions."""
     span = int(sku_ids.max(initial=0)) + 1
     key = request * span + sku_ids
     keep = np.zeros(key.shape[0], dtype=np.bool_)
@@ -172,14 +176,14 @@ def arranged_positions_batch(
     )
     limit = PREFIX_FACTOR * wanted
     chosen = positions_in_segments(sizes) < np.repeat(limit, sizes)
-    rows = order[chosen]
-    keep = _kept(sku_ids[rows], restaurant_ids[rows], request[chosen], caps, excluded)
-    short = (np.bincount(request[chosen][keep], minlength=b) < wanted) & (sizes > limit)
+    rows, owner = order[chosen], request[chosen]
+    keep = _kept(sku_ids[rows], restaurant_ids[rows], owner, caps, excluded)
+    short = (np.bincount(owner[keep], minlength=b) < wanted) & (sizes > limit)
     if short.any():  # the best few were not enough: all of those requests' rows
         chosen |= np.repeat(short, sizes)
-        rows = order[chosen]
-        keep = _kept(sku_ids[rows], restaurant_ids[rows], request[chosen], caps, excluded)
-    rows, owner = rows[keep], request[chosen][keep]
+        rows, owner = order[chosen], request[chosen]
+        keep = _kept(sku_ids[rows], restaurant_ids[rows], owner, caps, excluded)
+    rows, owner = rows[keep], owner[keep]
     kept = np.bincount(owner, minlength=b)
     first = positions_in_segments(kept) < np.repeat(wanted, kept)
     rows, owner = rows[first], owner[first]

@@ -57,9 +57,12 @@ Each recsys server's result also has ``stages_saturated`` (and ``at_70pct.stages
 loop), from the server's metrics page over the phase: the mean wall time of each stage per run
 (per batch for the batched stages), the mean batch size, each item's mean wait for its batch,
 each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds
-of batches run per second of the phase, summed over workers (1.0: one batch thread never idle).
+of batches run per second of the phase, summed over workers (1.0: one batch thread never idle),
+and the p99 of the servicer's time, of an item's wait and of a batch's run, from the
+histograms' buckets (``servicer_p99_ms``, ``queue_delay_p99_ms``, ``batch_run_p99_ms``).
 Below saturation these say where a call's latency went: queued for a batch, in its batch, or on
-the event loop around them (servicer time minus the two). ``threads_us_per_call`` (both phases)
+the event loop around them (servicer time minus the two); and whether the client's p99 was
+spent in the server at all. ``threads_us_per_call`` (both phases)
 says where its CPU went: each thread's CPU per answered call, by the thread's name in the
 operating system, summed over the workers (``main``: each process's event loop; the batch
 threads, ``batch-recommend``, and ``exposure-writer`` name themselves; ``event_engine`` is
@@ -73,6 +76,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -471,6 +475,62 @@ def stage_totals(command: list[str]) -> dict[str, tuple[float, float]]:
     return totals
 
 
+TAIL_METRICS = ("servicer", "queue_delay", "batch_run")
+"""Of :data:`TIMED_METRICS`, those whose p99 over a phase is reported beside the mean."""
+
+
+def bucket_totals(command: list[str]) -> dict[str, dict[float, float]]:
+    """The cumulative bucket counts (upper bound -> calls so far) of each of
+    :data:`TAIL_METRICS`, from a recsys server's metrics page, summed over labels."""
+    totals: dict[str, dict[float, float]] = {}
+    for name, labels, value in metric_samples(command):
+        metric, _, kind = name.rpartition("_")
+        key = TIMED_METRICS.get(metric)
+        if kind == "bucket" and key in TAIL_METRICS:
+            bound = float(labels["le"])
+            buckets = totals.setdefault(key, {})
+            buckets[bound] = buckets.get(bound, 0.0) + value
+    return totals
+
+
+def quantile_between(
+    before: dict[float, float], after: dict[float, float], q: float
+) -> float | None:
+    """The ``q`` quantile of what a histogram observed between two :func:`bucket_totals`, by
+    linear interpolation within its bucket, as Prometheus's ``histogram_quantile`` does (the
+    last finite bound when it falls in the +Inf bucket); None: nothing observed."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def tail_ms(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+) -> dict[str, float]:
+    """``{key}_p99_ms`` of each of :data:`TAIL_METRICS` between two :func:`bucket_totals`: the
+    servicer's p99 (a call's own time in the server), an item's wait for its batch and a
+    batch's run, to set beside the client's p99. Bucket-bound resolution (recsys/serving/
+    metrics.py: 20, 30, 50 ms ... for calls and batches)."""
+    out: dict[str, float] = {}
+    for key in TAIL_METRICS:
+        if key in after:
+            value = quantile_between(before.get(key, {}), after[key], 0.99)
+            if value is not None:
+                out[f"{key}_p99_ms"] = round(value * 1e3, 3)
+    return out
+
+
 def stage_means(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], wall: float
 ) -> dict[str, float]:
@@ -554,6 +614,7 @@ def run_server(
         calls = server.concurrency or args.concurrency
         phase(args.seconds / 3, calls=calls)
         stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
+        buckets0 = bucket_totals(server.command)
         threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
         saturated_phase = phase(args.seconds, calls=calls)
         latencies, codes = saturated_phase.latencies, saturated_phase.codes
@@ -561,6 +622,7 @@ def run_server(
         cpu = cpu_now() - cpu0
         threads = threads_per_call(threads0, threads_now(), len(latencies))
         stages = stage_means(stages0, stage_totals(server.command), wall)
+        stages |= tail_ms(buckets0, bucket_totals(server.command))
         done = len(latencies)
         saturated = done / wall
         result: dict[str, object] = {
@@ -582,6 +644,7 @@ def run_server(
         if args.open_loop:
             rate = args.open_loop_share * saturated if rate is None else rate
             stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
+            buckets0 = bucket_totals(server.command)
             threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
             open_phase = phase(args.seconds, rate=rate)
             lat70, codes70 = open_phase.latencies, open_phase.codes
@@ -589,7 +652,7 @@ def run_server(
             threads70 = threads_per_call(threads0, threads_now(), len(lat70))
             stages70 = stage_means(
                 stages0, stage_totals(server.command), time.perf_counter() - wall0
-            )
+            ) | tail_ms(buckets0, bucket_totals(server.command))
             result["at_70pct"] = {  # the name of the default share, whatever the share
                 "rate": round(rate, 1),
                 "share_of_saturation": round(rate / saturated, 3) if saturated else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
     RequestStream,
+    bucket_totals,
     cache_lookups,
     closed_loop,
     fronted,
@@ -29,12 +31,14 @@ from benchmarks.bench_throughput import (
     in_turn,
     open_loop_rate,
     open_loop_share,
+    quantile_between,
     run_phase,
     same_rate_ratios,
     servers,
     shed_share,
     stage_means,
     stage_totals,
+    tail_ms,
     thread_cpu,
     threads_per_call,
     variant,
@@ -169,6 +173,18 @@ def test_stage_totals_read_the_stage_and_batcher_histograms(
     }
 
 
+def test_quantile_between_interpolates_within_the_bucket_of_the_calls_between_two_scrapes() -> None:
+    before = {0.01: 50.0, 0.02: 90.0, 0.05: 100.0, math.inf: 100.0}
+    # 100 calls between the scrapes: 60 up to 10 ms, 30 more up to 20 ms, 10 up to 50 ms.
+    after = {0.01: 110.0, 0.02: 180.0, 0.05: 200.0, math.inf: 200.0}
+    assert quantile_between(before, after, 0.5) == pytest.approx(0.01 * 50 / 60)
+    assert quantile_between(before, after, 0.9) == pytest.approx(0.02)
+    assert quantile_between(before, after, 0.99) == pytest.approx(0.02 + 0.03 * 0.9)
+    assert quantile_between(after, after, 0.99) is None  # nothing observed between them
+    # Beyond the last finite bound: that bound, as histogram_quantile gives.
+    assert quantile_between({}, {0.01: 1.0, math.inf: 10.0}, 0.99) == pytest.approx(0.01)
+
+
 def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> None:
     """The same, from the HTTP endpoint a server serves, not from samples written here."""
     metrics = ServingMetrics()
@@ -184,8 +200,14 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
         command = ["recsys", "serve", "--metrics-port", str(port)]
         totals = stage_totals(command)
         lookups = cache_lookups(command)
+        buckets = bucket_totals(command)
     finally:
         metrics.stop_http()
+    tails = tail_ms({}, buckets)
+    # Calls of 10 and 30 ms: the 99th percentile lies in the (20, 30] ms bucket.
+    assert 20.0 < tails["servicer_p99_ms"] <= 30.0
+    assert 2.0 < tails["queue_delay_p99_ms"] <= 5.0  # waits of 1-5 ms
+    assert 10.0 < tails["batch_run_p99_ms"] <= 20.0  # batches of 10 and 20 ms
     assert totals["batch"] == pytest.approx((6.0, 2.0))
     assert totals["batch_run"] == pytest.approx((0.03, 2.0))
     assert totals["queue_delay"] == pytest.approx((0.02, 6.0))

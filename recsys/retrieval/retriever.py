@@ -2,8 +2,8 @@
 
 Known users get their nearest items by inner product. Unavailable items and items of restaurants
 far from the request's ~2 km delivery cell are filtered inside the search (one FAISS selector
-per cell, radius and availability snapshot, cached); the exact radius and the request's
-exclusions are applied to the results afterwards.
+per cell, radius and availability snapshot, cached); the exact radius (checked once over the
+whole batch's results) and the request's exclusions are applied to the results afterwards.
 Whenever fewer than ``k`` survive, the most popular eligible items top the list up, so a tight
 radius or a heavy availability filter never starves the ranker. Unknown users (and users without
 a learned vector) get popular eligible items near their location, flagged ``fallback``.
@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -320,6 +320,22 @@ class CellSelectors:
         return len(self._near)
 
 
+class _Search(NamedTuple):
+    """One FAISS search of a batch: its queries (one nprobe, delivery cell and radius), at
+    ``positions`` in the batch, each with its vector and how many results it needs, and the
+    ``scores`` and ``ids`` found, [queries, max(fetch)]."""
+
+    positions: list[int]
+    queries: list[RetrievalQuery]
+    vectors: Float32Array
+    fetch: list[int]
+    nprobe: int
+    cell: tuple[int, int] | None
+    selector: AvailabilitySelector
+    scores: Float32Array
+    ids: Int64Array
+
+
 class Retriever:
     """Batched candidate retrieval over one index version and one availability snapshot."""
 
@@ -402,7 +418,8 @@ class Retriever:
         self, queries: Sequence[RetrievalQuery], vectors: Float32Array | None = None
     ) -> list[Candidates]:
         """Candidates for every query, in order: one FAISS search per distinct ``nprobe`` and,
-        with the radius in the search, per delivery cell and radius.
+        with the radius in the search, per delivery cell and radius; then one exact radius check
+        over all the searches' results.
 
         ``vectors`` ([len(queries), dim], optional): the user vectors to search with, as an
         online feature store served them; by default each known user's local vector.
@@ -426,6 +443,7 @@ class Retriever:
                 groups.setdefault(key, []).append(i)
             else:
                 out[i] = self._popular_fallback(q)
+        searches: list[_Search] = []
         for (nprobe, cell, radius_km), positions in groups.items():
             group = [queries[i] for i in positions]
             if vectors is None:
@@ -440,14 +458,38 @@ class Retriever:
             )
             fetch = [self._fetch(q, cell) for q in group]
             scores, ids = self._index.search(searched, max(fetch), nprobe=nprobe, allowed=selector)
-            usable = (ids >= 0) & self._within_rows(group, ids)
-            for n, i in enumerate(positions):
-                f = fetch[n]
-                found = scores[n, :f], ids[n, :f], usable[n, :f]
-                if cell is not None:
-                    found = self._refetch(group[n], searched[n], nprobe, selector, *found)
-                out[i] = self._personal(group[n], searched[n], found[1], found[0], found[2])
+            searches.append(
+                _Search(positions, group, searched, fetch, nprobe, cell, selector, scores, ids)
+            )
+        for search, usable in zip(searches, self._usable(searches), strict=True):
+            for n, i in enumerate(search.positions):
+                q, f = search.queries[n], search.fetch[n]
+                found = search.scores[n, :f], search.ids[n, :f], usable[n, :f]
+                if search.cell is not None:
+                    found = self._refetch(
+                        q, search.vectors[n], search.nprobe, search.selector, *found
+                    )
+                out[i] = self._personal(q, search.vectors[n], found[1], found[0], found[2])
         return [c for c in out if c is not None]
+
+    def _usable(self, searches: Sequence[_Search]) -> list[BoolArray]:
+        """For each search, [its queries, its fetch] whether each result was returned and is
+        within its query's radius: one exact radius check over the whole batch's results (each
+        check is a dozen numpy calls; a batch at homes makes about one search a request)."""
+        if len(searches) <= 1:
+            return [(s.ids >= 0) & self._within_rows(s.queries, s.ids) for s in searches]
+        width = max(s.ids.shape[1] for s in searches)
+        ids = np.full((sum(len(s.queries) for s in searches), width), -1, dtype=np.int64)
+        start = 0
+        for s in searches:  # one copy a search
+            ids[start : start + len(s.queries), : s.ids.shape[1]] = s.ids
+            start += len(s.queries)
+        usable = (ids >= 0) & self._within_rows([q for s in searches for q in s.queries], ids)
+        out, start = [], 0
+        for s in searches:
+            out.append(usable[start : start + len(s.queries), : s.ids.shape[1]])
+            start += len(s.queries)
+        return out
 
     def _refetch(
         self,

@@ -295,6 +295,28 @@ def test_a_mixed_batch_answers_exactly_like_one_query_at_a_time(
         assert b.fallback == alone.fallback
 
 
+def test_a_batch_checks_the_radius_of_all_its_searches_at_once(
+    world: World, index: ItemIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    retriever = make_retriever(world, index)
+    queries = mixed_queries()
+    checked: list[tuple[int, tuple[int, ...]]] = []
+    within_rows = retriever._within_rows
+
+    def counting(queries: list[RetrievalQuery], ids: Int64Array) -> BoolArray:
+        checked.append((len(queries), ids.shape))
+        return within_rows(queries, ids)
+
+    monkeypatch.setattr(retriever, "_within_rows", counting)
+    retriever.retrieve_batch(queries)
+    # The known users' rows of every search in one check, as wide as the deepest search;
+    # anything after it is a deeper search of one query (its own check).
+    known = sum(1 for q in queries if retriever._is_known(q))
+    rows, shape = checked[0]
+    assert rows == known and shape[0] == known
+    assert all(n == 1 for n, _ in checked[1:]), checked
+
+
 @dataclasses.dataclass
 class CountingIndex(ItemIndex):
     """The real index, recording each search call's batch size, k and nprobe."""

@@ -313,7 +313,8 @@ def test_a_batch_checks_the_radius_of_all_its_searches_at_once(
     # anything after it is a deeper search of one query (its own check).
     known = sum(1 for q in queries if retriever._is_known(q))
     rows, shape = checked[0]
-    assert rows == known and shape[0] == known
+    assert rows == known
+    assert shape[0] == known
     assert all(n == 1 for n, _ in checked[1:]), checked
 
 

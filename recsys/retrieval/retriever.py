@@ -473,9 +473,9 @@ class Retriever:
         return [c for c in out if c is not None]
 
     def _usable(self, searches: Sequence[_Search]) -> list[BoolArray]:
-        """For each search, [its queries, its fetch] whether each result was returned and is
-        within its query's radius: one exact radius check over the whole batch's results (each
-        check is a dozen numpy calls; a batch at homes makes about one search a request)."""
+        """For each search, [its queries, its deepest fetch] whether each result was returned
+        and is within its query's radius: one exact radius check over the whole batch's results
+        (each check is a dozen numpy calls; a batch at homes makes about one search a request)."""
         if len(searches) <= 1:
             return [(s.ids >= 0) & self._within_rows(s.queries, s.ids) for s in searches]
         width = max(s.ids.shape[1] for s in searches)

@@ -520,8 +520,9 @@ def tail_ms(
 ) -> dict[str, float]:
     """``{key}_p99_ms`` of each of :data:`TAIL_METRICS` between two :func:`bucket_totals`: the
     servicer's p99 (a call's own time in the server), an item's wait for its batch and a
-    batch's run, to set beside the client's p99. Bucket-bound resolution (recsys/serving/
-    metrics.py: 20, 30, 50 ms ... for calls and batches)."""
+    batch's run, to set beside the client's p99. As fine as the histograms' buckets
+    (recsys/serving/metrics.py: bounds at 5, 10, 20, 30, 50, 75 ms ... for calls and batches;
+    5, 10, 20, 50 ms ... for the wait)."""
     out: dict[str, float] = {}
     for key in TAIL_METRICS:
         if key in after:

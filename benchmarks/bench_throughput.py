@@ -413,8 +413,14 @@ def shed_share(codes: dict[str, int]) -> float:
     return round(shed / total, 4) if total else 0.0
 
 
-def metric_samples(command: list[str]) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample on a recsys server's metrics page (name, labels, value); [] without one."""
+Samples = list[tuple[str, dict[str, str], float]]
+"""The samples of one read of a metrics page: (name, labels, value)."""
+
+
+def metric_samples(command: list[str]) -> Samples:
+    """Every sample on a recsys server's metrics page (name, labels, value); [] without one.
+    Read once at each end of a phase; :func:`cache_lookups`, :func:`stage_totals` and
+    :func:`bucket_totals` each take what they need from one read."""
     if "--metrics-port" not in command:
         return []
     port = command[command.index("--metrics-port") + 1]
@@ -430,10 +436,10 @@ def metric_samples(command: list[str]) -> list[tuple[str, dict[str, str], float]
     ]
 
 
-def cache_lookups(command: list[str]) -> tuple[float, float]:
-    """(hits, misses) of a recsys server's result cache so far, from its metrics endpoint."""
+def cache_lookups(samples: Samples) -> tuple[float, float]:
+    """(hits, misses) of a recsys server's result cache so far, from its metrics page."""
     counts = {"hit": 0.0, "miss": 0.0}
-    for name, labels, value in metric_samples(command):
+    for name, labels, value in samples:
         if name == "recsys_result_cache_lookups_total":
             counts[labels["result"]] += value
     return counts["hit"], counts["miss"]
@@ -455,11 +461,11 @@ TIMED_METRICS = {
 for its batch, each batch's run, and each call's time in the servicer."""
 
 
-def stage_totals(command: list[str]) -> dict[str, tuple[float, float]]:
+def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     """(sum, count) of each stage's seconds and of :data:`TIMED_METRICS` so far, from a recsys
     server's metrics page: what :func:`stage_means` takes the difference of."""
     totals: dict[str, tuple[float, float]] = {}
-    for name, labels, value in metric_samples(command):
+    for name, labels, value in samples:
         if name.startswith("recsys_stage_duration_seconds_"):
             key = labels["stage"]
         else:
@@ -479,11 +485,11 @@ TAIL_METRICS = ("servicer", "queue_delay", "batch_run")
 """Of :data:`TIMED_METRICS`, those whose p99 over a phase is reported beside the mean."""
 
 
-def bucket_totals(command: list[str]) -> dict[str, dict[float, float]]:
+def bucket_totals(samples: Samples) -> dict[str, dict[float, float]]:
     """The cumulative bucket counts (upper bound -> calls so far) of each of
     :data:`TAIL_METRICS`, from a recsys server's metrics page, summed over labels."""
     totals: dict[str, dict[float, float]] = {}
-    for name, labels, value in metric_samples(command):
+    for name, labels, value in samples:
         metric, _, kind = name.rpartition("_")
         key = TIMED_METRICS.get(metric)
         if kind == "bucket" and key in TAIL_METRICS:
@@ -504,15 +510,12 @@ def quantile_between(
     if not counts or counts[-1] <= 0:
         return None
     rank = q * counts[-1]
-    lower, below = 0.0, 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
-            if math.isinf(bound):
-                return lower
-            inside = count - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = bound, count
-    return lower
+    at = next(n for n, count in enumerate(counts) if count >= rank)  # the last one at worst
+    lower, below = (bounds[at - 1], counts[at - 1]) if at else (0.0, 0.0)
+    if math.isinf(bounds[at]):
+        return lower
+    inside = counts[at] - below
+    return lower + (bounds[at] - lower) * ((rank - below) / inside if inside else 1.0)
 
 
 def tail_ms(
@@ -551,6 +554,14 @@ def stage_means(
             if key == "batch_run" and wall > 0:
                 out["batch_busy"] = round((seconds - seconds0) / wall, 3)
     return out
+
+
+def phase_stages(before: Samples, after: Samples, wall: float) -> dict[str, float]:
+    """A phase's :func:`stage_means` and :func:`tail_ms`, from the metrics page read at each
+    end of it, ``wall`` seconds apart."""
+    return stage_means(stage_totals(before), stage_totals(after), wall) | tail_ms(
+        bucket_totals(before), bucket_totals(after)
+    )
 
 
 def run_server(
@@ -614,16 +625,14 @@ def run_server(
         # Warm-up (and, for the mix, the cache reaches its steady state on earlier traffic).
         calls = server.concurrency or args.concurrency
         phase(args.seconds / 3, calls=calls)
-        stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-        buckets0 = bucket_totals(server.command)
+        metrics0 = metric_samples(server.command)
         threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
         saturated_phase = phase(args.seconds, calls=calls)
         latencies, codes = saturated_phase.latencies, saturated_phase.codes
         wall = time.perf_counter() - wall0
         cpu = cpu_now() - cpu0
         threads = threads_per_call(threads0, threads_now(), len(latencies))
-        stages = stage_means(stages0, stage_totals(server.command), wall)
-        stages |= tail_ms(buckets0, bucket_totals(server.command))
+        metrics = metric_samples(server.command)
         done = len(latencies)
         saturated = done / wall
         result: dict[str, object] = {
@@ -637,23 +646,21 @@ def run_server(
             "shed_share": shed_share(codes),
             "requests_per_s_per_core": round(done / cpu, 1) if cpu else None,
             "codes": codes,
-            "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
-            "stages_saturated": stages,
+            "cache_hit_rate": hit_rate(cache_lookups(metrics0), cache_lookups(metrics)),
+            "stages_saturated": phase_stages(metrics0, metrics, wall),
             "threads_us_per_call": threads,
             "requests_wrapped": requests.wrapped,
         }
         if args.open_loop:
             rate = args.open_loop_share * saturated if rate is None else rate
-            stages0, lookups0 = stage_totals(server.command), cache_lookups(server.command)
-            buckets0 = bucket_totals(server.command)
+            metrics0 = metric_samples(server.command)
             threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
             open_phase = phase(args.seconds, rate=rate)
             lat70, codes70 = open_phase.latencies, open_phase.codes
             cpu70 = cpu_now() - cpu0
             threads70 = threads_per_call(threads0, threads_now(), len(lat70))
-            stages70 = stage_means(
-                stages0, stage_totals(server.command), time.perf_counter() - wall0
-            ) | tail_ms(buckets0, bucket_totals(server.command))
+            metrics = metric_samples(server.command)
+            stages70 = phase_stages(metrics0, metrics, time.perf_counter() - wall0)
             result["at_70pct"] = {  # the name of the default share, whatever the share
                 "rate": round(rate, 1),
                 "share_of_saturation": round(rate / saturated, 3) if saturated else None,
@@ -663,7 +670,7 @@ def run_server(
                 "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
                 "shed_share": shed_share(codes70),
                 "codes": codes70,
-                "cache_hit_rate": hit_rate(lookups0, cache_lookups(server.command)),
+                "cache_hit_rate": hit_rate(cache_lookups(metrics0), cache_lookups(metrics)),
                 "stages": stages70,
                 "threads_us_per_call": threads70,
                 "requests_wrapped": requests.wrapped,

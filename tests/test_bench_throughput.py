@@ -29,6 +29,7 @@ from benchmarks.bench_throughput import (
     fronted,
     hit_rate,
     in_turn,
+    metric_samples,
     open_loop_rate,
     open_loop_share,
     quantile_between,
@@ -146,9 +147,7 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
     )
 
 
-def test_stage_totals_read_the_stage_and_batcher_histograms(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_stage_totals_read_the_stage_and_batcher_histograms() -> None:
     samples = [
         ("recsys_stage_duration_seconds_sum", {"stage": "rank"}, 1.5),
         ("recsys_stage_duration_seconds_count", {"stage": "rank"}, 10.0),
@@ -163,8 +162,7 @@ def test_stage_totals_read_the_stage_and_batcher_histograms(
         ("recsys_request_duration_seconds_count", {}, 80.0),
         ("recsys_requests_total", {"code": "OK"}, 78.0),
     ]
-    monkeypatch.setattr(bench_throughput, "metric_samples", lambda command: samples)
-    assert stage_totals(["recsys", "serve"]) == {
+    assert stage_totals(samples) == {
         "rank": (1.5, 10.0),
         "batch": (80.0, 10.0),
         "batch_run": (2.0, 10.0),
@@ -198,12 +196,11 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
     port = metrics.start_http("127.0.0.1", 0)
     try:
         command = ["recsys", "serve", "--metrics-port", str(port)]
-        totals = stage_totals(command)
-        lookups = cache_lookups(command)
-        buckets = bucket_totals(command)
+        samples = metric_samples(command)
     finally:
         metrics.stop_http()
-    tails = tail_ms({}, buckets)
+    totals, lookups = stage_totals(samples), cache_lookups(samples)
+    tails = tail_ms({}, bucket_totals(samples))
     # Calls of 10 and 30 ms: the 99th percentile lies in the (20, 30] ms bucket.
     assert 20.0 < tails["servicer_p99_ms"] <= 30.0
     assert 2.0 < tails["queue_delay_p99_ms"] <= 5.0  # waits of 1-5 ms

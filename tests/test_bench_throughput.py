@@ -22,6 +22,7 @@ from benchmarks.bench_latency import front_bounds, pinned
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
+    HIT_CALLS,
     RequestStream,
     bucket_totals,
     cache_lookups,
@@ -47,6 +48,7 @@ from benchmarks.bench_throughput import (
 from benchmarks.load_generator import write_requests
 from recsys.serving.batching import BatchStats
 from recsys.serving.metrics import ServingMetrics
+from recsys.settings import ServeSettings
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 
@@ -57,9 +59,11 @@ def args(
     same_rate: bool = False,
     fronts: tuple[str, ...] = (),
     generators: tuple[str, ...] = (),
+    concurrency: int = 64,
 ) -> argparse.Namespace:
     return argparse.Namespace(
         artifacts=Path("/tmp/art"),
+        concurrency=concurrency,
         serve_arg=["--batch-max-size", "16"],
         baseline=baseline,
         variant=[variant(v) for v in variants],
@@ -99,6 +103,17 @@ def test_a_second_generator_runs_each_server_again_right_after_it() -> None:
     assert {s.generator for s in servers(args(variants=[], generators=("python",)), 5)} == {
         "python"
     }
+
+
+def test_the_hit_keeps_no_more_calls_in_flight_than_the_server_lets_wait() -> None:
+    by_name = {s.name: s for s in servers(args(variants=["w2=--workers 2"]), 5)}
+    assert ServeSettings().max_pending_rpcs == HIT_CALLS
+    assert by_name["recsys-hit"].concurrency == HIT_CALLS < 64
+    assert by_name["recsys-hit-w2"].concurrency == HIT_CALLS
+    assert by_name["recsys-mix"].concurrency is None  # --concurrency
+    assert by_name["recsys-uncached"].concurrency is None
+    fewer = {s.name: s for s in servers(args(variants=[], concurrency=8), 5)}
+    assert fewer["recsys-hit"].concurrency == 8
 
 
 def test_variants_of_a_baseline_run_the_baseline_code() -> None:

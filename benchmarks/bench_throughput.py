@@ -16,8 +16,10 @@ README.md, "The throughput benchmark's load generator"):
   the world's users, each visit a burst of feed refreshes from the same address, 80% home
   surface; unknown users 5%;
 - ``recsys-hit``: ``recsys serve`` (cache on) on one request repeated (each call with its own
-  request id): every call a cache hit, to set against echo. Its closed loop keeps at most
-  ``HIT_CALLS`` in flight (see there).
+  request id): every call a cache hit, to set against echo.
+
+The hit's and the mix's closed loops keep at most ``LOOP_CALLS`` calls in flight a worker (see
+there), the others ``--concurrency``.
 
 Every request carries a delivery location (near the user's home) unless ``--located-share``
 says otherwise: a request without one is served at the user's home anyway, so leaving it out
@@ -119,14 +121,16 @@ pool); a channel of its own pool opens its own connection."""
 ZIPF_EXPONENT = 1.1
 HIT_REQUEST_IDS = 1_000
 REFRESHES_PER_VISIT = (1, 6)
-HIT_CALLS = ServeSettings.max_pending_rpcs
-"""Calls in flight in the hit's closed loops (at most; ``--concurrency`` if lower). A hit is
-answered on the event loop alone, so nearly every call in flight waits in gRPC core for the
-loop, and the server's default bound on such calls (``--max-pending-rpcs``, 32) ends those
-beyond it as CANCELLED. At ``--concurrency`` 64 that ended 86% of the hit's calls (each sent
-again at once) and halved its saturated rate, which sets the rate of its open loop and of
-echo-at-hit-rate. At this many nothing waits beyond the bound (benchmarks/README.md, "The hit's
-closed loop within the server's bound")."""
+LOOP_CALLS = ServeSettings.max_pending_rpcs
+"""Calls in flight per worker in the closed loops of the hit and the mix (at most;
+``--concurrency`` if lower). A hit is answered on the event loop alone, so nearly every call
+in flight waits in gRPC core for the loop, and the server's default bound on such calls
+(``--max-pending-rpcs``, 32 a worker) ends those beyond it as CANCELLED. At ``--concurrency``
+64 against one worker that ended 86% of the hit's calls and 65% of the mix's, each sent again
+at once: the saturated rate, which sets the open loop's (and echo-at-hit-rate's), was the
+refusals' rate, half the hit's (benchmarks/README.md, "Seventeenth round"). At this many a
+worker nothing waits beyond the bound. Misses wait in the servicer for their batch, not in
+gRPC core, and keep ``--concurrency``."""
 """A visit is 1-5 feed loads from one address (open, pull to refresh, come back)."""
 
 
@@ -597,7 +601,7 @@ def run_server(
             asyncio.run(wait_answering(target, 600))
         else:  # every worker answering on its own port, then the front before them
             command = server.command
-            workers = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
+            workers = workers_of(command)
             backends = tuple(Backend("127.0.0.1", port + n) for n in range(workers))
             for backend in backends:
                 asyncio.run(wait_answering(f"127.0.0.1:{backend.port}", 600))
@@ -761,7 +765,7 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
     recsys = [
         Server("recsys-uncached", [*serve, "--cache-entries", "0"], "distinct"),
         Server("recsys-mix", serve, "mix"),
-        Server("recsys-hit", serve, "hit", concurrency=min(args.concurrency, HIT_CALLS)),
+        Server("recsys-hit", serve, "hit"),
     ]
     same = args.same_rate
 
@@ -795,6 +799,7 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
                 for front in args.front
             ],
         )
+    recsys = [within_loop_bound(s, args.concurrency) for s in recsys]
     echo = [py, "-m", "benchmarks.echo_server", "--port", str(port)]
     listed = [
         Server("echo", echo, "distinct"),
@@ -813,6 +818,20 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
         [replace(s, generator=first) for s in listed],
         lambda s: [compared(s, other, generator=other) for other in others],
     )
+
+
+def workers_of(command: Sequence[str]) -> int:
+    """The worker processes a server command starts (its last ``--workers``; 1 without)."""
+    flags = [n for n, word in enumerate(command) if word == "--workers"]
+    return int(command[flags[-1] + 1]) if flags else 1
+
+
+def within_loop_bound(server: Server, concurrency: int) -> Server:
+    """``server`` with the hit's and the mix's closed loops kept within :data:`LOOP_CALLS` a
+    worker; a server behind a front keeps the front's calls in flight."""
+    if server.front is not None or server.requests not in ("hit", "mix"):
+        return server
+    return replace(server, concurrency=min(concurrency, workers_of(server.command) * LOOP_CALLS))
 
 
 def followed_by(

@@ -22,7 +22,7 @@ from benchmarks.bench_latency import front_bounds, pinned
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
-    HIT_CALLS,
+    LOOP_CALLS,
     RequestStream,
     bucket_totals,
     cache_lookups,
@@ -105,15 +105,25 @@ def test_a_second_generator_runs_each_server_again_right_after_it() -> None:
     }
 
 
-def test_the_hit_keeps_no_more_calls_in_flight_than_the_server_lets_wait() -> None:
-    by_name = {s.name: s for s in servers(args(variants=["w2=--workers 2"]), 5)}
-    assert ServeSettings().max_pending_rpcs == HIT_CALLS
-    assert by_name["recsys-hit"].concurrency == HIT_CALLS < 64
-    assert by_name["recsys-hit-w2"].concurrency == HIT_CALLS
-    assert by_name["recsys-mix"].concurrency is None  # --concurrency
-    assert by_name["recsys-uncached"].concurrency is None
-    fewer = {s.name: s for s in servers(args(variants=[], concurrency=8), 5)}
-    assert fewer["recsys-hit"].concurrency == 8
+def test_the_hit_and_the_mix_keep_no_more_calls_in_flight_than_their_workers_let_wait() -> None:
+    found = servers(args(variants=["w2=--workers 2", "w3=--workers 2 --workers 3"]), 5)
+    calls = {s.name: s.concurrency for s in found}
+    assert ServeSettings().max_pending_rpcs == LOOP_CALLS < 64
+    assert calls["recsys-hit"] == calls["recsys-mix"] == LOOP_CALLS
+    assert calls["recsys-hit-w2"] == calls["recsys-mix-w2"] == 2 * LOOP_CALLS
+    assert calls["recsys-mix-w3"] == 64  # 3 x 32 is more than --concurrency
+    assert calls["recsys-uncached"] is None  # misses wait in the servicer: --concurrency
+    assert calls["echo"] is None
+    fewer = {s.name: s.concurrency for s in servers(args(variants=[], concurrency=8), 5)}
+    assert fewer["recsys-hit"] == fewer["recsys-mix"] == 8
+
+
+def test_behind_a_front_the_closed_loop_keeps_the_front_s_calls() -> None:
+    found = servers(args(variants=[], fronts=("6/1@12", "32/4")), 5)
+    calls = {s.name: s.concurrency for s in found}
+    assert calls["recsys-mix-front-6-1"] == calls["recsys-hit-front-6-1"] == 12
+    assert calls["recsys-mix-front-32-4"] is None  # --concurrency
+    assert calls["recsys-mix"] == LOOP_CALLS
 
 
 def test_variants_of_a_baseline_run_the_baseline_code() -> None:

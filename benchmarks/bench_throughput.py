@@ -62,7 +62,9 @@ loop), from the server's metrics page over the phase: the mean wall time of each
 each batch's mean run and each call's mean time in the servicer, and ``batch_busy``: seconds
 of batches run per second of the phase, summed over workers (1.0: one batch thread never idle),
 and the p99 of the servicer's time, of an item's wait and of a batch's run, from the
-histograms' buckets (``servicer_p99_ms``, ``queue_delay_p99_ms``, ``batch_run_p99_ms``).
+histograms' buckets (``servicer_p99_ms``, ``queue_delay_p99_ms``, ``batch_run_p99_ms``); and the
+garbage collector's passes over the phase, which stall every thread of a worker
+(``gc_passes``, their mean ``gc_pause_ms``, ``gc_pause_p99_ms`` and ``gc_share``).
 Below saturation these say where a call's latency went: queued for a batch, in its batch, or on
 the event loop around them (servicer time minus the two); and whether the client's p99 was
 spent in the server at all. ``threads_us_per_call`` (both phases)
@@ -470,9 +472,11 @@ TIMED_METRICS = {
     "recsys_batch_queue_delay_seconds": "queue_delay",
     "recsys_batch_run_seconds": "batch_run",
     "recsys_request_duration_seconds": "servicer",
+    "recsys_gc_pause_seconds": "gc_pause",
 }
 """Histograms read beside the stages' (metric name -> key): the batch size, each item's wait
-for its batch, each batch's run, and each call's time in the servicer."""
+for its batch, each batch's run, each call's time in the servicer, and each garbage-collection
+pass (any generation: every thread of the process stalls for it)."""
 
 
 def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
@@ -495,7 +499,7 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     return totals
 
 
-TAIL_METRICS = ("servicer", "queue_delay", "batch_run")
+TAIL_METRICS = ("servicer", "queue_delay", "batch_run", "gc_pause")
 """Of :data:`TIMED_METRICS`, those whose p99 over a phase is reported beside the mean."""
 
 
@@ -536,10 +540,11 @@ def tail_ms(
     before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
 ) -> dict[str, float]:
     """``{key}_p99_ms`` of each of :data:`TAIL_METRICS` between two :func:`bucket_totals`: the
-    servicer's p99 (a call's own time in the server), an item's wait for its batch and a
-    batch's run, to set beside the client's p99. As fine as the histograms' buckets
-    (recsys/serving/metrics.py: bounds at 5, 10, 20, 30, 50, 75 ms ... for calls and batches;
-    5, 10, 20, 50 ms ... for the wait)."""
+    servicer's p99 (a call's own time in the server), an item's wait for its batch, a batch's
+    run and a garbage-collection pass, to set beside the client's p99. As fine as the
+    histograms' buckets (recsys/serving/metrics.py: bounds at 5, 10, 20, 30, 50, 75 ms ... for
+    calls and batches; 5, 10, 20, 50 ms ... for the wait; 0.5, 1, 2, 5, 10, 20, 50 ms ... for a
+    pass)."""
     out: dict[str, float] = {}
     for key in TAIL_METRICS:
         if key in after:
@@ -556,7 +561,8 @@ def stage_means(
     run (a batched stage runs once per batch, a per-request one once per request), the mean
     batch size, the mean ms an item waited for its batch, a batch ran and a call spent in the
     servicer, and ``batch_busy``: seconds of batches run per second, summed over a server's
-    workers (1.0: one batch thread never idle)."""
+    workers (1.0: one batch thread never idle); of garbage collection, the mean ms a pass,
+    ``gc_passes`` and ``gc_share`` (seconds of passes per second, summed over workers)."""
     out: dict[str, float] = {}
     for key, (seconds, runs) in after.items():
         seconds0, runs0 = before.get(key, (0.0, 0.0))
@@ -567,6 +573,10 @@ def stage_means(
             )
             if key == "batch_run" and wall > 0:
                 out["batch_busy"] = round((seconds - seconds0) / wall, 3)
+            if key == "gc_pause":
+                out["gc_passes"] = round(runs - runs0)
+                if wall > 0:
+                    out["gc_share"] = round((seconds - seconds0) / wall, 4)
     return out
 
 

@@ -156,6 +156,7 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
         "servicer": (0.64, 320.0),  # first seen after the first scrape: 2 ms a call
         "monitor": (0.01, 5.0),  # first seen after the first scrape
         "capture": (0.0, 0.0),  # never ran: left out
+        "gc_pause": (0.012, 3.0),  # first seen after the first scrape: 3 passes, 12 ms in all
     }
     means = stage_means(before, after, wall=2.0)
     assert means == pytest.approx(
@@ -168,6 +169,9 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
             "queue_delay_ms": 1.0,
             "servicer_ms": 2.0,
             "monitor_ms": 2.0,
+            "gc_pause_ms": 4.0,
+            "gc_passes": 3,
+            "gc_share": 0.006,
         }
     )
 
@@ -218,6 +222,8 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
         metrics.request_finished("OK", seconds)
     for hit in (True, True, False):
         metrics.observe_cache(hit, entries=1)
+    for generation, seconds in ((0, 0.0004), (0, 0.0006), (2, 0.03)):
+        metrics.observe_gc_pause(generation, seconds)
     port = metrics.start_http("127.0.0.1", 0)
     try:
         command = ["recsys", "serve", "--metrics-port", str(port)]
@@ -230,10 +236,12 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
     assert 20.0 < tails["servicer_p99_ms"] <= 30.0
     assert 2.0 < tails["queue_delay_p99_ms"] <= 5.0  # waits of 1-5 ms
     assert 10.0 < tails["batch_run_p99_ms"] <= 20.0  # batches of 10 and 20 ms
+    assert 20.0 < tails["gc_pause_p99_ms"] <= 50.0  # passes of 0.4, 0.6 and 30 ms, all labels
     assert totals["batch"] == pytest.approx((6.0, 2.0))
     assert totals["batch_run"] == pytest.approx((0.03, 2.0))
     assert totals["queue_delay"] == pytest.approx((0.02, 6.0))
     assert totals["servicer"] == pytest.approx((0.04, 2.0))
+    assert totals["gc_pause"] == pytest.approx((0.031, 3.0))  # both generations
     assert lookups == (2.0, 1.0)
 
 

@@ -197,6 +197,11 @@ class Pipeline:
     def snapshot(self) -> ServingSnapshot:
         return self._snapshot
 
+    @property
+    def cached_answers(self) -> int:
+        """Answers in the result cache now."""
+        return len(self._cache)
+
     def swap(self, snapshot: ServingSnapshot) -> None:
         self._snapshot = snapshot  # one reference: readers never lock
 

@@ -25,13 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.bench_hit_path import open_service
 from benchmarks.bench_throughput import make_requests
-from recsys.serving.exposure import ExposureSink, open_exposure_writer
 from recsys.serving.gc_tuning import freeze_loaded_heap
-from recsys.serving.metrics import ServingMetrics
-from recsys.serving.pipeline import open_pipeline
+from recsys.serving.pipeline import Pipeline
 from recsys.serving.servicer import RecommenderService
 from recsys.settings import ServeSettings
+from recsys.v1 import recommender_pb2
 
 CALLS_AT_ONCE = 32
 """Requests served together while filling (one batch of a loaded worker)."""
@@ -57,44 +57,49 @@ async def measure(artifacts: Path, sizes: Sequence[int], passes: int) -> list[di
             exposure_dir=Path(exposures),
             cache_entries=max(sizes),
         )
-        metrics = ServingMetrics()
-        pipeline = await open_pipeline(settings, metrics)
-        sink = ExposureSink(open_exposure_writer(settings), observer=metrics)
-        sink.start()
-        service = RecommenderService(metrics, sink)
-        service.attach(pipeline)
-        freeze_loaded_heap(settings.gc_gen0_threshold)  # as the server does before traffic
-        # Distinct requests, some in the same cache cell: a quarter more than the largest size.
-        requests = make_requests(artifacts, max(sizes) * 5 // 4 + CALLS_AT_ONCE, 0, "distinct")
-        rows: list[dict[str, object]] = []
-        served = 0
-        try:
+        async with open_service(settings) as (pipeline, service):
+            freeze_loaded_heap(settings.gc_gen0_threshold)  # as the server does before traffic
+            # Distinct requests, some in one cache cell: a quarter more than the largest size.
+            count = max(sizes) * 5 // 4 + CALLS_AT_ONCE
+            requests = make_requests(artifacts, count, 0, "distinct")
+            rows: list[dict[str, object]] = []
+            served = 0
             for size in sorted(sizes):
-                while pipeline.cached_answers < size and served < len(requests):
-                    calls = requests[served : served + CALLS_AT_ONCE]
-                    answers = await asyncio.gather(*(service.serve(r, None) for r in calls))
-                    refused = [code.name for code, _, _ in answers if code.name != "OK"]
-                    if refused:
-                        raise RuntimeError(f"filling the cache, calls were answered {refused}")
-                    served += len(calls)
-                await asyncio.sleep(0.2)  # the exposure writer takes the records
-                entries = pipeline.cached_answers
-                pass_ms = full_pass_ms(passes)
-                tracked = len(gc.get_objects())
-                rows.append(
-                    {
-                        "cached_answers": entries,
-                        "tracked_objects": tracked,
-                        "frozen_objects": gc.get_freeze_count(),
-                        "full_pass_ms": round(pass_ms, 2),
-                        "requests_served": served,
-                        "load": round(os.getloadavg()[0], 2),
-                    }
+                row, more = await fill_and_measure(
+                    pipeline, service, requests[served:], size, passes
                 )
-        finally:
-            await sink.close()
-            await pipeline.close()
-    return rows
+                served += more
+                rows.append(row | {"requests_served": served})
+            return rows
+
+
+async def fill_and_measure(
+    pipeline: Pipeline,
+    service: RecommenderService,
+    requests: list[recommender_pb2.RecommendRequest],
+    size: int,
+    passes: int,
+) -> tuple[dict[str, object], int]:
+    """Serve ``requests`` in turn until the cache holds ``size`` answers (or none are left),
+    then time a full pass and count the tracked objects; and how many requests it served."""
+    served = 0
+    while pipeline.cached_answers < size and served < len(requests):
+        calls = requests[served : served + CALLS_AT_ONCE]
+        answers = await asyncio.gather(*(service.serve(r, None) for r in calls))
+        refused = [code.name for code, _, _ in answers if code.name != "OK"]
+        if refused:
+            raise RuntimeError(f"filling the cache, calls were answered {refused}")
+        served += len(calls)
+    await asyncio.sleep(0.2)  # the exposure writer takes the records
+    pass_ms = full_pass_ms(passes)
+    row: dict[str, object] = {
+        "cached_answers": pipeline.cached_answers,
+        "tracked_objects": len(gc.get_objects()),
+        "frozen_objects": gc.get_freeze_count(),
+        "full_pass_ms": round(pass_ms, 2),
+        "load": round(os.getloadavg()[0], 2),
+    }
+    return row, served
 
 
 def sizes_of(text: str) -> list[int]:

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from benchmarks.bench_throughput import make_requests
 from recsys.serving.exposure import ExposureSink, open_exposure_writer
 from recsys.serving.metrics import ServingMetrics
-from recsys.serving.pipeline import open_pipeline
+from recsys.serving.pipeline import Pipeline, open_pipeline
 from recsys.serving.servicer import RecommenderService
 from recsys.settings import ServeSettings
 
@@ -33,20 +35,33 @@ FLUSH_SECONDS = 0.1
 """After each round, time for the exposure writer to take the round's records (counted)."""
 
 
+@contextlib.asynccontextmanager
+async def open_service(
+    settings: ServeSettings,
+) -> AsyncIterator[tuple[Pipeline, RecommenderService]]:
+    """The real pipeline and servicer, opened as ``recsys serve`` opens them (the exposure log
+    written by its thread), without gRPC; closed on the way out."""
+    metrics = ServingMetrics()
+    pipeline = await open_pipeline(settings, metrics)
+    sink = ExposureSink(open_exposure_writer(settings), observer=metrics)
+    sink.start()
+    service = RecommenderService(metrics, sink)
+    service.attach(pipeline)
+    try:
+        yield pipeline, service
+    finally:
+        await sink.close()
+        await pipeline.close()
+
+
 async def measure(artifacts: Path, calls: int, rounds: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="bench-hit-path-") as exposures:
         settings = ServeSettings(
             artifacts=artifacts, port=0, metrics_port=0, exposure_dir=Path(exposures)
         )
-        metrics = ServingMetrics()
-        pipeline = await open_pipeline(settings, metrics)
-        sink = ExposureSink(open_exposure_writer(settings), observer=metrics)
-        sink.start()
-        service = RecommenderService(metrics, sink)
-        service.attach(pipeline)
-        ids = make_requests(artifacts, calls, 0, "hit")  # bench_throughput's hit case
-        requests = [ids[i % len(ids)] for i in range(calls)]
-        try:
+        async with open_service(settings) as (_, service):
+            ids = make_requests(artifacts, calls, 0, "hit")  # bench_throughput's hit case
+            requests = [ids[i % len(ids)] for i in range(calls)]
             for request in requests[:WARM_UP_CALLS]:
                 await service.serve(request, None)
             per_call = []
@@ -59,9 +74,6 @@ async def measure(artifacts: Path, calls: int, rounds: int) -> list[float]:
                 await asyncio.sleep(FLUSH_SECONDS)
                 per_call.append((time.process_time() - start) / calls * 1e6)
             return per_call
-        finally:
-            await sink.close()
-            await pipeline.close()
 
 
 def main() -> None:

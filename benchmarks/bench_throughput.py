@@ -123,6 +123,7 @@ pool); a channel of its own pool opens its own connection."""
 ZIPF_EXPONENT = 1.1
 HIT_REQUEST_IDS = 1_000
 REFRESHES_PER_VISIT = (1, 6)
+"""A visit is 1-5 feed loads from one address (open, pull to refresh, come back)."""
 LOOP_CALLS = ServeSettings.max_pending_rpcs
 """Calls in flight per worker in the closed loops of the hit and the mix (at most;
 ``--concurrency`` if lower). A hit is answered on the event loop alone, so nearly every call
@@ -133,7 +134,6 @@ at once: the saturated rate, which sets the open loop's (and echo-at-hit-rate's)
 refusals' rate, half the hit's (benchmarks/README.md, "Seventeenth round"). At this many a
 worker nothing waits beyond the bound. Misses wait in the servicer for their batch, not in
 gRPC core, and keep ``--concurrency``."""
-"""A visit is 1-5 feed loads from one address (open, pull to refresh, come back)."""
 
 
 @dataclass(frozen=True)

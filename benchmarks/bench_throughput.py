@@ -437,9 +437,9 @@ def metric_samples(command: list[str]) -> Samples:
     """Every sample on a recsys server's metrics page (name, labels, value); [] without one.
     Read once at each end of a phase; :func:`cache_lookups`, :func:`stage_totals` and
     :func:`bucket_totals` each take what they need from one read."""
-    if "--metrics-port" not in command:
+    port = flag_value(command, "--metrics-port")
+    if port is None:
         return []
-    port = command[command.index("--metrics-port") + 1]
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
@@ -830,10 +830,16 @@ def servers(args: argparse.Namespace, port: int) -> list[Server]:
     )
 
 
+def flag_value(command: Sequence[str], flag: str) -> str | None:
+    """The value a server command gives ``flag`` (its last, as argparse reads it); None: not
+    given."""
+    at = [n for n, word in enumerate(command) if word == flag]
+    return command[at[-1] + 1] if at else None
+
+
 def workers_of(command: Sequence[str]) -> int:
-    """The worker processes a server command starts (its last ``--workers``; 1 without)."""
-    flags = [n for n, word in enumerate(command) if word == "--workers"]
-    return int(command[flags[-1] + 1]) if flags else 1
+    """The worker processes a server command starts (1 without ``--workers``)."""
+    return int(flag_value(command, "--workers") or 1)
 
 
 def within_loop_bound(server: Server, concurrency: int) -> Server:
@@ -1039,7 +1045,10 @@ def main() -> None:
                 continue
             # A fresh port per server: the previous one may linger in TIME_WAIT.
             server = next(s for s in servers(args, free_port()) if s.name == server.name)
-            port = int(server.command[server.command.index("--port") + 1])
+            port_text = flag_value(server.command, "--port")
+            if port_text is None:
+                raise RuntimeError(f"server {server.name}: its command gives no --port")
+            port = int(port_text)
             rate = open_loop_rate(server, runs, ran)
             ran.append(server)
             result = {

@@ -27,6 +27,7 @@ from benchmarks.bench_throughput import (
     bucket_totals,
     cache_lookups,
     closed_loop,
+    flag_value,
     fronted,
     hit_rate,
     in_turn,
@@ -116,6 +117,14 @@ def test_the_hit_and_the_mix_keep_no_more_calls_in_flight_than_their_workers_let
     assert calls["echo"] is None
     fewer = {s.name: s.concurrency for s in servers(args(variants=[], concurrency=8), 5)}
     assert fewer["recsys-hit"] == fewer["recsys-mix"] == 8
+
+
+def test_a_flag_s_value_is_its_last_as_argparse_reads_it() -> None:
+    command = ["recsys", "serve", "--port", "5", "--workers", "2", "--workers", "3"]
+    assert flag_value(command, "--workers") == "3"
+    assert flag_value(command, "--port") == "5"
+    assert flag_value(command, "--metrics-port") is None
+    assert metric_samples(command) == []  # no metrics page to read
 
 
 def test_behind_a_front_the_closed_loop_keeps_the_front_s_calls() -> None:

@@ -24,8 +24,9 @@ from recsys.experiments.assignment import RequestAttributes
 from recsys.pipeline.snapshot import ServingSnapshot
 from recsys.pipeline.stages import build_stages
 from recsys.serving.pipeline import Job, recommend_batch
-from recsys.serving.servicer import local_hour, to_response
+from recsys.serving.servicer import local_hour
 from recsys.serving.validation import new_request_id, validate_request
+from recsys.serving.wire import to_response
 from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 REFERENCE_K = 500

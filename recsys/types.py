@@ -108,18 +108,24 @@ class ScoredItems:
 class Encodings:
     """The wire forms of one computed answer, made once and shared by every cache hit on it.
 
-    Filled lazily by the servicer (the response) and the exposure writer (the record), so a hit
-    re-serialises nothing: ``response`` is the RecommendResponse without its ``request_id``
-    (field 1, which is serialized first, so a hit prefixes its own), ``record`` the exposure
-    line's fields from ``model_version`` on (see recsys/serving/record.py).
+    Filled in the batch's thread (serving/wire.py; otherwise when first needed, by the servicer
+    and the exposure writer), so a hit re-serialises nothing: ``response`` is the
+    RecommendResponse without its ``request_id`` (field 1, which is serialized first, so a hit
+    prefixes its own), ``record`` the exposure line's fields from ``model_version`` on (see
+    recsys/serving/record.py).
     """
 
     __slots__ = ("record", "response", "score_counts")
 
-    def __init__(self) -> None:
-        self.response: bytes | None = None
-        self.record: bytes | None = None
-        self.score_counts: object = None
+    def __init__(
+        self,
+        response: bytes | None = None,
+        record: bytes | None = None,
+        score_counts: object = None,
+    ) -> None:
+        self.response = response
+        self.record = record
+        self.score_counts = score_counts
         """The live score histogram's bucket counts of the served scores (serving/metrics.py)."""
 
 

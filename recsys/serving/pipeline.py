@@ -40,6 +40,7 @@ from .cache import ResultCache, cache_key
 from .control import ControlFollower, last_good_instead, read_start_documents
 from .drift_metrics import ServingMonitor
 from .metrics import ServingMetrics
+from .wire import encode_ahead
 
 HIT_STAGES: tuple[tuple[str, float], ...] = (("cache", 0.0),)
 """The stages a cache hit went through: none but the lookup."""
@@ -94,7 +95,9 @@ def recommend_batch(
     jobs is served by the snapshot it started on. A job whose deadline already passed gets
     :class:`DeadlineExceeded` and is not run. ``monitor`` accumulates each batch's drift
     counts (the monitor stage's output); ``metrics`` buckets the answers' scores for the live
-    score histogram here, per batch, so the per-response count on the loop only adds them.
+    score histogram here, per batch, so the per-response count on the loop only adds them; and
+    each answer's wire forms are made here too (serving/wire.py), so the loop only prefixes a
+    request id and the result cache gets the answer whole.
     """
     now = time.perf_counter()
     out: list[Recommendation | Exception | None] = [None] * len(jobs)
@@ -124,6 +127,7 @@ def recommend_batch(
         answers = _recommendations(group, batch, snapshot)
         if metrics is not None:
             metrics.count_scores_ahead(answers)
+        encode_ahead(answers)
         for i, rec in zip(positions, answers, strict=True):
             out[i] = rec
     return [r for r in out if r is not None]

@@ -74,14 +74,14 @@ class ExposureRecord:
         encodings = rec.encodings
         tail = None if encodings is None else encodings.record
         if tail is None:
-            tail = _answer_fields(rec)
+            tail = answer_fields(rec)
             if encodings is not None:
                 encodings.record = tail
         # '{head...}' and '{tail...}\n' -> '{head...,tail...}\n'
         return b"".join((head[:-1], b",", tail[1:])).decode()
 
 
-def _answer_fields(rec: Recommendation) -> bytes:
+def answer_fields(rec: Recommendation) -> bytes:
     """The record's fields that depend on the answer only, as a JSON object and a newline."""
     items = rec.items
     origin = rec.computed_for

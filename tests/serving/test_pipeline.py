@@ -15,6 +15,8 @@ from recsys.retrieval.retriever import RetrievalQuery
 from recsys.serving.batching import DeadlineExceeded, MicroBatcher
 from recsys.serving.cache import ResultCache
 from recsys.serving.pipeline import Job, Pipeline, recommend_batch
+from recsys.serving.record import answer_fields
+from recsys.serving.wire import response_bytes, to_response
 from recsys.stage import Stage
 from recsys.types import Assignment, PipelineParams, Recommendation, Request
 
@@ -147,3 +149,14 @@ def test_unranked_answers_stay_out_of_the_live_score_histograms(state: ServingSn
     assert metrics.registry.get_sample_value(
         "recsys_live_score_bucket", {"model_version": _served(ranked).model_version, "le": "+Inf"}
     ) == len(_served(ranked).items)
+
+
+def test_answers_leave_the_batch_with_their_wire_forms_made(state: ServingSnapshot) -> None:
+    """The response and the exposure record's answer part are made in the batch's thread: the
+    event loop only prefixes a request id, and a cache hit reuses them."""
+    (answer,) = recommend_batch([_job(state)], STAGES)
+    served = _served(answer)
+    assert served.encodings is not None
+    assert served.encodings.response == to_response(served, "").SerializeToString()
+    assert served.encodings.record == answer_fields(served)
+    assert response_bytes(served) == to_response(served).SerializeToString()

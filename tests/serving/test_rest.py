@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from recsys.serving.batching import Overloaded
 from recsys.serving.rest import HEALTH_PATH, RECOMMEND_PATH, TIMEOUT_HEADER, RestServer
 from recsys.serving.server import RunningServer
-from recsys.serving.servicer import to_response
+from recsys.serving.wire import to_response
 from tests.serving.test_servicer import (
     FULL,
     ScriptedPipeline,

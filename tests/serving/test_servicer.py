@@ -26,13 +26,8 @@ from recsys.serving.exposure import ExposureSink, JsonlFileWriter
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import RecommendPipeline
 from recsys.serving.server import OpenPipeline, RunningServer
-from recsys.serving.servicer import (
-    RecommenderService,
-    add_to_server,
-    local_hour,
-    response_bytes,
-    to_response,
-)
+from recsys.serving.servicer import RecommenderService, add_to_server, local_hour
+from recsys.serving.wire import response_bytes, to_response
 from recsys.settings import ServeSettings
 from recsys.types import (
     Encodings,

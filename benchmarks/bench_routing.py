@@ -24,20 +24,23 @@ import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from benchmarks.bench_throughput import make_requests
 from recsys.serving.cache import ResultCache, cache_key
 from recsys.serving.validation import validate_request
-from recsys.types import Recommendation, Request
+from recsys.types import Recommendation, Request, ScoredItems
 from recsys.v1 import recommender_pb2
 
 ROUTINGS = ("user", "spread")
 SNAPSHOT = object()
 """One serving snapshot for the whole run: no entry is dropped by a control-plane change."""
-ANSWER = cast(Recommendation, object())
+NO_ITEMS = np.zeros(0, dtype=np.int64)
+ANSWER = Recommendation(
+    "", ScoredItems(NO_ITEMS, NO_ITEMS, NO_ITEMS.astype(np.float32)), "", "", ""
+)
 """What each cache holds: the hit rate does not depend on the answer."""
 
 
@@ -65,7 +68,7 @@ def caches_hit_rate(
         chosen = np.random.default_rng(seed).integers(0, processes, size=len(requests)).tolist()
     for request, n in zip(requests, chosen, strict=True):
         cache, key = caches[n], cache_key(request)
-        if cache.get(SNAPSHOT, key) is None:
+        if cache.get(SNAPSHOT, key, request.request_id) is None:
             cache.put(SNAPSHOT, key, ANSWER)
     hits = sum(c.hits for c in caches)
     return hits / len(requests)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -121,18 +120,15 @@ def _check_edges(edges: Sequence[float]) -> npt.NDArray[np.float64]:
     return array
 
 
-@dataclass(frozen=True, slots=True)
-class _ScoreCounts:
-    """One answer's scores as bucket counts under ``edges`` (reused while the edges hold)."""
-
-    edges: npt.NDArray[np.float64]
-    counts: npt.NDArray[np.int64]
-    total: float
+ScoreCounts = tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], float]
+"""One answer's scores as (edges, bucket counts under them, sum), reused while the edges hold.
+A plain tuple of arrays and a float: the garbage collector stops tracking such a tuple at its
+first pass, and cached answers keep it (serving/cache.py)."""
 
 
 def _bucket(
     edges: npt.NDArray[np.float64], score_arrays: Sequence[npt.ArrayLike]
-) -> list[_ScoreCounts]:
+) -> list[ScoreCounts]:
     """Each array's bucket counts and sum of its finite scores under ``edges``, one
     ``searchsorted`` and one ``bincount`` for them all. searchsorted "left": bounds[i-1] < x <=
     bounds[i], Prometheus' "le" semantics."""
@@ -146,7 +142,7 @@ def _bucket(
     counts = np.bincount(owner * width + buckets, minlength=len(arrays) * width)
     totals = np.bincount(owner, weights=values, minlength=len(arrays))
     rows = counts.reshape(len(arrays), width).astype(np.int64)
-    return [_ScoreCounts(edges, row, float(t)) for row, t in zip(rows, totals, strict=True)]
+    return [(edges, row, float(t)) for row, t in zip(rows, totals, strict=True)]
 
 
 class ScoreHistograms:
@@ -201,11 +197,11 @@ class ScoreHistograms:
         with self._lock:
             edges = self._edges.get(key, self._default_edges)
             memo = None if encodings is None else encodings.score_counts
-            if isinstance(memo, _ScoreCounts) and memo.edges is edges:
-                counts, total = memo.counts, memo.total
+            if isinstance(memo, tuple) and memo[0] is edges:
+                _, counts, total = memo
             else:
                 (made,) = _bucket(edges, [scores])
-                counts, total = made.counts, made.total
+                _, counts, total = made
                 if encodings is not None:
                     encodings.score_counts = made
             if key in self._counts:

@@ -42,9 +42,6 @@ from .drift_metrics import ServingMonitor
 from .metrics import ServingMetrics
 from .wire import encode_ahead
 
-HIT_STAGES: tuple[tuple[str, float], ...] = (("cache", 0.0),)
-"""The stages a cache hit went through: none but the lookup."""
-
 __all__ = [
     "DeadlineExceeded",
     "Job",
@@ -216,13 +213,11 @@ class Pipeline:
         # the key's fields (serving/cache.py), so a hit runs no stage at all.
         key = cache_key(request) if cache.enabled else None
         if key is not None:
-            cached = cache.get(snapshot, key)
+            cached = cache.get(snapshot, key, request.request_id)
             if self._metrics is not None:
                 self._metrics.observe_cache(cached is not None, len(cache))
             if cached is not None:
-                return replace(
-                    cached, request_id=request.request_id, stage_seconds=HIT_STAGES, cached=True
-                )
+                return cached
         job = Job(request, None, snapshot, deadline)
         if self._stages.per_request:  # none in the served plan: no batch made per request
             early = run_stages(self._stages.per_request, Batch(requests=(request,)), snapshot)

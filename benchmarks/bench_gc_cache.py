@@ -3,12 +3,12 @@
 A worker keeps up to ``--cache-entries`` answers (50,000 by default). A full pass (generation
 2) walks every tracked object that is not frozen, and stalls every thread of the worker while
 it does; the loaded heap is frozen (serving/gc_tuning.py), the cache fills after, so what the
-cache's answers cost a pass is what the collector tracks of them (serving/cache.py keeps them in
-a form it does not track; kept as built, each was about eight tracked objects). This opens the real pipeline on a built
-world, as ``recsys serve`` does (the loaded heap frozen the same way), fills the cache with
-distinct requests through the servicer, 32 at a time as a loaded worker batches them, and at
-each of ``--entries`` cached answers times a full pass (the median of ``--passes``) and counts
-the objects the collector tracks. One JSON line per size.
+cache's answers cost a pass is what the collector tracks of them (serving/cache.py keeps them
+in a form it does not track; kept as built, each was about eight tracked objects). This opens
+the real pipeline on a built world, as ``recsys serve`` does (the loaded heap frozen the same
+way), fills the cache with distinct requests through the servicer, 32 at a time as a loaded
+worker batches them, and at each of ``--entries`` cached answers times a full pass (the median
+of ``--passes``) and counts the objects the collector tracks. One JSON line per size.
 
     python -m benchmarks.bench_gc_cache --artifacts /tmp/art4m [--entries 5000,20000,50000]
 """

@@ -175,3 +175,38 @@ def test_cached_answers_are_objects_the_garbage_collector_does_not_track() -> No
         gc.collect()
     assert len(cache) == 1_000
     assert len(gc.get_objects()) - before < 20  # against ~8,000 as built
+
+
+def test_an_entry_keeps_every_field_an_answer_has() -> None:
+    """freeze and thaw name each field of an answer, its request and its exposures: a field
+    added to one of them must be added there too, or hits would lose it."""
+    assert [f.name for f in fields(Recommendation)] == [
+        "request_id",
+        "items",
+        "model_version",
+        "index_version",
+        "config_version",
+        "exposures",
+        "degraded_reasons",
+        "stage_seconds",
+        "snapshot_id",
+        "user_features",
+        "candidates",
+        "cached",
+        "computed_for",
+        "encodings",
+    ]
+    assert [f.name for f in fields(Request)] == [
+        "request_id",
+        "user_id",
+        "num_results",
+        "location",
+        "surface",
+        "platform",
+        "exclude_sku_ids",
+        "hour",
+    ]
+    assert [f.name for f in fields(Exposure)] == ["layer", "experiment", "arm", "bucket", "forced"]
+    assert [f.name for f in fields(Location)] == ["lat", "lon"]
+    assert [f.name for f in fields(ScoredItems)] == ["sku_ids", "restaurant_ids", "scores"]
+    assert Encodings.__slots__ == ("record", "response", "score_counts")

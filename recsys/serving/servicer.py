@@ -1,4 +1,5 @@
-"""The Recommender gRPC service: protobuf <-> recsys.types, status codes, metrics, exposures.
+"""The Recommender gRPC service: protobuf -> recsys.types (the answer's bytes: serving/wire.py),
+status codes, metrics, exposures.
 
 This is the one place where errors become gRPC status codes:
 

@@ -20,8 +20,9 @@ tuples of those (:func:`freeze`), and a hit builds its :class:`~recsys.types.Rec
 back from it (:func:`thaw`). The garbage collector tracks none of that (a pass stops tracking
 a tuple once nothing it holds is tracked), whereas an answer kept as built has about eight
 tracked objects: a full pass walked them all, and every request queued meanwhile waited. With
-50,000 answers cached a full pass took 57 ms kept as built against 2.4 ms kept this way, 2.0 ms
-with none (benchmarks/bench_gc_cache.py, 4M world); a hit costs about 2 µs more to build back.
+50,000 answers cached a full pass took 69 ms kept as built against 0.4 ms kept this way, as with
+none (benchmarks/bench_gc_cache.py, 4M world); a hit costs 2-7 µs more in the servicer to build
+back (benchmarks/bench_hit_path.py).
 """
 
 from __future__ import annotations

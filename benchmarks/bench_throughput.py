@@ -64,7 +64,9 @@ of batches run per second of the phase, summed over workers (1.0: one batch thre
 and the p99 of the servicer's time, of an item's wait and of a batch's run, from the
 histograms' buckets (``servicer_p99_ms``, ``queue_delay_p99_ms``, ``batch_run_p99_ms``); and the
 garbage collector's passes over the phase, which stall every thread of a worker
-(``gc_passes``, their mean ``gc_pause_ms``, ``gc_pause_p99_ms`` and ``gc_share``).
+(``gc_passes``, their mean ``gc_pause_ms``, ``gc_pause_p99_ms`` and ``gc_share``; by
+generation ``gc_pause_g0_passes`` and ``gc_pause_g0_ms``, ...), and the objects those passes
+freed per answered call (``gc_collected_per_call``: garbage in reference cycles).
 Below saturation these say where a call's latency went: queued for a batch, in its batch, or on
 the event loop around them (servicer time minus the two); and whether the client's p99 was
 spent in the server at all. ``threads_us_per_call`` (both phases)
@@ -484,20 +486,30 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     server's metrics page: what :func:`stage_means` takes the difference of."""
     totals: dict[str, tuple[float, float]] = {}
     for name, labels, value in samples:
+        if name == GC_COLLECTED:  # a count, kept where a sum goes
+            objects, _ = totals.get("gc_collected", (0.0, 0.0))
+            totals["gc_collected"] = (objects + value, 0.0)
+            continue
         if name.startswith("recsys_stage_duration_seconds_"):
-            key = labels["stage"]
+            keys = [labels["stage"]]
         else:
             metric = name.rsplit("_", 1)[0]
             if metric not in TIMED_METRICS:
                 continue
-            key = TIMED_METRICS[metric]
-        seconds, runs = totals.get(key, (0.0, 0.0))
-        if name.endswith("_sum"):
-            totals[key] = (seconds + value, runs)
-        elif name.endswith("_count"):
-            totals[key] = (seconds, runs + value)
+            keys = [TIMED_METRICS[metric]]
+            if keys[0] == "gc_pause" and "generation" in labels:
+                keys.append(f"gc_pause_g{labels['generation']}")
+        for key in keys:
+            seconds, runs = totals.get(key, (0.0, 0.0))
+            if name.endswith("_sum"):
+                totals[key] = (seconds + value, runs)
+            elif name.endswith("_count"):
+                totals[key] = (seconds, runs + value)
     return totals
 
+
+GC_COLLECTED = "recsys_gc_collected_objects_total"
+"""The objects the garbage collector freed (all generations): garbage in reference cycles."""
 
 TAIL_METRICS = ("servicer", "queue_delay", "batch_run", "gc_pause")
 """Of :data:`TIMED_METRICS`, those whose p99 over a phase is reported beside the mean."""
@@ -562,10 +574,17 @@ def stage_means(
     batch size, the mean ms an item waited for its batch, a batch ran and a call spent in the
     servicer, and ``batch_busy``: seconds of batches run per second, summed over a server's
     workers (1.0: one batch thread never idle); of garbage collection, the mean ms a pass,
-    ``gc_passes`` and ``gc_share`` (seconds of passes per second, summed over workers)."""
+    ``gc_passes`` and ``gc_share`` (seconds of passes per second, summed over workers), each
+    generation's passes and mean ms (``gc_pause_g0_passes``, ``gc_pause_g0_ms``, ...) and the
+    objects the passes freed (``gc_collected``)."""
     out: dict[str, float] = {}
     for key, (seconds, runs) in after.items():
         seconds0, runs0 = before.get(key, (0.0, 0.0))
+        if key == "gc_collected":
+            out[key] = round(seconds - seconds0)
+            continue
+        if key.startswith("gc_pause_g") and runs > runs0:
+            out[f"{key}_passes"] = round(runs - runs0)
         if runs > runs0:
             mean = (seconds - seconds0) / (runs - runs0)
             out["mean_batch_size" if key == "batch" else f"{key}_ms"] = round(
@@ -580,12 +599,16 @@ def stage_means(
     return out
 
 
-def phase_stages(before: Samples, after: Samples, wall: float) -> dict[str, float]:
+def phase_stages(before: Samples, after: Samples, wall: float, calls: int = 0) -> dict[str, float]:
     """A phase's :func:`stage_means` and :func:`tail_ms`, from the metrics page read at each
-    end of it, ``wall`` seconds apart."""
-    return stage_means(stage_totals(before), stage_totals(after), wall) | tail_ms(
+    end of it, ``wall`` seconds apart, and with the phase's ``calls`` answered, the objects
+    the collector freed per call (``gc_collected_per_call``)."""
+    out = stage_means(stage_totals(before), stage_totals(after), wall) | tail_ms(
         bucket_totals(before), bucket_totals(after)
     )
+    if calls and "gc_collected" in out:
+        out["gc_collected_per_call"] = round(out["gc_collected"] / calls, 2)
+    return out
 
 
 def run_server(
@@ -671,7 +694,7 @@ def run_server(
             "requests_per_s_per_core": round(done / cpu, 1) if cpu else None,
             "codes": codes,
             "cache_hit_rate": hit_rate(cache_lookups(metrics0), cache_lookups(metrics)),
-            "stages_saturated": phase_stages(metrics0, metrics, wall),
+            "stages_saturated": phase_stages(metrics0, metrics, wall, done),
             "threads_us_per_call": threads,
             "requests_wrapped": requests.wrapped,
         }
@@ -684,7 +707,7 @@ def run_server(
             cpu70 = cpu_now() - cpu0
             threads70 = threads_per_call(threads0, threads_now(), len(lat70))
             metrics = metric_samples(server.command)
-            stages70 = phase_stages(metrics0, metrics, time.perf_counter() - wall0)
+            stages70 = phase_stages(metrics0, metrics, time.perf_counter() - wall0, len(lat70))
             result["at_70pct"] = {  # the name of the default share, whatever the share
                 "rate": round(rate, 1),
                 "share_of_saturation": round(rate / saturated, 3) if saturated else None,

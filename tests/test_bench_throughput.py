@@ -34,6 +34,7 @@ from benchmarks.bench_throughput import (
     metric_samples,
     open_loop_rate,
     open_loop_share,
+    phase_stages,
     quantile_between,
     run_phase,
     same_rate_ratios,
@@ -155,6 +156,7 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
         "batch": (400.0, 100.0),
         "batch_run": (3.0, 100.0),
         "queue_delay": (1.0, 400.0),
+        "gc_collected": (500.0, 0.0),
     }
     after = {
         "retrieve": (2.6, 120.0),  # 20 batches took 0.6 s: 30 ms each
@@ -166,6 +168,8 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
         "monitor": (0.01, 5.0),  # first seen after the first scrape
         "capture": (0.0, 0.0),  # never ran: left out
         "gc_pause": (0.012, 3.0),  # first seen after the first scrape: 3 passes, 12 ms in all
+        "gc_pause_g0": (0.002, 2.0),  # two of them young passes of 1 ms
+        "gc_collected": (1500.0, 0.0),  # 1,000 objects freed between the scrapes
     }
     means = stage_means(before, after, wall=2.0)
     assert means == pytest.approx(
@@ -181,6 +185,9 @@ def test_stage_means_are_per_run_between_two_scrapes() -> None:
             "gc_pause_ms": 4.0,
             "gc_passes": 3,
             "gc_share": 0.006,
+            "gc_pause_g0_ms": 1.0,
+            "gc_pause_g0_passes": 2,
+            "gc_collected": 1000,
         }
     )
 
@@ -231,8 +238,8 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
         metrics.request_finished("OK", seconds)
     for hit in (True, True, False):
         metrics.observe_cache(hit, entries=1)
-    for generation, seconds in ((0, 0.0004), (0, 0.0006), (2, 0.03)):
-        metrics.observe_gc_pause(generation, seconds)
+    for generation, seconds, collected in ((0, 0.0004, 700), (0, 0.0006, 0), (2, 0.03, 50)):
+        metrics.observe_gc_pause(generation, seconds, collected)
     port = metrics.start_http("127.0.0.1", 0)
     try:
         command = ["recsys", "serve", "--metrics-port", str(port)]
@@ -251,6 +258,10 @@ def test_stage_totals_and_cache_lookups_read_a_real_servers_metrics_page() -> No
     assert totals["queue_delay"] == pytest.approx((0.02, 6.0))
     assert totals["servicer"] == pytest.approx((0.04, 2.0))
     assert totals["gc_pause"] == pytest.approx((0.031, 3.0))  # both generations
+    assert totals["gc_pause_g0"] == pytest.approx((0.001, 2.0))
+    assert totals["gc_pause_g2"] == pytest.approx((0.03, 1.0))
+    assert totals["gc_collected"] == pytest.approx((750.0, 0.0))  # every generation's
+    assert phase_stages([], samples, wall=1.0, calls=250)["gc_collected_per_call"] == 3.0
     assert lookups == (2.0, 1.0)
 
 

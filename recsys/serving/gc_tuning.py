@@ -13,7 +13,8 @@ RESOURCE_EXHAUSTED answers at light load (docs/security.md, benchmarks/README.md
   into the older ones, so older passes run less often. Reference counting still frees nearly
   everything at once; the collector only looks for cycles.
 - :class:`GcPauses` times every pass through ``gc.callbacks`` into
-  ``recsys_gc_pause_seconds{generation}``, so a stall shows up in the metrics.
+  ``recsys_gc_pause_seconds{generation}`` and counts what it freed into
+  ``recsys_gc_collected_objects{generation}``, so a stall and its cause show in the metrics.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PauseObserver = Callable[[int, float], None]
-"""Called with (generation, seconds) after every collection."""
+PauseObserver = Callable[[int, float, int], None]
+"""Called with (generation, seconds, objects collected) after every collection."""
 
 
 class GcPauses:
@@ -48,7 +49,11 @@ class GcPauses:
             return
         self._started.at = None
         try:
-            self._observe(int(info.get("generation", 0)), time.perf_counter() - started)
+            self._observe(
+                int(info.get("generation", 0)),
+                time.perf_counter() - started,
+                int(info.get("collected", 0)),
+            )
         except Exception:  # a metrics failure inside the collector must not propagate
             log.exception("observing a garbage-collection pause failed")
 

@@ -305,6 +305,13 @@ class ServingMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
             registry=r,
         )
+        self._gc_collected = Counter(
+            "recsys_gc_collected_objects",
+            "Unreachable objects the garbage collector freed, by generation: garbage in "
+            "reference cycles, which reference counting alone never frees.",
+            ["generation"],
+            registry=r,
+        )
         self._exposures_written = Counter(
             "recsys_exposure_records_written", "Exposure log lines written.", registry=r
         )
@@ -452,8 +459,10 @@ class ServingMetrics:
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
 
-    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+    def observe_gc_pause(self, generation: int, seconds: float, collected: int = 0) -> None:
         self._gc_pause.labels(str(generation)).observe(seconds)
+        if collected:
+            self._gc_collected.labels(str(generation)).inc(collected)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self._batch_size.labels(stats.name).observe(stats.size)

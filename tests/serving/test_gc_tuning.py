@@ -1,5 +1,6 @@
-"""The collector of a serving process: the loaded heap frozen, the young threshold raised,
-and every pass timed into recsys_gc_pause_seconds."""
+"""The collector of a serving process: the loaded heap frozen, the young threshold raised, every
+pass timed into recsys_gc_pause_seconds and what it freed counted into
+recsys_gc_collected_objects."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from recsys.serving.server import RunningServer
 from tests.serving.toy_pipeline import ToyOpener, toy_settings
 
 PAUSES = "recsys_gc_pause_seconds_count"
+COLLECTED = "recsys_gc_collected_objects_total"
 
 
 @pytest.fixture
@@ -53,5 +55,35 @@ async def test_threshold_zero_leaves_the_collector_as_python_has_it(tmp_path: Pa
         await running.wait_ready()
         assert gc.get_freeze_count() == 0
         assert gc.get_threshold() == thresholds
+    finally:
+        await running.stop()
+
+
+def cycles(n: int) -> None:
+    """``n`` lists, each holding itself: garbage only the collector frees, once dropped."""
+    for _ in range(n):
+        ring: list[object] = []
+        ring.append(ring)
+
+
+@pytest.mark.usefixtures("collector_restored")
+async def test_a_server_counts_the_objects_each_generation_frees(tmp_path: Path) -> None:
+    gc.unfreeze()
+    running = await RunningServer.start(
+        toy_settings(tmp_path, gc_gen0_threshold=1_000), ToyOpener()
+    )
+    try:
+        await running.wait_ready()
+        registry = running.metrics.registry
+        before = registry.get_sample_value(COLLECTED, {"generation": "2"}) or 0.0
+        gc.disable()  # no pass of the young generation may take them first
+        try:
+            cycles(500)
+            assert gc.collect() >= 500
+        finally:
+            gc.enable()
+        after = registry.get_sample_value(COLLECTED, {"generation": "2"})
+        assert after is not None
+        assert after - before >= 500
     finally:
         await running.stop()

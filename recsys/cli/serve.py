@@ -199,7 +199,8 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     flag(
         "gc_gen0_threshold",
         "after loading, freeze the loaded heap out of the garbage collector and set its young "
-        "threshold to this (0: leave Python's collector as it is; default %(default)s)",
+        "threshold to this: how much each young pass walks, and so how long it stalls the "
+        "worker (0: leave Python's collector as it is, nothing frozen; default %(default)s)",
     )
     flag(
         "shutdown_grace_seconds",

@@ -1,4 +1,4 @@
-"""The collector of a serving process: the loaded heap frozen, the young threshold raised, every
+"""The collector of a serving process: the loaded heap frozen, the young threshold set, every
 pass timed into recsys_gc_pause_seconds and what it freed counted into
 recsys_gc_collected_objects."""
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from recsys.serving.server import RunningServer
+from tests.serving.test_server import Client
 from tests.serving.toy_pipeline import ToyOpener, toy_settings
 
 PAUSES = "recsys_gc_pause_seconds_count"
@@ -86,4 +87,37 @@ async def test_a_server_counts_the_objects_each_generation_frees(tmp_path: Path)
         assert after is not None
         assert after - before >= 500
     finally:
+        await running.stop()
+
+
+@pytest.mark.usefixtures("collector_restored")
+async def test_every_call_over_grpc_leaves_garbage_only_the_collector_frees(
+    tmp_path: Path,
+) -> None:
+    """What the young threshold is sized for (serving/gc_tuning.py): grpc.aio looks up each
+    call's handler in a coroutine whose scope holds a closure over itself, so each call served
+    leaves its handler call details in a reference cycle. If this fails, gRPC stopped doing so
+    and ``gc_gen0_threshold`` should be measured again."""
+    running = await RunningServer.start(toy_settings(tmp_path), ToyOpener())
+    client = Client(running)
+    calls = 40
+    try:
+        await running.wait_ready()
+        await client.recommend(user_id="user-1", num_results=3)  # warm: channel, first call
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable lands in gc.garbage
+        try:
+            for n in range(calls):
+                await client.recommend(user_id=f"user-{n}", num_results=3)
+            gc.collect()
+            found = [type(o).__name__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert found.count("_HandlerCallDetails") >= calls
+        assert len(found) >= 4 * calls  # with its scope, closure and metadata
+    finally:
+        await client.close()
         await running.stop()

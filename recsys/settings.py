@@ -113,9 +113,10 @@ class ServeSettings:
     """After loading, the loaded heap is frozen out of the garbage collector's passes and the
     young generation's threshold is set to this (Python's own default); 0 leaves the collector
     as Python configures it, nothing frozen. A young pass frees the cyclic garbage gRPC leaves
-    per call (about six objects), so this sets how long each pass stalls a worker: 0.5-0.7 ms
-    on average at 700 against 9-13 ms at 10,000 on the 4M world's mix, for the same share of
-    the time. See serving/gc_tuning.py and benchmarks/README.md, "Nineteenth round"."""
+    per call (about six objects), so this sets how long each pass stalls a worker: 0.5-0.6 ms
+    on average at 700 against 11-13 ms at 10,000 on the 4M world's mix, at the same or a
+    lower share of the time. See serving/gc_tuning.py and benchmarks/README.md, "Nineteenth
+    round"."""
     reuse_port: bool = False
     """Share the port with sibling worker processes (SO_REUSEPORT; set by ``--workers N``)."""
     exposure_queue_size: int = 10_000

@@ -14,8 +14,8 @@ RESOURCE_EXHAUSTED answers at light load (docs/security.md, benchmarks/README.md
   closure over those same locals, so every call leaves about six objects in a reference cycle
   (the coroutine's scope, the closure, the handler call details, the call's metadata), which
   reference counting never frees; a pass frees what piled up since the last one. At a
-  threshold of 10,000 a pass freed about 9,000 of them and took 7-13 ms on the 4M world's
-  mix; at Python's own 700, 0.5-0.7 ms, for the same share of the time (benchmarks/
+  threshold of 10,000 a young pass took 7-13 ms on average on the 4M world's mix; at
+  Python's own 700, 0.5-0.6 ms, at the same or a lower share of the time (benchmarks/
   README.md, "Nineteenth round"). Reference counting frees everything else at once.
 - :class:`GcPauses` times every pass through ``gc.callbacks`` into
   ``recsys_gc_pause_seconds{generation}`` and counts what it freed into

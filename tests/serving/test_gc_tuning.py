@@ -68,7 +68,7 @@ def cycles(n: int) -> None:
 
 
 @pytest.mark.usefixtures("collector_restored")
-async def test_a_server_counts_the_objects_each_generation_frees(tmp_path: Path) -> None:
+async def test_a_server_counts_the_objects_a_pass_frees_by_generation(tmp_path: Path) -> None:
     gc.unfreeze()
     running = await RunningServer.start(
         toy_settings(tmp_path, gc_gen0_threshold=1_000), ToyOpener()

@@ -469,6 +469,17 @@ def hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float |
     return round(hits / (hits + misses), 3) if hits + misses else None
 
 
+GC_COLLECTED = "recsys_gc_collected_objects_total"
+"""The objects the garbage collector freed (all generations): garbage in reference cycles."""
+
+
+def gc_collected(samples: Samples) -> float | None:
+    """The objects the garbage collector had freed so far, over every generation, from a
+    recsys server's metrics page; None: the page does not count them."""
+    counts = [value for name, _, value in samples if name == GC_COLLECTED]
+    return sum(counts) if counts else None
+
+
 TIMED_METRICS = {
     "recsys_batch_size": "batch",
     "recsys_batch_queue_delay_seconds": "queue_delay",
@@ -486,10 +497,6 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
     server's metrics page: what :func:`stage_means` takes the difference of."""
     totals: dict[str, tuple[float, float]] = {}
     for name, labels, value in samples:
-        if name == GC_COLLECTED:  # a count, kept where a sum goes
-            objects, _ = totals.get("gc_collected", (0.0, 0.0))
-            totals["gc_collected"] = (objects + value, 0.0)
-            continue
         if name.startswith("recsys_stage_duration_seconds_"):
             keys = [labels["stage"]]
         else:
@@ -507,9 +514,6 @@ def stage_totals(samples: Samples) -> dict[str, tuple[float, float]]:
                 totals[key] = (seconds, runs + value)
     return totals
 
-
-GC_COLLECTED = "recsys_gc_collected_objects_total"
-"""The objects the garbage collector freed (all generations): garbage in reference cycles."""
 
 TAIL_METRICS = ("servicer", "queue_delay", "batch_run", "gc_pause")
 """Of :data:`TIMED_METRICS`, those whose p99 over a phase is reported beside the mean."""
@@ -574,15 +578,11 @@ def stage_means(
     batch size, the mean ms an item waited for its batch, a batch ran and a call spent in the
     servicer, and ``batch_busy``: seconds of batches run per second, summed over a server's
     workers (1.0: one batch thread never idle); of garbage collection, the mean ms a pass,
-    ``gc_passes`` and ``gc_share`` (seconds of passes per second, summed over workers), each
-    generation's passes and mean ms (``gc_pause_g0_passes``, ``gc_pause_g0_ms``, ...) and the
-    objects the passes freed (``gc_collected``)."""
+    ``gc_passes`` and ``gc_share`` (seconds of passes per second, summed over workers), and
+    each generation's passes and mean ms (``gc_pause_g0_passes``, ``gc_pause_g0_ms``, ...)."""
     out: dict[str, float] = {}
     for key, (seconds, runs) in after.items():
         seconds0, runs0 = before.get(key, (0.0, 0.0))
-        if key == "gc_collected":
-            out[key] = round(seconds - seconds0)
-            continue
         if key.startswith("gc_pause_g") and runs > runs0:
             out[f"{key}_passes"] = round(runs - runs0)
         if runs > runs0:
@@ -606,8 +606,9 @@ def phase_stages(before: Samples, after: Samples, wall: float, calls: int = 0) -
     out = stage_means(stage_totals(before), stage_totals(after), wall) | tail_ms(
         bucket_totals(before), bucket_totals(after)
     )
-    if calls and "gc_collected" in out:
-        out["gc_collected_per_call"] = round(out["gc_collected"] / calls, 2)
+    freed = gc_collected(after)
+    if calls and freed is not None:
+        out["gc_collected_per_call"] = round((freed - (gc_collected(before) or 0.0)) / calls, 2)
     return out
 
 

@@ -459,7 +459,7 @@ class ServingMetrics:
 
     # Micro-batching (pass as MicroBatcher(observer=metrics.observe_batch)).
 
-    def observe_gc_pause(self, generation: int, seconds: float, collected: int = 0) -> None:
+    def observe_gc_pause(self, generation: int, seconds: float, collected: int) -> None:
         self._gc_pause.labels(str(generation)).observe(seconds)
         if collected:
             self._gc_collected.labels(str(generation)).inc(collected)

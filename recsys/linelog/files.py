@@ -1,6 +1,7 @@
 """Rotating line-log files: one writer's ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` files in a
 directory of its own (0700, files 0600), rotated by size and age, each closed file
-gzip-compressed to ``.jsonl.gz``; and a plain one-file writer for tests and tools."""
+gzip-compressed to ``.jsonl.gz`` (in the writer's thread, or in a thread of its own at the
+lowest CPU priority); and a plain one-file writer for tests and tools."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import gzip
 import logging
 import os
 import re
-import shutil
 import stat
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from recsys.settings import ServeSettings
+from recsys.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,19 @@ DEFAULT_PREFIX = "exposures"
 _DEFAULTS = ServeSettings()
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
+
+BACKGROUND_NICE = 19
+"""Niceness of the thread that compresses closed files in the background (Linux's lowest CPU
+priority): it gets the CPU the serving threads leave, and gives it back the moment one of them
+wakes. Compressing a 64 MB file at gzip level 1 takes about a second of CPU; in the serving
+threads' way it stalled a worker for that long at every rotation (benchmarks/README.md,
+"Twentieth round")."""
+BACKLOG_WARNING = 4
+"""Closed files waiting for background compression at which the writer logs a warning (and at
+every doubling after): the worker has had too little idle CPU to keep up. They stay plain and
+readable meanwhile."""
+CHUNK_BYTES = 1 << 20
+"""Bytes compressed between two checks of a stop request."""
 
 _LOG_NAME = re.compile(
     r"(?P<prefix>.+?)-(?P<pid>\d+)-(?P<start>\d+)(?:-(?P<seq>\d+))?\.jsonl(?:\.gz)?"
@@ -83,11 +100,17 @@ class RotatingFileWriter:
     - A file is rotated once it holds ``max_bytes`` or more, or when a batch (or
       :meth:`rotate_if_due`) comes after it has been open ``max_age_seconds``. The rotated file
       is gzip-compressed to ``.jsonl.gz`` (a ``.part`` file, fsynced and renamed) and the plain
-      one removed, in the calling (writer) thread.
+      one removed: in the calling (writer) thread, or with ``compress_in_background`` in a
+      thread of the writer's own at the lowest CPU priority (:data:`BACKGROUND_NICE` on
+      Linux), which keeps the file's lock until its compressed copy is in place; the writer
+      thread goes on writing the next file at once. A serving process compresses in the
+      background: its requests come first, the compression takes the CPU they leave.
     - :meth:`close` flushes (fsync) and closes the active file without compressing it, so that
-      stopping stays fast. The writer holds an exclusive ``flock`` on its active file; the
-      first batch of the next writer started in the directory compresses the plain files no
-      live writer holds (the last file of every stopped or killed process).
+      stopping stays fast; a background compression under way stops within one
+      :data:`CHUNK_BYTES` chunk and leaves its file plain. The writer holds an exclusive
+      ``flock`` on its active file (and on each file waiting for compression); the first batch
+      of the next writer started in the directory compresses the plain files no live writer
+      holds (the last file of every stopped or killed process).
     """
 
     def __init__(
@@ -99,6 +122,7 @@ class RotatingFileWriter:
         *,
         fsync: bool = False,
         compresslevel: int = 1,
+        compress_in_background: bool = False,
         clock: Callable[[], float] = time.monotonic,
         start: float | None = None,
         pid: int | None = None,
@@ -124,6 +148,7 @@ class RotatingFileWriter:
         self._seq = 0
         self._active: _ActiveFile | None = None
         self._recovered = False
+        self._compressor = _Compressor(self) if compress_in_background else None
 
     @property
     def active_path(self) -> Path | None:
@@ -136,7 +161,10 @@ class RotatingFileWriter:
     def write_lines(self, lines: Sequence[str]) -> None:
         if not self._recovered:
             self._recovered = True
-            self.compress_closed_files()
+            if self._compressor is None:
+                self.compress_closed_files()
+            else:
+                self._compressor.submit(None)
         self.rotate_if_due()
         if not lines:
             return
@@ -162,15 +190,24 @@ class RotatingFileWriter:
 
     def close(self) -> None:
         active, self._active = self._active, None
-        if active is None:
-            return
         try:
-            os.fsync(active.fd)
+            if active is not None:
+                try:
+                    os.fsync(active.fd)
+                finally:
+                    os.close(active.fd)
         finally:
-            os.close(active.fd)
+            if self._compressor is not None:
+                self._compressor.close()
 
-    def compress_closed_files(self) -> int:
-        """Compress this prefix's plain files that no live writer holds; returns how many."""
+    def wait_compressed(self, timeout: float | None = None) -> bool:
+        """Wait until no closed file waits for background compression; False on timeout. (True
+        at once when compressing in the writer's thread: nothing is ever left waiting.)"""
+        return self._compressor is None or self._compressor.wait_idle(timeout)
+
+    def compress_closed_files(self, stop: threading.Event | None = None) -> int:
+        """Compress this prefix's plain files that no live writer holds; returns how many.
+        ``stop``: give up between two chunks once it is set (the file stays plain)."""
         done = 0
         for path in sorted(self.directory.glob(f"{glob.escape(self.prefix)}-*.jsonl")):
             if not _LOG_NAME.fullmatch(path.name) or path == self.active_path:
@@ -193,7 +230,7 @@ class RotatingFileWriter:
                 if compressed.exists():  # compressed and renamed before a crash: complete
                     path.unlink()
                 else:
-                    self._compress(path)
+                    self._compress(path, stop)
                 done += 1
             except OSError:
                 log.exception("log %s: compressing a closed file failed; kept plain", path)
@@ -224,9 +261,13 @@ class RotatingFileWriter:
         return self._active
 
     def _rotate(self) -> None:
-        """Compress the active file while still holding its lock, then close it."""
+        """Compress the active file while still holding its lock, then close it (or hand both
+        to the background compressor)."""
         active, self._active = self._active, None
         if active is None:
+            return
+        if self._compressor is not None:
+            self._compressor.submit(active)
             return
         try:
             self._compress(active.path)
@@ -254,7 +295,7 @@ class RotatingFileWriter:
             )
         self._rotate()
 
-    def _compress(self, path: Path) -> Path:
+    def _compress(self, path: Path, stop: threading.Event | None = None) -> Path:
         target = _compressed_name(path)
         part = path.with_name(path.name + ".gz.part")
         info = os.stat(path)
@@ -271,7 +312,10 @@ class RotatingFileWriter:
                         mtime=int(info.st_mtime),
                     ) as compressed,
                 ):
-                    shutil.copyfileobj(source, compressed, 1 << 20)
+                    while chunk := source.read(CHUNK_BYTES):
+                        if stop is not None and stop.is_set():
+                            raise CompressionStopped(f"log {path}: compression stopped; kept plain")
+                        compressed.write(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.utime(part, ns=(info.st_atime_ns, info.st_mtime_ns))
@@ -282,6 +326,108 @@ class RotatingFileWriter:
         _fsync_directory(self.directory)
         path.unlink()
         return target
+
+
+class CompressionStopped(Exception):
+    """A background compression gave up because its writer is closing; the file stays plain."""
+
+
+class _Compressor:
+    """A :class:`RotatingFileWriter`'s background compression: one thread (``log-compress`` in
+    the operating system), started on first use, at :data:`BACKGROUND_NICE`, taking closed
+    files one at a time. A queued file's descriptor, and so its lock, is the compressor's until
+    the file is compressed (or, at close, left plain)."""
+
+    def __init__(self, writer: RotatingFileWriter) -> None:
+        self._writer = writer
+        self._jobs: deque[_ActiveFile | None] = deque()
+        """Closed files to compress; None: the plain files no live writer holds."""
+        self._busy = False
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: _ActiveFile | None) -> None:
+        with self._changed:
+            if self._stop.is_set():  # closing: the file stays plain for the next writer
+                if job is not None:
+                    os.close(job.fd)
+                return
+            self._jobs.append(job)
+            waiting = len(self._jobs)
+            self._changed.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log-compress", daemon=True)
+                self._thread.start()
+        if waiting >= BACKLOG_WARNING and waiting & (waiting - 1) == 0:
+            log.warning(
+                "log %s: %d closed files wait for compression (the process has had little idle "
+                "CPU); they stay plain and readable meanwhile",
+                self._writer.directory,
+                waiting,
+            )
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Stop: the file under way stays plain (within one chunk), so do the queued ones; every
+        lock is let go, so the next writer in the directory compresses them."""
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._changed:
+            while self._jobs:
+                job = self._jobs.popleft()
+                if job is not None:
+                    os.close(job.fd)
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        name_os_thread()
+        _lowest_priority()
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._jobs) or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                self._one(job)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+    def _one(self, job: _ActiveFile | None) -> None:
+        try:
+            if job is None:
+                self._writer.compress_closed_files(self._stop)
+            else:
+                self._writer._compress(job.path, self._stop)
+        except CompressionStopped:
+            pass
+        except Exception:  # the lines are written: a failed compression must not stop logging
+            log.exception("log %s: compression failed; kept plain", self._writer.directory)
+        finally:
+            if job is not None:
+                os.close(job.fd)
+
+
+def _lowest_priority() -> None:
+    """The calling thread to :data:`BACKGROUND_NICE` (Linux, where niceness is per thread;
+    elsewhere the call would lower the whole process, so it is left alone)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except OSError as e:
+        log.warning("log compression thread: cannot lower its CPU priority (%s)", e)
 
 
 class JsonlFileWriter:

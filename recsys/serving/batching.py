@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Generic, TypeVar
 
-from recsys.serving.thread_names import name_os_thread
+from recsys.thread_names import name_os_thread
 
 T = TypeVar("T")
 R = TypeVar("R")

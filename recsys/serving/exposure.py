@@ -12,7 +12,7 @@ One JSON object per line (:class:`recsys.serving.record.ExposureRecord`). The wr
 
 - :class:`RotatingFileWriter` (the default): ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` in a
   directory of its own (mode 0700, files 0600), rotated by size and age, each closed file
-  gzip-compressed to ``.jsonl.gz``;
+  gzip-compressed to ``.jsonl.gz`` in a thread of its own at the lowest CPU priority;
 - :class:`RedisStreamWriter`: one stream entry per line (field ``line``), trimmed to about
   ``maxlen`` entries; :class:`StreamArchiver` (``recsys exposures archive``) moves the entries
   into rotating files with a consumer group, acknowledging each only once it is on disk.
@@ -44,8 +44,8 @@ from recsys.linelog.files import (
 from recsys.linelog.reading import LineReadStats, iter_log_lines, log_files
 from recsys.linelog.streams import STREAM_FIELD, ArchiveStats, RedisStreamWriter, StreamArchiver
 from recsys.serving.record import ExposureRecord
-from recsys.serving.thread_names import name_os_thread
 from recsys.settings import ServeSettings
+from recsys.thread_names import name_os_thread
 from recsys.types import Recommendation, Request
 
 __all__ = [
@@ -107,6 +107,7 @@ def open_exposure_writer(settings: ServeSettings) -> LineWriter:
         settings.exposure_path,
         max_bytes=settings.exposure_max_bytes,
         max_age_seconds=settings.exposure_max_age_seconds,
+        compress_in_background=True,
     )
 
 

@@ -32,6 +32,7 @@ from recsys.serving.exposure import (
     RotatingFileWriter,
     exposure_log_files,
     iter_exposure_lines,
+    open_exposure_writer,
 )
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import open_pipeline
@@ -156,6 +157,101 @@ def test_a_file_open_past_max_age_is_rotated_at_the_next_batch(tmp_path: Path) -
     writer.close()
     assert [p.name.endswith(".gz") for p in exposure_log_files(tmp_path)] == [True, True]
     assert request_ids(tmp_path) == ["r0", "r1", "r2"]
+
+
+# -- background compression (the serving process's writer) ---------------------------------------
+
+
+def compressor_thread() -> threading.Thread:
+    (thread,) = [t for t in threading.enumerate() if t.name == "log-compress" and t.is_alive()]
+    return thread
+
+
+def thread_nice(native_id: int | None) -> int:
+    """The thread's niceness as the kernel keeps it (/proc/self/task/TID/stat, field 19)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
+def test_the_serving_writer_compresses_rotated_files_in_a_thread_of_its_own_at_nice_19(
+    tmp_path: Path,
+) -> None:
+    """A rotation used to gzip the closed file in the writer's thread, at the serving threads'
+    priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation."""
+    settings = ServeSettings(exposure_dir=tmp_path, exposure_max_bytes=1_000)
+    writer = open_exposure_writer(settings)
+    for batch in range(10):  # 3 lines of about 110 bytes a batch: a file takes 3 batches
+        writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
+    assert isinstance(writer, RotatingFileWriter)
+    assert writer.wait_compressed(timeout=30)
+    thread = compressor_thread()
+    if sys.platform.startswith("linux"):
+        assert thread_nice(thread.native_id) == 19
+        assert thread_nice(threading.get_native_id()) == 0  # the rest of the process is not
+        comm = Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
+        assert comm == "log-compress"
+    suffixes = [p.name.split(".", 1)[1] for p in exposure_log_files(tmp_path)]
+    assert suffixes == ["jsonl.gz", "jsonl.gz", "jsonl.gz", "jsonl"]
+    writer.close()
+    assert not thread.is_alive()
+    assert not list(tmp_path.glob("*.part"))
+    assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
+
+
+def test_closing_while_files_wait_for_compression_leaves_them_whole_and_plain_for_the_next_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() stops a compression under way within a chunk and lets every file go: nothing is
+    lost, nothing is left half-written, and the next writer compresses them."""
+    started = threading.Event()
+    compress = RotatingFileWriter._compress
+
+    def held_until_stopped(
+        self: RotatingFileWriter, path: Path, stop: threading.Event | None = None
+    ) -> Path:
+        started.set()
+        assert stop is not None
+        stop.wait()  # released by close(): the real compression then meets the stop request
+        return compress(self, path, stop)
+
+    monkeypatch.setattr(RotatingFileWriter, "_compress", held_until_stopped)
+    writer = RotatingFileWriter(
+        tmp_path, max_bytes=1_000, pid=1, start=1.0, compress_in_background=True
+    )
+    for batch in range(10):  # three files rotated: one under way, two queued behind it
+        writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
+    assert started.wait(timeout=30)
+    assert not writer.wait_compressed(timeout=0.1)
+    writer.close()
+    assert [p.suffix for p in exposure_log_files(tmp_path)] == [".jsonl"] * 4
+    assert not list(tmp_path.glob("*.part"))
+    assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
+    monkeypatch.setattr(RotatingFileWriter, "_compress", compress)
+    assert RotatingFileWriter(tmp_path, pid=2, start=2.0).compress_closed_files() == 4
+    assert [p.suffix for p in exposure_log_files(tmp_path)] == [".gz"] * 4
+    assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
+
+
+def test_a_growing_compression_backlog_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    compress = RotatingFileWriter._compress
+
+    def held_until_stopped(
+        self: RotatingFileWriter, path: Path, stop: threading.Event | None = None
+    ) -> Path:
+        assert stop is not None
+        stop.wait()
+        return compress(self, path, stop)
+
+    monkeypatch.setattr(RotatingFileWriter, "_compress", held_until_stopped)
+    writer = RotatingFileWriter(tmp_path, max_bytes=100, compress_in_background=True)
+    with caplog.at_level(logging.WARNING):
+        for n in range(6):  # each batch past max_bytes: six files rotated, none compressed
+            writer.write_lines([line(n, pad=200)])
+    writer.close()
+    assert "closed files wait for compression" in caplog.text
+    assert request_ids(tmp_path) == [f"r{n}" for n in range(6)]
 
 
 # -- close, and the next writer in the directory --------------------------------------------------

@@ -1,5 +1,5 @@
 """The server's own threads carry their names into the operating system
-(recsys/serving/thread_names.py): a real batch thread and a real exposure writer, read back
+(recsys/thread_names.py): a real batch thread and a real exposure writer, read back
 from /proc."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from recsys.linelog.files import JsonlFileWriter
 from recsys.serving.batching import MicroBatcher
 from recsys.serving.exposure import ExposureSink
-from recsys.serving.thread_names import os_thread_name
+from recsys.thread_names import os_thread_name
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="thread names in the OS are set on Linux only"

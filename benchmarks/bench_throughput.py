@@ -72,9 +72,13 @@ the event loop around them (servicer time minus the two); and whether the client
 spent in the server at all. ``threads_us_per_call`` (both phases)
 says where its CPU went: each thread's CPU per answered call, by the thread's name in the
 operating system, summed over the workers (``main``: each process's event loop; the batch
-threads, ``batch-recommend``, and ``exposure-writer`` name themselves; ``event_engine`` is
-gRPC core's; unnamed Python threads, gRPC's poller among them, show as ``python``; ``haproxy``
-is the front).
+threads, ``batch-recommend``, ``exposure-writer`` and the exposure log's ``log-compress`` name
+themselves; ``event_engine`` is gRPC core's; unnamed Python threads, gRPC's poller among them,
+show as ``python``; ``haproxy`` is the front). With the native generator the open loop also has
+a ``timeline`` (benchmarks/load_generator.py, ``timeline``): its calls in 250 ms windows by due
+time, the slowest window (its p50, longest call and calls not answered OK) and how many
+windows' p50 was over 4x the phase's: a stall shows as such a run of windows, which the
+phase's p99 alone does not tell from a tail spread evenly.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ from benchmarks.bench_latency import (
     start_bench_front,
     stat_cpu,
 )
-from benchmarks.load_generator import require_native, run_native, write_requests
+from benchmarks.load_generator import require_native, run_native, timeline, write_requests
 from recsys.serving.front import Backend, FrontSettings
 from recsys.serving.routing import user_metadata
 from recsys.settings import ServeSettings
@@ -180,7 +184,7 @@ MAIN_THREAD = "main"
 
 def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
     """CPU seconds of every thread of ``pids`` and their direct children, summed by the
-    thread's name in the operating system (recsys/serving/thread_names.py names the batch
+    thread's name in the operating system (recsys/thread_names.py names the batch
     threads and the exposure writer; gRPC core names its own); each process's first thread is
     :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name."""
     out: dict[str, float] = {}
@@ -379,6 +383,8 @@ class Phase:
     latencies: list[float]
     codes: dict[str, int]
     send_lag: list[float]
+    timeline: dict[str, object] | None = None
+    """The native generator's timeline of the phase (:func:`timeline`); None from Python's."""
 
 
 def run_phase(
@@ -402,7 +408,12 @@ def run_phase(
             first=requests.position % len(requests.requests),
         )  # fmt: skip
         requests.position += sum(tally.codes.values())
-        return Phase(tally.answered, tally.codes, tally.send_lag)
+        return Phase(
+            tally.answered,
+            tally.codes,
+            tally.send_lag,
+            timeline(tally.answered, tally.answered_at, tally.not_ok_at),
+        )
     if rate is not None:
         return Phase(*asyncio.run(open_loop(target, requests, rate, seconds)))
     if calls is None:
@@ -714,6 +725,7 @@ def run_server(
                 "share_of_saturation": round(rate / saturated, 3) if saturated else None,
                 **percentiles(lat70),
                 "send_lag_p99_ms": percentiles(open_phase.send_lag)["p99_ms"],
+                "timeline": open_phase.timeline,
                 # Below saturation nothing is shed: every call's CPU is an answered call's.
                 "server_cpu_us_per_request": round(cpu70 / max(len(lat70), 1) * 1e6, 1),
                 "shed_share": shed_share(codes70),

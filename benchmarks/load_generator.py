@@ -52,6 +52,47 @@ def ms(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(np.array(values) * 1000, q)), 2) if values else None
 
 
+WINDOW_SECONDS = 0.25
+"""The timeline's window: calls grouped by when they were due (open loop) or sent."""
+STALL_FACTOR = 4.0
+"""A window whose answered calls' p50 is this many times the whole run's is a stalled one."""
+
+
+def timeline(
+    answered: Sequence[float], answered_at: Sequence[float], not_ok_at: Sequence[float]
+) -> dict[str, object] | None:
+    """The run in :data:`WINDOW_SECONDS` windows by when each call was due: the slowest window
+    (the highest p50 of its answered calls: when it began, that p50, its longest call, and its
+    calls not answered OK) and how many windows' p50 was over :data:`STALL_FACTOR` times the
+    run's. A stall of the server shows as a run of such windows, which the run's p99 alone
+    does not tell from a tail spread evenly. None without the due times (the Python generator's
+    closed loop keeps none)."""
+    if not answered or len(answered_at) != len(answered):
+        return None
+    latency = np.asarray(answered, dtype=np.float64) * 1000
+    window = (np.asarray(answered_at, dtype=np.float64) // WINDOW_SECONDS).astype(np.int64)
+    refused = np.bincount(
+        (np.asarray(not_ok_at, dtype=np.float64) // WINDOW_SECONDS).astype(np.int64),
+        minlength=int(window.max()) + 1,
+    )
+    order = np.argsort(window, kind="stable")
+    starts = np.flatnonzero(np.diff(window[order], prepend=-1))
+    groups = np.split(latency[order], starts[1:])
+    p50s = np.array([np.median(g) for g in groups])
+    slowest = int(np.argmax(p50s))
+    at = int(window[order][starts[slowest]])
+    return {
+        "slowest_window": {
+            "at_s": round(at * WINDOW_SECONDS, 2),
+            "p50_ms": round(float(p50s[slowest]), 2),
+            "max_ms": round(float(groups[slowest].max()), 2),
+            "not_ok": int(refused[at]) if at < len(refused) else 0,
+        },
+        "stalled_windows": int((p50s > STALL_FACTOR * np.median(latency)).sum()),
+        "windows": len(groups),
+    }
+
+
 class Tally:
     def __init__(self) -> None:
         self.codes: dict[str, int] = {}
@@ -61,13 +102,19 @@ class Tally:
         self.failed: list[float] = []
         """Other codes (CANCELLED, DEADLINE_EXCEEDED, ...), from the actual send."""
         self.send_lag: list[float] = []
+        self.answered_at: list[float] = []
+        """When each answered call was due (open loop) or sent, in seconds from the start."""
+        self.not_ok_at: list[float] = []
+        """The same for every call not answered OK."""
 
-    def add(self, code: str, details: str, latency: float, from_send: float) -> None:
+    def add(self, code: str, details: str, latency: float, from_send: float, at: float) -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
         if code != "OK":
             self.details.setdefault(code, details)
+            self.not_ok_at.append(at)
         if code == "OK":
             self.answered.append(latency)
+            self.answered_at.append(at)
         elif code == SHED:
             self.shed.append(from_send)
         else:
@@ -89,6 +136,7 @@ class Tally:
             "failed_p99_ms": ms(self.failed, 99),
             "send_lag_p50_ms": ms(self.send_lag, 50),
             "send_lag_p99_ms": ms(self.send_lag, 99),
+            "timeline": timeline(self.answered, self.answered_at, self.not_ok_at),
         }
 
 
@@ -109,7 +157,8 @@ async def closed_loop(
     seconds: float,
 ) -> Tally:
     tally = Tally()
-    end = time.perf_counter() + seconds
+    began = time.perf_counter()
+    end = began + seconds
 
     async def client(n: int) -> None:
         k = n
@@ -118,7 +167,7 @@ async def closed_loop(
             code, details = await call(stubs[n % len(stubs)], requests[k % len(requests)])
             k += clients
             took = time.perf_counter() - start
-            tally.add(code, details, took, took)
+            tally.add(code, details, took, took, start - began)
 
     await asyncio.gather(*(client(n) for n in range(clients)))
     return tally
@@ -138,7 +187,7 @@ async def open_loop(
         tally.send_lag.append(sent - due)
         code, details = await call(stubs[n % len(stubs)], requests[n % len(requests)])
         now = time.perf_counter()
-        tally.add(code, details, now - due, now - sent)
+        tally.add(code, details, now - due, now - sent, due - start)
 
     tasks = []
     loop = asyncio.get_running_loop()
@@ -202,6 +251,8 @@ def native_tally(raw: dict[str, Any]) -> Tally:
     tally.shed = [float(v) for v in raw["shed"]]
     tally.failed = [float(v) for v in raw["failed"]]
     tally.send_lag = [float(v) for v in raw["send_lag"]]
+    tally.answered_at = [float(v) for v in raw["answered_at"]]
+    tally.not_ok_at = [float(v) for v in raw["not_ok_at"]]
     return tally
 
 

@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from benchmarks.load_generator import (
     build_native,
     generate_native,
     run_native,
+    timeline,
     write_requests,
 )
 from recsys.serving.routing import USER_HEADER, user_header_value
@@ -37,8 +39,9 @@ def binary() -> str:
 
 class Answers(recommender_pb2_grpc.RecommenderServicer):
     """Answers by the request's user id: ``shed-*`` RESOURCE_EXHAUSTED, ``bad-*``
-    INVALID_ARGUMENT, anything else a feed; remembers the user ids, the user headers (None:
-    no header) and the peers it saw."""
+    INVALID_ARGUMENT, ``stall-*`` a feed after blocking the event loop for 0.3 s (every call
+    waits behind it, as behind a stalled server), anything else a feed; remembers the user
+    ids, the user headers (None: no header) and the peers it saw."""
 
     def __init__(self) -> None:
         self.users: list[str] = []
@@ -55,6 +58,8 @@ class Answers(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
         if request.user_id.startswith("bad-"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id: expected a user")
+        if request.user_id.startswith("stall-"):
+            time.sleep(0.3)  # noqa: ASYNC251 - the stall under test: the whole loop stops
         return recommender_pb2.RecommendResponse(request_id=request.request_id)
 
 
@@ -98,6 +103,38 @@ async def test_the_open_loop_sends_every_call_in_turn_and_counts_each_status(bin
     assert sorted(answers.users) == sorted(users * 50)  # the request file, sent as written
     assert answers.headers == answers.users  # each call names its user for the balancers
     assert summary["shed_share"] == 0.25
+
+
+async def test_the_timeline_finds_a_stall_of_the_server_where_it_happened(binary: str) -> None:
+    """200 calls over a second; the server's loop stops for 0.3 s at the call due at 0.5 s."""
+    users = [f"u-{n}" for n in range(200)]
+    users[100] = "stall-100"
+    summary = await run(Answers(), users, rate=200, seconds=1.0)
+    tally = summary["tally"]
+    assert len(tally.answered_at) == len(tally.answered) == 200
+    assert tally.not_ok_at == []
+    assert sorted(tally.answered_at) == pytest.approx([n / 200 for n in range(200)])
+    line = summary["timeline"]
+    assert line["windows"] == 4
+    slowest = line["slowest_window"]
+    assert slowest["at_s"] == 0.5  # the window the stall began in
+    assert slowest["p50_ms"] > 100
+    assert slowest["max_ms"] >= 290
+    assert line["stalled_windows"] >= 1
+
+
+def test_timeline_by_hand() -> None:
+    """2 s of calls at 10 ms, but 200 ms (and three refusals) for the ones due in 1.0-1.5 s."""
+    at = [n / 100 for n in range(200)]
+    answered = [0.2 if 1.0 <= t < 1.5 else 0.01 for t in at]
+    line = timeline(answered, at, [1.1, 1.3, 1.4])
+    assert line == {
+        "slowest_window": {"at_s": 1.0, "p50_ms": 200.0, "max_ms": 200.0, "not_ok": 1},
+        "stalled_windows": 2,
+        "windows": 8,
+    }
+    assert timeline([], [], []) is None
+    assert timeline([0.01, 0.02], [], []) is None  # no due times (a closed loop in Python)
 
 
 async def test_the_closed_loop_keeps_its_callers_busy_on_a_connection_per_channel(

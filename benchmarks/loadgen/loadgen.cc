@@ -15,7 +15,8 @@
 //
 // Prints one JSON object: the status code and details of each kind, and for every call its
 // latency: answered calls from the due time (open loop; from the send in the closed loop),
-// sheds (RESOURCE_EXHAUSTED) and other codes from the actual send, and how late each send was.
+// sheds (RESOURCE_EXHAUSTED) and other codes from the actual send, and how late each send was;
+// and when each call was due (or sent), answered and not, for a timeline of the run.
 // benchmarks/load_generator.py turns it into the same summary as its own loops.
 //
 //   loadgen --target 127.0.0.1:50051 --requests REQS --seconds 10 (--rate 4000 | --clients 6)
@@ -199,16 +200,19 @@ std::string json_string(const std::string& s) {
 
 class Tally {
  public:
-  void add(int code, const std::string& details, double latency, double from_send) {
+  // at: when the call was due (open loop) or sent (closed loop), in seconds from the start.
+  void add(int code, const std::string& details, double latency, double from_send, double at) {
     std::lock_guard<std::mutex> lock(mu_);
     const char* name = code >= 0 && code < 17 ? kCodes[code] : "UNKNOWN";
     codes_[name]++;
     if (code == 0) {
       answered_.push_back(latency);
+      answered_at_.push_back(at);
       return;
     }
     details_.emplace(name, details);
     (code == 8 ? shed_ : failed_).push_back(from_send);
+    not_ok_at_.push_back(at);
   }
   void lag(double seconds) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -229,6 +233,8 @@ class Tally {
     list(out, "shed", shed_);
     list(out, "failed", failed_);
     list(out, "send_lag", send_lag_);
+    list(out, "answered_at", answered_at_);
+    list(out, "not_ok_at", not_ok_at_);
     out << "}\n";
     return out.str();
   }
@@ -242,7 +248,7 @@ class Tally {
   std::mutex mu_;
   std::map<std::string, long> codes_;
   std::map<std::string, std::string> details_;
-  std::vector<double> answered_, shed_, failed_, send_lag_;
+  std::vector<double> answered_, shed_, failed_, send_lag_, answered_at_, not_ok_at_;
 };
 
 struct Call {
@@ -303,7 +309,7 @@ class Generator {
       const double sent = now();
       tally_.lag(sent - due);
       send(n, [this, due, sent](int code, const std::string& details, double end) {
-        tally_.add(code, details, end - due, end - sent);
+        tally_.add(code, details, end - due, end - sent, due);
         finished();
       });
     }
@@ -326,7 +332,7 @@ class Generator {
     }
     const double sent = now();
     send(n, [this, n, sent](int code, const std::string& details, double end) {
-      tally_.add(code, details, end - sent, end - sent);
+      tally_.add(code, details, end - sent, end - sent, sent);
       next(n + options_.clients);
     });
   }

@@ -35,7 +35,7 @@ FILE_MODE = 0o600
 BACKGROUND_NICE = 19
 """Niceness of the thread that compresses closed files in the background (Linux's lowest CPU
 priority): it gets the CPU the serving threads leave, and gives it back the moment one of them
-wakes. Compressing a 64 MB file at gzip level 1 takes about a second of CPU; in the serving
+wakes. Compressing a 64 MiB file at gzip level 1 takes about a second of CPU; in the serving
 threads' way it stalled a worker for that long at every rotation (benchmarks/README.md,
 "Twentieth round")."""
 BACKLOG_WARNING = 4
@@ -413,7 +413,8 @@ class _Compressor:
         except CompressionStopped:
             pass
         except Exception:  # the lines are written: a failed compression must not stop logging
-            log.exception("log %s: compression failed; kept plain", self._writer.directory)
+            where = self._writer.directory if job is None else job.path
+            log.exception("log %s: compression failed; kept plain", where)
         finally:
             if job is not None:
                 os.close(job.fd)

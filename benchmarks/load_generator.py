@@ -76,17 +76,18 @@ def timeline(
         minlength=int(window.max()) + 1,
     )
     order = np.argsort(window, kind="stable")
-    starts = np.flatnonzero(np.diff(window[order], prepend=-1))
+    ordered = window[order]
+    starts = np.flatnonzero(np.diff(ordered, prepend=-1))
     groups = np.split(latency[order], starts[1:])
     p50s = np.array([np.median(g) for g in groups])
     slowest = int(np.argmax(p50s))
-    at = int(window[order][starts[slowest]])
+    at = int(ordered[starts[slowest]])
     return {
         "slowest_window": {
             "at_s": round(at * WINDOW_SECONDS, 2),
             "p50_ms": round(float(p50s[slowest]), 2),
             "max_ms": round(float(groups[slowest].max()), 2),
-            "not_ok": int(refused[at]) if at < len(refused) else 0,
+            "not_ok": int(refused[at]),  # refused has a count for every answered window
         },
         "stalled_windows": int((p50s > STALL_FACTOR * np.median(latency)).sum()),
         "windows": len(groups),

@@ -198,11 +198,11 @@ def test_the_serving_writer_compresses_rotated_files_in_a_thread_of_its_own_at_n
     assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
 
 
-def test_closing_while_files_wait_for_compression_leaves_them_whole_and_plain_for_the_next_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """close() stops a compression under way within a chunk and lets every file go: nothing is
-    lost, nothing is left half-written, and the next writer compresses them."""
+@pytest.fixture
+def compression_held(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Every compression waits for its writer's stop request (close()) before it runs, so that
+    closed files are still waiting when the writer closes; yields the event set when the first
+    one started waiting. The real compression runs afterwards and meets the stop request."""
     started = threading.Event()
     compress = RotatingFileWriter._compress
 
@@ -211,40 +211,39 @@ def test_closing_while_files_wait_for_compression_leaves_them_whole_and_plain_fo
     ) -> Path:
         started.set()
         assert stop is not None
-        stop.wait()  # released by close(): the real compression then meets the stop request
+        stop.wait()
         return compress(self, path, stop)
 
     monkeypatch.setattr(RotatingFileWriter, "_compress", held_until_stopped)
+    return started  # monkeypatch puts the real one back after the test
+
+
+def test_closing_while_files_wait_for_compression_leaves_them_whole_and_plain_for_the_next_writer(
+    tmp_path: Path, compression_held: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() stops a compression under way within a chunk and lets every file go: nothing is
+    lost, nothing is left half-written, and the next writer compresses them."""
     writer = RotatingFileWriter(
         tmp_path, max_bytes=1_000, pid=1, start=1.0, compress_in_background=True
     )
     for batch in range(10):  # three files rotated: one under way, two queued behind it
         writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
-    assert started.wait(timeout=30)
+    assert compression_held.wait(timeout=30)
     assert not writer.wait_compressed(timeout=0.1)
     writer.close()
     assert [p.suffix for p in exposure_log_files(tmp_path)] == [".jsonl"] * 4
     assert not list(tmp_path.glob("*.part"))
     assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
-    monkeypatch.setattr(RotatingFileWriter, "_compress", compress)
+    monkeypatch.undo()  # compressions run again
     assert RotatingFileWriter(tmp_path, pid=2, start=2.0).compress_closed_files() == 4
     assert [p.suffix for p in exposure_log_files(tmp_path)] == [".gz"] * 4
     assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
 
 
+@pytest.mark.usefixtures("compression_held")
 def test_a_growing_compression_backlog_is_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    compress = RotatingFileWriter._compress
-
-    def held_until_stopped(
-        self: RotatingFileWriter, path: Path, stop: threading.Event | None = None
-    ) -> Path:
-        assert stop is not None
-        stop.wait()
-        return compress(self, path, stop)
-
-    monkeypatch.setattr(RotatingFileWriter, "_compress", held_until_stopped)
     writer = RotatingFileWriter(tmp_path, max_bytes=100, compress_in_background=True)
     with caplog.at_level(logging.WARNING):
         for n in range(6):  # each batch past max_bytes: six files rotated, none compressed

@@ -803,6 +803,19 @@ def open_loop_share(text: str) -> float:
     return share
 
 
+def calls_per_second(text: str) -> float:
+    """``--open-loop-rate``: a positive number of calls a second."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0 or rate == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"--open-loop-rate {text!r}: expected a positive number of calls a second"
+        )
+    return rate
+
+
 def servers(args: argparse.Namespace, port: int) -> list[Server]:
     py = sys.executable
     art = str(args.artifacts.resolve())
@@ -918,12 +931,18 @@ def in_turn(listed: Sequence[Server], round_number: int) -> list[Server]:
 
 
 def open_loop_rate(
-    server: Server, runs: dict[str, list[dict[str, object]]], ran: Sequence[Server]
+    server: Server,
+    runs: dict[str, list[dict[str, object]]],
+    ran: Sequence[Server],
+    fixed: float | None = None,
 ) -> float | None:
-    """The open-loop rate of ``server``'s run (None: 70% of its own saturation). With
-    ``--same-rate`` a comparison runs at the latest rate of the server it is compared with.
-    ``ran``: the servers run before it in this round; when a comparison of it is among them
-    (an odd round of :func:`in_turn`), it takes its own previous rate, the one they ran at."""
+    """The open-loop rate of ``server``'s run (None: 70% of its own saturation). ``fixed``
+    (``--open-loop-rate``): every server's. With ``--same-rate`` a comparison runs at the
+    latest rate of the server it is compared with. ``ran``: the servers run before it in this
+    round; when a comparison of it is among them (an odd round of :func:`in_turn`), it takes
+    its own previous rate, the one they ran at."""
+    if fixed is not None:
+        return fixed
     source = server.rate_of
     if source is None and any(s.rate_of == server.name for s in ran):
         source = server.name
@@ -983,6 +1002,13 @@ def main() -> None:
         default=0.7,
         help="the open loop's rate as a share of the server's saturated rate, 0-1 (default "
         "%(default)s; reported under at_70pct whatever the share)",
+    )
+    parser.add_argument(
+        "--open-loop-rate",
+        type=calls_per_second,
+        help="run every server's open loop at this many calls a second instead of a share of "
+        "its own saturation (old and new code, or layouts, compared at one load; overrides "
+        "--open-loop-share and --same-rate)",
     )
     parser.add_argument("--serve-arg", action="append", default=[], help="extra serve flag")
     parser.add_argument(
@@ -1085,7 +1111,7 @@ def main() -> None:
             if port_text is None:
                 raise RuntimeError(f"server {server.name}: its command gives no --port")
             port = int(port_text)
-            rate = open_loop_rate(server, runs, ran)
+            rate = open_loop_rate(server, runs, ran, args.open_loop_rate)
             ran.append(server)
             result = {
                 **run_server(server, args, port, rate),

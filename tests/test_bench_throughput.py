@@ -26,6 +26,7 @@ from benchmarks.bench_throughput import (
     RequestStream,
     bucket_totals,
     cache_lookups,
+    calls_per_second,
     closed_loop,
     flag_value,
     fronted,
@@ -365,6 +366,23 @@ def test_a_server_whose_comparisons_ran_first_takes_the_rate_they_ran_at() -> No
     assert open_loop_rate(leader, runs, [hit, echo]) is None
     assert open_loop_rate(hit, runs, [leader, old]) is None
     assert open_loop_rate(echo, runs, [hit]) == 3000.0
+
+
+def test_a_fixed_open_loop_rate_is_every_server_s_whatever_ran_before() -> None:
+    listed = servers(args(variants=[], baseline=Path("/tmp/old"), same_rate=True), 5)
+    by_name = {s.name: s for s in listed}
+    leader, old = by_name["recsys-mix"], by_name["recsys-mix-baseline"]
+    runs: dict[str, list[dict[str, object]]] = {"recsys-mix": [{"at_70pct": {"rate": 900.0}}]}
+    assert open_loop_rate(old, runs, [leader]) == 900.0
+    assert open_loop_rate(old, runs, [leader], 1500.0) == 1500.0
+    assert open_loop_rate(leader, {}, [], 1500.0) == 1500.0
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "x", "inf", "nan"])
+def test_an_open_loop_rate_that_is_not_a_positive_number_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive number"):
+        calls_per_second(text)
+    assert calls_per_second("2200") == 2200.0
 
 
 def test_same_rate_ratios_compare_open_loop_cpu_medians() -> None:

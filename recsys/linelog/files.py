@@ -1,7 +1,7 @@
 """Rotating line-log files: one writer's ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` files in a
 directory of its own (0700, files 0600), rotated by size and age, each closed file
-gzip-compressed to ``.jsonl.gz`` (in the writer's thread, or in a thread of its own at the
-lowest CPU priority); and a plain one-file writer for tests and tools."""
+gzip-compressed to ``.jsonl.gz`` (in the writer's thread, or in the background by a gzip child
+process at the lowest CPU priority); and a plain one-file writer for tests and tools."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import gzip
 import logging
 import os
 import re
+import shutil
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from recsys.settings import ServeSettings
 from recsys.thread_names import name_os_thread
@@ -33,11 +36,18 @@ DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
 BACKGROUND_NICE = 19
-"""Niceness of the thread that compresses closed files in the background (Linux's lowest CPU
-priority): it gets the CPU the serving threads leave, and gives it back the moment one of them
-wakes. Compressing a 64 MiB file at gzip level 1 takes about a second of CPU; in the serving
-threads' way it stalled a worker for that long at every rotation (benchmarks/README.md,
-"Twentieth round")."""
+"""Niceness of the background compression (Linux's lowest CPU priority): it gets the CPU the
+serving threads leave, and gives it back the moment one of them wakes. Compressing a 64 MiB file
+at gzip level 1 takes about a second of CPU; in the serving threads' way it stalled a worker for
+that long at every rotation (benchmarks/README.md, "Twentieth round")."""
+GZIP_PROGRAM = shutil.which("gzip")
+"""The gzip program that compresses closed files in the background, in a child process of its
+own: it shares no interpreter lock with the serving threads, which a low-priority thread holding
+it between two chunks would make wait (benchmarks/README.md, "Twenty-first round"). None (not
+installed, or ``compresslevel`` 0, which gzip has not): the compressor thread compresses them
+itself."""
+STOP_POLL_SECONDS = 0.05
+"""How often the compressor thread, waiting for its gzip child, looks for a stop request."""
 BACKLOG_WARNING = 4
 """Closed files waiting for background compression at which the writer logs a warning (and at
 every doubling after): the worker has had too little idle CPU to keep up. They stay plain and
@@ -100,14 +110,16 @@ class RotatingFileWriter:
     - A file is rotated once it holds ``max_bytes`` or more, or when a batch (or
       :meth:`rotate_if_due`) comes after it has been open ``max_age_seconds``. The rotated file
       is gzip-compressed to ``.jsonl.gz`` (a ``.part`` file, fsynced and renamed) and the plain
-      one removed: in the calling (writer) thread, or with ``compress_in_background`` in a
-      thread of the writer's own at the lowest CPU priority (:data:`BACKGROUND_NICE` on
-      Linux), which keeps the file's lock until its compressed copy is in place; the writer
-      thread goes on writing the next file at once. A serving process compresses in the
-      background: its requests come first, the compression takes the CPU they leave.
+      one removed: in the calling (writer) thread, or with ``compress_in_background`` by a
+      thread of the writer's own, which runs :data:`GZIP_PROGRAM` in a child process, both at
+      the lowest CPU priority (:data:`BACKGROUND_NICE` on Linux), and keeps the file's lock
+      until its compressed copy is in place; the writer thread goes on writing the next file
+      at once. A serving process compresses in the background: its requests come first, the
+      compression takes the CPU they leave.
     - :meth:`close` flushes (fsync) and closes the active file without compressing it, so that
-      stopping stays fast; a background compression under way stops within one
-      :data:`CHUNK_BYTES` chunk and leaves its file plain. The writer holds an exclusive
+      stopping stays fast; a background compression under way is stopped (its child killed
+      within :data:`STOP_POLL_SECONDS`, or in-process within one :data:`CHUNK_BYTES` chunk) and
+      leaves its file plain. The writer holds an exclusive
       ``flock`` on its active file (and on each file waiting for compression); the first batch
       of the next writer started in the directory compresses the plain files no live writer
       holds (the last file of every stopped or killed process).
@@ -142,6 +154,7 @@ class RotatingFileWriter:
         self.max_age_seconds = max_age_seconds
         self._fsync = fsync
         self._compresslevel = compresslevel
+        self._gzip_program = GZIP_PROGRAM if compress_in_background and compresslevel else None
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
         self._start_ms = int((time.time() if start is None else start) * 1000)
@@ -296,26 +309,21 @@ class RotatingFileWriter:
         self._rotate()
 
     def _compress(self, path: Path, stop: threading.Event | None = None) -> Path:
+        """gzip ``path`` to ``.jsonl.gz`` (through a fsynced ``.part``) and remove it. ``stop``:
+        the background compressor's stop request, which gives up (:class:`CompressionStopped`,
+        the file left plain); with it, the compression runs in a :data:`GZIP_PROGRAM` child
+        where there is one."""
         target = _compressed_name(path)
         part = path.with_name(path.name + ".gz.part")
         info = os.stat(path)
         out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             with os.fdopen(out, "wb") as raw:
-                with (
-                    path.open("rb") as source,
-                    gzip.GzipFile(
-                        filename=path.name,
-                        mode="wb",
-                        fileobj=raw,
-                        compresslevel=self._compresslevel,
-                        mtime=int(info.st_mtime),
-                    ) as compressed,
-                ):
-                    while chunk := source.read(CHUNK_BYTES):
-                        if stop is not None and stop.is_set():
-                            raise CompressionStopped(f"log {path}: compression stopped; kept plain")
-                        compressed.write(chunk)
+                with path.open("rb") as source:
+                    if stop is not None and self._gzip_program is not None:
+                        _gzip_in_child(self._gzip_program, self._compresslevel, source, raw, stop)
+                    else:
+                        self._gzip_here(path, source, raw, int(info.st_mtime), stop)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.utime(part, ns=(info.st_atime_ns, info.st_mtime_ns))
@@ -326,6 +334,55 @@ class RotatingFileWriter:
         _fsync_directory(self.directory)
         path.unlink()
         return target
+
+    def _gzip_here(
+        self,
+        path: Path,
+        source: BinaryIO,
+        raw: BinaryIO,
+        mtime: int,
+        stop: threading.Event | None,
+    ) -> None:
+        with gzip.GzipFile(
+            filename=path.name,
+            mode="wb",
+            fileobj=raw,
+            compresslevel=self._compresslevel,
+            mtime=mtime,
+        ) as compressed:
+            while chunk := source.read(CHUNK_BYTES):
+                if stop is not None and stop.is_set():
+                    raise CompressionStopped(f"log {path}: compression stopped; kept plain")
+                compressed.write(chunk)
+
+
+def _gzip_in_child(
+    program: str, level: int, source: BinaryIO, raw: BinaryIO, stop: threading.Event
+) -> None:
+    """``program -LEVEL`` from ``source`` to ``raw`` in a child process at
+    :data:`BACKGROUND_NICE`, killed if ``stop`` is set (:class:`CompressionStopped`)."""
+    if stop.is_set():
+        raise CompressionStopped(f"log {source.name}: compression stopped; kept plain")
+    child = subprocess.Popen(
+        [program, f"-{level}", "-c", "-n"], stdin=source, stdout=raw, stderr=subprocess.PIPE
+    )
+    _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
+    try:
+        while True:
+            try:
+                _, errors = child.communicate(timeout=STOP_POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                if stop.is_set():
+                    message = f"log {source.name}: compression stopped; kept plain"
+                    raise CompressionStopped(message) from None
+    finally:
+        if child.returncode is None:  # stopped, or failed here: no child outlives its file
+            child.kill()
+            child.communicate()
+    if child.returncode != 0:
+        message = errors.decode("utf-8", "replace").strip() or "no message"
+        raise OSError(f"{program} exited with {child.returncode}: {message}")
 
 
 class CompressionStopped(Exception):
@@ -389,7 +446,7 @@ class _Compressor:
 
     def _run(self) -> None:
         name_os_thread()
-        _lowest_priority()
+        _lowest_priority(threading.get_native_id())
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs) or self._stop.is_set())
@@ -420,15 +477,16 @@ class _Compressor:
                 os.close(job.fd)
 
 
-def _lowest_priority() -> None:
-    """The calling thread to :data:`BACKGROUND_NICE` (Linux, where niceness is per thread;
-    elsewhere the call would lower the whole process, so it is left alone)."""
+def _lowest_priority(task: int) -> None:
+    """A thread of this process, or a child process, to :data:`BACKGROUND_NICE` (Linux, where
+    niceness is per thread; elsewhere lowering a thread would lower the whole process, so it is
+    left alone)."""
     if not sys.platform.startswith("linux"):
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        os.setpriority(os.PRIO_PROCESS, task, BACKGROUND_NICE)
     except OSError as e:
-        log.warning("log compression thread: cannot lower its CPU priority (%s)", e)
+        log.warning("log compression: cannot lower the CPU priority of task %d (%s)", task, e)
 
 
 class JsonlFileWriter:

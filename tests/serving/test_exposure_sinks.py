@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.cli import serve as serve_cli
 from recsys.cli.common import CliError
+from recsys.linelog import files as linelog_files
 from recsys.serving.exposure import (
     ExposureReadStats,
     ExposureSink,
@@ -173,12 +174,33 @@ def thread_nice(native_id: int | None) -> int:
     return int(fields[16])
 
 
-def test_the_serving_writer_compresses_rotated_files_in_a_thread_of_its_own_at_nice_19(
-    tmp_path: Path,
+def gzip_wrapper(tmp_path: Path, body: str) -> Path:
+    """A program standing for gzip: ``body`` (sh) runs first, with ``$REPORT`` a file to append
+    to; ``exec gzip "$@"`` at its end makes the real gzip the same process."""
+    script = tmp_path / "gzip-wrapper"
+    report = tmp_path / "gzip-report"
+    script.write_text(f"#!/bin/sh\nREPORT={report}\n{body}\n")
+    script.chmod(0o700)
+    return script
+
+
+@pytest.mark.parametrize("in_child", [True, False], ids=["gzip-child", "no-gzip-program"])
+def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_19(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
 ) -> None:
     """A rotation used to gzip the closed file in the writer's thread, at the serving threads'
-    priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation."""
-    settings = ServeSettings(exposure_dir=tmp_path, exposure_max_bytes=1_000)
+    priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation. Now
+    a thread of the writer's own hands it to a gzip child process; both run at nice 19. Without
+    a gzip program the thread compresses it itself."""
+    logs = tmp_path / "logs"
+    if in_child:
+        # Each gzip child notes its pid, parent and niceness (/proc/PID/stat fields 1, 4, 19),
+        # then becomes the real gzip.
+        body = 'cut -d" " -f1,4,19 /proc/$$/stat >> "$REPORT"\nexec gzip "$@"'
+        monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+    else:
+        monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", None)
+    settings = ServeSettings(exposure_dir=logs, exposure_max_bytes=1_000)
     writer = open_exposure_writer(settings)
     for batch in range(10):  # 3 lines of about 110 bytes a batch: a file takes 3 batches
         writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
@@ -190,12 +212,67 @@ def test_the_serving_writer_compresses_rotated_files_in_a_thread_of_its_own_at_n
         assert thread_nice(threading.get_native_id()) == 0  # the rest of the process is not
         comm = Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
         assert comm == "log-compress"
-    suffixes = [p.name.split(".", 1)[1] for p in exposure_log_files(tmp_path)]
+    if in_child:
+        children = [row.split() for row in (tmp_path / "gzip-report").read_text().splitlines()]
+        assert len(children) == 3  # one a rotated file, each a process of its own
+        assert len({pid for pid, _, _ in children}) == 3
+        assert {parent for _, parent, _ in children} == {str(os.getpid())}
+        if sys.platform.startswith("linux"):
+            assert {nice for _, _, nice in children} == {"19"}
+    suffixes = [p.name.split(".", 1)[1] for p in exposure_log_files(logs)]
     assert suffixes == ["jsonl.gz", "jsonl.gz", "jsonl.gz", "jsonl"]
     writer.close()
     assert not thread.is_alive()
-    assert not list(tmp_path.glob("*.part"))
-    assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
+    assert not list(logs.glob("*.part"))
+    assert request_ids(logs) == [f"r{n}" for n in range(30)]
+
+
+def test_closing_kills_a_gzip_child_under_way_and_leaves_its_file_plain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop must not wait for a compression: its child is killed, the file stays whole and
+    plain for the next writer, and no child outlives the writer."""
+    body = 'echo $$ >> "$REPORT"\nexec sleep 600'  # a gzip that never ends
+    monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+    logs = tmp_path / "logs"
+    writer = RotatingFileWriter(
+        logs, max_bytes=1_000, pid=1, start=1.0, compress_in_background=True
+    )
+    for batch in range(4):  # one file rotated, one active
+        writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
+    report = tmp_path / "gzip-report"
+    deadline = time.monotonic() + 30
+    while not (report.exists() and report.read_text().strip()):
+        assert time.monotonic() < deadline, "no gzip child started"
+        time.sleep(0.01)
+    child = int(report.read_text())
+    writer.close()
+    assert not Path(f"/proc/{child}").exists()  # killed and reaped
+    assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2
+    assert not list(logs.glob("*.part"))
+    assert request_ids(logs) == [f"r{n}" for n in range(12)]
+    monkeypatch.undo()
+    assert RotatingFileWriter(logs, pid=2, start=2.0).compress_closed_files() == 2
+    assert request_ids(logs) == [f"r{n}" for n in range(12)]
+
+
+def test_a_failing_gzip_child_is_logged_with_its_message_and_the_file_kept_plain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = 'echo "no space left for the copy" >&2\nexit 3'
+    monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+    logs = tmp_path / "logs"
+    writer = RotatingFileWriter(logs, max_bytes=1_000, compress_in_background=True)
+    with caplog.at_level(logging.ERROR):
+        for batch in range(4):
+            writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
+        assert writer.wait_compressed(timeout=30)
+    writer.close()
+    assert "compression failed; kept plain" in caplog.text
+    assert "exited with 3: no space left for the copy" in caplog.text
+    assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2
+    assert not list(logs.glob("*.part"))
+    assert request_ids(logs) == [f"r{n}" for n in range(12)]
 
 
 @pytest.fixture

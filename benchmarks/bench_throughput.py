@@ -109,6 +109,7 @@ from benchmarks.bench_latency import (
     free_port,
     front_bounds,
     pinned,
+    reaped_cpu,
     start_bench_front,
     stat_cpu,
 )
@@ -180,16 +181,20 @@ def children_cpu(pid: int) -> float:
 
 MAIN_THREAD = "main"
 """Each process's first thread: a server's event loop (grpc.aio, the servicer)."""
+REAPED = "reaped children"
+"""The child processes a server process has waited for (its exposure log's gzip children)."""
 
 
 def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
     """CPU seconds of every thread of ``pids`` and their direct children, summed by the
     thread's name in the operating system (recsys/thread_names.py names the batch
     threads and the exposure writer; gRPC core names its own); each process's first thread is
-    :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name."""
+    :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name; the
+    children each has waited for are :data:`REAPED` (a live child, by its own name)."""
     out: dict[str, float] = {}
     for process in (member for pid in pids for member in family(pid)):
         with contextlib.suppress(FileNotFoundError):  # a process or thread that just exited
+            out[REAPED] = out.get(REAPED, 0.0) + reaped_cpu(process)
             for task in Path(f"/proc/{process}/task").iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     name, seconds = stat_cpu(task / "stat")

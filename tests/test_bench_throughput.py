@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from benchmarks import bench_throughput
-from benchmarks.bench_latency import front_bounds, pinned
+from benchmarks.bench_latency import cpu_seconds, front_bounds, pinned, stat_cpu
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
@@ -309,6 +309,32 @@ def test_thread_cpu_sums_each_named_thread_over_a_process_and_its_workers() -> N
     assert used["main"] > 0  # each process's first thread, under one name
     per_call = threads_per_call({"main": 0.5}, {"main": 0.7, "batch-spin": 0.6, "idle": 0.0}, 1000)
     assert per_call == {"batch-spin": 600.0, "main": 200.0}  # largest first, idle left out
+
+
+REAPER = """
+import subprocess, sys, time
+burn = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
+subprocess.run([sys.executable, "-c", burn], check=True)
+print("reaped", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_server_s_reaped_children_count_as_its_cpu() -> None:
+    """A server's gzip children compress its closed log files: their CPU is the server's."""
+    process = subprocess.Popen([sys.executable, "-c", REAPER], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    try:
+        assert process.stdout.readline().strip() == "reaped"
+        own = stat_cpu(Path(f"/proc/{process.pid}/stat"))[1]
+        total = cpu_seconds(process.pid)
+        used = thread_cpu([process.pid])
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert 0.28 <= total - own < 1.0  # the child's 0.3 s
+    assert used[bench_throughput.REAPED] == pytest.approx(total - own)
 
 
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:

@@ -12,7 +12,6 @@ import gzip
 import logging
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -40,12 +39,17 @@ BACKGROUND_NICE = 19
 serving threads leave, and gives it back the moment one of them wakes. Compressing a 64 MiB file
 at gzip level 1 takes about a second of CPU; in the serving threads' way it stalled a worker for
 that long at every rotation (benchmarks/README.md, "Twentieth round")."""
-GZIP_PROGRAM = shutil.which("gzip")
-"""The gzip program that compresses closed files in the background, in a child process of its
-own: it shares no interpreter lock with the serving threads, which a low-priority thread holding
-it between two chunks would make wait (benchmarks/README.md, "Twenty-first round"). None (not
-installed, or ``compresslevel`` 0, which gzip has not): the compressor thread compresses them
-itself."""
+COMPRESS_COMMAND: tuple[str, ...] | None = (
+    (sys.executable, "-I", "-S", str(Path(__file__).with_name("gzip_child.py")))
+    if sys.executable
+    else None
+)
+"""What compresses closed files in the background, in a child process of its own (followed by
+the level, the file's name and its mtime; reads the file on its standard input and writes the
+gzip stream on its output): this interpreter running :mod:`recsys.linelog.gzip_child`. A child
+shares no interpreter lock with the serving threads, which a low-priority thread holding it
+between two chunks would make wait. None (no interpreter to run), or ``compresslevel`` 0: the
+compressor thread compresses them itself."""
 STOP_POLL_SECONDS = 0.05
 """How often the compressor thread, waiting for its gzip child, looks for a stop request."""
 BACKLOG_WARNING = 4
@@ -111,7 +115,7 @@ class RotatingFileWriter:
       :meth:`rotate_if_due`) comes after it has been open ``max_age_seconds``. The rotated file
       is gzip-compressed to ``.jsonl.gz`` (a ``.part`` file, fsynced and renamed) and the plain
       one removed: in the calling (writer) thread, or with ``compress_in_background`` by a
-      thread of the writer's own, which runs :data:`GZIP_PROGRAM` in a child process, both at
+      thread of the writer's own, which runs :data:`COMPRESS_COMMAND` in a child process, both at
       the lowest CPU priority (:data:`BACKGROUND_NICE` on Linux), and keeps the file's lock
       until its compressed copy is in place; the writer thread goes on writing the next file
       at once. A serving process compresses in the background: its requests come first, the
@@ -154,7 +158,7 @@ class RotatingFileWriter:
         self.max_age_seconds = max_age_seconds
         self._fsync = fsync
         self._compresslevel = compresslevel
-        self._gzip_program = GZIP_PROGRAM if compress_in_background and compresslevel else None
+        self._child = COMPRESS_COMMAND if compress_in_background and compresslevel else None
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
         self._start_ms = int((time.time() if start is None else start) * 1000)
@@ -311,7 +315,7 @@ class RotatingFileWriter:
     def _compress(self, path: Path, stop: threading.Event | None = None) -> Path:
         """gzip ``path`` to ``.jsonl.gz`` (through a fsynced ``.part``) and remove it. ``stop``:
         the background compressor's stop request, which gives up (:class:`CompressionStopped`,
-        the file left plain); with it, the compression runs in a :data:`GZIP_PROGRAM` child
+        the file left plain); with it, the compression runs in a :data:`COMPRESS_COMMAND` child
         where there is one."""
         target = _compressed_name(path)
         part = path.with_name(path.name + ".gz.part")
@@ -320,8 +324,10 @@ class RotatingFileWriter:
         try:
             with os.fdopen(out, "wb") as raw:
                 with path.open("rb") as source:
-                    if stop is not None and self._gzip_program is not None:
-                        _gzip_in_child(self._gzip_program, self._compresslevel, source, raw, stop)
+                    if stop is not None and self._child is not None:
+                        level, mtime = str(self._compresslevel), str(int(info.st_mtime))
+                        command = [*self._child, level, path.name, mtime]
+                        _compress_in_child(command, source, raw, stop)
                     else:
                         self._gzip_here(path, source, raw, int(info.st_mtime), stop)
                 raw.flush()
@@ -356,16 +362,14 @@ class RotatingFileWriter:
                 compressed.write(chunk)
 
 
-def _gzip_in_child(
-    program: str, level: int, source: BinaryIO, raw: BinaryIO, stop: threading.Event
+def _compress_in_child(
+    command: Sequence[str], source: BinaryIO, raw: BinaryIO, stop: threading.Event
 ) -> None:
-    """``program -LEVEL`` from ``source`` to ``raw`` in a child process at
+    """``command`` from ``source`` to ``raw`` in a child process at
     :data:`BACKGROUND_NICE`, killed if ``stop`` is set (:class:`CompressionStopped`)."""
     if stop.is_set():
         raise CompressionStopped(f"log {source.name}: compression stopped; kept plain")
-    child = subprocess.Popen(
-        [program, f"-{level}", "-c", "-n"], stdin=source, stdout=raw, stderr=subprocess.PIPE
-    )
+    child = subprocess.Popen(command, stdin=source, stdout=raw, stderr=subprocess.PIPE)
     _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
     try:
         while True:
@@ -381,8 +385,8 @@ def _gzip_in_child(
             child.kill()
             child.communicate()
     if child.returncode != 0:
-        message = errors.decode("utf-8", "replace").strip() or "no message"
-        raise OSError(f"{program} exited with {child.returncode}: {message}")
+        lines = errors.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+        raise OSError(f"log compression exited with {child.returncode}: {lines[-1]}")
 
 
 class CompressionStopped(Exception):

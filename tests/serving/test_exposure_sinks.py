@@ -174,32 +174,33 @@ def thread_nice(native_id: int | None) -> int:
     return int(fields[16])
 
 
-def gzip_wrapper(tmp_path: Path, body: str) -> Path:
-    """A program standing for gzip: ``body`` (sh) runs first, with ``$REPORT`` a file to append
-    to; ``exec gzip "$@"`` at its end makes the real gzip the same process."""
-    script = tmp_path / "gzip-wrapper"
-    report = tmp_path / "gzip-report"
-    script.write_text(f"#!/bin/sh\nREPORT={report}\n{body}\n")
+def compress_wrapper(tmp_path: Path, body: str) -> tuple[str]:
+    """A command standing for the compressing child: ``body`` (sh) runs first, with ``$REPORT``
+    a file to append to; ending it with ``$REAL "$@"`` (exec) makes the real one the same
+    process."""
+    script = tmp_path / "compress-wrapper"
+    real = " ".join(linelog_files.COMPRESS_COMMAND or ())
+    script.write_text(f"#!/bin/sh\nREPORT={tmp_path / 'report'}\nREAL='{real}'\n{body}\n")
     script.chmod(0o700)
-    return script
+    return (str(script),)
 
 
-@pytest.mark.parametrize("in_child", [True, False], ids=["gzip-child", "no-gzip-program"])
+@pytest.mark.parametrize("in_child", [True, False], ids=["child", "no-interpreter"])
 def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_19(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
 ) -> None:
     """A rotation used to gzip the closed file in the writer's thread, at the serving threads'
     priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation. Now
-    a thread of the writer's own hands it to a gzip child process; both run at nice 19. Without
-    a gzip program the thread compresses it itself."""
+    a thread of the writer's own hands it to a child process; both run at nice 19. Without an
+    interpreter to run (``sys.executable`` empty) the thread compresses it itself."""
     logs = tmp_path / "logs"
     if in_child:
-        # Each gzip child notes its pid, parent and niceness (/proc/PID/stat fields 1, 4, 19),
-        # then becomes the real gzip.
-        body = 'cut -d" " -f1,4,19 /proc/$$/stat >> "$REPORT"\nexec gzip "$@"'
-        monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+        # Each child notes its pid, parent and niceness (/proc/PID/stat fields 1, 4, 19), then
+        # becomes the real one.
+        body = 'cut -d" " -f1,4,19 /proc/$$/stat >> "$REPORT"\nexec $REAL "$@"'
+        monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
     else:
-        monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", None)
+        monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", None)
     settings = ServeSettings(exposure_dir=logs, exposure_max_bytes=1_000)
     writer = open_exposure_writer(settings)
     for batch in range(10):  # 3 lines of about 110 bytes a batch: a file takes 3 batches
@@ -213,7 +214,7 @@ def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_1
         comm = Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
         assert comm == "log-compress"
     if in_child:
-        children = [row.split() for row in (tmp_path / "gzip-report").read_text().splitlines()]
+        children = [row.split() for row in (tmp_path / "report").read_text().splitlines()]
         assert len(children) == 3  # one a rotated file, each a process of its own
         assert len({pid for pid, _, _ in children}) == 3
         assert {parent for _, parent, _ in children} == {str(os.getpid())}
@@ -227,23 +228,42 @@ def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_1
     assert request_ids(logs) == [f"r{n}" for n in range(30)]
 
 
-def test_closing_kills_a_gzip_child_under_way_and_leaves_its_file_plain(
+def test_the_child_writes_the_same_bytes_as_the_in_process_compression(tmp_path: Path) -> None:
+    """Same zlib, level, name and mtime: a file compressed in the background is the file the
+    writer's thread would have written (and the child imports nothing beyond the standard
+    library: it runs with ``-I -S``)."""
+    rows = "".join(line(n, pad=n % 300) for n in range(3_000)).encode()
+    copies = {}
+    for where, background in [("child", True), ("here", False)]:
+        logs = tmp_path / where
+        logs.mkdir()
+        plain = logs / "exposures-1-1000-0.jsonl"
+        plain.write_bytes(rows)
+        os.utime(plain, (1_700_000_000, 1_700_000_000))
+        writer = RotatingFileWriter(logs, compress_in_background=background)
+        stop = threading.Event() if background else None  # the compressor thread's, not set
+        copies[where] = writer._compress(plain, stop).read_bytes()
+    assert copies["child"] == copies["here"]
+    assert gzip.decompress(copies["child"]) == rows
+
+
+def test_closing_kills_a_compressing_child_under_way_and_leaves_its_file_plain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stop must not wait for a compression: its child is killed, the file stays whole and
     plain for the next writer, and no child outlives the writer."""
-    body = 'echo $$ >> "$REPORT"\nexec sleep 600'  # a gzip that never ends
-    monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+    body = 'echo $$ >> "$REPORT"\nexec sleep 600'  # a compression that never ends
+    monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
     logs = tmp_path / "logs"
     writer = RotatingFileWriter(
         logs, max_bytes=1_000, pid=1, start=1.0, compress_in_background=True
     )
     for batch in range(4):  # one file rotated, one active
         writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
-    report = tmp_path / "gzip-report"
+    report = tmp_path / "report"
     deadline = time.monotonic() + 30
     while not (report.exists() and report.read_text().strip()):
-        assert time.monotonic() < deadline, "no gzip child started"
+        assert time.monotonic() < deadline, "no child started"
         time.sleep(0.01)
     child = int(report.read_text())
     writer.close()
@@ -256,11 +276,11 @@ def test_closing_kills_a_gzip_child_under_way_and_leaves_its_file_plain(
     assert request_ids(logs) == [f"r{n}" for n in range(12)]
 
 
-def test_a_failing_gzip_child_is_logged_with_its_message_and_the_file_kept_plain(
+def test_a_failing_child_is_logged_with_its_message_and_the_file_kept_plain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     body = 'echo "no space left for the copy" >&2\nexit 3'
-    monkeypatch.setattr(linelog_files, "GZIP_PROGRAM", str(gzip_wrapper(tmp_path, body)))
+    monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
     logs = tmp_path / "logs"
     writer = RotatingFileWriter(logs, max_bytes=1_000, compress_in_background=True)
     with caplog.at_level(logging.ERROR):
@@ -269,7 +289,7 @@ def test_a_failing_gzip_child_is_logged_with_its_message_and_the_file_kept_plain
         assert writer.wait_compressed(timeout=30)
     writer.close()
     assert "compression failed; kept plain" in caplog.text
-    assert "exited with 3: no space left for the copy" in caplog.text
+    assert "log compression exited with 3: no space left for the copy" in caplog.text
     assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2
     assert not list(logs.glob("*.part"))
     assert request_ids(logs) == [f"r{n}" for n in range(12)]

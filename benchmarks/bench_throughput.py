@@ -179,6 +179,22 @@ def children_cpu(pid: int) -> float:
     return total
 
 
+def machine_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int]:
+    """The machine's CPU ticks so far, all CPUs: (every state's, steal's). Steal is time the
+    hypervisor gave this machine's CPUs to others: a phase with much of it measured a slower
+    machine, whatever the server did."""
+    fields = stat.read_text().split("\n", 1)[0].split()
+    assert fields[0] == "cpu", f"{stat}: expected the all-CPU line first"
+    ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of the machine's CPU time between two :func:`machine_ticks` that was stolen."""
+    total = after[0] - before[0]
+    return round((after[1] - before[1]) / total, 4) if total > 0 else None
+
+
 MAIN_THREAD = "main"
 """Each process's first thread: a server's event loop (grpc.aio, the servicer)."""
 REAPED = "reaped children"
@@ -691,7 +707,9 @@ def run_server(
         phase(args.seconds / 3, calls=calls)
         metrics0 = metric_samples(server.command)
         threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
+        ticks0 = machine_ticks()
         saturated_phase = phase(args.seconds, calls=calls)
+        steal = steal_share(ticks0, machine_ticks())
         latencies, codes = saturated_phase.latencies, saturated_phase.codes
         wall = time.perf_counter() - wall0
         cpu = cpu_now() - cpu0
@@ -703,6 +721,7 @@ def run_server(
             "server": server.name,
             "generator": server.generator,
             "load": os.getloadavg()[0],
+            "steal_share": steal,
             "requests_per_s": round(saturated, 1),
             "calls_in_flight": calls,
             **percentiles(latencies),
@@ -719,7 +738,9 @@ def run_server(
             rate = args.open_loop_share * saturated if rate is None else rate
             metrics0 = metric_samples(server.command)
             threads0, cpu0, wall0 = threads_now(), cpu_now(), time.perf_counter()
+            ticks0 = machine_ticks()
             open_phase = phase(args.seconds, rate=rate)
+            steal70 = steal_share(ticks0, machine_ticks())
             lat70, codes70 = open_phase.latencies, open_phase.codes
             cpu70 = cpu_now() - cpu0
             threads70 = threads_per_call(threads0, threads_now(), len(lat70))
@@ -728,6 +749,7 @@ def run_server(
             result["at_70pct"] = {  # the name of the default share, whatever the share
                 "rate": round(rate, 1),
                 "share_of_saturation": round(rate / saturated, 3) if saturated else None,
+                "steal_share": steal70,
                 **percentiles(lat70),
                 "send_lag_p99_ms": percentiles(open_phase.send_lag)["p99_ms"],
                 "timeline": open_phase.timeline,

@@ -337,6 +337,16 @@ def test_a_server_s_reaped_children_count_as_its_cpu() -> None:
     assert used[bench_throughput.REAPED] == pytest.approx(total - own)
 
 
+def test_steal_is_read_from_the_all_cpu_line_of_proc_stat(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 50 0 25 400 5 0 10 10 0 0\n")
+    assert bench_throughput.machine_ticks(stat) == (1000, 20)
+    assert bench_throughput.steal_share((1000, 20), (2000, 70)) == 0.05
+    assert bench_throughput.steal_share((1000, 20), (1000, 20)) is None
+    total, steal = bench_throughput.machine_ticks()  # this machine's own
+    assert 0 <= steal <= total
+
+
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:
     found = servers(args(variants=["d2=--x"], baseline=Path("/tmp/old"), same_rate=True), 5)
     rate_of = {s.name: s.rate_of for s in found}

@@ -15,10 +15,11 @@ import re
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -50,8 +51,6 @@ gzip stream on its output): this interpreter running :mod:`recsys.linelog.gzip_c
 shares no interpreter lock with the serving threads, which a low-priority thread holding it
 between two chunks would make wait. None (no interpreter to run), or ``compresslevel`` 0: the
 compressor thread compresses them itself."""
-STOP_POLL_SECONDS = 0.05
-"""How often the compressor thread, waiting for its gzip child, looks for a stop request."""
 BACKLOG_WARNING = 4
 """Closed files waiting for background compression at which the writer logs a warning (and at
 every doubling after): the worker has had too little idle CPU to keep up. They stay plain and
@@ -121,8 +120,8 @@ class RotatingFileWriter:
       at once. A serving process compresses in the background: its requests come first, the
       compression takes the CPU they leave.
     - :meth:`close` flushes (fsync) and closes the active file without compressing it, so that
-      stopping stays fast; a background compression under way is stopped (its child killed
-      within :data:`STOP_POLL_SECONDS`, or in-process within one :data:`CHUNK_BYTES` chunk) and
+      stopping stays fast; a background compression under way is stopped (its child killed at
+      once, or in process within one :data:`CHUNK_BYTES` chunk) and
       leaves its file plain. The writer holds an exclusive
       ``flock`` on its active file (and on each file waiting for compression); the first batch
       of the next writer started in the directory compresses the plain files no live writer
@@ -315,8 +314,8 @@ class RotatingFileWriter:
     def _compress(self, path: Path, stop: threading.Event | None = None) -> Path:
         """gzip ``path`` to ``.jsonl.gz`` (through a fsynced ``.part``) and remove it. ``stop``:
         the background compressor's stop request, which gives up (:class:`CompressionStopped`,
-        the file left plain); with it, the compression runs in a :data:`COMPRESS_COMMAND` child
-        where there is one."""
+        the file left plain); the background compressor's (a :class:`_StopRequest`) runs it in
+        a :data:`COMPRESS_COMMAND` child where there is one."""
         target = _compressed_name(path)
         part = path.with_name(path.name + ".gz.part")
         info = os.stat(path)
@@ -324,7 +323,7 @@ class RotatingFileWriter:
         try:
             with os.fdopen(out, "wb") as raw:
                 with path.open("rb") as source:
-                    if stop is not None and self._child is not None:
+                    if isinstance(stop, _StopRequest) and self._child is not None:
                         level, mtime = str(self._compresslevel), str(int(info.st_mtime))
                         command = [*self._child, level, path.name, mtime]
                         _compress_in_child(command, source, raw, stop)
@@ -363,30 +362,51 @@ class RotatingFileWriter:
 
 
 def _compress_in_child(
-    command: Sequence[str], source: BinaryIO, raw: BinaryIO, stop: threading.Event
+    command: Sequence[str], source: BinaryIO, raw: BinaryIO, stop: _StopRequest
 ) -> None:
-    """``command`` from ``source`` to ``raw`` in a child process at
-    :data:`BACKGROUND_NICE`, killed if ``stop`` is set (:class:`CompressionStopped`)."""
-    if stop.is_set():
-        raise CompressionStopped(f"log {source.name}: compression stopped; kept plain")
-    child = subprocess.Popen(command, stdin=source, stdout=raw, stderr=subprocess.PIPE)
-    _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
-    try:
-        while True:
-            try:
-                _, errors = child.communicate(timeout=STOP_POLL_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                if stop.is_set():
-                    message = f"log {source.name}: compression stopped; kept plain"
-                    raise CompressionStopped(message) from None
-    finally:
-        if child.returncode is None:  # stopped, or failed here: no child outlives its file
-            child.kill()
-            child.communicate()
-    if child.returncode != 0:
-        lines = errors.decode("utf-8", "replace").strip().splitlines() or ["no message"]
-        raise OSError(f"log compression exited with {child.returncode}: {lines[-1]}")
+    """``command`` from ``source`` to ``raw`` in a child process at :data:`BACKGROUND_NICE`,
+    killed if ``stop`` is set (:class:`CompressionStopped`). The calling thread sleeps in
+    ``waitpid`` until the child ends: no wake-up, so no interpreter lock taken, meanwhile."""
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(command, stdin=source, stdout=raw, stderr=errors)
+        _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
+        with stop.watching(child):
+            returncode = child.wait()
+        if stop.is_set():
+            raise CompressionStopped(f"log {source.name}: compression stopped; kept plain")
+        if returncode != 0:
+            errors.seek(0)
+            lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+            last = lines[-1] if lines else "no message"
+            raise OSError(f"log compression exited with {returncode}: {last}")
+
+
+class _StopRequest(threading.Event):
+    """A background compressor's stop request: setting it also kills the child compressing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+
+    def set(self) -> None:
+        with self._guard:
+            super().set()
+            if self._child is not None:
+                self._child.kill()
+
+    @contextlib.contextmanager
+    def watching(self, child: subprocess.Popen[bytes]) -> Iterator[None]:
+        """Kill ``child`` if the request is set, or is set before the block ends."""
+        with self._guard:
+            self._child = child
+            if self.is_set():
+                child.kill()
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._child = None
 
 
 class CompressionStopped(Exception):
@@ -404,7 +424,7 @@ class _Compressor:
         self._jobs: deque[_ActiveFile | None] = deque()
         """Closed files to compress; None: the plain files no live writer holds."""
         self._busy = False
-        self._stop = threading.Event()
+        self._stop = _StopRequest()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 

@@ -228,6 +228,12 @@ def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_1
     assert request_ids(logs) == [f"r{n}" for n in range(30)]
 
 
+def switches(status: Path) -> int:
+    """A thread's voluntary context switches so far (/proc/.../status): its wake-ups."""
+    line = next(r for r in status.read_text().splitlines() if r.startswith("voluntary_ctxt"))
+    return int(line.split()[1])
+
+
 def test_the_child_writes_the_same_bytes_as_the_in_process_compression(tmp_path: Path) -> None:
     """Same zlib, level, name and mtime: a file compressed in the background is the file the
     writer's thread would have written (and the child imports nothing beyond the standard
@@ -266,6 +272,13 @@ def test_closing_kills_a_compressing_child_under_way_and_leaves_its_file_plain(
         assert time.monotonic() < deadline, "no child started"
         time.sleep(0.01)
     child = int(report.read_text())
+    if sys.platform.startswith("linux"):
+        # While its child runs, the compressor thread sleeps: no wake-up, so it never takes
+        # the interpreter lock from the serving threads (a poll for the stop request did).
+        status = Path(f"/proc/self/task/{compressor_thread().native_id}/status")
+        before = switches(status)
+        time.sleep(0.5)
+        assert switches(status) - before < 3
     writer.close()
     assert not Path(f"/proc/{child}").exists()  # killed and reaped
     assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2

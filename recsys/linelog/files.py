@@ -367,7 +367,9 @@ def _compress_in_child(
     """``command`` from ``source`` to ``raw`` in a child process at :data:`BACKGROUND_NICE`,
     killed if ``stop`` is set (:class:`CompressionStopped`). The calling thread sleeps in
     ``waitpid`` until the child ends: no wake-up, so no interpreter lock taken, meanwhile."""
-    with tempfile.TemporaryFile() as errors:
+    # Its error output in an unnamed file of the log's own directory (writable, unlike /tmp
+    # perhaps), read if it fails.
+    with tempfile.TemporaryFile(dir=Path(source.name).parent) as errors:
         child = subprocess.Popen(command, stdin=source, stdout=raw, stderr=errors)
         _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
         with stop.watching(child):

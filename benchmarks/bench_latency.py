@@ -89,7 +89,7 @@ def stat_cpu(stat: Path) -> tuple[str, float]:
 
 def reaped_cpu(pid: int) -> float:
     """User + system CPU of the children a process has waited for (/proc/<pid>/stat fields 16
-    and 17): a server's gzip children, which compress its closed log files."""
+    and 17): work a server hands to a child process is the server's CPU too."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS

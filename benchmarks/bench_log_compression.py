@@ -13,9 +13,13 @@ file is the mode:
 - ``none``: nothing (the writer never rotates: the same writes, no compression);
 - ``inline``: compressed in the writer thread at the serving threads' priority (the server
   before benchmarks/README.md's "Twentieth round");
-- ``thread``: compressed by the writer's ``log-compress`` thread at nice 19 (that round);
-- ``child``: compressed by a child process at nice 19 that the ``log-compress`` thread starts
-  and waits for (today's server: no interpreter lock shared with the serving threads).
+- ``thread``: compressed by the writer's ``log-compress`` thread at nice 19 (that round, and
+  the server today).
+
+A fourth mode, a child process at nice 19 that the ``log-compress`` thread started and waited
+for (no interpreter lock shared with the serving threads), was measured here and not kept: its
+calls' p99 was higher than the thread's in 7 of 8 rounds (benchmarks/README.md,
+"Twenty-first round").
 
 The modes run in turn, ``--rounds`` times, the order reversed every other round. Prints a JSON
 line per mode and round (latency p50 / p99 / p99.9 / max in ms, calls, files compressed by the
@@ -41,7 +45,7 @@ import numpy as np
 
 from recsys.linelog import files as linelog_files
 
-MODES = ("none", "inline", "thread", "child")
+MODES = ("none", "inline", "thread")
 LINES_PER_BATCH = 256
 
 
@@ -85,8 +89,6 @@ def exposure_lines(mib: float, seed: int) -> list[str]:
 def run_mode(args: argparse.Namespace) -> dict[str, object]:
     """One mode, in this process (pinned to ``--cpu``)."""
     os.sched_setaffinity(0, {args.cpu})
-    if args.mode == "thread":
-        linelog_files.COMPRESS_COMMAND = None  # the log-compress thread compresses in process
     lines = exposure_lines(args.file_mib, args.seed)
     file_bytes = sum(len(line) for line in lines)
     loop_n = max(1, round(args.loop_us * 1e3 / args.iteration_ns))
@@ -95,7 +97,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, object]:
     writer = linelog_files.RotatingFileWriter(
         directory,
         max_bytes=file_bytes if args.mode != "none" else 1 << 62,
-        compress_in_background=args.mode in ("thread", "child"),
+        compress_in_background=args.mode == "thread",
     )
     stop = threading.Event()
     calls: queue.SimpleQueue[float | None] = queue.SimpleQueue()

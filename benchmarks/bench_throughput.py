@@ -198,7 +198,7 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None
 MAIN_THREAD = "main"
 """Each process's first thread: a server's event loop (grpc.aio, the servicer)."""
 REAPED = "reaped children"
-"""The child processes a server process has waited for (its exposure log's gzip children)."""
+"""The child processes a server process has waited for: their CPU is the server's too."""
 
 
 def thread_cpu(pids: Sequence[int]) -> dict[str, float]:

@@ -321,7 +321,7 @@ time.sleep(60)
 
 
 def test_a_server_s_reaped_children_count_as_its_cpu() -> None:
-    """A server's gzip children compress its closed log files: their CPU is the server's."""
+    """Work a server hands to a child process it waits for is the server's CPU too."""
     process = subprocess.Popen([sys.executable, "-c", REAPER], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     try:

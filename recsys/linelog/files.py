@@ -1,7 +1,7 @@
 """Rotating line-log files: one writer's ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` files in a
 directory of its own (0700, files 0600), rotated by size and age, each closed file
-gzip-compressed to ``.jsonl.gz`` (in the writer's thread, or in the background by a gzip child
-process at the lowest CPU priority); and a plain one-file writer for tests and tools."""
+gzip-compressed to ``.jsonl.gz`` (in the writer's thread, or in a thread of its own at the
+lowest CPU priority); and a plain one-file writer for tests and tools."""
 
 from __future__ import annotations
 
@@ -13,16 +13,13 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from recsys.settings import ServeSettings
 from recsys.thread_names import name_os_thread
@@ -36,21 +33,11 @@ DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
 BACKGROUND_NICE = 19
-"""Niceness of the background compression (Linux's lowest CPU priority): it gets the CPU the
-serving threads leave, and gives it back the moment one of them wakes. Compressing a 64 MiB file
-at gzip level 1 takes about a second of CPU; in the serving threads' way it stalled a worker for
-that long at every rotation (benchmarks/README.md, "Twentieth round")."""
-COMPRESS_COMMAND: tuple[str, ...] | None = (
-    (sys.executable, "-I", "-S", str(Path(__file__).with_name("gzip_child.py")))
-    if sys.executable
-    else None
-)
-"""What compresses closed files in the background, in a child process of its own (followed by
-the level, the file's name and its mtime; reads the file on its standard input and writes the
-gzip stream on its output): this interpreter running :mod:`recsys.linelog.gzip_child`. A child
-shares no interpreter lock with the serving threads, which a low-priority thread holding it
-between two chunks would make wait. None (no interpreter to run), or ``compresslevel`` 0: the
-compressor thread compresses them itself."""
+"""Niceness of the thread that compresses closed files in the background (Linux's lowest CPU
+priority): it gets the CPU the serving threads leave, and gives it back the moment one of them
+wakes. Compressing a 64 MiB file at gzip level 1 takes about a second of CPU; in the serving
+threads' way it stalled a worker for that long at every rotation (benchmarks/README.md,
+"Twentieth round")."""
 BACKLOG_WARNING = 4
 """Closed files waiting for background compression at which the writer logs a warning (and at
 every doubling after): the worker has had too little idle CPU to keep up. They stay plain and
@@ -113,16 +100,14 @@ class RotatingFileWriter:
     - A file is rotated once it holds ``max_bytes`` or more, or when a batch (or
       :meth:`rotate_if_due`) comes after it has been open ``max_age_seconds``. The rotated file
       is gzip-compressed to ``.jsonl.gz`` (a ``.part`` file, fsynced and renamed) and the plain
-      one removed: in the calling (writer) thread, or with ``compress_in_background`` by a
-      thread of the writer's own, which runs :data:`COMPRESS_COMMAND` in a child process, both at
-      the lowest CPU priority (:data:`BACKGROUND_NICE` on Linux), and keeps the file's lock
-      until its compressed copy is in place; the writer thread goes on writing the next file
-      at once. A serving process compresses in the background: its requests come first, the
-      compression takes the CPU they leave.
+      one removed: in the calling (writer) thread, or with ``compress_in_background`` in a
+      thread of the writer's own at the lowest CPU priority (:data:`BACKGROUND_NICE` on
+      Linux), which keeps the file's lock until its compressed copy is in place; the writer
+      thread goes on writing the next file at once. A serving process compresses in the
+      background: its requests come first, the compression takes the CPU they leave.
     - :meth:`close` flushes (fsync) and closes the active file without compressing it, so that
-      stopping stays fast; a background compression under way is stopped (its child killed at
-      once, or in process within one :data:`CHUNK_BYTES` chunk) and
-      leaves its file plain. The writer holds an exclusive
+      stopping stays fast; a background compression under way stops within one
+      :data:`CHUNK_BYTES` chunk and leaves its file plain. The writer holds an exclusive
       ``flock`` on its active file (and on each file waiting for compression); the first batch
       of the next writer started in the directory compresses the plain files no live writer
       holds (the last file of every stopped or killed process).
@@ -157,7 +142,6 @@ class RotatingFileWriter:
         self.max_age_seconds = max_age_seconds
         self._fsync = fsync
         self._compresslevel = compresslevel
-        self._child = COMPRESS_COMMAND if compress_in_background and compresslevel else None
         self._clock = clock
         self._pid = os.getpid() if pid is None else pid
         self._start_ms = int((time.time() if start is None else start) * 1000)
@@ -312,23 +296,26 @@ class RotatingFileWriter:
         self._rotate()
 
     def _compress(self, path: Path, stop: threading.Event | None = None) -> Path:
-        """gzip ``path`` to ``.jsonl.gz`` (through a fsynced ``.part``) and remove it. ``stop``:
-        the background compressor's stop request, which gives up (:class:`CompressionStopped`,
-        the file left plain); the background compressor's (a :class:`_StopRequest`) runs it in
-        a :data:`COMPRESS_COMMAND` child where there is one."""
         target = _compressed_name(path)
         part = path.with_name(path.name + ".gz.part")
         info = os.stat(path)
         out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             with os.fdopen(out, "wb") as raw:
-                with path.open("rb") as source:
-                    if isinstance(stop, _StopRequest) and self._child is not None:
-                        level, mtime = str(self._compresslevel), str(int(info.st_mtime))
-                        command = [*self._child, level, path.name, mtime]
-                        _compress_in_child(command, source, raw, stop)
-                    else:
-                        self._gzip_here(path, source, raw, int(info.st_mtime), stop)
+                with (
+                    path.open("rb") as source,
+                    gzip.GzipFile(
+                        filename=path.name,
+                        mode="wb",
+                        fileobj=raw,
+                        compresslevel=self._compresslevel,
+                        mtime=int(info.st_mtime),
+                    ) as compressed,
+                ):
+                    while chunk := source.read(CHUNK_BYTES):
+                        if stop is not None and stop.is_set():
+                            raise CompressionStopped(f"log {path}: compression stopped; kept plain")
+                        compressed.write(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())
             os.utime(part, ns=(info.st_atime_ns, info.st_mtime_ns))
@@ -339,76 +326,6 @@ class RotatingFileWriter:
         _fsync_directory(self.directory)
         path.unlink()
         return target
-
-    def _gzip_here(
-        self,
-        path: Path,
-        source: BinaryIO,
-        raw: BinaryIO,
-        mtime: int,
-        stop: threading.Event | None,
-    ) -> None:
-        with gzip.GzipFile(
-            filename=path.name,
-            mode="wb",
-            fileobj=raw,
-            compresslevel=self._compresslevel,
-            mtime=mtime,
-        ) as compressed:
-            while chunk := source.read(CHUNK_BYTES):
-                if stop is not None and stop.is_set():
-                    raise CompressionStopped(f"log {path}: compression stopped; kept plain")
-                compressed.write(chunk)
-
-
-def _compress_in_child(
-    command: Sequence[str], source: BinaryIO, raw: BinaryIO, stop: _StopRequest
-) -> None:
-    """``command`` from ``source`` to ``raw`` in a child process at :data:`BACKGROUND_NICE`,
-    killed if ``stop`` is set (:class:`CompressionStopped`). The calling thread sleeps in
-    ``waitpid`` until the child ends: no wake-up, so no interpreter lock taken, meanwhile."""
-    # Its error output in an unnamed file of the log's own directory (writable, unlike /tmp
-    # perhaps), read if it fails.
-    with tempfile.TemporaryFile(dir=Path(source.name).parent) as errors:
-        child = subprocess.Popen(command, stdin=source, stdout=raw, stderr=errors)
-        _lowest_priority(child.pid)  # Linux hands the calling thread's niceness down; made sure
-        with stop.watching(child):
-            returncode = child.wait()
-        if stop.is_set():
-            raise CompressionStopped(f"log {source.name}: compression stopped; kept plain")
-        if returncode != 0:
-            errors.seek(0)
-            lines = errors.read().decode("utf-8", "replace").strip().splitlines()
-            last = lines[-1] if lines else "no message"
-            raise OSError(f"log compression exited with {returncode}: {last}")
-
-
-class _StopRequest(threading.Event):
-    """A background compressor's stop request: setting it also kills the child compressing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._guard = threading.Lock()
-        self._child: subprocess.Popen[bytes] | None = None
-
-    def set(self) -> None:
-        with self._guard:
-            super().set()
-            if self._child is not None:
-                self._child.kill()
-
-    @contextlib.contextmanager
-    def watching(self, child: subprocess.Popen[bytes]) -> Iterator[None]:
-        """Kill ``child`` if the request is set, or is set before the block ends."""
-        with self._guard:
-            self._child = child
-            if self.is_set():
-                child.kill()
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._child = None
 
 
 class CompressionStopped(Exception):
@@ -426,7 +343,7 @@ class _Compressor:
         self._jobs: deque[_ActiveFile | None] = deque()
         """Closed files to compress; None: the plain files no live writer holds."""
         self._busy = False
-        self._stop = _StopRequest()
+        self._stop = threading.Event()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -472,7 +389,7 @@ class _Compressor:
 
     def _run(self) -> None:
         name_os_thread()
-        _lowest_priority(threading.get_native_id())
+        _lowest_priority()
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs) or self._stop.is_set())
@@ -503,16 +420,15 @@ class _Compressor:
                 os.close(job.fd)
 
 
-def _lowest_priority(task: int) -> None:
-    """A thread of this process, or a child process, to :data:`BACKGROUND_NICE` (Linux, where
-    niceness is per thread; elsewhere lowering a thread would lower the whole process, so it is
-    left alone)."""
+def _lowest_priority() -> None:
+    """The calling thread to :data:`BACKGROUND_NICE` (Linux, where niceness is per thread;
+    elsewhere the call would lower the whole process, so it is left alone)."""
     if not sys.platform.startswith("linux"):
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, task, BACKGROUND_NICE)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
     except OSError as e:
-        log.warning("log compression: cannot lower the CPU priority of task %d (%s)", task, e)
+        log.warning("log compression thread: cannot lower its CPU priority (%s)", e)
 
 
 class JsonlFileWriter:

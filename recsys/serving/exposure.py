@@ -12,7 +12,7 @@ One JSON object per line (:class:`recsys.serving.record.ExposureRecord`). The wr
 
 - :class:`RotatingFileWriter` (the default): ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` in a
   directory of its own (mode 0700, files 0600), rotated by size and age, each closed file
-  gzip-compressed to ``.jsonl.gz`` in a child process at the lowest CPU priority;
+  gzip-compressed to ``.jsonl.gz`` in a thread of its own at the lowest CPU priority;
 - :class:`RedisStreamWriter`: one stream entry per line (field ``line``), trimmed to about
   ``maxlen`` entries; :class:`StreamArchiver` (``recsys exposures archive``) moves the entries
   into rotating files with a consumer group, acknowledging each only once it is on disk.

@@ -25,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.cli import serve as serve_cli
 from recsys.cli.common import CliError
-from recsys.linelog import files as linelog_files
 from recsys.serving.exposure import (
     ExposureReadStats,
     ExposureSink,
@@ -174,34 +173,12 @@ def thread_nice(native_id: int | None) -> int:
     return int(fields[16])
 
 
-def compress_wrapper(tmp_path: Path, body: str) -> tuple[str]:
-    """A command standing for the compressing child: ``body`` (sh) runs first, with ``$REPORT``
-    a file to append to; ending it with ``$REAL "$@"`` (exec) makes the real one the same
-    process."""
-    script = tmp_path / "compress-wrapper"
-    real = " ".join(linelog_files.COMPRESS_COMMAND or ())
-    script.write_text(f"#!/bin/sh\nREPORT={tmp_path / 'report'}\nREAL='{real}'\n{body}\n")
-    script.chmod(0o700)
-    return (str(script),)
-
-
-@pytest.mark.parametrize("in_child", [True, False], ids=["child", "no-interpreter"])
-def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_19(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
+def test_the_serving_writer_compresses_rotated_files_in_a_thread_of_its_own_at_nice_19(
+    tmp_path: Path,
 ) -> None:
     """A rotation used to gzip the closed file in the writer's thread, at the serving threads'
-    priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation. Now
-    a thread of the writer's own hands it to a child process; both run at nice 19. Without an
-    interpreter to run (``sys.executable`` empty) the thread compresses it itself."""
-    logs = tmp_path / "logs"
-    if in_child:
-        # Each child notes its pid, parent and niceness (/proc/PID/stat fields 1, 4, 19), then
-        # becomes the real one.
-        body = 'cut -d" " -f1,4,19 /proc/$$/stat >> "$REPORT"\nexec $REAL "$@"'
-        monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
-    else:
-        monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", None)
-    settings = ServeSettings(exposure_dir=logs, exposure_max_bytes=1_000)
+    priority: about a second of CPU a 64 MB file, which stalled a worker at every rotation."""
+    settings = ServeSettings(exposure_dir=tmp_path, exposure_max_bytes=1_000)
     writer = open_exposure_writer(settings)
     for batch in range(10):  # 3 lines of about 110 bytes a batch: a file takes 3 batches
         writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
@@ -213,99 +190,12 @@ def test_the_serving_writer_compresses_rotated_files_in_the_background_at_nice_1
         assert thread_nice(threading.get_native_id()) == 0  # the rest of the process is not
         comm = Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
         assert comm == "log-compress"
-    if in_child:
-        children = [row.split() for row in (tmp_path / "report").read_text().splitlines()]
-        assert len(children) == 3  # one a rotated file, each a process of its own
-        assert len({pid for pid, _, _ in children}) == 3
-        assert {parent for _, parent, _ in children} == {str(os.getpid())}
-        if sys.platform.startswith("linux"):
-            assert {nice for _, _, nice in children} == {"19"}
-    suffixes = [p.name.split(".", 1)[1] for p in exposure_log_files(logs)]
+    suffixes = [p.name.split(".", 1)[1] for p in exposure_log_files(tmp_path)]
     assert suffixes == ["jsonl.gz", "jsonl.gz", "jsonl.gz", "jsonl"]
     writer.close()
     assert not thread.is_alive()
-    assert not list(logs.glob("*.part"))
-    assert request_ids(logs) == [f"r{n}" for n in range(30)]
-
-
-def switches(status: Path) -> int:
-    """A thread's voluntary context switches so far (/proc/.../status): its wake-ups."""
-    line = next(r for r in status.read_text().splitlines() if r.startswith("voluntary_ctxt"))
-    return int(line.split()[1])
-
-
-def test_the_child_writes_the_same_bytes_as_the_in_process_compression(tmp_path: Path) -> None:
-    """Same zlib, level, name and mtime: a file compressed in the background is the file the
-    writer's thread would have written (and the child imports nothing beyond the standard
-    library: it runs with ``-I -S``)."""
-    rows = "".join(line(n, pad=n % 300) for n in range(3_000)).encode()
-    copies = {}
-    for where, background in [("child", True), ("here", False)]:
-        logs = tmp_path / where
-        logs.mkdir()
-        plain = logs / "exposures-1-1000-0.jsonl"
-        plain.write_bytes(rows)
-        os.utime(plain, (1_700_000_000, 1_700_000_000))
-        writer = RotatingFileWriter(logs, compress_in_background=background)
-        stop = threading.Event() if background else None  # the compressor thread's, not set
-        copies[where] = writer._compress(plain, stop).read_bytes()
-    assert copies["child"] == copies["here"]
-    assert gzip.decompress(copies["child"]) == rows
-
-
-def test_closing_kills_a_compressing_child_under_way_and_leaves_its_file_plain(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A stop must not wait for a compression: its child is killed, the file stays whole and
-    plain for the next writer, and no child outlives the writer."""
-    body = 'echo $$ >> "$REPORT"\nexec sleep 600'  # a compression that never ends
-    monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
-    logs = tmp_path / "logs"
-    writer = RotatingFileWriter(
-        logs, max_bytes=1_000, pid=1, start=1.0, compress_in_background=True
-    )
-    for batch in range(4):  # one file rotated, one active
-        writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
-    report = tmp_path / "report"
-    deadline = time.monotonic() + 30
-    while not (report.exists() and report.read_text().strip()):
-        assert time.monotonic() < deadline, "no child started"
-        time.sleep(0.01)
-    child = int(report.read_text())
-    if sys.platform.startswith("linux"):
-        # While its child runs, the compressor thread sleeps: no wake-up, so it never takes
-        # the interpreter lock from the serving threads (a poll for the stop request did).
-        status = Path(f"/proc/self/task/{compressor_thread().native_id}/status")
-        before = switches(status)
-        time.sleep(0.5)
-        assert switches(status) - before < 3
-    writer.close()
-    assert not Path(f"/proc/{child}").exists()  # killed and reaped
-    assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2
-    assert not list(logs.glob("*.part"))
-    assert request_ids(logs) == [f"r{n}" for n in range(12)]
-    monkeypatch.undo()
-    assert RotatingFileWriter(logs, pid=2, start=2.0).compress_closed_files() == 2
-    assert request_ids(logs) == [f"r{n}" for n in range(12)]
-
-
-def test_a_failing_child_is_logged_with_its_message_and_the_file_kept_plain(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    body = 'echo "no space left for the copy" >&2\nexit 3'
-    monkeypatch.setattr(linelog_files, "COMPRESS_COMMAND", compress_wrapper(tmp_path, body))
-    logs = tmp_path / "logs"
-    writer = RotatingFileWriter(logs, max_bytes=1_000, compress_in_background=True)
-    with caplog.at_level(logging.ERROR):
-        for batch in range(4):
-            writer.write_lines([line(batch * 3 + i, pad=80) for i in range(3)])
-        assert writer.wait_compressed(timeout=30)
-    writer.close()
-    assert "compression failed; kept plain" in caplog.text
-    assert "log compression exited with 3: no space left for the copy" in caplog.text
-    assert [p.suffix for p in exposure_log_files(logs)] == [".jsonl"] * 2
-    assert not list(logs.glob("*.part"))
-    assert request_ids(logs) == [f"r{n}" for n in range(12)]
+    assert not list(tmp_path.glob("*.part"))
+    assert request_ids(tmp_path) == [f"r{n}" for n in range(30)]
 
 
 @pytest.fixture

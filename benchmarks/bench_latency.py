@@ -87,17 +87,9 @@ def stat_cpu(stat: Path) -> tuple[str, float]:
     return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def reaped_cpu(pid: int) -> float:
-    """User + system CPU of the children a process has waited for (/proc/<pid>/stat fields 16
-    and 17): work a server hands to a child process is the server's CPU too."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-
-
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, its reaped children's included, from /proc/<pid>/stat."""
-    return stat_cpu(Path(f"/proc/{pid}/stat"))[1] + reaped_cpu(pid)
+    """User + system CPU of a process, from /proc/<pid>/stat."""
+    return stat_cpu(Path(f"/proc/{pid}/stat"))[1]
 
 
 def make_requests(artifacts: Path, n: int, seed: int) -> list[recommender_pb2.RecommendRequest]:

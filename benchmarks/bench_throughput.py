@@ -109,7 +109,6 @@ from benchmarks.bench_latency import (
     free_port,
     front_bounds,
     pinned,
-    reaped_cpu,
     start_bench_front,
     stat_cpu,
 )
@@ -184,7 +183,8 @@ def machine_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int]:
     hypervisor gave this machine's CPUs to others: a phase with much of it measured a slower
     machine, whatever the server did."""
     fields = stat.read_text().split("\n", 1)[0].split()
-    assert fields[0] == "cpu", f"{stat}: expected the all-CPU line first"
+    if not fields or fields[0] != "cpu":
+        raise ValueError(f"{stat}: expected the all-CPU line first")
     ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
     return sum(ticks), ticks[7]
 
@@ -197,20 +197,16 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None
 
 MAIN_THREAD = "main"
 """Each process's first thread: a server's event loop (grpc.aio, the servicer)."""
-REAPED = "reaped children"
-"""The child processes a server process has waited for: their CPU is the server's too."""
 
 
 def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
     """CPU seconds of every thread of ``pids`` and their direct children, summed by the
     thread's name in the operating system (recsys/thread_names.py names the batch
     threads and the exposure writer; gRPC core names its own); each process's first thread is
-    :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name; the
-    children each has waited for are :data:`REAPED` (a live child, by its own name)."""
+    :data:`MAIN_THREAD`, and Python threads left unnamed show as the process's name."""
     out: dict[str, float] = {}
     for process in (member for pid in pids for member in family(pid)):
         with contextlib.suppress(FileNotFoundError):  # a process or thread that just exited
-            out[REAPED] = out.get(REAPED, 0.0) + reaped_cpu(process)
             for task in Path(f"/proc/{process}/task").iterdir():
                 with contextlib.suppress(FileNotFoundError):
                     name, seconds = stat_cpu(task / "stat")
@@ -819,28 +815,27 @@ def fronted(text: str) -> Fronted:
     return Fronted(name, settings, int(calls) if at else None)
 
 
+def flag_number(flag: str, text: str, ok: Callable[[float], bool], expected: str) -> float:
+    """``text`` as a number ``ok`` accepts, or the argparse error naming ``flag``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")  # accepted by no check below
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected {expected}")
+    return value
+
+
 def open_loop_share(text: str) -> float:
     """``--open-loop-share``: a share of the saturated rate, above 0 and at most 1."""
-    try:
-        share = float(text)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise argparse.ArgumentTypeError(f"--open-loop-share {text!r}: expected a number in (0, 1]")
-    return share
+    return flag_number("--open-loop-share", text, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def calls_per_second(text: str) -> float:
     """``--open-loop-rate``: a positive number of calls a second."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = 0.0
-    if not rate > 0 or rate == float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"--open-loop-rate {text!r}: expected a positive number of calls a second"
-        )
-    return rate
+    return flag_number(
+        "--open-loop-rate", text, lambda v: 0 < v < math.inf, "a positive number of calls a second"
+    )
 
 
 def servers(args: argparse.Namespace, port: int) -> list[Server]:

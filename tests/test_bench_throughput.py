@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from benchmarks import bench_throughput
-from benchmarks.bench_latency import cpu_seconds, front_bounds, pinned, stat_cpu
+from benchmarks.bench_latency import front_bounds, pinned
 from benchmarks.bench_throughput import (
     CHANNELS,
     ECHO_AT_HIT,
@@ -311,32 +311,6 @@ def test_thread_cpu_sums_each_named_thread_over_a_process_and_its_workers() -> N
     assert per_call == {"batch-spin": 600.0, "main": 200.0}  # largest first, idle left out
 
 
-REAPER = """
-import subprocess, sys, time
-burn = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
-subprocess.run([sys.executable, "-c", burn], check=True)
-print("reaped", flush=True)
-time.sleep(60)
-"""
-
-
-def test_a_server_s_reaped_children_count_as_its_cpu() -> None:
-    """Work a server hands to a child process it waits for is the server's CPU too."""
-    process = subprocess.Popen([sys.executable, "-c", REAPER], stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    try:
-        assert process.stdout.readline().strip() == "reaped"
-        own = stat_cpu(Path(f"/proc/{process.pid}/stat"))[1]
-        total = cpu_seconds(process.pid)
-        used = thread_cpu([process.pid])
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-    assert 0.28 <= total - own < 1.0  # the child's 0.3 s
-    assert used[bench_throughput.REAPED] == pytest.approx(total - own)
-
-
 def test_steal_is_read_from_the_all_cpu_line_of_proc_stat(tmp_path: Path) -> None:
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 50 0 25 400 5 0 10 10 0 0\n")
@@ -345,6 +319,9 @@ def test_steal_is_read_from_the_all_cpu_line_of_proc_stat(tmp_path: Path) -> Non
     assert bench_throughput.steal_share((1000, 20), (1000, 20)) is None
     total, steal = bench_throughput.machine_ticks()  # this machine's own
     assert 0 <= steal <= total
+    stat.write_text("intr 5\n")
+    with pytest.raises(ValueError, match="expected the all-CPU line first"):
+        bench_throughput.machine_ticks(stat)
 
 
 def test_with_same_rate_each_comparison_runs_at_the_rate_of_what_it_is_compared_with() -> None:

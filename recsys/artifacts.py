@@ -13,9 +13,9 @@ with the same inputs produce the same ids. Versions are written to a temporary d
 renamed into place, so a reader never sees half a version.
 
 Paths (docs/security.md): every model name and version that becomes a path goes through
-:func:`check_id` (one pattern, :data:`ID_PATTERN`) and :meth:`ArtifactRoot.inside` (the resolved
-path must stay inside the root), so a name like ``../indexes`` can neither read nor delete
-anything outside its own directory.
+:func:`check_id` (the one pattern of recsys/ids.py) and :meth:`ArtifactRoot.inside` (the
+resolved path must stay inside the root), so a name like ``../indexes`` can neither read nor
+delete anything outside its own directory.
 
 Integrity: a manifest records each file's sha256 (``files``; the version id and content hash are
 derived from it) and its xxh3-128 (``files_xxh3``, about 3x faster to check).
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -42,19 +41,16 @@ from typing import Any, Protocol
 
 import xxhash
 
+from recsys import ids
+
 MANIFEST = "manifest.json"
 VERSION_DIGITS = 12
 FAST_FILES = "files_xxh3"
 """Manifest field: xxh3-128 of every file, checked at load (``files`` holds the sha256)."""
 
-ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-"""The one pattern every name and version that becomes a path must match (fullmatch): a single
-path component without dots or slashes. Model names are chosen by operators (``ranker``); version
-ids are the first 12 hex digits of a content hash (:func:`publish`)."""
-ID_EXPECTED = (
-    "a name of 1 to 64 lowercase letters, digits, '_' or '-', starting with a letter or digit "
-    f"(versions are {VERSION_DIGITS} hex digits)"
-)
+ID_EXPECTED = f"{ids.ID_EXPECTED} (versions are {VERSION_DIGITS} hex digits)"
+"""Model names are chosen by operators (``ranker``); version ids are the first 12 hex digits of
+a content hash (:func:`publish`), so every real one matches :data:`recsys.ids.ID_PATTERN`."""
 DIRECTORY_MODE = 0o755
 """Directories this module creates: never writable by group or others, whatever the umask."""
 _SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -66,9 +62,9 @@ class ArtifactError(Exception):
 
 
 def check_id(value: str, field: str) -> str:
-    """``value`` if it is a plain id (:data:`ID_PATTERN`); else an ArtifactError naming
+    """``value`` if it is a plain id (:func:`recsys.ids.is_id`); else an ArtifactError naming
     ``field`` ("model name", "index version", ...) and what was expected."""
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+    if not ids.is_id(value):
         raise ArtifactError(f"{field} {value!r}: expected {ID_EXPECTED}")
     return value
 
@@ -250,9 +246,7 @@ def versions(parent: Path) -> list[str]:
     if not parent.is_dir():
         return []
     found = [
-        p
-        for p in parent.iterdir()
-        if ID_PATTERN.fullmatch(p.name) and p.is_dir() and (p / MANIFEST).is_file()
+        p for p in parent.iterdir() if ids.is_id(p.name) and p.is_dir() and (p / MANIFEST).is_file()
     ]
     return [p.name for p in sorted(found, key=lambda p: (p.stat().st_mtime, p.name))]
 
@@ -338,7 +332,7 @@ class ArtifactRoot:
         return {
             p.name: versions(p)
             for p in sorted(parent.iterdir())
-            if ID_PATTERN.fullmatch(p.name) and p.is_dir()
+            if ids.is_id(p.name) and p.is_dir()
         }
 
     def lineage(self, index_version: str, *, verify_files: bool = True) -> Lineage:

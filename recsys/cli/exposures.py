@@ -36,6 +36,7 @@ from recsys.cli.common import (
     redis_auth,
 )
 from recsys.control.redis_auth import redis_client
+from recsys.ids import ID_EXPECTED, is_id
 from recsys.settings import ServeSettings, default_exposure_dir, env_default
 
 if TYPE_CHECKING:
@@ -113,7 +114,11 @@ def add_archive(actions: argparse._SubParsersAction[Any]) -> None:
         "did not acknowledge are archived by the next run (default: the host name)",
     )
     p.add_argument("--out", type=Path, required=True, help="directory of the archive files")
-    p.add_argument("--prefix", default="exposures", help="file name prefix (default %(default)s)")
+    p.add_argument(
+        "--prefix",
+        default="exposures",
+        help="file name prefix, an id like every name that becomes a path (default %(default)s)",
+    )
     p.add_argument(
         "--once", action="store_true", help="archive what is waiting now, then exit (no blocking)"
     )
@@ -179,6 +184,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise CliError(f"--max-age-seconds is {args.max_age_seconds}; expected > 0")
     if not args.stream or not args.group or not args.consumer:
         raise CliError("--stream, --group and --consumer must not be empty")
+    if not is_id(args.prefix):
+        raise CliError(f"--prefix {args.prefix!r}: expected {ID_EXPECTED}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         writer = RotatingFileWriter(

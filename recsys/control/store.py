@@ -11,11 +11,12 @@ experiments/config.py); the store checks only that the body is a JSON object.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from recsys import ids
 
 EXPERIMENTS = "experiments"
 ROUTING = "routing"
@@ -23,7 +24,6 @@ AVAILABILITY = "availability"
 DOCUMENTS = (ROUTING, EXPERIMENTS, AVAILABILITY)
 """The documents every server follows (routing first: the snapshot's artifacts hang off it)."""
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 HISTORY_LIMIT = 1000
 """History entries kept per document (oldest dropped first)."""
 MAX_CHANGES = 50
@@ -200,8 +200,10 @@ class DocumentStore(Protocol):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise StoreError(f"document name {name!r}: expected {NAME_PATTERN.pattern}")
+    """``name`` if it is an id (:func:`recsys.ids.is_id`: it names a file or a Redis key);
+    else a StoreError naming it."""
+    if not ids.is_id(name):
+        raise StoreError(f"document name {name!r}: expected {ids.ID_EXPECTED}")
     return name
 
 

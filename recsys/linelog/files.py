@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from recsys import ids
 from recsys.settings import ServeSettings
 from recsys.thread_names import name_os_thread
 
@@ -88,7 +89,8 @@ class _ActiveFile:
 
 
 class RotatingFileWriter:
-    """Lines to ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` files in ``directory``.
+    """Lines to ``<prefix>-<pid>-<start ms>-<seq>.jsonl`` files in ``directory``; ``prefix`` is
+    an id (:func:`recsys.ids.is_id`), so no file lands outside ``directory``.
 
     - The directory is created mode 0700 (an existing one with wider permissions is tightened,
       and logged); each file is created mode 0600, exclusively (never appended to another's).
@@ -127,8 +129,8 @@ class RotatingFileWriter:
         start: float | None = None,
         pid: int | None = None,
     ) -> None:
-        if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
-            raise ValueError(f"log file prefix {prefix!r}: expected a plain file name part")
+        if not ids.is_id(prefix):
+            raise ValueError(f"log file prefix {prefix!r}: expected {ids.ID_EXPECTED}")
         if max_bytes < 1:
             raise ValueError(f"log max_bytes is {max_bytes}; expected >= 1")
         if not max_age_seconds > 0:

@@ -243,6 +243,20 @@ def test_bad_flags_and_an_unreachable_redis_are_one_line_errors(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("prefix", ["../x", "a/b", ".hidden", ""])
+def test_a_prefix_that_is_not_an_id_is_refused_naming_the_flag_and_nothing_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prefix: str
+) -> None:
+    nobody = f"redis://127.0.0.1:{free_port('127.0.0.1')}/0"
+    code, _, err = archive(capsys, nobody, "k", tmp_path / "archive", "--prefix", prefix)
+    assert code == 2
+    assert err == (
+        f"recsys: --prefix {prefix!r}: expected a name of 1 to 64 lowercase letters, digits, "
+        "'_' or '-', starting with a letter or digit\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # neither --out nor anything beside it
+
+
 def test_the_archiver_runs_until_sigterm_and_exits_0(
     redis_url: str, stream: str, client: redis.Redis, tmp_path: Path
 ) -> None:

@@ -97,6 +97,25 @@ def test_a_missing_model_name_is_rejected_as_missing(
     assert raised.value.reason == "missing"
 
 
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "../x"])
+def test_a_pinned_name_that_is_not_an_id_is_rejected_as_missing_and_nothing_outside_is_read(
+    artifacts: Path, model_version: str, name: str
+) -> None:
+    # A whole, valid copy of the ranker where "../../outside" leads from models/: a cache that
+    # followed the name would load it.
+    root = ArtifactRoot(artifacts)
+    shutil.copytree(root.models(NAME) / model_version, artifacts.parent / "outside" / model_version)
+    rejections = Rejections()
+    cache = ModelCache(root, compile_models=False, on_rejected=rejections)
+
+    with pytest.raises(ModelRejected, match=f"model name {name!r}: expected a name") as raised:
+        cache.get(name, model_version)
+
+    assert raised.value.reason == "missing"
+    assert rejections.calls == []
+    assert cache.loaded() == set()
+
+
 def test_a_corrupt_version_is_rejected_as_corrupt_and_reported(
     root_with_corrupt_version: ArtifactRoot,
 ) -> None:

@@ -10,6 +10,9 @@ import pytest
 from recsys.serving.server import RunningServer
 from tests.serving.toy_pipeline import ToyOpener, toy_settings
 
+OTHER_ADDRESS = "127.0.0.2"
+"""Stands for "another interface" while every socket stays on the loopback."""
+
 
 def accepts(host: str, port: int) -> bool:
     try:
@@ -19,29 +22,35 @@ def accepts(host: str, port: int) -> bool:
         return False
 
 
-async def test_metrics_bind_the_loopback_even_when_grpc_listens_elsewhere(tmp_path: Path) -> None:
-    # 127.0.0.2 stands for "another interface" while every socket stays on the loopback.
+@pytest.fixture
+def other_address() -> str:
+    """127.0.0.2, skipping only where the machine itself cannot bind it (Linux routes all of
+    127.0.0.0/8 to the loopback; macOS and some containers give it only 127.0.0.1). Probed
+    before the server starts, so a server that fails to start on it fails the test."""
     try:
         with socket.socket() as probe:
-            probe.bind(("127.0.0.2", 0))
-    except OSError:
-        pytest.skip("127.0.0.2 is not bindable here")
-    running = await RunningServer.start(toy_settings(tmp_path, host="127.0.0.2"), ToyOpener())
+            probe.bind((OTHER_ADDRESS, 0))
+    except OSError as e:
+        pytest.skip(f"{OTHER_ADDRESS} is not bindable on this machine: {e}")
+    return OTHER_ADDRESS
+
+
+async def test_metrics_bind_the_loopback_even_when_grpc_listens_elsewhere(
+    tmp_path: Path, other_address: str
+) -> None:
+    running = await RunningServer.start(toy_settings(tmp_path, host=other_address), ToyOpener())
     try:
         assert accepts("127.0.0.1", running.metrics_port)
-        assert not accepts("127.0.0.2", running.metrics_port)
+        assert not accepts(other_address, running.metrics_port)
     finally:
         await running.stop()
 
 
-async def test_metrics_host_says_where_metrics_bind(tmp_path: Path) -> None:
-    settings = toy_settings(tmp_path, metrics_host="127.0.0.2")
+async def test_metrics_host_says_where_metrics_bind(tmp_path: Path, other_address: str) -> None:
+    settings = toy_settings(tmp_path, metrics_host=other_address)
+    running = await RunningServer.start(settings, ToyOpener())
     try:
-        running = await RunningServer.start(settings, ToyOpener())
-    except Exception:
-        pytest.skip("127.0.0.2 is not bindable here")
-    try:
-        assert accepts("127.0.0.2", running.metrics_port)
+        assert accepts(other_address, running.metrics_port)
         assert not accepts("127.0.0.1", running.metrics_port)
     finally:
         await running.stop()

@@ -14,14 +14,17 @@ stream, ops CLI) is built by :func:`redis_client` / :func:`async_redis_client` f
   (``--redis-ca-file``; default: the system's roots).
 
 Refused credentials are not an outage: :func:`auth_error_message` turns them into one line
-that names the setting to fix.
+that names the setting to fix. Nor are TLS settings that do not fit the server (a certificate
+the CA file does not verify, plain ``redis://`` to a TLS port): :func:`tls_error_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
@@ -32,6 +35,8 @@ from recsys.settings import RedisAuth
 
 PASSWORD_FILE_SETTING = "--redis-password-file (RECSYS_REDIS_PASSWORD_FILE)"
 CA_FILE_SETTING = "--redis-ca-file (RECSYS_REDIS_CA_FILE)"
+
+E = TypeVar("E", bound=BaseException)
 
 
 class RedisAuthError(ValueError):
@@ -128,9 +133,70 @@ def auth_error_message(url: str, auth: RedisAuth, error: Exception) -> str:
     return f"Redis {redacted(url)} refused user {user!r} with {where}: {error}"
 
 
+def _in_chain(error: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` among ``error`` and its causes (redis-py wraps the
+    socket's and ssl's errors in its ConnectionError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def speaks_tls(host: str, port: int, timeout_seconds: float = 2.0) -> bool:
+    """Whether the server at ``host:port`` completes a TLS handshake (nothing is verified or
+    sent: this only tells a TLS port from a plaintext one)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_seconds) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+
+
+def tls_error_message(url: str, auth: RedisAuth, error: BaseException) -> str | None:
+    """One line naming what to fix when the connection error ``error`` comes from TLS
+    settings that do not fit the server at ``url``; None when it looks like an outage.
+
+    A ``rediss://`` server whose certificate does not verify against the CA file (or the
+    system's roots); a plain ``redis://`` connection reset by a server that speaks TLS on that
+    port (asked with a second, TLS, connection)."""
+    parts = urlsplit(url)
+    unverified = _in_chain(error, ssl.SSLCertVerificationError)
+    if unverified is not None:
+        trusted = (
+            f"{CA_FILE_SETTING} {auth.ca_file}"
+            if auth.ca_file is not None
+            else f"the system's roots ({CA_FILE_SETTING} not given)"
+        )
+        reason = unverified.verify_message or unverified.reason or str(unverified)
+        return (
+            f"Redis {redacted(url)}: the server's TLS certificate does not verify against "
+            f"{trusted}: {reason}"
+        )
+    if (
+        parts.scheme == "redis"
+        and _in_chain(error, ConnectionResetError) is not None
+        and parts.hostname is not None
+        and speaks_tls(parts.hostname, parts.port or 6379)
+    ):
+        return (
+            f"Redis {redacted(url)}: the server speaks TLS on port {parts.port or 6379}; use a "
+            f"rediss:// URL (and {CA_FILE_SETTING} for its CA)"
+        )
+    return None
+
+
 def check_credentials(url: str, auth: RedisAuth, *, timeout_seconds: float = 2.0) -> None:
-    """Raise :class:`RedisAuthError` if Redis at ``url`` refuses the credentials. An
-    unreachable Redis passes (servers start from their last-good copies and reconnect)."""
+    """Raise :class:`RedisAuthError` if Redis at ``url`` refuses the credentials or the TLS
+    settings do not fit it. An unreachable Redis passes (servers start from their last-good
+    copies and reconnect)."""
     client = redis_client(
         url, auth, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds
     )
@@ -140,6 +206,9 @@ def check_credentials(url: str, auth: RedisAuth, *, timeout_seconds: float = 2.0
         raise RedisAuthError(auth_error_message(url, auth, e)) from None
     except PasswordFileUnreadable as e:
         raise RedisAuthError(str(e)) from None
+    except redis.ConnectionError as e:
+        if (message := tls_error_message(url, auth, e)) is not None:
+            raise RedisAuthError(message) from None
     except (redis.RedisError, OSError):  # unreachable, or not Redis: the clients will say
         pass
     finally:

@@ -24,6 +24,7 @@ from recsys.control.redis_auth import (
     auth_error_message,
     redacted,
     redis_client,
+    tls_error_message,
     url_user,
 )
 from recsys.control.store import (
@@ -108,6 +109,8 @@ class RedisStore:
                 "the ops user (recsys-ops in deploy/redis-acl.conf) writes the control documents"
             ) from e
         except (redis.ConnectionError, redis.TimeoutError) as e:
+            if (message := tls_error_message(self.url, self.auth, e)) is not None:
+                raise StoreError(message) from e  # a setting to fix, not an outage
             raise StoreUnavailable(
                 f"{redacted(self.url)}: cannot reach Redis to {what} ({e})"
             ) from e

@@ -182,7 +182,10 @@ class ControlFollower:
                 prefix=prefix,
                 poll_seconds=poll_seconds,
                 on_health=partial(metrics.set_control_connected, name),
-                after_version=versions.get(name, 0),
+                # A document from its local copy is followed from scratch: the store's first
+                # answer is applied even with the copy's version number (a Redis back with the
+                # same versions, or reseeded from these copies), which ends the fallback.
+                after_version=0 if name in self.from_last_good else versions.get(name, 0),
                 on_rejected=self._rejected,
                 auth=auth,
             )

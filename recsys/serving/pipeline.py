@@ -61,6 +61,11 @@ class RecommendPipeline(Protocol):
 
     def versions(self) -> ServingVersions: ...
 
+    def control_from_last_good(self) -> frozenset[str]:
+        """The control documents served from the local last good copies (the store could not
+        give them at start) until the store gives a version that applies; for health."""
+        ...
+
     async def close(self) -> None:
         """Finish in-flight work and release resources."""
         ...
@@ -234,6 +239,9 @@ class Pipeline:
             self._versions = snapshot.versions()
             self._versions_of = snapshot
         return self._versions
+
+    def control_from_last_good(self) -> frozenset[str]:
+        return frozenset(self._follower.from_last_good) if self._follower else frozenset()
 
     async def close(self) -> None:
         if self._follower is not None:

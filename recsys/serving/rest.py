@@ -1,4 +1,5 @@
-"""Recommend over HTTP/JSON beside gRPC: ``POST /v1/recommend`` on ``--http-port``.
+"""Recommend over HTTP/JSON beside gRPC: ``POST /v1/recommend`` on ``--http-port``, and
+``GET /healthz``.
 
 The body is a RecommendRequest in the proto's canonical JSON mapping (protobuf's json_format:
 ``userId`` or ``user_id``, int64 as a string or a number), and so is the answer (lowerCamelCase
@@ -123,9 +124,16 @@ class RestServer:
         await self._runner.cleanup()
 
     async def _health(self, _request: web.Request) -> web.Response:
+        """``{"status": "SERVING" | "NOT_SERVING", "control_from_last_good": [documents]}``:
+        200 when serving, else 503; the list names the control documents served from the
+        server's last good local copies (empty once the store gave a version of each)."""
         serving = self._service.attached and not self._service.draining
         return web.json_response(
-            {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+            {
+                "status": "SERVING" if serving else "NOT_SERVING",
+                "control_from_last_good": self._service.control_from_last_good,
+            },
+            status=200 if serving else 503,
         )
 
     async def _recommend(self, request: web.Request) -> web.Response:

@@ -145,6 +145,12 @@ class RecommenderService:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def control_from_last_good(self) -> list[str]:
+        """The control documents the pipeline serves from its last good local copies, sorted
+        (none before a pipeline is attached)."""
+        return sorted(self._pipeline.control_from_last_good()) if self._pipeline else []
+
     def start_draining(self) -> None:
         """From now on, new calls get UNAVAILABLE; calls already running finish normally."""
         self._draining = True

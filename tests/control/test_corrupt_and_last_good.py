@@ -7,11 +7,14 @@ import asyncio
 import logging
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 
+from recsys.cli.main import main
 from recsys.control.file_store import FileStore
 from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
 from recsys.control.redis_store import RedisStore
@@ -27,8 +30,10 @@ from recsys.control.store import (
 from recsys.control.watch import watch
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.pipeline import open_pipeline
+from recsys.serving.rest import HEALTH_PATH
+from recsys.serving.server import RunningServer
 from recsys.settings import ServeSettings
-from tests.control.redis_helpers import free_port
+from tests.control.redis_helpers import ThrowawayRedis, free_port
 
 REJECTED = "recsys_control_rejected_documents_total"
 FROM_COPY = "recsys_control_from_last_good"
@@ -220,6 +225,50 @@ async def test_a_server_keeps_last_good_copies_and_starts_from_them_without_the_
         assert set(pipeline._follower.from_last_good) == set(DOCUMENTS)
     finally:
         await pipeline.close()
+
+
+async def healthz(port: int | None) -> tuple[int, dict[str, object]]:
+    """``GET /healthz`` on the server's HTTP port: the status code and the JSON body."""
+    assert port is not None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{HEALTH_PATH}") as reply,
+    ):
+        return reply.status, await reply.json()
+
+
+async def test_health_names_the_documents_served_from_last_good_copies_until_the_store_has_them(
+    artifacts: Path, tmp_path: Path, throwaway_redis: ThrowawayRedis
+) -> None:
+    first = await open_pipeline(settings_for(artifacts, tmp_path), ServingMetrics())
+    await first.close()  # it kept the last good copies, all at the build's version 1
+    copies = settings_for(artifacts, tmp_path).exposure_path / LAST_GOOD_DIRECTORY
+    throwaway_redis.stop()  # the store is unreachable when the server starts
+    settings = replace(
+        settings_for(artifacts, tmp_path, throwaway_redis.url),
+        port=0,
+        metrics_port=0,
+        http_port=0,
+        drain_seconds=1,
+    )
+    running = await RunningServer.start(settings, open_pipeline)
+    try:
+        await running.wait_ready()
+        assert await healthz(running.http_port) == (
+            200,
+            {"status": "SERVING", "control_from_last_good": sorted(DOCUMENTS)},
+        )
+        throwaway_redis.start()  # back, empty: ops reseeds it from the copies, same versions
+        reseed = ["control", "reseed", "--from", str(copies), "--artifacts", str(artifacts)]
+        assert main([*reseed, "--control", throwaway_redis.url]) == 0
+        deadline = time.monotonic() + 60  # a bound for a slow machine, not a measurement
+        while (await healthz(running.http_port))[1]["control_from_last_good"]:
+            assert time.monotonic() < deadline, "the server never took the store's versions"
+            await asyncio.sleep(0.05)
+        for name in DOCUMENTS:
+            assert running.metrics.registry.get_sample_value(FROM_COPY, {"document": name}) == 0
+    finally:
+        await running.stop()
 
 
 async def test_without_last_good_copies_an_unreachable_store_still_fails_the_start(

@@ -128,6 +128,9 @@ class GatedPipeline:
     def versions(self) -> ServingVersions:
         return ServingVersions("i", "c", {"ranker": "m"})
 
+    def control_from_last_good(self) -> frozenset[str]:
+        return frozenset()
+
     async def close(self) -> None:
         self.release.set()
 

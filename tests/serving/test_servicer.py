@@ -91,6 +91,9 @@ class ScriptedPipeline:
     def versions(self) -> ServingVersions:
         return ServingVersions("index-3", "config-9", {"ranker": "model-7"})
 
+    def control_from_last_good(self) -> frozenset[str]:
+        return frozenset()
+
     async def close(self) -> None:
         self.closed = True
 

@@ -94,6 +94,9 @@ class ToyPipeline:
     def versions(self) -> ServingVersions:
         return ServingVersions(INDEX_VERSION, CONFIG_VERSION, {"ranker": MODEL_VERSION})
 
+    def control_from_last_good(self) -> frozenset[str]:
+        return frozenset()
+
     async def close(self) -> None:
         await self._batcher.close()
         self.closed = True

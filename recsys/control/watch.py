@@ -4,7 +4,9 @@ Redis: subscribe to the document's channel first, then read the version counter;
 (or, as a fallback, ``poll_seconds`` without one) triggers the next read. If Redis goes away the
 watcher reports itself disconnected, keeps the last version it yielded (the caller keeps
 serving it) and reconnects with exponential backoff; after reconnecting it reads the counter, so
-a write made during the outage is not missed.
+a write made during the outage is not missed, and the document itself: a version number is only
+unique between resets (a Redis that lost its data is reseeded from version 1), so a store that
+came back at the same number with another document is followed too.
 
 File: poll the document's version file and (inode, mtime, size) every ``poll_seconds``, in a
 thread.
@@ -86,6 +88,11 @@ class DocumentWatcher:
         self.rejected = 0
         """How many corrupt stored versions were seen (each once)."""
         self._last_version = after_version
+        self._last_stamp: tuple[int, float] | None = None
+        """(version, updated_at) of the document the caller has, once read; with the version it
+        tells a document from another one written at the same number after a reset."""
+        self._check_document = True
+        """Read the document, not only the counter, at the next read: on each (re)connection."""
         self._max_backoff = max_backoff_seconds
         self._backoff = INITIAL_BACKOFF_SECONDS
         self._rng = rng or random.Random()
@@ -132,15 +139,28 @@ class DocumentWatcher:
         if self._on_rejected is not None:
             self._on_rejected(error)
 
-    def _is_news(self, version: int) -> bool:
+    def _is_news(self, document: Document) -> bool:
         """A newer version; or an older one, which means the store was reset (e.g. a Redis that
-        lost its data was seeded again): the store's current document is the truth to serve."""
+        lost its data was seeded again): the store's current document is the truth to serve; or
+        the caller's version number holding another document (reset, then written up to it)."""
+        version, stamp = document.version, (document.version, document.updated_at)
         if version < self._last_version:
             self.last_error = (
                 f"{self.name}: the store went back from version {self._last_version} to "
                 f"{version} (reset?); following it"
             )
-        return version != self._last_version
+        if version != self._last_version:
+            return True
+        if self._last_stamp is None:  # the caller's version, seen for the first time
+            self._last_stamp = stamp
+            return False
+        if stamp != self._last_stamp:
+            self.last_error = (
+                f"{self.name}: version {version} was written again (the store was reset?); "
+                "following it"
+            )
+            return True
+        return False
 
     def __aiter__(self) -> DocumentWatcher:
         return self
@@ -165,6 +185,7 @@ class DocumentWatcher:
                 self._step = None
             if document is not None:
                 self._last_version = document.version
+                self._last_stamp = (document.version, document.updated_at)
                 return document
         raise StopAsyncIteration
 
@@ -196,7 +217,7 @@ class DocumentWatcher:
                 else:
                     self._file_token = token
                     self._set_health(True)
-                if document is not None and self._is_news(document.version):
+                if document is not None and self._is_news(document):
                     return document
             else:
                 self._set_health(True)
@@ -217,7 +238,10 @@ class DocumentWatcher:
             self._set_health(True)
             self._backoff = INITIAL_BACKOFF_SECONDS
             version = int(raw_version or 0)
-            if version != self._last_version:
+            if version != self._last_version or self._check_document:
+                # Below the caller's number the store was reset: when the counter is back at it,
+                # look at the document again.
+                self._check_document = version < self._last_version
                 raw = await client.get(self._keys.document)
                 if raw is not None:
                     try:
@@ -238,11 +262,12 @@ class DocumentWatcher:
                             ).hexdigest(),
                         )
                         raise corrupt from e
-                    if self._is_news(document.version):
+                    if self._is_news(document):
                         return document
             await self._wait_for_notification()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             self._set_health(False, f"{redacted(self.url)}: {e}")
+            self._check_document = True  # the store may have been reset meanwhile
             await self._disconnect()
             delay = jittered(self._backoff, self._rng)
             self.delays = [*self.delays[-9:], delay]

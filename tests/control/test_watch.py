@@ -13,7 +13,7 @@ from recsys.control.file_store import FileStore
 from recsys.control.redis_store import RedisStore
 from recsys.control.store import Document
 from recsys.control.watch import DocumentWatcher, watch
-from tests.control.redis_helpers import ThrowawayRedis, free_port
+from tests.control.redis_helpers import ThrowawayRedis, free_port, require_redis_server, running
 
 
 async def next_document(watcher: DocumentWatcher, within: float = 10.0) -> Document:
@@ -178,6 +178,32 @@ async def test_watcher_survives_a_redis_restart(throwaway_redis: ThrowawayRedis)
     finally:
         await watcher.aclose()
         store.close()
+
+
+async def test_a_store_reset_and_written_up_to_the_watchers_version_is_followed(
+    tmp_path: Path,
+) -> None:
+    """A Redis that lost its data, reseeded (version 1) and written again (version 2) before the
+    watcher looked: the same version number, another document."""
+    require_redis_server()
+    with running(ThrowawayRedis(free_port(), tmp_path, persistence=False)) as server:
+        store = RedisStore(server.url, prefix="recsys-test:")
+        watcher = watch(server.url, "experiments", prefix="recsys-test:", poll_seconds=0.2)
+        try:
+            store.write("experiments", {"v": "old 1"}, expected_version=0, author="a")
+            store.write("experiments", {"v": "old 2"}, expected_version=1, author="a")
+            assert (await next_document(watcher)).body == {"v": "old 2"}
+            # The watcher runs only while awaited: all of this happens while it is away.
+            server.stop(graceful=True)
+            server.start()
+            store.write("experiments", {"v": "new 1"}, expected_version=0, author="reseed")
+            store.write("experiments", {"v": "new 2"}, expected_version=1, author="ops")
+            again = await next_document(watcher, within=60.0)
+            assert (again.version, again.body) == (2, {"v": "new 2"})
+            assert "version 2 was written again" in watcher.last_error
+        finally:
+            await watcher.aclose()
+            store.close()
 
 
 def test_document_json_round_trip() -> None:

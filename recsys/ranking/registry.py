@@ -201,8 +201,9 @@ class ModelRegistry:
         document = self._read(ROUTING)
         if document is None:
             raise RegistryError(
-                f"the control plane ({self.store.url}) has no routing document; "
-                "run `recsys build` to create one"
+                f"the control plane ({self.store.url}) has no routing document: `recsys build` "
+                "writes one; a store that lost its documents (a Redis restarted without "
+                "persistence) gets them back with `recsys control reseed --from DIR`"
             )
         try:
             return parse_routing(document.body), document.version

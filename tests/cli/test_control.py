@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,15 @@ import redis
 from recsys.cli.main import main
 from recsys.control.backends import open_store
 from recsys.control.file_store import FileStore
-from recsys.control.last_good import LastGood
+from recsys.control.last_good import LAST_GOOD_DIRECTORY, LastGood
 from recsys.control.redis_store import RedisStore
-from recsys.control.store import AVAILABILITY, DOCUMENTS, EXPERIMENTS, DocumentStore
+from recsys.control.store import AVAILABILITY, DOCUMENTS, EXPERIMENTS, ROUTING, DocumentStore
 from recsys.experiments.config import default_config
+from recsys.serving.metrics import ServingMetrics
+from recsys.serving.pipeline import open_pipeline
+from recsys.settings import ServeSettings
+from recsys.types import Request
+from tests.control.redis_helpers import ThrowawayRedis, free_port, require_redis_server, running
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -229,6 +237,83 @@ def test_reseed_from_last_good_copies_restores_a_store_that_lost_its_data(
         assert kept.body == {"doc": "newer"}
     finally:
         store.close()
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60  # a bound for a slow machine, not a measurement
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_redis_restarted_without_persistence_is_recovered_by_one_reseed(
+    capsys: pytest.CaptureFixture[str], artifacts: Path, tmp_path: Path
+) -> None:
+    require_redis_server()
+    (tmp_path / "redis").mkdir()
+    control = ThrowawayRedis(free_port(), tmp_path / "redis", persistence=False)
+    ops = ["--artifacts", str(artifacts), "--control", control.url]
+    with running(control):
+        # Published as the fleet publishes them, then changed once while a server follows.
+        assert run(capsys, "control", "reseed", "--from", str(artifacts / "control"), *ops)[0] == 0
+        code, out, _ = run(capsys, "models", "train", *ops, "--seed", "6", "--no-compile")
+        assert code == 0
+        second = out.strip().splitlines()[-1]
+        settings = ServeSettings(
+            artifacts=artifacts,
+            control=control.url,
+            exposure_dir=tmp_path / "exposures",
+            control_poll_seconds=0.1,
+        )
+        pipeline = await open_pipeline(settings, ServingMetrics())
+        try:
+            copies = LastGood(settings.exposure_path / LAST_GOOD_DIRECTORY)
+            assert (
+                run(capsys, "models", "canary", *ops, "ranker", second, "--percent", "10")[0] == 0
+            )
+
+            def routing_copy_version() -> int | None:
+                copy = copies.load(ROUTING)
+                return copy.version if copy else None
+
+            await wait_until(lambda: routing_copy_version() == 2, "no last good copy of v2")
+            kept = {name: copies.load(name) for name in DOCUMENTS}
+
+            control.stop(graceful=True)  # SIGTERM: nothing is saved
+            control.start()  # same port, empty
+            code, out, _ = run(capsys, "control", "show", ROUTING, *ops)
+            assert (code, out.strip()) == (1, f"routing: no document in {control.url}")
+            code, _, err = run(capsys, "models", "promote", *ops, "ranker", second)
+            assert code == 2
+            assert "has no routing document" in err
+            assert "recsys control reseed --from DIR" in err
+            served = await pipeline.recommend(Request("r-1", "user-0000001", num_results=5))
+            assert served.items  # the server keeps serving its snapshot meanwhile
+
+            code, out, err = run(capsys, "control", "reseed", "--from", str(copies.directory), *ops)
+            assert code == 0, err
+            assert "reseeded 3 document(s)" in out
+            store = open_store(control.url, artifacts)
+            try:
+                for name, copy in kept.items():
+                    back = store.read(name)
+                    assert back is not None
+                    assert copy is not None
+                    assert back.body == copy.body
+                    assert back.version == 1  # versions start again; servers follow the reset
+                    assert f"{name}: copy v{copy.version} " in out
+            finally:
+                store.close()
+            code, out, err = run(capsys, "models", "promote", *ops, "ranker", second)
+            assert code == 0, err
+            assert out.startswith("routing version 2:")
+
+            def production() -> object:
+                return pipeline.snapshot.documents[ROUTING].body["models"]["ranker"]["production"]
+
+            await wait_until(lambda: production() == second, "the server did not follow")
+        finally:
+            await pipeline.close()
 
 
 def test_reseed_from_a_file_store(

@@ -17,6 +17,27 @@ So an admitted call waits at most ``max_queue_ms`` before the server, a refused 
 in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
 is queued, not refused, however many calls it holds: the bound judges time, not count.
 
+Overload (``overload_in_flight``, 0: off). A bound of a full batch per backend keeps batches
+large and the throughput high, but under sustained overload every admitted call then waits for
+the ``max_in_flight`` calls ahead of it: its latency is ``max_in_flight`` over the backend's
+rate, several times the unloaded one (benchmarks/README.md, "The admission front"). A bound of a
+few calls keeps the admitted latency near the unloaded one but costs a third of the throughput
+at every load. With ``overload_in_flight`` set the front takes each in turn, from measurement,
+in a task of HAProxy's own (Lua, :data:`OVERLOAD_LUA`, every :data:`OVERLOAD_TICK_MS`):
+
+- calls waiting in the queue at every tick for :data:`OVERLOAD_ENTER_MS` (the backends are all
+  full, so the load is above what ``max_in_flight`` serves): each backend is given at most
+  ``overload_in_flight`` calls and a call that finds ``overload_queued`` waiting (0: no bound
+  but the time) is refused at once; the rate the backends answered over those milliseconds is
+  kept as the capacity at ``max_in_flight``;
+- back to ``max_in_flight`` when, over :data:`OVERLOAD_EXIT_MS`, the calls offered to the front
+  came at under :data:`OVERLOAD_EXIT_SHARE` of that capacity, or no call waited at any tick:
+  the load is one the full bound serves. It compares with the capacity at the full bound, not
+  at the overload bound, so a load between the two goes back to the full bound.
+
+Each change is logged (a warning) and shows in HAProxy's metrics as each backend's
+``haproxy_server_limit_sessions``.
+
 Which backend a call goes to (``balance``):
 
 - ``user`` (the default): to the backend a hash of the call's user header names
@@ -66,6 +87,19 @@ SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 
 BALANCES = ("user", "leastconn")
 
+OVERLOAD_TICK_MS = 20
+"""How often the overload task reads the queue and the counters."""
+OVERLOAD_ENTER_MS = 100
+"""Calls waiting at every tick this long: the overload bound."""
+OVERLOAD_EXIT_MS = 500
+"""The window over which the offered rate is judged, in overload."""
+OVERLOAD_EXIT_SHARE = 0.9
+"""Back to the full bound when the offered rate is under this share of its capacity."""
+OVERLOAD_MAP = "front.map"
+"""The map file (in the configuration's directory) holding the queued-calls bound in force."""
+OVERLOAD_LUA = "front-overload.lua"
+"""The overload task's file (in the configuration's directory)."""
+
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
 
@@ -100,6 +134,12 @@ class FrontSettings:
     """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
     balance: str = "user"
     """How a call's backend is chosen: ``user`` (hash of the user header) or ``leastconn``."""
+    overload_in_flight: int = 0
+    """Calls given to each backend at once under sustained overload (0: ``max_in_flight``
+    always; see the module's docstring)."""
+    overload_queued: int = 0
+    """Under overload, a call that finds this many waiting is refused at once (0: no bound but
+    the time)."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -125,6 +165,15 @@ class FrontSettings:
             raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
         if self.max_queued < 0:
             raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
+        if not 0 <= self.overload_in_flight < self.max_in_flight:
+            raise FrontError(
+                f"front overload_in_flight {self.overload_in_flight}: expected 0 (off) to "
+                f"{self.max_in_flight - 1} (below max_in_flight)"
+            )
+        if self.overload_queued < 0:
+            raise FrontError(
+                f"front overload_queued {self.overload_queued}: expected >= 0 (0: no bound)"
+            )
         if self.balance not in BALANCES:
             raise FrontError(
                 f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
@@ -143,15 +192,25 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def haproxy_config(settings: FrontSettings) -> str:
-    """The HAProxy configuration of ``settings``."""
+def haproxy_config(settings: FrontSettings, config_dir: Path) -> str:
+    """The HAProxy configuration of ``settings``; with overload on, it loads the overload task
+    and the queued-calls map from ``config_dir`` (:func:`write_config` writes them there)."""
     servers = "\n".join(
         f"    server w{i} {b.address} proto h2 maxconn {settings.max_in_flight}"
         for i, b in enumerate(settings.backends)
     )
     refusal = f'hdr grpc-status 8 hdr grpc-message "{SHED_MESSAGE}"'
     queued = ""
-    if settings.max_queued:  # refused at once when that many already wait
+    lua = ""
+    if settings.overload_in_flight:  # the bound in force is the map's (the task changes it)
+        queued = (
+            f"    http-request set-var(txn.queued) "
+            f"str(queued),map_str_int({config_dir / OVERLOAD_MAP},0)\n"
+            f"    http-request return status 503 {refusal} if {{ var(txn.queued) -m int gt 0 }} "
+            f"{{ queue(recsys),sub(txn.queued) ge 0 }}\n"
+        )
+        lua = f"    lua-load {config_dir / OVERLOAD_LUA}\n"
+    elif settings.max_queued:  # refused at once when that many already wait
         full = f"{{ queue(recsys) ge {settings.max_queued} }}"
         queued = f"    http-request return status 503 {refusal} if {full}\n"
     metrics = ""
@@ -169,7 +228,7 @@ global
     nbthread 1
     hard-stop-after {HARD_STOP_SECONDS}s
     log stderr format raw local0 warning
-
+{lua}
 defaults
     mode http
     log global
@@ -192,6 +251,73 @@ backend recsys
 {metrics}"""
 
 
+def overload_lua(settings: FrontSettings, config_dir: Path) -> str:
+    """The overload task (HAProxy's Lua) of ``settings``: see the module's docstring."""
+    return f"""\
+-- recsys front: the overload bound, taken and left by measurement (recsys/serving/front.py).
+local FULL, OVERLOAD = "{settings.max_in_flight}", "{settings.overload_in_flight}"
+local FULL_QUEUED, OVERLOAD_QUEUED = "{settings.max_queued}", "{settings.overload_queued}"
+local TICK_MS, ENTER_MS, EXIT_MS = {OVERLOAD_TICK_MS}, {OVERLOAD_ENTER_MS}, {OVERLOAD_EXIT_MS}
+local EXIT_SHARE = {OVERLOAD_EXIT_SHARE}
+local MAP = "{config_dir / OVERLOAD_MAP}"
+
+local function seconds()
+  local now = core.now()
+  return now.sec + now.usec / 1e6
+end
+
+core.register_task(function()
+  local backend, frontend = core.backends["recsys"], core.frontends["grpc"]
+  local function answered()  -- calls the backends were given, all time
+    local total = 0
+    for _, server in pairs(backend.servers) do total = total + tonumber(server:get_stats().stot) end
+    return total
+  end
+  local function bound(in_flight, queued)
+    for _, server in pairs(backend.servers) do server:set_maxconn(in_flight) end
+    core.set_map(MAP, "queued", queued)
+  end
+  local overloaded, capacity = false, 0
+  local since, counted, waited = seconds(), answered(), true  -- the window in progress
+  local function offered_total() return tonumber(frontend:get_stats().req_tot) end
+  local offered_since = offered_total()
+  while true do
+    core.msleep(TICK_MS)
+    local now, queue = seconds(), tonumber(backend:get_stats().qcur)
+    if not overloaded then
+      if queue == 0 then  -- a new window starts at the next tick with a queue
+        since, counted = now, answered()
+      elseif (now - since) * 1000 >= ENTER_MS then
+        capacity = (answered() - counted) / (now - since)
+        bound(OVERLOAD, OVERLOAD_QUEUED)
+        overloaded = true
+        since, offered_since, waited = now, offered_total(), false
+        core.log(core.warning, string.format(
+          "recsys front: overload: calls waited %.0f ms at every tick; at most %s calls " ..
+          "per backend until the offered rate is under %.0f/s (%.0f%% of %.0f/s answered)",
+          ENTER_MS, OVERLOAD, EXIT_SHARE * capacity, EXIT_SHARE * 100, capacity))
+      end
+    else
+      waited = waited or queue > 0
+      if (now - since) * 1000 >= EXIT_MS then
+        local offered = (offered_total() - offered_since) / (now - since)
+        if offered < EXIT_SHARE * capacity or not waited then
+          bound(FULL, FULL_QUEUED)
+          overloaded = false
+          since, counted = now, answered()
+          core.log(core.warning, string.format(
+            "recsys front: overload over: %.0f calls/s offered, calls waiting: %s; at most " ..
+            "%s calls per backend", offered, tostring(waited), FULL))
+        else
+          since, offered_since, waited = now, offered_total(), false
+        end
+      end
+    end
+  end
+end)
+"""
+
+
 def _balance(settings: FrontSettings) -> str:
     lines = ["    balance leastconn"]
     if settings.balance == "user":  # the user's backend while it has a free slot
@@ -201,7 +327,7 @@ def _balance(settings: FrontSettings) -> str:
         )
         lines += [
             f"    use-server w{i} if {{ var(txn.worker) -m int {i} }} "
-            f"{{ srv_conn(recsys/w{i}) lt {settings.max_in_flight} }}"
+            f"{{ srv_conn_free(recsys/w{i}) gt 0 }}"
             for i in range(workers)
         ]
     return "\n".join(lines)
@@ -221,7 +347,10 @@ def write_config(settings: FrontSettings, config_dir: Path) -> Path:
     """Write the configuration of ``settings`` under ``config_dir`` and check it with
     ``haproxy -c``; raises :class:`FrontError` (one line) if HAProxy refuses it."""
     config = config_dir / "haproxy.cfg"
-    config.write_text(haproxy_config(settings))
+    config.write_text(haproxy_config(settings, config_dir))
+    if settings.overload_in_flight:
+        (config_dir / OVERLOAD_LUA).write_text(overload_lua(settings, config_dir))
+        (config_dir / OVERLOAD_MAP).write_text(f"queued {settings.max_queued}\n")
     check = subprocess.run(
         [haproxy_path(), "-c", "-q", "-f", str(config)], capture_output=True, text=True
     )
@@ -261,13 +390,14 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     try:
         process = start_front(settings, config_dir)
         log.info(
-            "recsys front on %s:%d: %d backends by %s, at most %d calls in each, %d ms in the "
-            "queue; metrics %s",
+            "recsys front on %s:%d: %d backends by %s, at most %d calls in each (%s under "
+            "overload), %d ms in the queue; metrics %s",
             settings.listen_host,
             settings.listen_port,
             len(settings.backends),
             settings.balance,
             settings.max_in_flight,
+            settings.overload_in_flight or "the same",
             settings.max_queue_ms,
             "none" if settings.metrics is None else f"http://{settings.metrics.address}/metrics",
         )

@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import wait_serving_for
+from recsys.cli.front import PRINTED_CONFIG_DIR
 from recsys.cli.main import main
 from recsys.serving.front import (
     SHED_MESSAGE,
@@ -34,6 +35,7 @@ from recsys.serving.front import (
     haproxy_config,
     parse_backend,
     start_front,
+    write_config,
 )
 from recsys.serving.routing import user_metadata
 from recsys.serving.server import RunningServer
@@ -46,6 +48,10 @@ needs_haproxy = pytest.mark.skipif(
     shutil.which("haproxy") is None,
     reason="haproxy not installed (apt-get install haproxy; CI has it)",
 )
+
+
+CONFIG_DIR = Path("/run/front")
+"""Where a rendered configuration's overload files are (a run's own directory)."""
 
 
 def settings(**changes: object) -> FrontSettings:
@@ -75,6 +81,9 @@ def settings(**changes: object) -> FrontSettings:
         ({"backends": (Backend("127.0.0.1\n", 1),)}, "backend host '127.0.0.1"),
         ({"metrics": Backend("127.0.0.1", 0)}, "metrics port 0: expected 1-65535"),
         ({"balance": "roundrobin"}, "balance 'roundrobin': expected one of user, leastconn"),
+        ({"overload_in_flight": 4}, "overload_in_flight 4: expected 0 (off) to 3"),
+        ({"overload_in_flight": -1}, "overload_in_flight -1: expected 0 (off) to 3"),
+        ({"overload_queued": -1}, "overload_queued -1: expected >= 0"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -100,7 +109,8 @@ def test_a_backend_without_host_and_port_is_refused(text: str) -> None:
 
 def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
     text = haproxy_config(
-        settings(backends=(Backend("127.0.0.1", 7001), Backend("::1", 7002)), max_queue_ms=12)
+        settings(backends=(Backend("127.0.0.1", 7001), Backend("::1", 7002)), max_queue_ms=12),
+        CONFIG_DIR,
     )
     assert "    server w0 127.0.0.1:7001 proto h2 maxconn 4\n" in text
     assert "    server w1 [::1]:7002 proto h2 maxconn 4\n" in text
@@ -108,10 +118,11 @@ def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
     assert "    bind 127.0.0.1:50051 proto h2\n" in text
     assert "hdr grpc-status 8" in text
     assert "prometheus-exporter" not in text  # no metrics unless asked for
+    assert "lua-load" not in text  # no overload task unless asked for
 
 
 def test_the_metrics_address_gets_haproxy_s_exporter_and_nothing_else() -> None:
-    text = haproxy_config(settings(metrics=Backend("::1", 9101)))
+    text = haproxy_config(settings(metrics=Backend("::1", 9101)), CONFIG_DIR)
     block = text[text.index("frontend metrics") :]
     assert "    bind [::1]:9101\n" in block
     assert "    http-request use-service prometheus-exporter if { path /metrics }\n" in block
@@ -270,6 +281,81 @@ async def test_a_burst_the_server_clears_within_the_bound_is_queued_not_refused(
     assert len(pipeline.deadlines) == 40
 
 
+def limits(metrics_port: int) -> dict[str, float]:
+    """Each backend's calls-at-once bound in force, from the front's metrics."""
+    return {
+        dict(labels)["server"]: value
+        for (name, labels), value in metrics_samples(metrics_port).items()
+        if name == "haproxy_server_limit_sessions" and dict(labels)["proxy"] == "recsys"
+    }
+
+
+async def until(check: Any, seconds: float = 20.0) -> bool:
+    """Whether ``check()`` (run in a thread) turns true within ``seconds``, polling."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(check):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@needs_haproxy
+async def test_under_sustained_overload_the_front_tightens_its_bounds_then_restores_them(
+    tmp_path: Path,
+) -> None:
+    # Two calls fill the backend; three more wait in the front for as long as the server
+    # holds the two (the queue bound is 60 s here), so calls wait at every tick: the front
+    # takes its overload bounds (one call at once, refused at once when two wait). Released,
+    # nothing waits any more and the full bounds come back.
+    metrics_port = free_port("127.0.0.1")
+    config = settings(
+        listen_port=free_port("127.0.0.1"),
+        max_in_flight=2,
+        max_queue_ms=60_000,
+        overload_in_flight=1,
+        overload_queued=2,
+        metrics=Backend("127.0.0.1", metrics_port),
+    )
+    async with gated(tmp_path) as (server, pipeline):
+        config = replace(config, backends=(Backend("127.0.0.1", server.port),))
+        (tmp_path / "front").mkdir()
+        with (tmp_path / "front.log").open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                "haproxy", "-db", "-f", str(write_config(config, tmp_path / "front")), stderr=log
+            )
+        try:
+            target = f"127.0.0.1:{config.listen_port}"
+            await wait_serving_for(target, 10)
+            assert await asyncio.to_thread(limits, metrics_port) == {"w0": 2}
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = recommender_pb2_grpc.RecommenderStub(channel)
+                calls = [
+                    asyncio.ensure_future(
+                        stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}"))
+                    )
+                    for n in range(5)
+                ]
+                assert await until(lambda: limits(metrics_port) == {"w0": 1})
+                start = time.perf_counter()
+                with pytest.raises(grpc.aio.AioRpcError) as shed:
+                    await stub.Recommend(recommender_pb2.RecommendRequest(user_id="late"))
+                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert shed.value.details() == SHED_MESSAGE
+                assert time.perf_counter() - start < 30  # at once, not after the 60 s bound
+                assert len(pipeline.deadlines) == 2  # the server saw only the first two
+                pipeline.release.set()
+                replies = await asyncio.gather(*calls)
+                assert len(replies) == 5  # the admitted and the queued calls are all answered
+                assert await until(lambda: limits(metrics_port) == {"w0": 2})
+        finally:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
+    text = (tmp_path / "front.log").read_text()
+    assert "recsys front: overload:" in text
+    assert "recsys front: overload over:" in text
+
+
 @needs_haproxy
 def test_a_configuration_haproxy_refuses_is_reported_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(FrontError, match="haproxy refused the configuration") as refused:
@@ -358,14 +444,22 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         max_queue_ms=3,
         metrics=Backend("127.0.0.1", 9101),  # on loopback by default, as the servers' metrics
     )
-    assert text == haproxy_config(expected)
+    assert text == haproxy_config(expected, PRINTED_CONFIG_DIR)
     monkeypatch.setenv("RECSYS_FRONT_METRICS", "0.0.0.0:9200")
     assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
     assert capsys.readouterr().out == haproxy_config(
-        replace(expected, metrics=Backend("0.0.0.0", 9200))
+        replace(expected, metrics=Backend("0.0.0.0", 9200)), PRINTED_CONFIG_DIR
     )
     assert main(["front", "--print-config", "--max-in-flight", "5", "--metrics", ""]) == 0
-    assert capsys.readouterr().out == haproxy_config(replace(expected, metrics=None))
+    assert capsys.readouterr().out == haproxy_config(
+        replace(expected, metrics=None), PRINTED_CONFIG_DIR
+    )
+    monkeypatch.setenv("RECSYS_FRONT_OVERLOAD_IN_FLIGHT", "2")
+    assert main(["front", "--print-config", "--max-in-flight", "5", "--overload-queued", "3"]) == 0
+    overload = replace(
+        expected, overload_in_flight=2, overload_queued=3, metrics=Backend("0.0.0.0", 9200)
+    )
+    assert capsys.readouterr().out == haproxy_config(overload, PRINTED_CONFIG_DIR)
 
 
 @pytest.mark.parametrize(
@@ -380,6 +474,9 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
             ["--backend", "h:1", "--balance", "hash"],
             "balance 'hash': expected one of user, leastconn",
         ),
+        (["--backend", "h:1", "--overload-in-flight", "x"], "--overload-in-flight 'x': expected"),
+        (["--backend", "h:1", "--overload-in-flight", "32"], "overload_in_flight 32: expected 0"),
+        (["--backend", "h:1", "--overload-queued", "-2"], "overload_queued -2: expected >= 0"),
     ],
 )
 def test_bad_front_flags_are_one_line_and_exit_2(

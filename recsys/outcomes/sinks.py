@@ -2,7 +2,7 @@
 Redis Stream for a fleet, through the exposure log's writers (:mod:`recsys.linelog`).
 
 A stream is archived into files like the exposure stream:
-``recsys exposures archive --redis URL --stream recsys:outcomes --prefix outcomes --out DIR``.
+``recsys exposures archive --from URL --stream recsys:outcomes --prefix outcomes --out DIR``.
 """
 
 from __future__ import annotations

@@ -77,15 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     front.add_argument(
         "--overload-in-flight",
         default=env_default("front_overload_in_flight", "0"),
-        help="under sustained overload (calls waiting for 100 ms), give each backend at most "
-        "this many calls, so the calls admitted wait little, until the offered rate falls "
+        help="under sustained overload (calls refused for 100 ms on end), give each backend at "
+        "most this many calls, so the calls admitted wait little, until the offered rate falls "
         "under 90%% of what --max-in-flight served (0: off; default %(default)s)",
-    )
-    front.add_argument(
-        "--overload-queued",
-        default=env_default("front_overload_queued", "0"),
-        help="under overload, a call that finds this many waiting is refused at once (0: no "
-        "bound but the time; default %(default)s)",
     )
     front.add_argument(
         "--balance",
@@ -140,7 +134,6 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             metrics,
             args.balance,
             whole_number("--overload-in-flight", args.overload_in_flight),
-            whole_number("--overload-queued", args.overload_queued),
         )
     except FrontError as e:
         raise CliError(str(e)) from e

@@ -25,15 +25,16 @@ few calls keeps the admitted latency near the unloaded one but costs a third of 
 at every load. With ``overload_in_flight`` set the front takes each in turn, from measurement,
 in a task of HAProxy's own (Lua, :data:`OVERLOAD_LUA`, every :data:`OVERLOAD_TICK_MS`):
 
-- calls waiting in the queue at every tick for :data:`OVERLOAD_ENTER_MS` (the backends are all
-  full, so the load is above what ``max_in_flight`` serves): each backend is given at most
-  ``overload_in_flight`` calls and a call that finds ``overload_queued`` waiting (0: no bound
-  but the time) is refused at once; the rate the backends answered over those milliseconds is
-  kept as the capacity at ``max_in_flight``;
+- calls refused (no slot within ``max_queue_ms``) at every tick for :data:`OVERLOAD_ENTER_MS`:
+  the load is above what ``max_in_flight`` serves, so each backend is given at most
+  ``overload_in_flight`` calls; the rate the backends answered over those milliseconds is kept
+  as the capacity at ``max_in_flight``;
 - back to ``max_in_flight`` when, over :data:`OVERLOAD_EXIT_MS`, the calls offered to the front
-  came at under :data:`OVERLOAD_EXIT_SHARE` of that capacity, or no call waited at any tick:
-  the load is one the full bound serves. It compares with the capacity at the full bound, not
-  at the overload bound, so a load between the two goes back to the full bound.
+  came at under :data:`OVERLOAD_EXIT_SHARE` of that capacity (a load the full bound serves: it
+  compares with the capacity at the full bound, not at the overload bound, so a load between
+  the two goes back to the full bound), or none was refused, or the backends answered more
+  than that capacity (it was measured in a stall, not at saturation), or after
+  :data:`OVERLOAD_HOLD_S` in any case (the full bound then measures again).
 
 Each change is logged (a warning) and shows in HAProxy's metrics as each backend's
 ``haproxy_server_limit_sessions``.
@@ -88,15 +89,15 @@ SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 BALANCES = ("user", "leastconn")
 
 OVERLOAD_TICK_MS = 20
-"""How often the overload task reads the queue and the counters."""
+"""How often the overload task reads the front's counters."""
 OVERLOAD_ENTER_MS = 100
-"""Calls waiting at every tick this long: the overload bound."""
+"""Calls refused at every tick this long: the overload bound."""
 OVERLOAD_EXIT_MS = 500
-"""The window over which the offered rate is judged, in overload."""
+"""The window over which the offered rate is judged, under the overload bound."""
 OVERLOAD_EXIT_SHARE = 0.9
 """Back to the full bound when the offered rate is under this share of its capacity."""
-OVERLOAD_MAP = "front.map"
-"""The map file (in the configuration's directory) holding the queued-calls bound in force."""
+OVERLOAD_HOLD_S = 30
+"""The longest the overload bound holds before the full bound is measured again."""
 OVERLOAD_LUA = "front-overload.lua"
 """The overload task's file (in the configuration's directory)."""
 
@@ -137,9 +138,6 @@ class FrontSettings:
     overload_in_flight: int = 0
     """Calls given to each backend at once under sustained overload (0: ``max_in_flight``
     always; see the module's docstring)."""
-    overload_queued: int = 0
-    """Under overload, a call that finds this many waiting is refused at once (0: no bound but
-    the time)."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -170,10 +168,6 @@ class FrontSettings:
                 f"front overload_in_flight {self.overload_in_flight}: expected 0 (off) to "
                 f"{self.max_in_flight - 1} (below max_in_flight)"
             )
-        if self.overload_queued < 0:
-            raise FrontError(
-                f"front overload_queued {self.overload_queued}: expected >= 0 (0: no bound)"
-            )
         if self.balance not in BALANCES:
             raise FrontError(
                 f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
@@ -194,25 +188,17 @@ def _address(host: str, port: int) -> str:
 
 def haproxy_config(settings: FrontSettings, config_dir: Path) -> str:
     """The HAProxy configuration of ``settings``; with overload on, it loads the overload task
-    and the queued-calls map from ``config_dir`` (:func:`write_config` writes them there)."""
+    from ``config_dir`` (:func:`write_config` writes it there)."""
     servers = "\n".join(
         f"    server w{i} {b.address} proto h2 maxconn {settings.max_in_flight}"
         for i, b in enumerate(settings.backends)
     )
     refusal = f'hdr grpc-status 8 hdr grpc-message "{SHED_MESSAGE}"'
     queued = ""
-    lua = ""
-    if settings.overload_in_flight:  # the bound in force is the map's (the task changes it)
-        queued = (
-            f"    http-request set-var(txn.queued) "
-            f"str(queued),map_str_int({config_dir / OVERLOAD_MAP},0)\n"
-            f"    http-request return status 503 {refusal} if {{ var(txn.queued) -m int gt 0 }} "
-            f"{{ queue(recsys),sub(txn.queued) ge 0 }}\n"
-        )
-        lua = f"    lua-load {config_dir / OVERLOAD_LUA}\n"
-    elif settings.max_queued:  # refused at once when that many already wait
+    if settings.max_queued:  # refused at once when that many already wait
         full = f"{{ queue(recsys) ge {settings.max_queued} }}"
         queued = f"    http-request return status 503 {refusal} if {full}\n"
+    lua = f"    lua-load {config_dir / OVERLOAD_LUA}\n" if settings.overload_in_flight else ""
     metrics = ""
     if settings.metrics is not None:
         metrics = f"""
@@ -251,15 +237,13 @@ backend recsys
 {metrics}"""
 
 
-def overload_lua(settings: FrontSettings, config_dir: Path) -> str:
+def overload_lua(settings: FrontSettings) -> str:
     """The overload task (HAProxy's Lua) of ``settings``: see the module's docstring."""
     return f"""\
 -- recsys front: the overload bound, taken and left by measurement (recsys/serving/front.py).
 local FULL, OVERLOAD = "{settings.max_in_flight}", "{settings.overload_in_flight}"
-local FULL_QUEUED, OVERLOAD_QUEUED = "{settings.max_queued}", "{settings.overload_queued}"
 local TICK_MS, ENTER_MS, EXIT_MS = {OVERLOAD_TICK_MS}, {OVERLOAD_ENTER_MS}, {OVERLOAD_EXIT_MS}
-local EXIT_SHARE = {OVERLOAD_EXIT_SHARE}
-local MAP = "{config_dir / OVERLOAD_MAP}"
+local EXIT_SHARE, HOLD_S = {OVERLOAD_EXIT_SHARE}, {OVERLOAD_HOLD_S}
 
 local function seconds()
   local now = core.now()
@@ -273,43 +257,52 @@ core.register_task(function()
     for _, server in pairs(backend.servers) do total = total + tonumber(server:get_stats().stot) end
     return total
   end
-  local function bound(in_flight, queued)
+  local function offered() return tonumber(frontend:get_stats().req_tot) end
+  local function refused() return tonumber(frontend:get_stats().hrsp_5xx) end
+  local function bound(in_flight)
     for _, server in pairs(backend.servers) do server:set_maxconn(in_flight) end
-    core.set_map(MAP, "queued", queued)
   end
-  local overloaded, capacity = false, 0
-  local since, counted, waited = seconds(), answered(), true  -- the window in progress
-  local function offered_total() return tonumber(frontend:get_stats().req_tot) end
-  local offered_since = offered_total()
+  local overloaded, capacity, entered = false, 0, 0
+  local since, given, came, last_refused = seconds(), answered(), offered(), refused()
+  local any_refused = false
   while true do
     core.msleep(TICK_MS)
-    local now, queue = seconds(), tonumber(backend:get_stats().qcur)
+    local now, refusals = seconds(), refused()
+    local refusing = refusals > last_refused
+    last_refused = refusals
     if not overloaded then
-      if queue == 0 then  -- a new window starts at the next tick with a queue
-        since, counted = now, answered()
+      if not refusing then  -- a new window starts at the next tick with a refusal
+        since, given = now, answered()
       elseif (now - since) * 1000 >= ENTER_MS then
-        capacity = (answered() - counted) / (now - since)
-        bound(OVERLOAD, OVERLOAD_QUEUED)
-        overloaded = true
-        since, offered_since, waited = now, offered_total(), false
+        capacity = (answered() - given) / (now - since)
+        bound(OVERLOAD)
+        overloaded, entered = true, now
+        since, given, came, any_refused = now, answered(), offered(), false
         core.log(core.warning, string.format(
-          "recsys front: overload: calls waited %.0f ms at every tick; at most %s calls " ..
+          "recsys front: overload: calls refused at every tick for %.0f ms; at most %s calls " ..
           "per backend until the offered rate is under %.0f/s (%.0f%% of %.0f/s answered)",
           ENTER_MS, OVERLOAD, EXIT_SHARE * capacity, EXIT_SHARE * 100, capacity))
       end
     else
-      waited = waited or queue > 0
+      any_refused = any_refused or refusing
       if (now - since) * 1000 >= EXIT_MS then
-        local offered = (offered_total() - offered_since) / (now - since)
-        if offered < EXIT_SHARE * capacity or not waited then
-          bound(FULL, FULL_QUEUED)
+        local rate = (offered() - came) / (now - since)
+        local answering = (answered() - given) / (now - since)
+        local why = nil
+        if rate < EXIT_SHARE * capacity then why = "offered under the share"
+        elseif not any_refused then why = "none refused"
+        elseif answering > capacity then why = "answered over the capacity"
+        elseif now - entered >= HOLD_S then why = "held the longest"
+        end
+        if why then
+          bound(FULL)
           overloaded = false
-          since, counted = now, answered()
+          since, given = now, answered()
           core.log(core.warning, string.format(
-            "recsys front: overload over: %.0f calls/s offered, calls waiting: %s; at most " ..
-            "%s calls per backend", offered, tostring(waited), FULL))
+            "recsys front: overload over (%s): %.0f calls/s offered, %.0f answered; at most " ..
+            "%s calls per backend", why, rate, answering, FULL))
         else
-          since, offered_since, waited = now, offered_total(), false
+          since, given, came, any_refused = now, answered(), offered(), false
         end
       end
     end
@@ -349,8 +342,7 @@ def write_config(settings: FrontSettings, config_dir: Path) -> Path:
     config = config_dir / "haproxy.cfg"
     config.write_text(haproxy_config(settings, config_dir))
     if settings.overload_in_flight:
-        (config_dir / OVERLOAD_LUA).write_text(overload_lua(settings, config_dir))
-        (config_dir / OVERLOAD_MAP).write_text(f"queued {settings.max_queued}\n")
+        (config_dir / OVERLOAD_LUA).write_text(overload_lua(settings))
     check = subprocess.run(
         [haproxy_path(), "-c", "-q", "-f", str(config)], capture_output=True, text=True
     )

@@ -83,7 +83,6 @@ def settings(**changes: object) -> FrontSettings:
         ({"balance": "roundrobin"}, "balance 'roundrobin': expected one of user, leastconn"),
         ({"overload_in_flight": 4}, "overload_in_flight 4: expected 0 (off) to 3"),
         ({"overload_in_flight": -1}, "overload_in_flight -1: expected 0 (off) to 3"),
-        ({"overload_queued": -1}, "overload_queued -1: expected >= 0"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -301,20 +300,19 @@ async def until(check: Any, seconds: float = 20.0) -> bool:
 
 
 @needs_haproxy
-async def test_under_sustained_overload_the_front_tightens_its_bounds_then_restores_them(
+async def test_under_sustained_overload_the_front_tightens_its_bound_then_restores_it(
     tmp_path: Path,
 ) -> None:
-    # Two calls fill the backend; three more wait in the front for as long as the server
-    # holds the two (the queue bound is 60 s here), so calls wait at every tick: the front
-    # takes its overload bounds (one call at once, refused at once when two wait). Released,
-    # nothing waits any more and the full bounds come back.
+    # The server holds the two calls its bound allows; a call every 5 ms finds no slot within
+    # the 1 ms queue bound and is refused, so calls are refused at every tick: the front takes
+    # its overload bound (one call at once). Released, and the calls stopped, none is refused
+    # any more and the full bound comes back.
     metrics_port = free_port("127.0.0.1")
     config = settings(
         listen_port=free_port("127.0.0.1"),
         max_in_flight=2,
-        max_queue_ms=60_000,
+        max_queue_ms=1,
         overload_in_flight=1,
-        overload_queued=2,
         metrics=Backend("127.0.0.1", metrics_port),
     )
     async with gated(tmp_path) as (server, pipeline):
@@ -330,30 +328,35 @@ async def test_under_sustained_overload_the_front_tightens_its_bounds_then_resto
             assert await asyncio.to_thread(limits, metrics_port) == {"w0": 2}
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = recommender_pb2_grpc.RecommenderStub(channel)
-                calls = [
-                    asyncio.ensure_future(
-                        stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}"))
-                    )
-                    for n in range(5)
-                ]
-                assert await until(lambda: limits(metrics_port) == {"w0": 1})
-                start = time.perf_counter()
-                with pytest.raises(grpc.aio.AioRpcError) as shed:
-                    await stub.Recommend(recommender_pb2.RecommendRequest(user_id="late"))
-                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert shed.value.details() == SHED_MESSAGE
-                assert time.perf_counter() - start < 30  # at once, not after the 60 s bound
-                assert len(pipeline.deadlines) == 2  # the server saw only the first two
+                request = recommender_pb2.RecommendRequest(user_id="u")
+                held = [await hold_the_slot(stub, request, pipeline) for _ in range(2)]
+                codes: list[grpc.StatusCode] = []
+
+                async def flood() -> None:
+                    while True:
+                        try:
+                            await stub.Recommend(request, timeout=10)
+                            codes.append(grpc.StatusCode.OK)
+                        except grpc.aio.AioRpcError as e:
+                            codes.append(e.code())
+                        await asyncio.sleep(0.005)
+
+                sender = asyncio.ensure_future(flood())
+                try:
+                    assert await until(lambda: limits(metrics_port) == {"w0": 1})
+                finally:
+                    sender.cancel()
+                assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+                assert len(pipeline.deadlines) == 2  # the server saw only the two it holds
                 pipeline.release.set()
-                replies = await asyncio.gather(*calls)
-                assert len(replies) == 5  # the admitted and the queued calls are all answered
+                assert len(await asyncio.gather(*held)) == 2
                 assert await until(lambda: limits(metrics_port) == {"w0": 2})
         finally:
             process.terminate()
             await asyncio.wait_for(process.wait(), 30)
     text = (tmp_path / "front.log").read_text()
-    assert "recsys front: overload:" in text
-    assert "recsys front: overload over:" in text
+    assert "recsys front: overload: calls refused at every tick" in text
+    assert "recsys front: overload over (" in text
 
 
 @needs_haproxy
@@ -455,10 +458,8 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         replace(expected, metrics=None), PRINTED_CONFIG_DIR
     )
     monkeypatch.setenv("RECSYS_FRONT_OVERLOAD_IN_FLIGHT", "2")
-    assert main(["front", "--print-config", "--max-in-flight", "5", "--overload-queued", "3"]) == 0
-    overload = replace(
-        expected, overload_in_flight=2, overload_queued=3, metrics=Backend("0.0.0.0", 9200)
-    )
+    assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
+    overload = replace(expected, overload_in_flight=2, metrics=Backend("0.0.0.0", 9200))
     assert capsys.readouterr().out == haproxy_config(overload, PRINTED_CONFIG_DIR)
 
 
@@ -476,7 +477,6 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         ),
         (["--backend", "h:1", "--overload-in-flight", "x"], "--overload-in-flight 'x': expected"),
         (["--backend", "h:1", "--overload-in-flight", "32"], "overload_in_flight 32: expected 0"),
-        (["--backend", "h:1", "--overload-queued", "-2"], "overload_queued -2: expected >= 0"),
     ],
 )
 def test_bad_front_flags_are_one_line_and_exit_2(

@@ -45,12 +45,10 @@ def pinned(cpus: str | None, cmd: list[str]) -> list[str]:
 
 
 def front_bounds(text: str) -> FrontSettings:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED][>OVERLOAD_IN_FLIGHT][:BALANCE]``: the
-    admission front's bounds, its overload bounds (off without ``>``) and how it balances
-    (``user``, the default, or ``leastconn``), as a benchmark's ``--front`` gives them (ports
-    are placeholders, filled in per run)."""
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE]``: the admission front's bounds and how it
+    balances (``user``, the default, or ``leastconn``), as a benchmark's ``--front`` gives them
+    (ports are placeholders, filled in per run)."""
     bounds, colon, balance = text.partition(":")
-    bounds, over, overload = bounds.partition(">")
     in_flight, _, rest = bounds.partition("/")
     queue_ms, _, queued = rest.partition("/")
     try:
@@ -62,12 +60,11 @@ def front_bounds(text: str) -> FrontSettings:
             int(queue_ms),
             int(queued or 0),
             balance=balance if colon else "user",
-            overload_in_flight=int(overload) if over else 0,
         )
     except (ValueError, FrontError) as e:
         raise argparse.ArgumentTypeError(
-            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED][>OVERLOAD_IN_FLIGHT]"
-            f"[:BALANCE], e.g. 32/4, 32/1>6 or 32/4:leastconn ({e})"
+            f"--front {text!r}: expected IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE], e.g. 32/4 or "
+            f"32/4:leastconn ({e})"
         ) from e
 
 

@@ -267,9 +267,6 @@ def measure(
             if admitted_p99 and unloaded_p99
             else None
         ),
-        # Without the calls due in the first second: a bound taken by measurement changes then.
-        "admitted_p99_after_onset_ms": over["after_onset"]["answered_p99_ms"],  # type: ignore[index]
-        "shed_p99_after_onset_ms": over["after_onset"]["shed_p99_ms"],  # type: ignore[index]
         "shed_share": over["shed_share"],
         "shed_p50_ms": over["shed_p50_ms"],
         "shed_p99_ms": over["shed_p99_ms"],
@@ -368,10 +365,8 @@ def side_by_side(results: dict[str, dict[str, object]]) -> list[str]:
         lines.append(
             f"{name}: sheds at light load {light.get('sheds')} of {light.get('calls')}; "
             f"unloaded p99 {o['unloaded_p99_ms']} ms; at {o['offered_per_s']}/s admitted p99 "
-            f"{o['admitted_p99_ms']} ms ({o['admitted_p99_over_unloaded_p99']}x; after the first "
-            f"second {o['admitted_p99_after_onset_ms']} ms), shed p50/p99 "
-            f"{o['shed_p50_ms']}/{o['shed_p99_ms']} ms (after the first second p99 "
-            f"{o['shed_p99_after_onset_ms']} ms), shed share {o['shed_share']}; "
+            f"{o['admitted_p99_ms']} ms ({o['admitted_p99_over_unloaded_p99']}x), shed p50/p99 "
+            f"{o['shed_p50_ms']}/{o['shed_p99_ms']} ms, shed share {o['shed_share']}; "
             f"ended by gRPC core (CANCELLED) {o['codes'].get('CANCELLED', 0)} of {calls}, "
             f"p50/p99 {o['other_codes_p50_ms']}/{o['other_codes_p99_ms']} ms; "
             f"load {' '.join(o['loadavg'])}"

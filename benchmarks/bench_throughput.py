@@ -804,14 +804,14 @@ class Fronted:
 
 
 def fronted(text: str) -> Fronted:
-    """``IN_FLIGHT/QUEUE_MS[/QUEUED][>OVERLOAD...][:BALANCE][@CALLS]`` of ``--front``."""
+    """``IN_FLIGHT/QUEUE_MS[/QUEUED][:BALANCE][@CALLS]`` of ``--front``."""
     bounds, at, calls = text.partition("@")
     settings = front_bounds(bounds)
     if at and not (calls.isdigit() and int(calls) > 0):
         raise argparse.ArgumentTypeError(
             f"--front {text!r}: expected @CALLS a number of calls > 0, e.g. 6/1@12"
         )
-    name = bounds.replace("/", "-").replace(":", "-").replace(">", "-over-")
+    name = bounds.replace("/", "-").replace(":", "-")
     return Fronted(name, settings, int(calls) if at else None)
 
 

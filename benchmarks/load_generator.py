@@ -54,9 +54,6 @@ def ms(values: Sequence[float], q: float) -> float | None:
 
 WINDOW_SECONDS = 0.25
 """The timeline's window: calls grouped by when they were due (open loop) or sent."""
-ONSET_SECONDS = 1.0
-"""The summary's ``after_onset`` figures leave out the calls due in the run's first second: the
-steady state of a load, without the change into it (an overload bound taken by measurement)."""
 STALL_FACTOR = 4.0
 """A window whose answered calls' p50 is this many times the whole run's is a stalled one."""
 
@@ -110,8 +107,6 @@ class Tally:
         """When each answered call was due (open loop) or sent, in seconds from the start."""
         self.not_ok_at: list[float] = []
         """The same for every call not answered OK."""
-        self.shed_at: list[float] = []
-        """The same for every shed call."""
 
     def add(self, code: str, details: str, latency: float, from_send: float, at: float) -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
@@ -123,7 +118,6 @@ class Tally:
             self.answered_at.append(at)
         elif code == SHED:
             self.shed.append(from_send)
-            self.shed_at.append(at)
         else:
             self.failed.append(from_send)
 
@@ -144,20 +138,7 @@ class Tally:
             "send_lag_p50_ms": ms(self.send_lag, 50),
             "send_lag_p99_ms": ms(self.send_lag, 99),
             "timeline": timeline(self.answered, self.answered_at, self.not_ok_at),
-            "after_onset": {
-                "from_s": ONSET_SECONDS,
-                "answered_p99_ms": ms(after(self.answered, self.answered_at), 99),
-                "shed_p99_ms": ms(after(self.shed, self.shed_at), 99),
-            },
         }
-
-
-def after(values: Sequence[float], at: Sequence[float]) -> list[float]:
-    """The ``values`` whose call was due :data:`ONSET_SECONDS` or later into the run (all of
-    them when the times are not kept, as in the Python generator's closed loop)."""
-    if len(at) != len(values):
-        return list(values)
-    return [value for value, due in zip(values, at, strict=True) if due >= ONSET_SECONDS]
 
 
 async def call(
@@ -273,7 +254,6 @@ def native_tally(raw: dict[str, Any]) -> Tally:
     tally.send_lag = [float(v) for v in raw["send_lag"]]
     tally.answered_at = [float(v) for v in raw["answered_at"]]
     tally.not_ok_at = [float(v) for v in raw["not_ok_at"]]
-    tally.shed_at = [float(v) for v in raw["shed_at"]]
     return tally
 
 

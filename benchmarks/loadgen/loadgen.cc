@@ -212,7 +212,6 @@ class Tally {
     }
     details_.emplace(name, details);
     (code == 8 ? shed_ : failed_).push_back(from_send);
-    if (code == 8) shed_at_.push_back(at);
     not_ok_at_.push_back(at);
   }
   void lag(double seconds) {
@@ -236,7 +235,6 @@ class Tally {
     list(out, "send_lag", send_lag_);
     list(out, "answered_at", answered_at_);
     list(out, "not_ok_at", not_ok_at_);
-    list(out, "shed_at", shed_at_);
     out << "}\n";
     return out.str();
   }
@@ -250,7 +248,7 @@ class Tally {
   std::mutex mu_;
   std::map<std::string, long> codes_;
   std::map<std::string, std::string> details_;
-  std::vector<double> answered_, shed_, failed_, send_lag_, answered_at_, not_ok_at_, shed_at_;
+  std::vector<double> answered_, shed_, failed_, send_lag_, answered_at_, not_ok_at_;
 };
 
 struct Call {

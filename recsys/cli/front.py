@@ -29,9 +29,6 @@ DEFAULT_MAX_IN_FLIGHT = 32
 DEFAULT_MAX_QUEUE_MS = 4
 DEFAULT_MAX_QUEUED = 0
 DEFAULT_METRICS = "127.0.0.1:9101"
-PRINTED_CONFIG_DIR = Path("/run/recsys-front")
-"""Where ``--print-config`` says the overload files are (a run writes them to a directory of
-its own)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -39,9 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "front",
         help="run the admission front (HAProxy) in front of the servers' gRPC ports",
         description="Run HAProxy in front of recsys servers: each backend gets at most "
-        "--max-in-flight calls at once (--overload-in-flight under sustained overload); a call "
-        "that waited --max-queue-ms for one is answered RESOURCE_EXHAUSTED without reaching a "
-        "server (docs/security.md). Flags "
+        "--max-in-flight calls at once; a call that waited --max-queue-ms for one is "
+        "answered RESOURCE_EXHAUSTED without reaching a server (docs/security.md). Flags "
         "default to RECSYS_FRONT_<FLAG> variables.",
     )
     # Read as text and checked in front_settings: a bad variable fails this command in one
@@ -73,13 +69,6 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=env_default("front_max_queued", str(DEFAULT_MAX_QUEUED)),
         help="calls that may wait at once; a call that finds this many waiting is refused at "
         "once (0: no bound but the time; default %(default)s)",
-    )
-    front.add_argument(
-        "--overload-in-flight",
-        default=env_default("front_overload_in_flight", "0"),
-        help="under sustained overload (calls refused for 100 ms on end), give each backend at "
-        "most this many calls, so the calls admitted wait little, until the offered rate falls "
-        "under 90%% of what --max-in-flight served (0: off; default %(default)s)",
     )
     front.add_argument(
         "--balance",
@@ -133,7 +122,6 @@ def front_settings(args: argparse.Namespace) -> FrontSettings:
             whole_number("--max-queued", args.max_queued),
             metrics,
             args.balance,
-            whole_number("--overload-in-flight", args.overload_in_flight),
         )
     except FrontError as e:
         raise CliError(str(e)) from e
@@ -150,7 +138,7 @@ def run_front(args: argparse.Namespace) -> int:
     if grace < 0:
         raise CliError(f"front --shutdown-grace-seconds {grace}: expected >= 0")
     if args.print_config:
-        print(haproxy_config(settings, PRINTED_CONFIG_DIR), end="")
+        print(haproxy_config(settings), end="")
         return 0
     configure_logging(checked_log_format(env_default("log_format", "text"), "RECSYS_LOG_FORMAT"))
     with tempfile.TemporaryDirectory(prefix="recsys-front-") as config_dir:

@@ -17,28 +17,6 @@ So an admitted call waits at most ``max_queue_ms`` before the server, a refused 
 in ``max_queue_ms`` plus HAProxy's own microseconds, and a burst shorter than ``max_queue_ms``
 is queued, not refused, however many calls it holds: the bound judges time, not count.
 
-Overload (``overload_in_flight``, 0: off). A bound of a full batch per backend keeps batches
-large and the throughput high, but under sustained overload every admitted call then waits for
-the ``max_in_flight`` calls ahead of it: its latency is ``max_in_flight`` over the backend's
-rate, several times the unloaded one (benchmarks/README.md, "The admission front"). A bound of a
-few calls keeps the admitted latency near the unloaded one but costs a third of the throughput
-at every load. With ``overload_in_flight`` set the front takes each in turn, from measurement,
-in a task of HAProxy's own (Lua, :data:`OVERLOAD_LUA`, every :data:`OVERLOAD_TICK_MS`):
-
-- calls refused (no slot within ``max_queue_ms``) at every tick for :data:`OVERLOAD_ENTER_MS`:
-  the load is above what ``max_in_flight`` serves, so each backend is given at most
-  ``overload_in_flight`` calls; the rate the backends answered over those milliseconds is kept
-  as the capacity at ``max_in_flight``;
-- back to ``max_in_flight`` when, over :data:`OVERLOAD_EXIT_MS`, the calls offered to the front
-  came at under :data:`OVERLOAD_EXIT_SHARE` of that capacity (a load the full bound serves: it
-  compares with the capacity at the full bound, not at the overload bound, so a load between
-  the two goes back to the full bound), or none was refused, or the backends answered more
-  than that capacity (it was measured in a stall, not at saturation), or after
-  :data:`OVERLOAD_HOLD_S` in any case (the full bound then measures again).
-
-Each change is logged (a warning) and shows in HAProxy's metrics as each backend's
-``haproxy_server_limit_sessions``.
-
 Which backend a call goes to (``balance``):
 
 - ``user`` (the default): to the backend a hash of the call's user header names
@@ -88,19 +66,6 @@ SHED_MESSAGE = "recsys front: no server capacity within the queue bound"
 
 BALANCES = ("user", "leastconn")
 
-OVERLOAD_TICK_MS = 20
-"""How often the overload task reads the front's counters."""
-OVERLOAD_ENTER_MS = 100
-"""Calls refused at every tick this long: the overload bound."""
-OVERLOAD_EXIT_MS = 500
-"""The window over which the offered rate is judged, under the overload bound."""
-OVERLOAD_EXIT_SHARE = 0.9
-"""Back to the full bound when the offered rate is under this share of its capacity."""
-OVERLOAD_HOLD_S = 30
-"""The longest the overload bound holds before the full bound is measured again."""
-OVERLOAD_LUA = "front-overload.lua"
-"""The overload task's file (in the configuration's directory)."""
-
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
 
@@ -135,9 +100,6 @@ class FrontSettings:
     """Where HAProxy's Prometheus exporter serves ``/metrics`` (plain HTTP/1.1); None: nowhere."""
     balance: str = "user"
     """How a call's backend is chosen: ``user`` (hash of the user header) or ``leastconn``."""
-    overload_in_flight: int = 0
-    """Calls given to each backend at once under sustained overload (0: ``max_in_flight``
-    always; see the module's docstring)."""
 
     def __post_init__(self) -> None:
         metrics = () if self.metrics is None else (self.metrics,)
@@ -163,11 +125,6 @@ class FrontSettings:
             raise FrontError(f"front max_queue_ms {self.max_queue_ms}: expected >= 1")
         if self.max_queued < 0:
             raise FrontError(f"front max_queued {self.max_queued}: expected >= 0 (0: no bound)")
-        if not 0 <= self.overload_in_flight < self.max_in_flight:
-            raise FrontError(
-                f"front overload_in_flight {self.overload_in_flight}: expected 0 (off) to "
-                f"{self.max_in_flight - 1} (below max_in_flight)"
-            )
         if self.balance not in BALANCES:
             raise FrontError(
                 f"front balance {self.balance!r}: expected one of {', '.join(BALANCES)}"
@@ -186,9 +143,8 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def haproxy_config(settings: FrontSettings, config_dir: Path) -> str:
-    """The HAProxy configuration of ``settings``; with overload on, it loads the overload task
-    from ``config_dir`` (:func:`write_config` writes it there)."""
+def haproxy_config(settings: FrontSettings) -> str:
+    """The HAProxy configuration of ``settings``."""
     servers = "\n".join(
         f"    server w{i} {b.address} proto h2 maxconn {settings.max_in_flight}"
         for i, b in enumerate(settings.backends)
@@ -198,7 +154,6 @@ def haproxy_config(settings: FrontSettings, config_dir: Path) -> str:
     if settings.max_queued:  # refused at once when that many already wait
         full = f"{{ queue(recsys) ge {settings.max_queued} }}"
         queued = f"    http-request return status 503 {refusal} if {full}\n"
-    lua = f"    lua-load {config_dir / OVERLOAD_LUA}\n" if settings.overload_in_flight else ""
     metrics = ""
     if settings.metrics is not None:
         metrics = f"""
@@ -214,7 +169,7 @@ global
     nbthread 1
     hard-stop-after {HARD_STOP_SECONDS}s
     log stderr format raw local0 warning
-{lua}
+
 defaults
     mode http
     log global
@@ -237,80 +192,6 @@ backend recsys
 {metrics}"""
 
 
-def overload_lua(settings: FrontSettings) -> str:
-    """The overload task (HAProxy's Lua) of ``settings``: see the module's docstring."""
-    return f"""\
--- recsys front: the overload bound, taken and left by measurement (recsys/serving/front.py).
-local FULL, OVERLOAD = "{settings.max_in_flight}", "{settings.overload_in_flight}"
-local TICK_MS, ENTER_MS, EXIT_MS = {OVERLOAD_TICK_MS}, {OVERLOAD_ENTER_MS}, {OVERLOAD_EXIT_MS}
-local EXIT_SHARE, HOLD_S = {OVERLOAD_EXIT_SHARE}, {OVERLOAD_HOLD_S}
-
-local function seconds()
-  local now = core.now()
-  return now.sec + now.usec / 1e6
-end
-
-core.register_task(function()
-  local backend, frontend = core.backends["recsys"], core.frontends["grpc"]
-  local function answered()  -- calls the backends were given, all time
-    local total = 0
-    for _, server in pairs(backend.servers) do total = total + tonumber(server:get_stats().stot) end
-    return total
-  end
-  local function offered() return tonumber(frontend:get_stats().req_tot) end
-  local function refused() return tonumber(frontend:get_stats().hrsp_5xx) end
-  local function bound(in_flight)
-    for _, server in pairs(backend.servers) do server:set_maxconn(in_flight) end
-  end
-  local overloaded, capacity, entered = false, 0, 0
-  local since, given, came, last_refused = seconds(), answered(), offered(), refused()
-  local any_refused = false
-  while true do
-    core.msleep(TICK_MS)
-    local now, refusals = seconds(), refused()
-    local refusing = refusals > last_refused
-    last_refused = refusals
-    if not overloaded then
-      if not refusing then  -- a new window starts at the next tick with a refusal
-        since, given = now, answered()
-      elseif (now - since) * 1000 >= ENTER_MS then
-        capacity = (answered() - given) / (now - since)
-        bound(OVERLOAD)
-        overloaded, entered = true, now
-        since, given, came, any_refused = now, answered(), offered(), false
-        core.log(core.warning, string.format(
-          "recsys front: overload: calls refused at every tick for %.0f ms; at most %s calls " ..
-          "per backend until the offered rate is under %.0f/s (%.0f%% of %.0f/s answered)",
-          ENTER_MS, OVERLOAD, EXIT_SHARE * capacity, EXIT_SHARE * 100, capacity))
-      end
-    else
-      any_refused = any_refused or refusing
-      if (now - since) * 1000 >= EXIT_MS then
-        local rate = (offered() - came) / (now - since)
-        local answering = (answered() - given) / (now - since)
-        local why = nil
-        if rate < EXIT_SHARE * capacity then why = "offered under the share"
-        elseif not any_refused then why = "none refused"
-        elseif answering > capacity then why = "answered over the capacity"
-        elseif now - entered >= HOLD_S then why = "held the longest"
-        end
-        if why then
-          bound(FULL)
-          overloaded = false
-          since, given = now, answered()
-          core.log(core.warning, string.format(
-            "recsys front: overload over (%s): %.0f calls/s offered, %.0f answered; at most " ..
-            "%s calls per backend", why, rate, answering, FULL))
-        else
-          since, given, came, any_refused = now, answered(), offered(), false
-        end
-      end
-    end
-  end
-end)
-"""
-
-
 def _balance(settings: FrontSettings) -> str:
     lines = ["    balance leastconn"]
     if settings.balance == "user":  # the user's backend while it has a free slot
@@ -320,7 +201,7 @@ def _balance(settings: FrontSettings) -> str:
         )
         lines += [
             f"    use-server w{i} if {{ var(txn.worker) -m int {i} }} "
-            f"{{ srv_conn_free(recsys/w{i}) gt 0 }}"
+            f"{{ srv_conn(recsys/w{i}) lt {settings.max_in_flight} }}"
             for i in range(workers)
         ]
     return "\n".join(lines)
@@ -340,9 +221,7 @@ def write_config(settings: FrontSettings, config_dir: Path) -> Path:
     """Write the configuration of ``settings`` under ``config_dir`` and check it with
     ``haproxy -c``; raises :class:`FrontError` (one line) if HAProxy refuses it."""
     config = config_dir / "haproxy.cfg"
-    config.write_text(haproxy_config(settings, config_dir))
-    if settings.overload_in_flight:
-        (config_dir / OVERLOAD_LUA).write_text(overload_lua(settings))
+    config.write_text(haproxy_config(settings))
     check = subprocess.run(
         [haproxy_path(), "-c", "-q", "-f", str(config)], capture_output=True, text=True
     )
@@ -382,14 +261,13 @@ def serve_front(settings: FrontSettings, config_dir: Path, grace_seconds: float)
     try:
         process = start_front(settings, config_dir)
         log.info(
-            "recsys front on %s:%d: %d backends by %s, at most %d calls in each (%s under "
-            "overload), %d ms in the queue; metrics %s",
+            "recsys front on %s:%d: %d backends by %s, at most %d calls in each, %d ms in the "
+            "queue; metrics %s",
             settings.listen_host,
             settings.listen_port,
             len(settings.backends),
             settings.balance,
             settings.max_in_flight,
-            settings.overload_in_flight or "the same",
             settings.max_queue_ms,
             "none" if settings.metrics is None else f"http://{settings.metrics.address}/metrics",
         )

@@ -25,7 +25,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_latency import wait_serving_for
-from recsys.cli.front import PRINTED_CONFIG_DIR
 from recsys.cli.main import main
 from recsys.serving.front import (
     SHED_MESSAGE,
@@ -35,7 +34,6 @@ from recsys.serving.front import (
     haproxy_config,
     parse_backend,
     start_front,
-    write_config,
 )
 from recsys.serving.routing import user_metadata
 from recsys.serving.server import RunningServer
@@ -48,10 +46,6 @@ needs_haproxy = pytest.mark.skipif(
     shutil.which("haproxy") is None,
     reason="haproxy not installed (apt-get install haproxy; CI has it)",
 )
-
-
-CONFIG_DIR = Path("/run/front")
-"""Where a rendered configuration's overload files are (a run's own directory)."""
 
 
 def settings(**changes: object) -> FrontSettings:
@@ -81,8 +75,6 @@ def settings(**changes: object) -> FrontSettings:
         ({"backends": (Backend("127.0.0.1\n", 1),)}, "backend host '127.0.0.1"),
         ({"metrics": Backend("127.0.0.1", 0)}, "metrics port 0: expected 1-65535"),
         ({"balance": "roundrobin"}, "balance 'roundrobin': expected one of user, leastconn"),
-        ({"overload_in_flight": 4}, "overload_in_flight 4: expected 0 (off) to 3"),
-        ({"overload_in_flight": -1}, "overload_in_flight -1: expected 0 (off) to 3"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(
@@ -108,8 +100,7 @@ def test_a_backend_without_host_and_port_is_refused(text: str) -> None:
 
 def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
     text = haproxy_config(
-        settings(backends=(Backend("127.0.0.1", 7001), Backend("::1", 7002)), max_queue_ms=12),
-        CONFIG_DIR,
+        settings(backends=(Backend("127.0.0.1", 7001), Backend("::1", 7002)), max_queue_ms=12)
     )
     assert "    server w0 127.0.0.1:7001 proto h2 maxconn 4\n" in text
     assert "    server w1 [::1]:7002 proto h2 maxconn 4\n" in text
@@ -117,11 +108,10 @@ def test_the_configuration_bounds_each_backend_and_the_queue_wait() -> None:
     assert "    bind 127.0.0.1:50051 proto h2\n" in text
     assert "hdr grpc-status 8" in text
     assert "prometheus-exporter" not in text  # no metrics unless asked for
-    assert "lua-load" not in text  # no overload task unless asked for
 
 
 def test_the_metrics_address_gets_haproxy_s_exporter_and_nothing_else() -> None:
-    text = haproxy_config(settings(metrics=Backend("::1", 9101)), CONFIG_DIR)
+    text = haproxy_config(settings(metrics=Backend("::1", 9101)))
     block = text[text.index("frontend metrics") :]
     assert "    bind [::1]:9101\n" in block
     assert "    http-request use-service prometheus-exporter if { path /metrics }\n" in block
@@ -280,85 +270,6 @@ async def test_a_burst_the_server_clears_within_the_bound_is_queued_not_refused(
     assert len(pipeline.deadlines) == 40
 
 
-def limits(metrics_port: int) -> dict[str, float]:
-    """Each backend's calls-at-once bound in force, from the front's metrics."""
-    return {
-        dict(labels)["server"]: value
-        for (name, labels), value in metrics_samples(metrics_port).items()
-        if name == "haproxy_server_limit_sessions" and dict(labels)["proxy"] == "recsys"
-    }
-
-
-async def until(check: Any, seconds: float = 20.0) -> bool:
-    """Whether ``check()`` (run in a thread) turns true within ``seconds``, polling."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
-@needs_haproxy
-async def test_under_sustained_overload_the_front_tightens_its_bound_then_restores_it(
-    tmp_path: Path,
-) -> None:
-    # The server holds the two calls its bound allows; a call every 5 ms finds no slot within
-    # the 1 ms queue bound and is refused, so calls are refused at every tick: the front takes
-    # its overload bound (one call at once). Released, and the calls stopped, none is refused
-    # any more and the full bound comes back.
-    metrics_port = free_port("127.0.0.1")
-    config = settings(
-        listen_port=free_port("127.0.0.1"),
-        max_in_flight=2,
-        max_queue_ms=1,
-        overload_in_flight=1,
-        metrics=Backend("127.0.0.1", metrics_port),
-    )
-    async with gated(tmp_path) as (server, pipeline):
-        config = replace(config, backends=(Backend("127.0.0.1", server.port),))
-        (tmp_path / "front").mkdir()
-        with (tmp_path / "front.log").open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                "haproxy", "-db", "-f", str(write_config(config, tmp_path / "front")), stderr=log
-            )
-        try:
-            target = f"127.0.0.1:{config.listen_port}"
-            await wait_serving_for(target, 10)
-            assert await asyncio.to_thread(limits, metrics_port) == {"w0": 2}
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = recommender_pb2_grpc.RecommenderStub(channel)
-                request = recommender_pb2.RecommendRequest(user_id="u")
-                held = [await hold_the_slot(stub, request, pipeline) for _ in range(2)]
-                codes: list[grpc.StatusCode] = []
-
-                async def flood() -> None:
-                    while True:
-                        try:
-                            await stub.Recommend(request, timeout=10)
-                            codes.append(grpc.StatusCode.OK)
-                        except grpc.aio.AioRpcError as e:
-                            codes.append(e.code())
-                        await asyncio.sleep(0.005)
-
-                sender = asyncio.ensure_future(flood())
-                try:
-                    assert await until(lambda: limits(metrics_port) == {"w0": 1})
-                finally:
-                    sender.cancel()
-                assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-                assert len(pipeline.deadlines) == 2  # the server saw only the two it holds
-                pipeline.release.set()
-                assert len(await asyncio.gather(*held)) == 2
-                assert await until(lambda: limits(metrics_port) == {"w0": 2})
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 30)
-    text = (tmp_path / "front.log").read_text()
-    assert "recsys front: overload: calls refused at every tick" in text
-    assert "recsys front: overload over (" in text
-
-
 @needs_haproxy
 def test_a_configuration_haproxy_refuses_is_reported_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(FrontError, match="haproxy refused the configuration") as refused:
@@ -447,20 +358,14 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
         max_queue_ms=3,
         metrics=Backend("127.0.0.1", 9101),  # on loopback by default, as the servers' metrics
     )
-    assert text == haproxy_config(expected, PRINTED_CONFIG_DIR)
+    assert text == haproxy_config(expected)
     monkeypatch.setenv("RECSYS_FRONT_METRICS", "0.0.0.0:9200")
     assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
     assert capsys.readouterr().out == haproxy_config(
-        replace(expected, metrics=Backend("0.0.0.0", 9200)), PRINTED_CONFIG_DIR
+        replace(expected, metrics=Backend("0.0.0.0", 9200))
     )
     assert main(["front", "--print-config", "--max-in-flight", "5", "--metrics", ""]) == 0
-    assert capsys.readouterr().out == haproxy_config(
-        replace(expected, metrics=None), PRINTED_CONFIG_DIR
-    )
-    monkeypatch.setenv("RECSYS_FRONT_OVERLOAD_IN_FLIGHT", "2")
-    assert main(["front", "--print-config", "--max-in-flight", "5"]) == 0
-    overload = replace(expected, overload_in_flight=2, metrics=Backend("0.0.0.0", 9200))
-    assert capsys.readouterr().out == haproxy_config(overload, PRINTED_CONFIG_DIR)
+    assert capsys.readouterr().out == haproxy_config(replace(expected, metrics=None))
 
 
 @pytest.mark.parametrize(
@@ -475,8 +380,6 @@ def test_the_command_prints_the_configuration_from_flags_or_variables(
             ["--backend", "h:1", "--balance", "hash"],
             "balance 'hash': expected one of user, leastconn",
         ),
-        (["--backend", "h:1", "--overload-in-flight", "x"], "--overload-in-flight 'x': expected"),
-        (["--backend", "h:1", "--overload-in-flight", "32"], "overload_in_flight 32: expected 0"),
     ],
 )
 def test_bad_front_flags_are_one_line_and_exit_2(

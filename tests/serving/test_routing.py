@@ -129,17 +129,14 @@ def servers_by_user(served: Sequence[Recorder]) -> dict[str, set[int]]:
 
 def test_the_front_sends_a_user_to_the_hashed_worker_while_it_has_a_free_slot() -> None:
     two = (Backend("127.0.0.1", 7001), Backend("127.0.0.1", 7002))
-    by_user = haproxy_config(FrontSettings("127.0.0.1", 50051, two, 4, 5), Path("/run/front"))
+    by_user = haproxy_config(FrontSettings("127.0.0.1", 50051, two, 4, 5))
     block = by_user[by_user.index("backend recsys") :]
     assert "    balance leastconn\n" in block  # without the header, or with its worker full
     assert f"    http-request set-var(txn.worker) req.hdr({USER_HEADER}),crc32,mod(2)\n" in block
     for n in (0, 1):
-        # a slot free of the bound in force (max_in_flight, or the overload bound)
-        free = f"{{ srv_conn_free(recsys/w{n}) gt 0 }}"
+        free = f"{{ srv_conn(recsys/w{n}) lt 4 }}"  # fewer than max_in_flight in flight
         assert f"    use-server w{n} if {{ var(txn.worker) -m int {n} }} {free}\n" in block
-    least = haproxy_config(
-        FrontSettings("127.0.0.1", 50051, two, 4, 5, balance="leastconn"), Path("/run/front")
-    )
+    least = haproxy_config(FrontSettings("127.0.0.1", 50051, two, 4, 5, balance="leastconn"))
     assert "    balance leastconn\n" in least
     assert USER_HEADER not in least
     assert "use-server" not in least

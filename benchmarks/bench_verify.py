@@ -130,14 +130,16 @@ def measure(
             for mode in modes:
                 seconds[mode].append(load_seconds(mode, roots[mode], version))
     load_after = load_average()
+    hashed_mb = megabytes(lineage.features_dir, lineage.world_dir)
+    index_mb = megabytes(lineage.index_dir)
     for mode in modes:
         say(
             json.dumps(
                 {
                     "mode": mode,
                     "index_version": version,
-                    "hashed_mb": megabytes(lineage.features_dir, lineage.world_dir),
-                    "index_mb": megabytes(lineage.index_dir),
+                    "hashed_mb": hashed_mb,
+                    "index_mb": index_mb,
                     "rounds": rounds,
                     "seconds": [round(s, 3) for s in seconds[mode]],
                     "min_s": round(min(seconds[mode]), 3),
